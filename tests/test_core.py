@@ -1,0 +1,169 @@
+"""Property tests of the pure truncation core (no upstream needed)."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vlpatch import core
+
+START, IMG, END, VID = 1, 2, 3, 4
+TEXT = list(range(10, 40))
+KINDS = [core.MediaKind("image", frozenset({IMG}), START, END), core.MediaKind("video", frozenset({VID}), START, END)]
+FINDER = core.RunFinder(KINDS)
+
+
+def lf_split(source_len, target_len, cutoff_len):
+    """LLaMA-Factory's infer_seqlen arithmetic, as the trainer-supplied split of a layout."""
+    if target_len * 2 < cutoff_len:
+        max_target_len = cutoff_len
+    elif source_len * 2 < cutoff_len:
+        max_target_len = cutoff_len - source_len
+    else:
+        max_target_len = int(cutoff_len * (target_len / (source_len + target_len)))
+    new_target_len = min(max_target_len, target_len)
+    max_source_len = max(cutoff_len - new_target_len, 0)
+    return min(max_source_len, source_len), new_target_len
+
+
+@st.composite
+def segments(draw, media=True):
+    """A token segment: text pieces with whole media runs in between."""
+    ids = []
+    for _ in range(draw(st.integers(0, 4))):
+        ids += draw(st.lists(st.sampled_from(TEXT), max_size=12))
+        if media and draw(st.booleans()):
+            body = VID if draw(st.integers(0, 3)) == 0 else IMG
+            ids += [START] + [body] * draw(st.integers(1, 10)) + [END]
+    return ids
+
+
+@st.composite
+def samples(draw):
+    prefix = draw(st.lists(st.sampled_from(TEXT), max_size=3))
+    turns = [(draw(segments()), draw(segments(media=draw(st.booleans())))) for _ in range(draw(st.integers(1, 3)))]
+    ids = list(prefix)
+    ranges = []
+    for src, tgt in turns:
+        ranges.append((range(len(ids), len(ids) + len(src)), range(len(ids) + len(src), len(ids) + len(src) + len(tgt))))
+        ids += src + tgt
+    runs = FINDER.find(ids)
+    counts = {"image": sum(r.kind == "image" for r in runs), "video": sum(r.kind == "video" for r in runs)}
+    runs = FINDER.assign_items(ids, runs, counts)
+    budget = draw(st.integers(max(1, len(prefix)), max(1, len(ids) + 5)))  # the fixed prefix is never cut
+    return ids, core.Layout(len(ids), runs, ranges, budget, lf_split, reserved=len(prefix))
+
+
+def vanilla(ids, layout):
+    """What LLaMA-Factory itself keeps: per turn, infer_seqlen then head slices (positions)."""
+    kept = list(range(layout.reserved))
+    total = layout.reserved
+    for src, tgt in layout.turns:
+        if total >= layout.budget:
+            break
+        s, t = lf_split(len(src), len(tgt), layout.budget - total)
+        kept += list(src)[:s] + list(tgt)[:t]
+        total += s + t
+    return kept
+
+
+def check_invariants(ids, layout, decision):
+    if decision.action == "dropped":
+        assert decision.kept is None
+        return
+    kept = decision.kept[0]
+    assert kept == sorted(set(kept)), "positions increasing: labels stay aligned"
+    assert len(kept) <= layout.budget
+    keep = set(kept)
+    removed = set(decision.removed)
+    for run in layout.runs:
+        inside = [p in keep for p in range(run.start, run.stop)]
+        assert all(inside) or not any(inside), f"run {run} split"
+        gone = not any(inside)
+        assert gone == any(k in removed for k in run.keys()), "media list consistent with runs"
+
+
+@settings(max_examples=400, deadline=None)
+@given(samples(), st.sampled_from(["drop", "drop_media"]))
+def test_invariants(sample, policy):
+    ids, layout = sample
+    decision = core.resolve([layout], core.get_policy(policy), "s[0]")
+    check_invariants(ids, layout, decision)
+    if policy == "drop_media":
+        assert decision.action != "dropped"
+
+
+@settings(max_examples=400, deadline=None)
+@given(samples())
+def test_same_as_upstream_when_upstream_keeps_media_whole(sample):
+    ids, layout = sample
+    ref = vanilla(ids, layout)
+    ref_set = set(ref)
+    splits_media = any(0 < sum(p in ref_set for p in range(r.start, r.stop)) < r.length for r in layout.runs)
+    drops_media = any(not any(p in ref_set for p in range(r.start, r.stop)) for r in layout.runs)
+    decision = core.resolve([layout], core.get_policy("drop"), "s[0]")
+    if not splits_media and not drops_media:
+        assert decision.kept[0] == ref
+
+
+@settings(max_examples=200, deadline=None)
+@given(samples())
+def test_error_policy_raises_naming_the_sample(sample):
+    ids, layout = sample
+    try:
+        decision = core.resolve([layout], core.get_policy("error"), "mydata[7]")
+    except core.SampleError as exc:
+        assert "mydata[7]" in str(exc)
+    else:
+        check_invariants(ids, layout, decision)
+        assert decision.action in ("kept", "truncated")
+
+
+def test_text_first_cut_is_moved_off_the_image():
+    # 20 text tokens then an image run of 12: a budget of 25 cuts inside the run upstream
+    ids = TEXT[:20] + [START] + [IMG] * 10 + [END] + [TEXT[0]] * 3
+    runs = FINDER.assign_items(ids, FINDER.find(ids), {"image": 1})
+    layout = core.single_layout(len(ids), runs, 25)
+    d = core.resolve([layout], core.get_policy("drop"), "x")
+    assert d.action == "truncated"
+    kept = [ids[p] for p in d.kept[0]]
+    assert kept == TEXT[:13] + [START] + [IMG] * 10 + [END]
+
+
+def test_media_that_alone_exceed_the_budget():
+    ids = TEXT[:3] + [START, IMG, IMG, END] + TEXT[:2] + [START, IMG, IMG, IMG, END]
+    runs = FINDER.assign_items(ids, FINDER.find(ids), {"image": 2})
+    layout = core.single_layout(len(ids), runs, 8)
+    assert core.resolve([layout], core.get_policy("drop"), "x").action == "dropped"
+    d = core.resolve([layout], core.get_policy("drop_media"), "x")
+    assert d.action == "media_dropped" and d.removed == [("image", 1)]
+    assert [ids[p] for p in d.kept[0]] == TEXT[:3] + [START, IMG, IMG, END] + TEXT[:1]
+    with pytest.raises(core.SampleError, match=r"sample x: media do not fit"):
+        core.resolve([layout], core.get_policy("error"), "x")
+
+
+def test_placeholder_count_mismatch_is_an_error():
+    ids = TEXT[:3] + [START, IMG, END]
+    with pytest.raises(ValueError, match=r"1 image token run\(s\) in the text but 2 image\(s\) given"):
+        FINDER.assign_items(ids, FINDER.find(ids), {"image": 2})
+
+
+def test_adjacent_body_only_items_are_told_apart():
+    llava = core.RunFinder([core.MediaKind("image", frozenset({IMG}))])
+    ids = TEXT[:2] + [IMG] * 8 + TEXT[:1]
+    runs = llava.assign_items(ids, llava.find(ids), {"image": 2})
+    assert [(r.first, r.items) for r in runs] == [(0, 2)]
+    mllama = core.RunFinder([core.MediaKind("image", frozenset({IMG}), item_tokens=1)])
+    runs = mllama.assign_items([IMG, IMG, 11, IMG], mllama.find([IMG, IMG, 11, IMG]), {"image": 3})
+    assert [(r.first, r.items) for r in runs] == [(0, 2), (2, 1)]
+
+
+def test_pixtral_rows_and_end_token():
+    BRK, IEND = 5, 6
+    pixtral = core.RunFinder([core.MediaKind("image", frozenset({IMG, BRK}), end=IEND)])
+    ids = [11, IMG, IMG, BRK, IMG, IMG, IEND, 12]
+    assert [(r.start, r.stop) for r in pixtral.find(ids)] == [(1, 7)]
+
+
+def test_media_first_moves_placeholders_in_order():
+    assert core.media_first("Look at this long text <image> and <video> then") == "<image><video>Look at this long text  and  then"
+    assert core.media_first("no media") == "no media"

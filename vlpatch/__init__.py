@@ -1,0 +1,14 @@
+"""vlpatch: keep vision tokens whole when LLaMA-Factory and Unsloth cut multimodal samples.
+
+    import vlpatch
+    vlpatch.apply()          # or VLPATCH=1 in the environment, no code change
+
+Importing vlpatch and calling apply() imports no torch, transformers or trainer: each patch attaches
+when its upstream module is imported (see compat_matrix.yaml).
+"""
+
+from ._version import __version__
+from .core import POLICIES, SampleError, VLPatchError
+from .engine import apply, revert, status
+
+__all__ = ["apply", "revert", "status", "POLICIES", "SampleError", "VLPatchError", "__version__"]

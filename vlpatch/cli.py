@@ -1,0 +1,72 @@
+"""The `vlpatch` command line."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+from . import __version__, engine, matrix
+
+
+def _status(args) -> int:
+    engine.apply()
+    for spec in matrix.load().patches:  # attach now: import the hook module if it is installed
+        if engine.installed_version(spec.distribution) is not None and args.import_targets:
+            try:
+                importlib.import_module(spec.hook)
+            except Exception as exc:  # an upstream that fails to import is reported, not fatal
+                print(f"# could not import {spec.hook}: {exc!r}", file=sys.stderr)
+    rows = engine.status()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        print(f"{row['id']}: {row['state']} ({row.get('version') or 'not installed'}) - {row['reason']}")
+        for key in ("covered_plugins", "uncovered_plugins"):
+            if row.get(key):
+                print(f"  {key.replace('_', ' ')}: {', '.join(row[key])}")
+    return 0
+
+
+def _fingerprint(args) -> int:
+    """Print the matrix lines for the installed upstream version (to add a tested version)."""
+    import wrapt
+
+    for spec in matrix.load().patches:
+        if args.patch and spec.id not in args.patch:
+            continue
+        version = engine.installed_version(spec.distribution)
+        if version is None:
+            print(f"# {spec.id}: {spec.distribution} not installed", file=sys.stderr)
+            continue
+        print(f"# {spec.id}: fingerprints for {spec.distribution} {version}")
+        print(f'      "{version}":')
+        for target in spec.targets:
+            try:
+                _, _, original = wrapt.resolve_path(importlib.import_module(target.module), target.symbol)
+                fp = engine.fingerprint(original)
+            except Exception as exc:
+                fp = f"MISSING ({exc!r})"
+            print(f'        "{target.key}": {fp}')
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="vlpatch", description="vision-preserving patches for VL fine-tuning")
+    parser.add_argument("--version", action="version", version=f"vlpatch {__version__}")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("status", help="which patch applies to the installed upstream versions, and why")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--no-import", dest="import_targets", action="store_false", help="do not import upstream")
+    p.set_defaults(func=_status)
+    p = sub.add_parser("fingerprint", help="source fingerprints of every target, for compat_matrix.yaml")
+    p.add_argument("patch", nargs="*", help="patch ids (default: all)")
+    p.set_defaults(func=_fingerprint)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,427 @@
+"""The pure core: media token runs, budgets and policies.
+
+Nothing here imports torch, transformers or any trainer. Integrations describe a sample as one or more
+`Layout`s (a token sequence cut into turns, in the order the trainer spends its budget) and hand it to
+`resolve`, which returns a `Decision`: which positions to keep, which media items were removed, and
+what to report. The invariants (checked by the property tests):
+
+* every kept layout is at most its budget long;
+* every media run is kept whole or removed whole, never split;
+* the media items a decision removes are exactly those whose runs are gone, in every layout;
+* kept positions are increasing, so labels and any other per-token list stay aligned with input_ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, Sequence
+
+MEDIA_KINDS = ("image", "video", "audio")
+PLACEHOLDERS = {"image": "<image>", "video": "<video>", "audio": "<audio>"}
+
+SplitFn = Callable[[int, int, int], "tuple[int, int]"]
+ItemKey = "tuple[str, int]"  # (kind, index of the item in the sample's list of that kind)
+
+
+class VLPatchError(Exception):
+    """Base class of vlpatch's own errors."""
+
+
+class SampleError(VLPatchError):
+    """A sample cannot be used as it is; the message names it."""
+
+    def __init__(self, sample: str, reason: str, detail: str = ""):
+        self.sample = sample
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"vlpatch: sample {sample}: {reason}" + (f" ({detail})" if detail else ""))
+
+
+# --------------------------------------------------------------------------- media runs
+
+
+@dataclass(frozen=True)
+class MediaKind:
+    """How one kind of media shows in the token ids.
+
+    `body` holds the repeated token(s) (Qwen2-VL `<|image_pad|>`), `start` / `end` the optional boundary
+    tokens (`<|vision_start|>`, `<|vision_end|>`). `item_tokens` is set where every item is exactly that
+    many body tokens (Mllama: one `<|image|>` per image), so adjacent items can be told apart.
+    """
+
+    kind: str
+    body: frozenset
+    start: int | None = None
+    end: int | None = None
+    item_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class Run:
+    """A protected span [start, stop) holding `items` media items of one kind, from item `first` on."""
+
+    kind: str
+    start: int
+    stop: int
+    first: int = 0
+    items: int = 1
+
+    @property
+    def length(self) -> int:
+        return self.stop - self.start
+
+    def keys(self) -> list:
+        return [(self.kind, self.first + k) for k in range(self.items)]
+
+
+class RunFinder:
+    """Finds the media runs of a token sequence for a set of `MediaKind`s."""
+
+    def __init__(self, kinds: Iterable[MediaKind]):
+        self.kinds = {k.kind: k for k in kinds}
+        self._body = {}
+        self._starts = set()
+        for k in self.kinds.values():
+            for tok in k.body:
+                self._body[tok] = k
+            if k.start is not None:
+                self._starts.add(k.start)
+
+    def find(self, ids: Sequence[int]) -> list[Run]:
+        """Maximal runs: [start] body+ [end]. Item indices are not assigned yet (see `assign_items`)."""
+        runs: list[Run] = []
+        body, starts = self._body, self._starts
+        n = len(ids)
+        i = 0
+        while i < n:
+            tok = ids[i]
+            if tok in starts:
+                j = i + 1
+                kind = body.get(ids[j]) if j < n else None
+                if kind is None or kind.start != tok:
+                    i += 1
+                    continue
+                j = self._body_end(ids, j, kind)
+                if kind.end is not None and j < n and ids[j] == kind.end:
+                    j += 1
+                runs.append(Run(kind.kind, i, j))
+                i = j
+            elif tok in body:
+                kind = body[tok]
+                j = self._body_end(ids, i, kind)
+                if kind.end is not None and j < n and ids[j] == kind.end:
+                    j += 1
+                runs.append(Run(kind.kind, i, j))
+                i = j
+            else:
+                i += 1
+        return runs
+
+    @staticmethod
+    def _body_end(ids: Sequence[int], j: int, kind: MediaKind) -> int:
+        n, bodyset = len(ids), kind.body
+        while j < n and ids[j] in bodyset:
+            j += 1
+        return j
+
+    def body_count(self, ids: Sequence[int], run: Run) -> int:
+        bodyset = self.kinds[run.kind].body
+        return sum(1 for t in ids[run.start : run.stop] if t in bodyset)
+
+    def assign_items(self, ids: Sequence[int], runs: list[Run], counts: Mapping[str, int]) -> list[Run]:
+        """Number the items of each run so that run k of a kind holds items [first, first + items).
+
+        Raises `ValueError` (the caller turns it into a reported bad sample) when the runs cannot hold
+        exactly `counts[kind]` items: a placeholder count that differs from the media count.
+        """
+        out: list[Run] = []
+        for kind in {r.kind for r in runs} | {k for k, c in counts.items() if c}:
+            kruns = [r for r in runs if r.kind == kind]
+            want = counts.get(kind, 0)
+            spec = self.kinds.get(kind)
+            if spec is None:
+                raise ValueError(f"{want} {kind}(s) but no known {kind} token layout")
+            sizes = [1] * len(kruns)
+            if spec.item_tokens:
+                sizes = [self.body_count(ids, r) // spec.item_tokens for r in kruns]
+            elif len(kruns) != want and kruns and want and spec.start is None:
+                # adjacent placeholders merge into one run: split it when every item has the same length
+                total = sum(self.body_count(ids, r) for r in kruns)
+                per = total // want if total % want == 0 else 0
+                if per and all(self.body_count(ids, r) % per == 0 for r in kruns):
+                    sizes = [self.body_count(ids, r) // per for r in kruns]
+            if sum(sizes) != want:
+                raise ValueError(f"{sum(sizes)} {kind} token run(s) in the text but {want} {kind}(s) given")
+            first = 0
+            for r, size in zip(kruns, sizes):
+                out.append(Run(r.kind, r.start, r.stop, first, size))
+                first += size
+        return sorted(out, key=lambda r: r.start)
+
+
+# --------------------------------------------------------------------------- layouts and plans
+
+
+@dataclass
+class Layout:
+    """One token sequence to fit into `budget` tokens.
+
+    `turns` lists (source, target) position ranges in the order the trainer spends its budget (for
+    LLaMA-Factory: turn by turn, reversed under `mask_history`); `reserved` is the number of positions
+    outside all turns that are always kept (a prefix, an efficient-eos token). `split` divides a turn's
+    remaining budget between source and target the way the trainer does (LLaMA-Factory's `infer_seqlen`).
+    """
+
+    length: int
+    runs: list[Run]
+    turns: list[tuple[range, range]]
+    budget: int
+    split: SplitFn
+    reserved: int = 0
+
+    def fixed_positions(self) -> list[int]:
+        inside = set()
+        for src, tgt in self.turns:
+            inside.update(src)
+            inside.update(tgt)
+        return [p for p in range(self.length) if p not in inside]
+
+
+@dataclass
+class Plan:
+    kept: list[int]
+    lost: set = field(default_factory=set)  # item keys whose runs did not fit
+
+
+def _segment(positions: range, runs_by_start: dict, removed: set):
+    """Positions of a segment with removed runs taken out, and the runs (whole) that lie in it."""
+    pos: list[int] = []
+    seg_runs: list[Run] = []
+    p = positions.start
+    while p < positions.stop:
+        run = runs_by_start.get(p)
+        if run is not None and run.stop <= positions.stop:
+            if not any(k in removed for k in run.keys()):
+                seg_runs.append(run)
+                pos.extend(range(run.start, run.stop))
+            p = run.stop
+        else:
+            pos.append(p)
+            p += 1
+    return pos, seg_runs
+
+
+def keep_head(pos: list[int], seg_runs: list[Run], keep: int, media_first: bool = False):
+    """Keep `keep` of `pos`: whole runs in order while they fit, then the first text tokens.
+
+    Without media this is exactly `pos[:keep]`, LLaMA-Factory's own slice. Returns (kept, lost runs).
+    """
+    if keep >= len(pos):
+        return list(pos), []
+    media_budget = keep
+    kept_runs, lost = [], []
+    for run in seg_runs:
+        if run.length <= media_budget:
+            kept_runs.append(run)
+            media_budget -= run.length
+        else:
+            lost.append(run)
+            media_budget = -1  # later runs are lost too: media stay in order, trailing ones go
+    text_left = keep - sum(r.length for r in kept_runs)
+    in_run = set()
+    for run in seg_runs:
+        in_run.update(range(run.start, run.stop))
+    protected = set()
+    for run in kept_runs:
+        protected.update(range(run.start, run.stop))
+    kept = []
+    for p in pos:
+        if p in protected:
+            kept.append(p)
+        elif p not in in_run and text_left > 0:
+            kept.append(p)
+            text_left -= 1
+    return kept, lost
+
+
+def media_split(split: SplitFn, s_len: int, t_len: int, remaining: int, s_media: int, t_media: int):
+    """The trainer's own split, widened so each side can hold its media where both fit."""
+    s, t = split(s_len, t_len, remaining)
+    if s_media + t_media > remaining:
+        return s, t  # media do not fit: keep_head reports the runs that are lost
+    s = max(s, s_media)
+    t = max(min(t, remaining - s), t_media)
+    if s + t > remaining:
+        s = remaining - t
+    return s, t
+
+
+def plan_layout(layout: Layout, removed: set = frozenset()) -> Plan:
+    runs_by_start = {r.start: r for r in layout.runs}
+    kept = layout.fixed_positions()
+    lost: set = set()
+    total = layout.reserved
+    for src, tgt in layout.turns:
+        s_pos, s_runs = _segment(src, runs_by_start, removed)
+        t_pos, t_runs = _segment(tgt, runs_by_start, removed)
+        if total >= layout.budget:  # LLaMA-Factory stops adding turns here
+            for run in s_runs + t_runs:
+                lost.update(run.keys())
+            continue
+        remaining = layout.budget - total
+        s_media = sum(r.length for r in s_runs)
+        t_media = sum(r.length for r in t_runs)
+        s, t = media_split(layout.split, len(s_pos), len(t_pos), remaining, s_media, t_media)
+        s_keep, s_lost = keep_head(s_pos, s_runs, s)
+        t_keep, t_lost = keep_head(t_pos, t_runs, t)
+        for run in s_lost + t_lost:
+            lost.update(run.keys())
+        kept.extend(s_keep)
+        kept.extend(t_keep)
+        total += s + t
+    kept.sort()
+    return Plan(kept, lost)
+
+
+# --------------------------------------------------------------------------- policies
+
+
+@dataclass
+class Decision:
+    """What happens to one sample. `kept[i]` are the positions kept of layout i (None when dropped)."""
+
+    action: str  # "kept" | "truncated" | "dropped" | "media_dropped"
+    kept: list | None
+    removed: list = field(default_factory=list)  # item keys removed (drop_media)
+    reason: str = ""
+
+
+@dataclass
+class Overflow:
+    """Handed to a policy when a sample's media cannot all stay whole within the budget.
+
+    `replan(removed)` plans every layout again with the given media items taken out. A future `shrink`
+    policy re-encodes the sample with smaller media through `reencode`, which integrations may provide.
+    """
+
+    sample: str
+    layouts: list
+    plans: list
+    replan: Callable
+    reencode: Callable | None = None
+
+    @property
+    def lost(self) -> set:
+        out: set = set()
+        for p in self.plans:
+            out |= p.lost
+        return out
+
+    def describe(self) -> str:
+        media = sum(r.length for r in self.layouts[0].runs)
+        lost = sorted(self.lost)
+        return (
+            f"media need {media} of {self.layouts[0].budget} tokens; "
+            f"{len(lost)} item(s) would be cut: " + ", ".join(f"{k}#{i}" for k, i in lost)
+        )
+
+
+class Policy:
+    name = "?"
+
+    def resolve(self, case: Overflow) -> Decision:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class DropPolicy(Policy):
+    name = "drop"
+
+    def resolve(self, case: Overflow) -> Decision:
+        return Decision("dropped", None, reason="media_exceed_budget: " + case.describe())
+
+
+class ErrorPolicy(Policy):
+    name = "error"
+
+    def resolve(self, case: Overflow) -> Decision:
+        raise SampleError(case.sample, "media do not fit the budget", case.describe())
+
+
+class DropMediaPolicy(Policy):
+    """Remove trailing whole media items (and their list entries) until the rest fits."""
+
+    name = "drop_media"
+
+    def resolve(self, case: Overflow) -> Decision:
+        removed: set = set()
+        plans = case.plans
+        while True:
+            lost = set().union(*(p.lost for p in plans))
+            if not lost:
+                break
+            last = max(lost, key=lambda key: _item_position(case.layouts, key))
+            removed.add(last)
+            plans = case.replan(removed)
+        return Decision(
+            "media_dropped",
+            [p.kept for p in plans],
+            removed=sorted(removed),
+            reason="media_exceed_budget: " + case.describe(),
+        )
+
+
+def _item_position(layouts, key) -> int:
+    for run in layouts[0].runs:
+        if key in run.keys():
+            return run.start
+    return -1
+
+
+POLICIES: dict = {p.name: p for p in (DropPolicy(), DropMediaPolicy(), ErrorPolicy())}
+
+
+def get_policy(name: str) -> Policy:
+    try:
+        return POLICIES[name]
+    except KeyError:
+        raise VLPatchError(f"unknown policy {name!r}; known: {', '.join(sorted(POLICIES))}") from None
+
+
+def resolve(layouts: list[Layout], policy: Policy, sample: str) -> Decision:
+    """Decide one sample: keep it whole, cut its text, or hand a media overflow to the policy."""
+    plans = [plan_layout(lay) for lay in layouts]
+    if not any(p.lost for p in plans):
+        cut = any(len(p.kept) < lay.length for p, lay in zip(plans, layouts))
+        return Decision("truncated" if cut else "kept", [p.kept for p in plans])
+    case = Overflow(sample, layouts, plans, lambda removed: [plan_layout(lay, removed) for lay in layouts])
+    return policy.resolve(case)
+
+
+def single_layout(length: int, runs: list[Run], budget: int) -> Layout:
+    """A layout with one turn whose source is the whole sequence: cut text from the end."""
+    return Layout(length, runs, [(range(0, length), range(length, length))], budget, lambda s, t, c: (min(s, c), 0))
+
+
+# --------------------------------------------------------------------------- text helpers
+
+
+def media_first(text: str, placeholders: Iterable[str] = PLACEHOLDERS.values()) -> str:
+    """Move every media placeholder of a message to its start, keeping their order (opt-in)."""
+    found = []
+    rest = text
+    for ph in placeholders:
+        found.extend((m, ph) for m in _find_all(text, ph))
+    if not found:
+        return text
+    for _, ph in found:
+        rest = rest.replace(ph, "", 1)
+    ordered = "".join(ph for _, ph in sorted(found))
+    return ordered + rest.lstrip("\n ") if rest.strip() else ordered
+
+
+def _find_all(text: str, sub: str) -> list[int]:
+    out, i = [], text.find(sub)
+    while i != -1:
+        out.append(i)
+        i = text.find(sub, i + len(sub))
+    return out

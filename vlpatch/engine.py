@@ -1,0 +1,276 @@
+"""The patching engine: reads the matrix, attaches patches when their upstream module is imported.
+
+Shape borrowed from OpenTelemetry instrumentors and ddtrace's registry: each patch is data in
+`compat_matrix.yaml` (distribution, version specifier, targets, source fingerprints per tested
+version); the integration module named there only supplies the wrappers. A patch attaches through a
+wrapt post-import hook on its `hook` module (at once if that module is already imported), checks the
+installed version and the source fingerprint of every target, and then wraps all targets or none.
+`revert()` puts back the exact original objects. Nothing here imports torch, transformers or a trainer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.metadata
+import inspect
+import logging
+import os
+import sys
+import textwrap
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import wrapt
+from packaging.specifiers import SpecifierSet
+from packaging.version import InvalidVersion, Version
+
+from . import matrix as _matrix
+from .core import VLPatchError, get_policy
+
+logger = logging.getLogger("vlpatch")
+
+_TRUE = ("1", "true", "yes", "on")
+
+
+@dataclass
+class Config:
+    policy: str = "drop"
+    media_first: bool = False
+    force: bool = False
+    report: str | None = None
+    patches: frozenset | None = None  # None: every patch in the matrix
+    exclude: frozenset = frozenset()
+
+    @classmethod
+    def from_env(cls, env=None, **overrides) -> "Config":
+        env = os.environ if env is None else env
+
+        def ids(name):
+            raw = env.get(name, "").strip()
+            return frozenset(x.strip() for x in raw.split(",") if x.strip()) if raw else None
+
+        cfg = cls(
+            policy=env.get("VLPATCH_POLICY", "").strip() or "drop",
+            media_first=env.get("VLPATCH_MEDIA_FIRST", "").strip().lower() in _TRUE,
+            force=env.get("VLPATCH_FORCE", "").strip().lower() in _TRUE,
+            report=env.get("VLPATCH_REPORT", "").strip() or None,
+            patches=ids("VLPATCH_PATCHES"),
+            exclude=ids("VLPATCH_EXCLUDE") or frozenset(),
+        )
+        for key, value in overrides.items():
+            if value is not None:
+                if key in ("patches", "exclude"):
+                    value = frozenset([value] if isinstance(value, str) else value)
+                setattr(cfg, key, value)
+        get_policy(cfg.policy)  # unknown policy: fail now, not deep inside preprocessing
+        return cfg
+
+    def selects(self, patch_id: str) -> bool:
+        if patch_id in self.exclude:
+            return False
+        return self.patches is None or patch_id in self.patches
+
+
+@dataclass
+class PatchState:
+    id: str
+    state: str  # pending | applied | native | skipped | disabled | reverted
+    reason: str = ""
+    version: str | None = None
+    details: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"id": self.id, "state": self.state, "reason": self.reason, "version": self.version, **self.details}
+
+
+_lock = threading.RLock()
+_enabled = False
+_config = Config()
+_hooked: set = set()  # hook modules with a registered wrapt hook (registered once per process)
+_applied: dict = {}  # patch id -> list of (parent, attribute, original, had_own)
+_states: dict = {}
+
+
+def config() -> Config:
+    return _config
+
+
+def fingerprint(obj: Any) -> str:
+    """sha256 of a function's dedented source, trailing blanks ignored: what the patch was written for."""
+    src = textwrap.dedent(inspect.getsource(obj))
+    norm = "\n".join(line.rstrip() for line in src.strip().splitlines())
+    return hashlib.sha256(norm.encode("utf-8")).hexdigest()[:16]
+
+
+def installed_version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def apply(
+    policy: str | None = None,
+    *,
+    patches=None,
+    exclude=None,
+    force: bool | None = None,
+    media_first: bool | None = None,
+    report: str | None = None,
+) -> list:
+    """Enable vlpatch in this process. Idempotent; arguments override the VLPATCH_* environment."""
+    global _enabled, _config
+    with _lock:
+        _config = Config.from_env(
+            policy=policy, patches=patches, exclude=exclude, force=force, media_first=media_first, report=report
+        )
+        if _config.report:
+            os.environ["VLPATCH_REPORT"] = _config.report
+        _publish_config()
+        if _enabled:
+            return status()
+        _enabled = True
+        for spec in _matrix.load().patches:
+            if not _config.selects(spec.id):
+                _states[spec.id] = PatchState(spec.id, "disabled", "excluded by VLPATCH_PATCHES / VLPATCH_EXCLUDE")
+                continue
+            _states[spec.id] = PatchState(spec.id, "pending", f"waits for `import {spec.hook}`")
+            if spec.hook in sys.modules:
+                _attach(spec)
+            elif spec.hook not in _hooked:
+                _hooked.add(spec.hook)
+                wrapt.register_post_import_hook(_hook_for(spec.id), spec.hook)
+        return status()
+
+
+def _publish_config() -> None:
+    """Worker processes started with `spawn` re-read the environment: keep it in step with apply()."""
+    os.environ["VLPATCH_POLICY"] = _config.policy
+    if _config.media_first:
+        os.environ["VLPATCH_MEDIA_FIRST"] = "1"
+
+
+def revert() -> list:
+    """Put every original back exactly and stop attaching patches on later imports."""
+    global _enabled
+    with _lock:
+        for patch_id, wraps in list(_applied.items()):
+            _unwrap(wraps)
+            del _applied[patch_id]
+            state = _states.get(patch_id)
+            if state is not None:
+                state.state, state.reason = "reverted", "vlpatch.revert() restored the originals"
+        for state in _states.values():
+            if state.state == "pending":
+                state.state, state.reason = "reverted", "vlpatch.revert() before the target was imported"
+        _enabled = False
+        return status()
+
+
+def status() -> list:
+    """One dict per patch in the matrix: id, state, reason, version, and patch-specific details."""
+    with _lock:
+        out = []
+        for spec in _matrix.load().patches:
+            st = _states.get(spec.id) or PatchState(spec.id, "disabled", "vlpatch.apply() has not been called")
+            out.append(st.as_dict())
+        return out
+
+
+def _hook_for(patch_id: str):
+    def hook(module):  # a post-import hook must never raise into the user's import
+        try:
+            with _lock:
+                spec = _matrix.load().by_id(patch_id)
+                if _enabled and _config.selects(patch_id) and patch_id not in _applied:
+                    _attach(spec)
+        except Exception as exc:  # pragma: no cover - defensive
+            _skip(patch_id, None, f"internal error while attaching: {exc!r}")
+
+    return hook
+
+
+def _skip(patch_id: str, version: str | None, reason: str) -> None:
+    _states[patch_id] = PatchState(patch_id, "skipped", reason, version)
+    logger.warning("vlpatch: patch %s not applied: %s", patch_id, reason)
+
+
+def _attach(spec) -> None:
+    version = installed_version(spec.distribution)
+    if version is None:
+        _states[spec.id] = PatchState(spec.id, "skipped", f"{spec.distribution} is not installed")
+        return
+    try:
+        v = Version(version)
+    except InvalidVersion:
+        return _skip(spec.id, version, f"cannot read the version {version!r} of {spec.distribution}")
+    if spec.native and v in spec.native:
+        _states[spec.id] = PatchState(
+            spec.id, "native", f"{spec.distribution} {version} fixes this itself ({spec.native})", version
+        )
+        return
+    forced = False
+    if v not in spec.applies or version not in spec.fingerprints:
+        if not _config.force:
+            where = "outside" if v not in spec.applies else "inside the range of, but not tested in,"
+            return _skip(
+                spec.id,
+                version,
+                f"{spec.distribution} {version} is {where} the compat matrix (applies {spec.applies}, "
+                f"tested {', '.join(spec.tested)}); upgrade vlpatch or set VLPATCH_FORCE=1 to try anyway",
+            )
+        forced = True
+    resolved = []
+    try:
+        for target in spec.targets:
+            module = importlib.import_module(target.module)
+            parent, attribute, original = wrapt.resolve_path(module, target.symbol)
+            resolved.append((target, parent, attribute, original))
+    except (ImportError, AttributeError) as exc:
+        return _skip(spec.id, version, f"target missing in {spec.distribution} {version}: {exc}")
+    known = spec.fingerprints.get(version, {})
+    drift = []
+    for target, _, _, original in resolved:
+        try:
+            fp = fingerprint(original)
+        except (OSError, TypeError):
+            fp = "unreadable"
+        if known and known.get(target.key) != fp:
+            drift.append(f"{target.key} (expected {known.get(target.key)}, found {fp})")
+    if drift:
+        return _skip(spec.id, version, "upstream code changed since it was tested: " + "; ".join(drift))
+    try:
+        integration = importlib.import_module(spec.integration)
+        wrappers = integration.wrappers(spec)
+    except Exception as exc:
+        return _skip(spec.id, version, f"integration {spec.integration} failed to load: {exc!r}")
+    wraps = []
+    try:
+        for target, parent, attribute, original in resolved:
+            wrapper = wrappers.get(target.wrapper) if target.wrapper else None
+            if target.wrapper and wrapper is None:
+                raise VLPatchError(f"{spec.integration} has no wrapper {target.wrapper!r}")
+            if wrapper is None:
+                continue  # fingerprint-only target: the patch relies on its behaviour
+            had_own = not inspect.isclass(parent) or attribute in vars(parent)
+            setattr(parent, attribute, wrapt.FunctionWrapper(original, wrapper))
+            wraps.append((parent, attribute, original, had_own))
+    except Exception as exc:
+        _unwrap(wraps)
+        return _skip(spec.id, version, f"could not wrap, left untouched: {exc!r}")
+    _applied[spec.id] = wraps
+    details = getattr(integration, "details", lambda s: {})(spec)
+    reason = "forced onto an untested version" if forced else f"tested on {version}"
+    _states[spec.id] = PatchState(spec.id, "applied", reason, version, details)
+    if forced:
+        logger.warning("vlpatch: patch %s FORCED onto untested %s %s", spec.id, spec.distribution, version)
+
+
+def _unwrap(wraps) -> None:
+    for parent, attribute, original, had_own in reversed(wraps):
+        if had_own:
+            setattr(parent, attribute, original)
+        else:
+            delattr(parent, attribute)

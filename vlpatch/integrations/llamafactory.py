@@ -1,0 +1,522 @@
+"""LLaMA-Factory: keep vision tokens whole when a dataset processor cuts a sample to `cutoff_len`.
+
+Which symbols and versions: `compat_matrix.yaml` (patch `llamafactory.truncation`). How it hands over:
+
+* each processor's `_encode_data_example` runs unchanged (upstream's own label, `mask_history`,
+  `efficient_eos`, `train_on_prompt` semantics) on a copy of the processor whose `cutoff_len` is
+  unbounded, while the module's `infer_seqlen` records how upstream split the sample into turns;
+* the full sample becomes one or more `core.Layout`s (turn ranges in upstream's budget order, the
+  plugin's media runs) and `core.resolve` decides what to keep, using upstream's own `infer_seqlen`
+  for the budget split, so a sample whose media are not cut comes out exactly as upstream's;
+* `preprocess_dataset` is wrapped to know the batch (sample index) and to take dropped samples out;
+* `loader._get_preprocessed_dataset` is wrapped to open a report run (report path, dataset names,
+  a `_vlpatch_index` column so rows name the sample) and to log one summary after every worker.
+
+Media token layouts per mm_plugin class are data in the matrix (`options.media_tokens`).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import inspect
+import os
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import __version__, core, engine, report
+
+IGNORE_INDEX = -100
+UNBOUNDED = 1 << 40
+INDEX_COLUMN = "_vlpatch_index"
+TRAINER = "llamafactory"
+
+_recording: list = []  # stack of lists of (source_len, target_len) seen by infer_seqlen
+_batches: list = []  # stack of _Batch
+_finders: dict = {}
+_spec = None
+
+
+@dataclass
+class _Batch:
+    examples: dict
+    overlong_drop: bool  # packed processors drop a sample that is longer than cutoff_len themselves
+    cursor: int = 0
+    calls: int = 0
+    drop_rows: list = field(default_factory=list)
+    counts: Counter = field(default_factory=Counter)
+    reasons: Counter = field(default_factory=Counter)
+    clones: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- stage handlers
+# Each handler knows one processor's output shape: how long its sequences are, how they split into
+# layouts, how to rebuild the output from kept positions, and what a dropped sample returns.
+
+
+class _Handler:
+    def lengths(self, full) -> list:
+        raise NotImplementedError
+
+    def sequences(self, full) -> list:
+        raise NotImplementedError
+
+    def layouts(self, instance, full, splits, finder, counts, budget, split) -> list:
+        raise NotImplementedError
+
+    def build(self, full, kept) -> Any:
+        raise NotImplementedError
+
+    def dropped(self, instance, overlong: bool) -> Any:
+        raise NotImplementedError
+
+
+def _pick(seq, kept):
+    return [seq[p] for p in kept]
+
+
+class _Supervised(_Handler):
+    """(input_ids, labels); one infer_seqlen call per turn, in upstream's order."""
+
+    def lengths(self, full):
+        return [len(full[0])]
+
+    def sequences(self, full):
+        return [full[0]]
+
+    def layouts(self, instance, full, splits, finder, counts, budget, split):
+        ids = full[0]
+        eos = 1 if instance.template.efficient_eos else 0
+        prefix = len(ids) - sum(s + t for s, t in splits) - eos
+        reverse = bool(instance.data_args.mask_history)
+        natural = list(reversed(splits)) if reverse else list(splits)
+        pos = 0 if reverse else prefix
+        ranges = []
+        for s, t in natural:
+            ranges.append((range(pos, pos + s), range(pos + s, pos + s + t)))
+            pos += s + t
+        if reverse:
+            ranges.reverse()
+        runs = finder.assign_items(ids, finder.find(ids), counts)
+        return [core.Layout(len(ids), runs, ranges, budget, split, reserved=prefix + eos)]
+
+    def build(self, full, kept):
+        return _pick(full[0], kept[0]), _pick(full[1], kept[0])
+
+    def dropped(self, instance, overlong):
+        if overlong:
+            n = instance.data_args.cutoff_len + 1
+            return [instance.tokenizer.pad_token_id or 0] * n, [IGNORE_INDEX] * n
+        return [], []
+
+
+class _Pairwise(_Handler):
+    """(chosen_ids, chosen_labels, rejected_ids, rejected_labels): a shared prompt, two responses."""
+
+    def lengths(self, full):
+        return [len(full[0]), len(full[2])]
+
+    def sequences(self, full):
+        return [full[0], full[2]]
+
+    def layouts(self, instance, full, splits, finder, counts, budget, split):
+        prompt = splits[0][0]
+        out = []
+        other_len = {0: len(full[2]) - prompt, 2: len(full[0]) - prompt}
+        for k in (0, 2):
+            ids = full[k]
+            other = other_len[k]
+
+            def pair_split(s, t, c, _other=other):  # upstream splits with the longer response
+                return split(s, max(t, _other), c)
+
+            runs = finder.assign_items(ids, finder.find(ids), counts)
+            out.append(core.Layout(len(ids), runs, [(range(0, prompt), range(prompt, len(ids)))], budget, pair_split))
+        return out
+
+    def build(self, full, kept):
+        return (
+            _pick(full[0], kept[0]),
+            _pick(full[1], kept[0]),
+            _pick(full[2], kept[1]),
+            _pick(full[3], kept[1]),
+        )
+
+    def dropped(self, instance, overlong):
+        return [], [], [], []
+
+
+class _Feedback(_Handler):
+    """(ids, labels, kl_ids, kl_labels, kto_tag): two independent sequences with the same media."""
+
+    def lengths(self, full):
+        return [len(full[0]), len(full[2])]
+
+    def sequences(self, full):
+        return [full[0], full[2]]
+
+    def layouts(self, instance, full, splits, finder, counts, budget, split):
+        out = []
+        for (s, t), ids in zip(splits, (full[0], full[2])):
+            runs = finder.assign_items(ids, finder.find(ids), counts)
+            out.append(core.Layout(len(ids), runs, [(range(0, s), range(s, s + t))], budget, split))
+        return out
+
+    def build(self, full, kept):
+        return (
+            _pick(full[0], kept[0]),
+            _pick(full[1], kept[0]),
+            _pick(full[2], kept[1]),
+            _pick(full[3], kept[1]),
+            full[4],
+        )
+
+    def dropped(self, instance, overlong):
+        return [], [], [], [], True
+
+
+class _Unsupervised(_Handler):
+    """(input_ids, labels) that are not aligned: the prompt, and the response to predict."""
+
+    def lengths(self, full):
+        return [len(full[0]) + len(full[1])]
+
+    def sequences(self, full):
+        return [list(full[0]) + list(full[1])]
+
+    def layouts(self, instance, full, splits, finder, counts, budget, split):
+        ids = self.sequences(full)[0]
+        n = len(full[0])
+        runs = finder.assign_items(ids, finder.find(ids), counts)
+        return [core.Layout(len(ids), runs, [(range(0, n), range(n, len(ids)))], budget, split)]
+
+    def build(self, full, kept):
+        n = len(full[0])
+        ids = list(full[0]) + list(full[1])
+        return [ids[p] for p in kept[0] if p < n], [ids[p] for p in kept[0] if p >= n]
+
+    def dropped(self, instance, overlong):
+        return [], []
+
+
+HANDLERS = {
+    "supervised": _Supervised(),
+    "pairwise": _Pairwise(),
+    "feedback": _Feedback(),
+    "unsupervised": _Unsupervised(),
+}
+
+
+# --------------------------------------------------------------------------- media token layouts
+
+
+def _finder(instance) -> core.RunFinder | None:
+    plugin, tokenizer = instance.template.mm_plugin, instance.tokenizer
+    key = (id(plugin), id(tokenizer))
+    hit = _finders.get(key)
+    if hit is None:
+        hit = (plugin, tokenizer, _build_finder(plugin, tokenizer))
+        _finders[key] = hit
+    return hit[2]
+
+
+def _plugin_table(plugin) -> dict | None:
+    table = (_spec.options if _spec else {}).get("media_tokens", {})
+    return table.get(type(plugin).__name__)
+
+
+def _build_finder(plugin, tokenizer) -> core.RunFinder | None:
+    table = _plugin_table(plugin)
+    if table is None:
+        return None
+    kinds = []
+    unk = getattr(tokenizer, "unk_token_id", None)
+
+    def tid(text):
+        if text.startswith("@"):
+            text = getattr(plugin, text[1:], None)
+        if not text:
+            return None
+        i = tokenizer.convert_tokens_to_ids(text)
+        return None if i is None or (unk is not None and i == unk and text != tokenizer.unk_token) else i
+
+    for kind, spec in table.items():
+        body = spec["body"] if isinstance(spec["body"], list) else [spec["body"]]
+        body_ids = [tid(b) for b in body]
+        start = tid(spec["start"]) if spec.get("start") else None
+        end = tid(spec["end"]) if spec.get("end") else None
+        if None in body_ids or (spec.get("start") and start is None) or (spec.get("end") and end is None):
+            continue  # this tokenizer lacks the tokens: the kind stays uncovered
+        kinds.append(core.MediaKind(kind, frozenset(body_ids), start, end, spec.get("item_tokens")))
+    return core.RunFinder(kinds)
+
+
+def details(spec) -> dict:
+    """For status(): which of the installed LLaMA-Factory's mm plugins this patch knows."""
+    try:
+        from llamafactory.data.mm_plugin import PLUGINS  # already imported with the loader
+    except Exception:  # pragma: no cover
+        return {}
+    table = spec.options.get("media_tokens", {})
+    covered, uncovered = [], []
+    for name, cls in sorted(PLUGINS.items()):
+        kinds = table.get(cls.__name__)
+        if kinds is None:
+            uncovered.append(name)
+        else:
+            covered.append(f"{name} ({'+'.join(kinds) or 'text'})")
+    return {"covered_plugins": covered, "uncovered_plugins": uncovered}
+
+
+# --------------------------------------------------------------------------- wrappers
+
+
+def _record_split(wrapped, instance, args, kwargs):
+    out = wrapped(*args, **kwargs)
+    if _recording:
+        _recording[-1].append(out)
+    return out
+
+
+def _batch_wrapper(overlong_drop: bool):
+    def wrapper(wrapped, instance, args, kwargs):
+        examples = args[0] if args else kwargs["examples"]
+        batch = _Batch(examples, overlong_drop)
+        _batches.append(batch)
+        try:
+            out = wrapped(*args, **kwargs)
+        finally:
+            _batches.pop()
+        if batch.drop_rows:
+            drop = set(batch.drop_rows)
+            for key in list(out.keys()):
+                out[key] = [v for i, v in enumerate(out[key]) if i not in drop]
+        report.tally(batch.counts, batch.reasons)
+        return out
+
+    return wrapper
+
+
+def _bind(func, instance, args, kwargs) -> dict:
+    sig = _signatures.get(func)
+    if sig is None:
+        sig = _signatures[func] = inspect.signature(func)
+    bound = sig.bind(instance, *args, **kwargs)
+    return dict(bound.arguments)
+
+
+_signatures: dict = {}
+
+
+def _identify(batch: _Batch | None, prompt) -> tuple:
+    """(row index in the dataset or None, position in the batch or None) of the sample being encoded."""
+    if batch is None:
+        return None, None
+    prompts = batch.examples.get("_prompt") or []
+    for j in range(batch.cursor, len(prompts)):
+        if prompts[j] is prompt:
+            batch.cursor = j + 1
+            index = batch.examples.get(INDEX_COLUMN)
+            return (index[j] if index is not None else None), j
+    return None, None
+
+
+def _describe(index, position) -> str:
+    run = report.current_run()
+    where = run.meta.get("dataset", "?") if run else "?"
+    if index is not None:
+        return f"{where}[{index}]"
+    return f"{where}[batch position {position}]" if position is not None else f"{where}[?]"
+
+
+def _is_bad_input(exc: BaseException) -> bool:
+    if isinstance(exc, OSError) or type(exc).__name__ in ("DecompressionBombError", "UnidentifiedImageError"):
+        return True
+    return isinstance(exc, ValueError) and "does not match the number of" in str(exc)
+
+
+def _media_first(messages):
+    out = []
+    for msg in messages:
+        if isinstance(msg, dict) and isinstance(msg.get("content"), str):
+            msg = {**msg, "content": core.media_first(msg["content"])}
+        out.append(msg)
+    return out
+
+
+def _unbounded(instance, batch: _Batch | None):
+    clone = batch.clones.get(id(instance)) if batch else None
+    if clone is None:
+        clone = copy.copy(instance)
+        clone.data_args = copy.copy(instance.data_args)
+        clone.data_args.cutoff_len = UNBOUNDED
+        if batch:
+            batch.clones[id(instance)] = clone
+    return clone
+
+
+def _encode_wrapper(stage: str):
+    handler = HANDLERS[stage]
+
+    def wrapper(wrapped, instance, args, kwargs):
+        func = wrapped.__func__
+        bound = _bind(func, instance, args, kwargs)
+        bound.pop("self", None)
+        batch = _batches[-1] if _batches else None
+        if batch is not None:
+            batch.calls += 1
+        index, position = _identify(batch, bound.get("prompt"))
+        cfg = engine.config()
+        if cfg.media_first and "prompt" in bound:
+            bound["prompt"] = _media_first(bound["prompt"])
+        media = {kind: bound.get(kind + "s") or [] for kind in core.MEDIA_KINDS}
+        counts = {kind: len(items) for kind, items in media.items()}
+        budget = instance.data_args.cutoff_len
+        sample = _describe(index, position)
+        row = {"stage": stage, "index": index, "batch_position": position, "budget": budget, "media": counts}
+
+        splits: list = []
+        _recording.append(splits)
+        try:
+            full = func(_unbounded(instance, batch), **bound)
+        except Exception as exc:
+            if not _is_bad_input(exc):
+                if hasattr(exc, "add_note"):
+                    exc.add_note(f"vlpatch: while encoding sample {sample}")
+                raise
+            return _reject(handler, instance, batch, cfg, sample, row, f"bad_input: {exc}", exc)
+        finally:
+            _recording.pop()
+
+        lengths = handler.lengths(full)
+        if max(lengths) <= budget:  # upstream would not cut anything: its output as is
+            _count(batch, "kept")
+            return full
+
+        finder = _finder(instance)
+        if finder is None:
+            reason = f"uncovered_plugin: {type(instance.template.mm_plugin).__name__}"
+            if any(counts.values()):
+                return _reject(handler, instance, batch, cfg, sample, row, reason)
+            finder = core.RunFinder([])
+        module = sys.modules[type(instance).__module__]
+        split = getattr(module.infer_seqlen, "__wrapped__", module.infer_seqlen)
+        try:
+            layouts = handler.layouts(instance, full, splits, finder, counts, budget, split)
+        except ValueError as exc:
+            return _reject(handler, instance, batch, cfg, sample, row, f"bad_input: {exc}", exc)
+        media_tokens = sum(r.length for r in layouts[0].runs)
+        row.update(tokens_before=max(lengths), media_tokens=media_tokens)
+        try:
+            decision = core.resolve(layouts, core.get_policy(cfg.policy), sample)
+        except core.SampleError:
+            report.write_row({**row, "action": "error", "reason": "media_exceed_budget"})
+            raise
+        if decision.action == "dropped":
+            return _reject(handler, instance, batch, cfg, sample, row, decision.reason, decided=True)
+        if decision.removed:
+            for kind, k in sorted(decision.removed, reverse=True):
+                del media[kind][k]
+        out = handler.build(full, decision.kept)
+        after = max(len(k) for k in decision.kept)
+        kept_media = sum(r.length for r in layouts[0].runs if not set(r.keys()) & set(decision.removed))
+        _count(batch, decision.action, decision.reason.split(":")[0] if decision.reason else "text_over_budget")
+        report.write_row(
+            {
+                **row,
+                "action": decision.action,
+                "reason": decision.reason or "text_over_budget",
+                "tokens_after": after,
+                "text_tokens_before": max(lengths) - media_tokens,
+                "text_tokens_after": after - kept_media,
+                "media_tokens_after": kept_media,
+                "media_removed": _removed(decision.removed),
+            }
+        )
+        return out
+
+    return wrapper
+
+
+def _removed(keys) -> dict:
+    out: dict = {}
+    for kind, k in keys:
+        out.setdefault(kind, []).append(k)
+    return out
+
+
+def _count(batch: _Batch | None, action: str, reason: str | None = None) -> None:
+    if batch is None:
+        report.tally(Counter({action: 1}), Counter({reason: 1} if reason else {}))
+        return
+    batch.counts[action] += 1
+    if reason:
+        batch.reasons[reason] += 1
+
+
+def _reject(handler, instance, batch, cfg, sample, row, reason, exc=None, decided=False):
+    """Drop the sample (reported), or raise naming it under policy `error`."""
+    if not decided and cfg.policy == "error":
+        report.write_row({**row, "action": "error", "reason": reason})
+        raise core.SampleError(sample, reason) from exc
+    report.write_row({**row, "action": "dropped", "reason": reason})
+    _count(batch, "dropped", reason.split(":")[0])
+    if batch is not None and not batch.overlong_drop:
+        batch.drop_rows.append(batch.calls - 1)
+    return handler.dropped(instance, batch is not None and batch.overlong_drop)
+
+
+def _run_wrapper(wrapped, instance, args, kwargs):
+    """loader._get_preprocessed_dataset: one report run per dataset split."""
+    bound = inspect.signature(wrapped).bind(*args, **kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
+    dataset, data_args, training_args = a["dataset"], a["data_args"], a["training_args"]
+    if dataset is None:
+        return wrapped(*args, **kwargs)
+    is_eval = bool(a.get("is_eval"))
+    names = (data_args.eval_dataset if is_eval else data_args.dataset) or []
+    names = [names] if isinstance(names, str) else list(names)
+    cfg = engine.config()
+    path = cfg.report or os.path.join(getattr(training_args, "output_dir", None) or ".", "vlpatch_report.jsonl")
+    split = "eval" if is_eval else "train"
+    run = report.start_run(
+        TRAINER,
+        f"{split} {','.join(names)} (stage {a['stage']})",
+        path,
+        dataset=",".join(names),
+        split=split,
+        cutoff_len=data_args.cutoff_len,
+        policy=cfg.policy,
+    )
+    if not getattr(data_args, "streaming", False) and hasattr(dataset, "add_column") and hasattr(dataset, "__len__"):
+        old = getattr(dataset, "_fingerprint", "") or ""
+        tag = f"{old}|vlpatch {__version__}|{cfg.policy}|{cfg.media_first}"
+        a["dataset"] = dataset.add_column(
+            INDEX_COLUMN, list(range(len(dataset))), new_fingerprint=hashlib.sha256(tag.encode()).hexdigest()[:16]
+        )
+    try:
+        return wrapped(*bound.args, **bound.kwargs)
+    finally:
+        report.end_run(run, quiet=getattr(training_args, "local_process_index", 0) != 0)
+
+
+WRAPPERS = {
+    "run": _run_wrapper,
+    "record_split": _record_split,
+    "batch": _batch_wrapper(overlong_drop=False),
+    "batch_packed": _batch_wrapper(overlong_drop=True),
+    "encode_supervised": _encode_wrapper("supervised"),
+    "encode_pairwise": _encode_wrapper("pairwise"),
+    "encode_feedback": _encode_wrapper("feedback"),
+    "encode_unsupervised": _encode_wrapper("unsupervised"),
+}
+
+
+def wrappers(spec) -> dict:
+    global _spec
+    _spec = spec
+    _finders.clear()
+    return WRAPPERS

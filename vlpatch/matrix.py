@@ -1,0 +1,82 @@
+"""compat_matrix.yaml, read once: which patch applies to which upstream version, and what it targets."""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, field
+
+import yaml
+from packaging.specifiers import SpecifierSet
+
+MATRIX_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compat_matrix.yaml")
+
+
+@dataclass(frozen=True)
+class Target:
+    module: str
+    symbol: str
+    wrapper: str | None  # None: fingerprinted only (the patch relies on it unchanged)
+
+    @property
+    def key(self) -> str:
+        return f"{self.module}:{self.symbol}"
+
+
+@dataclass
+class PatchSpec:
+    id: str
+    distribution: str
+    integration: str
+    hook: str
+    applies: SpecifierSet
+    tested: list
+    native: SpecifierSet | None
+    targets: list
+    fingerprints: dict
+    summary: str = ""
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class Matrix:
+    patches: list
+
+    def by_id(self, patch_id: str) -> PatchSpec:
+        for p in self.patches:
+            if p.id == patch_id:
+                return p
+        raise KeyError(patch_id)
+
+
+def parse(data: dict) -> Matrix:
+    patches = []
+    for raw in data.get("patches", []):
+        targets = [Target(t["module"], t["symbol"], t.get("wrapper")) for t in raw["targets"]]
+        patches.append(
+            PatchSpec(
+                id=raw["id"],
+                distribution=raw["distribution"],
+                integration=raw["integration"],
+                hook=raw["hook"],
+                applies=SpecifierSet(raw["applies"]),
+                tested=[str(v) for v in raw.get("tested", [])],
+                native=SpecifierSet(raw["native"]) if raw.get("native") else None,
+                targets=targets,
+                fingerprints={str(k): dict(v) for k, v in (raw.get("fingerprints") or {}).items()},
+                summary=raw.get("summary", ""),
+                options=raw.get("options") or {},
+            )
+        )
+    return Matrix(patches)
+
+
+def load(path: str | None = None) -> Matrix:
+    """The matrix shipped with vlpatch (or the file named by VLPATCH_MATRIX, for vlpatch's own tests)."""
+    return _load(path or os.environ.get("VLPATCH_MATRIX") or MATRIX_PATH)
+
+
+@functools.lru_cache(maxsize=None)
+def _load(path: str) -> Matrix:
+    with open(path, encoding="utf-8") as fh:
+        return parse(yaml.safe_load(fh))

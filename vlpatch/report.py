@@ -1,0 +1,156 @@
+"""The one report writer every patch calls.
+
+Each affected sample (text truncated, media dropped, sample dropped) becomes one JSON line in the
+report file, appended with a single `os.write` on an `O_APPEND` descriptor so that rows from several
+worker processes never interleave. Per-process tallies (kept / truncated / dropped ...) go to small
+files in a run directory so that the process that started the work can log one summary covering
+every worker, forked or spawned.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+
+logger = logging.getLogger("vlpatch")
+
+ACTIONS = ("kept", "truncated", "media_dropped", "dropped")
+_RUN_ENV = "VLPATCH_RUN"
+
+
+@dataclass
+class Run:
+    """One unit of work (LLaMA-Factory: one dataset split being preprocessed)."""
+
+    trainer: str
+    label: str = ""
+    report_path: str | None = None
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    stats_dir: str = ""
+    meta: dict = field(default_factory=dict)  # copied into every row (dataset, split, stage ...)
+
+    def to_env(self) -> str:
+        return json.dumps(self.__dict__)
+
+    @classmethod
+    def from_env(cls) -> "Run | None":
+        raw = os.environ.get(_RUN_ENV)
+        if not raw:
+            return None
+        try:
+            return cls(**json.loads(raw))
+        except (TypeError, ValueError):
+            return None
+
+
+_current: Run | None = None
+_local_counts: Counter = Counter()
+
+
+def start_run(trainer: str, label: str, report_path: str | None, **meta) -> Run:
+    """Begin a run in this process; worker processes (forked or spawned) find it through the env."""
+    global _current
+    run = Run(trainer, label, report_path, stats_dir=tempfile.mkdtemp(prefix="vlpatch-"), meta=meta)
+    _current = run
+    os.environ[_RUN_ENV] = run.to_env()
+    return run
+
+
+def current_run() -> Run | None:
+    global _current
+    env_run = Run.from_env()
+    if env_run is not None and (_current is None or _current.run_id != env_run.run_id):
+        _current = env_run
+    return _current
+
+
+def end_run(run: Run, quiet: bool = False) -> Counter:
+    """Collect every process's tallies, log the summary, clean up. Returns the counts."""
+    global _current
+    counts: Counter = Counter()
+    reasons: Counter = Counter()
+    seen = False
+    if run.stats_dir and os.path.isdir(run.stats_dir):
+        for name in os.listdir(run.stats_dir):
+            with open(os.path.join(run.stats_dir, name), encoding="utf-8") as fh:
+                for line in fh:
+                    seen = True
+                    row = json.loads(line)
+                    counts.update(row.get("counts", {}))
+                    reasons.update(row.get("reasons", {}))
+        shutil.rmtree(run.stats_dir, ignore_errors=True)
+    if os.environ.get(_RUN_ENV) == run.to_env():
+        del os.environ[_RUN_ENV]
+    if _current is run or (_current is not None and _current.run_id == run.run_id):
+        _current = None
+    if not seen:
+        (logger.info if quiet else logger.warning)(
+            "vlpatch [%s %s]: no sample went through the patch in this run (results reused from a cache?); "
+            "set overwrite_cache: true to get a complete report",
+            run.trainer,
+            run.label,
+        )
+        return counts
+    logger.warning("vlpatch [%s %s]: %s", run.trainer, run.label, format_summary(counts, reasons, run.report_path))
+    return counts
+
+
+def format_summary(counts: Counter, reasons: Counter, report_path: str | None) -> str:
+    parts = [f"{counts.get(a, 0)} {a}" for a in ACTIONS]
+    text = "samples: " + ", ".join(parts)
+    if reasons:
+        text += "; reasons: " + ", ".join(f"{r} x{n}" for r, n in reasons.most_common())
+    affected = sum(counts.get(a, 0) for a in ACTIONS if a != "kept")
+    if affected:
+        text += f"; one row per affected sample in {report_path}" if report_path else "; no report file set"
+    return text
+
+
+def tally(counts: Counter, reasons: Counter) -> None:
+    """Record one batch's counts for the current run (or this process, when there is no run)."""
+    run = current_run()
+    if run is None or not run.stats_dir:
+        _local_counts.update(counts)
+        return
+    line = json.dumps({"pid": os.getpid(), "counts": dict(counts), "reasons": dict(reasons)}) + "\n"
+    try:
+        _append(os.path.join(run.stats_dir, f"{os.getpid()}.jsonl"), line)
+    except OSError:  # the run directory is gone (a stale environment): count locally
+        _local_counts.update(counts)
+
+
+def write_row(row: dict) -> None:
+    """Append one affected sample's row to the report, and log it at debug level."""
+    run = current_run()
+    row = {"time": round(time.time(), 3), "pid": os.getpid(), **row}
+    path = None
+    if run is not None:
+        row = {"run_id": run.run_id, "trainer": run.trainer, **run.meta, **row}
+        path = run.report_path
+    path = path or os.environ.get("VLPATCH_REPORT") or None
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        _append(path, json.dumps(row, ensure_ascii=False, default=str) + "\n")
+        logger.debug("vlpatch: %s", row)
+    else:
+        logger.warning("vlpatch: %s (set VLPATCH_REPORT to keep a report file)", row)
+
+
+def _append(path: str, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, text.encode("utf-8"))
+    finally:
+        os.close(fd)
+
+
+def read_report(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
