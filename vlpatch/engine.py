@@ -126,8 +126,6 @@ def apply(
         _config = Config.from_env(
             policy=policy, patches=patches, exclude=exclude, force=force, media_first=media_first, report=report
         )
-        if _config.report:
-            os.environ["VLPATCH_REPORT"] = _config.report
         _publish_config()
         if _enabled:
             return status()
@@ -145,11 +143,38 @@ def apply(
         return status()
 
 
+_PUBLISHED = ("VLPATCH_POLICY", "VLPATCH_MEDIA_FIRST", "VLPATCH_REPORT")
+_saved_env: dict | None = None
+
+
 def _publish_config() -> None:
-    """Worker processes started with `spawn` re-read the environment: keep it in step with apply()."""
-    os.environ["VLPATCH_POLICY"] = _config.policy
-    if _config.media_first:
-        os.environ["VLPATCH_MEDIA_FIRST"] = "1"
+    """Worker processes started with `spawn` re-read the environment: keep it in step with apply().
+
+    revert() puts the variables back as they were before the first apply().
+    """
+    global _saved_env
+    if _saved_env is None:
+        _saved_env = {k: os.environ.get(k) for k in _PUBLISHED}
+    values = {
+        "VLPATCH_POLICY": _config.policy,
+        "VLPATCH_MEDIA_FIRST": "1" if _config.media_first else None,
+        "VLPATCH_REPORT": _config.report,
+    }
+    for key, value in values.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def _restore_env() -> None:
+    global _saved_env
+    for key, value in (_saved_env or {}).items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    _saved_env = None
 
 
 def revert() -> list:
@@ -166,6 +191,7 @@ def revert() -> list:
             if state.state == "pending":
                 state.state, state.reason = "reverted", "vlpatch.revert() before the target was imported"
         _enabled = False
+        _restore_env()
         return status()
 
 

@@ -1,0 +1,36 @@
+import importlib.util
+import os
+
+import pytest
+
+STRICT = os.environ.get("VLPATCH_STRICT") == "1"  # set by scripts/test.sh: a missing upstream is a failure
+
+
+def require(module: str):
+    """Skip (locally) or fail (under scripts/test.sh) when an upstream package is not installed."""
+    if importlib.util.find_spec(module) is None:
+        if STRICT:
+            pytest.fail(f"{module} is not installed but scripts/test.sh requires it", pytrace=False)
+        pytest.skip(f"{module} not installed")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2vl(tmp_path_factory):
+    require("transformers")
+    from tests.fixtures.tiny_models import build_tiny_qwen2vl
+
+    return build_tiny_qwen2vl(str(tmp_path_factory.mktemp("tiny_qwen2vl")))
+
+
+@pytest.fixture
+def patched():
+    """vlpatch applied for one test, reverted after it (upstream restored exactly)."""
+    import vlpatch
+
+    def _apply(**kwargs):
+        vlpatch.revert()
+        vlpatch.apply(**kwargs)
+        return vlpatch
+
+    yield _apply
+    vlpatch.revert()

@@ -1,0 +1,265 @@
+"""LLaMA-Factory's real dataset processors, per stage, vanilla against patched.
+
+The processors, template, mm_plugin and Qwen2-VL processor are the installed LLaMA-Factory and
+transformers; only the model directory is tiny and built offline.
+"""
+
+import json
+import os
+
+import pytest
+
+from tests.conftest import require
+from tests.fixtures.tiny_models import IMAGE_TOKENS, long_text, write_image
+
+pytestmark = pytest.mark.llamafactory
+CUTOFF = 128
+
+
+@pytest.fixture(scope="module")
+def lf(tiny_qwen2vl, tmp_path_factory):
+    require("llamafactory")
+    from llamafactory.data import get_template_and_fix_tokenizer
+    from llamafactory.hparams import DataArguments, ModelArguments
+    from llamafactory.model import load_tokenizer
+
+    model_args = ModelArguments(model_name_or_path=tiny_qwen2vl, image_max_pixels=224 * 224)
+    loaded = load_tokenizer(model_args)
+    tok, proc = loaded["tokenizer"], loaded["processor"]
+    template = get_template_and_fix_tokenizer(tok, DataArguments(template="qwen2_vl", cutoff_len=CUTOFF))
+    d = tmp_path_factory.mktemp("imgs")
+    images = [write_image(str(d / f"i{k}.png"), seed=k) for k in range(3)]
+
+    class LF:
+        pass
+
+    lf = LF()
+    lf.tok, lf.proc, lf.template, lf.images = tok, proc, template, images
+    lf.pad = tok.convert_tokens_to_ids("<|image_pad|>")
+    lf.start = tok.convert_tokens_to_ids("<|vision_start|>")
+    lf.end = tok.convert_tokens_to_ids("<|vision_end|>")
+
+    def processor(cls_name, **data_kwargs):
+        import llamafactory.data.processor as P
+
+        data_args = DataArguments(template="qwen2_vl", cutoff_len=data_kwargs.pop("cutoff_len", CUTOFF), **data_kwargs)
+        return getattr(P, cls_name)(template=template, tokenizer=tok, processor=proc, data_args=data_args)
+
+    lf.processor = processor
+    return lf
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+def batch(rows):
+    """rows: (prompt messages, response messages, images); LLaMA-Factory's aligned columns."""
+    return {
+        "_prompt": [r[0] for r in rows],
+        "_response": [r[1] for r in rows],
+        "_system": ["" for _ in rows],
+        "_tools": ["" for _ in rows],
+        "_images": [list(r[2]) or None for r in rows],
+        "_videos": [None for _ in rows],
+        "_audios": [None for _ in rows],
+    }
+
+
+def runs_whole(lf, ids, n_images):
+    """Every image run is <|vision_start|> + 64 pads + <|vision_end|>, and there are n_images of them."""
+    runs, i = 0, 0
+    while i < len(ids):
+        if ids[i] == lf.start:
+            j = i + 1
+            while j < len(ids) and ids[j] == lf.pad:
+                j += 1
+            assert j - i - 1 == IMAGE_TOKENS and j < len(ids) and ids[j] == lf.end, f"run at {i} cut: {j - i - 1} pads"
+            runs += 1
+            i = j
+        elif ids[i] == lf.pad:
+            raise AssertionError(f"stray image tokens at {i}")
+        i += 1
+    assert ids.count(lf.pad) == IMAGE_TOKENS * n_images
+    assert runs == n_images
+
+
+def sft_rows(lf):
+    return [
+        ([user(long_text(150, 1) + " <image>")], [assistant("a red square")], lf.images[:1]),  # cut lands in the run
+        ([user("<image> short")], [assistant("fits")], lf.images[1:2]),  # fits: untouched
+        ([user(long_text(150, 2))], [assistant(long_text(100, 3))], []),  # text only, cut
+    ]
+
+
+def test_vanilla_supervised_cuts_through_the_image(lf):
+    out = lf.processor("SupervisedDatasetProcessor").preprocess_dataset(batch(sft_rows(lf)))
+    assert out["input_ids"][0].count(lf.pad) < IMAGE_TOKENS, "upstream keeps a partial or no image run"
+
+
+def test_patched_supervised(lf, patched, tmp_path):
+    vanilla = lf.processor("SupervisedDatasetProcessor").preprocess_dataset(batch(sft_rows(lf)))
+    report_path = tmp_path / "r.jsonl"
+    patched(report=str(report_path))
+    out = lf.processor("SupervisedDatasetProcessor").preprocess_dataset(batch(sft_rows(lf)))
+    assert len(out["input_ids"]) == 3
+    for ids, labels, mask, imgs in zip(out["input_ids"], out["labels"], out["attention_mask"], out["images"]):
+        assert len(ids) <= CUTOFF and len(labels) == len(ids) == len(mask)
+        runs_whole(lf, ids, len(imgs or []))
+    assert out["input_ids"][1] == vanilla["input_ids"][1] and out["labels"][1] == vanilla["labels"][1]
+    assert out["input_ids"][2] == vanilla["input_ids"][2], "text-only samples are cut exactly as upstream cuts them"
+    # the response survives: its labels are kept
+    assert [t for t in out["labels"][0] if t != -100] == [t for t in vanilla["labels"][0] if t != -100]
+    rows = [json.loads(x) for x in report_path.read_text().splitlines()]
+    assert [(r["batch_position"], r["action"]) for r in rows] == [(0, "truncated"), (2, "truncated")]
+    assert rows[0]["media_tokens"] == rows[0]["media_tokens_after"] == IMAGE_TOKENS + 2
+
+
+@pytest.mark.parametrize("mask_history,train_on_prompt", [(False, False), (True, False), (False, True)])
+def test_patched_multiturn_keeps_upstream_semantics(lf, patched, mask_history, train_on_prompt):
+    rows = [
+        (
+            [user(long_text(30, 4) + " <image>"), assistant(long_text(20, 5)), user(long_text(40, 6) + " <image> why")],
+            [assistant(long_text(25, 7))],
+            lf.images[:2],
+        ),
+        ([user("<image> a"), assistant("b"), user("<image> c")], [assistant("d")], lf.images[:2]),
+    ]
+    kw = dict(mask_history=mask_history, train_on_prompt=train_on_prompt, cutoff_len=400)
+    vanilla = lf.processor("SupervisedDatasetProcessor", **kw).preprocess_dataset(batch(rows))
+    patched()
+    out = lf.processor("SupervisedDatasetProcessor", **kw).preprocess_dataset(batch(rows))
+    assert out["input_ids"][1] == vanilla["input_ids"][1] and out["labels"][1] == vanilla["labels"][1]
+    for budget in (400, 250, 200, 160):
+        kw["cutoff_len"] = budget
+        out = lf.processor("SupervisedDatasetProcessor", **kw).preprocess_dataset(batch(rows))
+        for ids, labels, imgs in zip(out["input_ids"], out["labels"], out["images"]):
+            assert len(ids) <= budget and len(labels) == len(ids)
+            runs_whole(lf, ids, len(imgs))
+            # labels are upstream's labels at the kept positions: every label is IGNORE or the token itself
+            assert all(lab in (-100, tok) for lab, tok in zip(labels, ids))
+
+
+def test_patched_packed_supervised(lf, patched):
+    rows = sft_rows(lf) + [([user(long_text(5, 9) + " <image>")], [assistant("x")], lf.images[2:])]
+    patched()
+    out = lf.processor("PackedSupervisedDatasetProcessor", cutoff_len=CUTOFF).preprocess_dataset(batch(rows))
+    n_images = sum(len(x or []) for x in out["images"])
+    assert n_images == 3
+    for ids, imgs in zip(out["input_ids"], out["images"]):
+        assert len(ids) == CUTOFF + 1
+        runs_whole(lf, ids, len(imgs or []))
+
+
+def test_patched_pairwise(lf, patched):
+    rows = [([user(long_text(150, 1) + " <image>")], [assistant("good " * 10), assistant("bad " * 30)], lf.images[:1])]
+    vanilla = lf.processor("PairwiseDatasetProcessor").preprocess_dataset(batch(rows))
+    assert vanilla["chosen_input_ids"][0].count(lf.pad) < IMAGE_TOKENS
+    patched()
+    out = lf.processor("PairwiseDatasetProcessor").preprocess_dataset(batch(rows))
+    for key in ("chosen", "rejected"):
+        ids, labels = out[f"{key}_input_ids"][0], out[f"{key}_labels"][0]
+        assert len(ids) <= CUTOFF and len(labels) == len(ids)
+        runs_whole(lf, ids, 1)
+        assert [t for t in labels if t != -100] == [t for t in vanilla[f"{key}_labels"][0] if t != -100]
+
+
+def test_patched_feedback(lf, patched):
+    rows = [
+        ([user(long_text(150, 1) + " <image>")], [assistant("yes"), assistant("")], lf.images[:1]),
+        ([user(long_text(140, 2) + " <image>")], [assistant(""), assistant("no")], lf.images[1:2]),
+    ]
+    patched()
+    out = lf.processor("FeedbackDatasetProcessor").preprocess_dataset(batch(rows))
+    assert out["kto_tags"] == [True, False]
+    for k in range(2):
+        for key in ("", "kl_"):
+            ids, labels = out[f"{key}input_ids"][k], out[f"{key}labels"][k]
+            assert len(ids) <= CUTOFF and len(labels) == len(ids)
+            runs_whole(lf, ids, 1)
+
+
+def test_patched_unsupervised(lf, patched):
+    rows = [([user(long_text(150, 1) + " <image>")], [assistant("a red square")], lf.images[:1])]
+    vanilla = lf.processor("UnsupervisedDatasetProcessor").preprocess_dataset(batch(rows))
+    assert vanilla["input_ids"][0].count(lf.pad) < IMAGE_TOKENS
+    patched()
+    out = lf.processor("UnsupervisedDatasetProcessor").preprocess_dataset(batch(rows))
+    assert len(out["input_ids"][0]) + len(out["labels"][0]) <= CUTOFF
+    runs_whole(lf, out["input_ids"][0], 1)
+    assert out["labels"][0] == vanilla["labels"][0]
+
+
+def media_heavy_rows(lf):
+    return [
+        ([user("two pictures <image> and <image> then text")], [assistant("ok")], lf.images[:2]),
+        ([user("short")], [assistant("fine")], []),
+    ]
+
+
+def test_policy_drop(lf, patched, tmp_path):
+    patched(report=str(tmp_path / "r.jsonl"))
+    out = lf.processor("SupervisedDatasetProcessor", cutoff_len=100).preprocess_dataset(batch(media_heavy_rows(lf)))
+    assert len(out["input_ids"]) == 1 and not out["images"][0]
+    (row,) = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert row["action"] == "dropped" and row["reason"].startswith("media_exceed_budget") and row["batch_position"] == 0
+
+
+def test_policy_drop_media(lf, patched, tmp_path):
+    patched(policy="drop_media", report=str(tmp_path / "r.jsonl"))
+    examples = batch(media_heavy_rows(lf))
+    out = lf.processor("SupervisedDatasetProcessor", cutoff_len=100).preprocess_dataset(examples)
+    assert len(out["input_ids"]) == 2
+    assert out["images"][0] == lf.images[:1], "the trailing image left the sample's list"
+    runs_whole(lf, out["input_ids"][0], 1)
+    assert len(out["input_ids"][0]) <= 100
+    (row,) = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert row["action"] == "media_dropped" and row["media_removed"] == {"image": [1]}
+
+
+def test_policy_error_names_the_sample(lf, patched):
+    import vlpatch
+
+    patched(policy="error")
+    with pytest.raises(vlpatch.SampleError, match=r"sample \?\[batch position 0\]: media do not fit"):
+        lf.processor("SupervisedDatasetProcessor", cutoff_len=100).preprocess_dataset(batch(media_heavy_rows(lf)))
+
+
+def test_bad_input_is_a_reported_drop_or_a_named_error(lf, patched, tmp_path):
+    import vlpatch
+
+    rows = [
+        ([user("two placeholders <image> <image>")], [assistant("x")], lf.images[:1]),
+        ([user("<image> missing file")], [assistant("x")], [str(tmp_path / "nope.png")]),
+        ([user("<image> good")], [assistant("x")], lf.images[:1]),
+    ]
+    patched(report=str(tmp_path / "r.jsonl"))
+    out = lf.processor("SupervisedDatasetProcessor").preprocess_dataset(batch(rows))
+    assert len(out["input_ids"]) == 1
+    reported = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert [(r["batch_position"], r["action"]) for r in reported] == [(0, "dropped"), (1, "dropped")]
+    assert all(r["reason"].startswith("bad_input") for r in reported)
+    patched(policy="error")
+    with pytest.raises(vlpatch.SampleError, match=r"batch position 0\]: bad_input"):
+        lf.processor("SupervisedDatasetProcessor").preprocess_dataset(batch(rows))
+
+
+def test_media_first_is_opt_in(lf, patched):
+    rows = [([user(long_text(150, 1) + " <image>")], [assistant("a")], lf.images[:1])]
+    patched(media_first=True)
+    out = lf.processor("SupervisedDatasetProcessor").preprocess_dataset(batch(rows))
+    ids = out["input_ids"][0]
+    runs_whole(lf, ids, 1)
+    before = lf.tok.decode(ids[: ids.index(lf.start)])
+    assert before.endswith("<|im_start|>user\n"), f"the image stands at the start of the user turn: {before!r}"
+
+
+def test_status_lists_covered_and_uncovered_plugins(lf, patched):
+    (st,) = patched().status()
+    assert st["state"] == "applied"
+    assert any(p.startswith("qwen2_vl") for p in st["covered_plugins"])
+    assert "mllama (image)" in st["covered_plugins"]
