@@ -93,6 +93,31 @@ _applied: dict = {}  # patch id -> list of (parent, attribute, original, had_own
 _states: dict = {}
 
 
+class _BoundPatched(wrapt.BoundFunctionWrapper):
+    """A patched method bound to an instance, picklable as `getattr(instance, name)`.
+
+    datasets pickles (and hashes) the function it maps: `processor.preprocess_dataset` must survive
+    being sent to `num_proc` worker processes, where it resolves to the (patched) class attribute.
+    """
+
+    def __reduce_ex__(self, protocol):
+        return getattr, (self.__self__, self.__name__)
+
+
+class _Patched(wrapt.FunctionWrapper):
+    __bound_function_wrapper__ = _BoundPatched
+
+    def __reduce_ex__(self, protocol):
+        return _resolve, (self.__module__, self.__qualname__)
+
+
+def _resolve(module: str, qualname: str):
+    obj = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def config() -> Config:
     return _config
 
@@ -281,7 +306,7 @@ def _attach(spec) -> None:
             if wrapper is None:
                 continue  # fingerprint-only target: the patch relies on its behaviour
             had_own = not inspect.isclass(parent) or attribute in vars(parent)
-            setattr(parent, attribute, wrapt.FunctionWrapper(original, wrapper))
+            setattr(parent, attribute, _Patched(original, wrapper))
             wraps.append((parent, attribute, original, had_own))
     except Exception as exc:
         _unwrap(wraps)

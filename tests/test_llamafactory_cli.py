@@ -1,0 +1,121 @@
+"""The real `llamafactory-cli train` (stage sft, 3 steps, CPU) on a tiny offline Qwen2-VL.
+
+Vanilla dies with the vision-token mismatch; with VLPATCH=1 (no code change) or vlpatch.apply() in a
+script it trains, and the report names every affected sample.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import require
+from tests.fixtures.tiny_models import IMAGE_TOKENS, build_long_text_image_dataset, long_text, write_train_yaml
+
+pytestmark = [pytest.mark.llamafactory, pytest.mark.slow]
+BIN = os.path.dirname(sys.executable)
+TEXT_ROWS = [
+    {"messages": [{"role": "user", "content": long_text(10, 50 + k)}, {"role": "assistant", "content": "plain"}]}
+    for k in range(2)
+]
+MISMATCH = ("Image features and image tokens do not match", "shape mismatch")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    require("llamafactory")
+    d = tmp_path_factory.mktemp("lfdata")
+    build_long_text_image_dataset(str(d), n=6, name="longimg", extra_rows=TEXT_ROWS)
+    return str(d)
+
+
+def train(tmp_path, model, data_dir, env=None, script=None, **cfg):
+    out = tmp_path / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    cfg.setdefault("cutoff_len", 128)
+    yaml_path = write_train_yaml(str(tmp_path / "train.yaml"), model, data_dir, "longimg", str(out), **cfg)
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("VLPATCH")}
+    full_env.update(HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="", PATH=BIN + os.pathsep + os.environ.get("PATH", ""))
+    full_env.update(env or {})
+    if script:
+        cmd = [sys.executable, "-c", script, yaml_path]
+    else:
+        cmd = [os.path.join(BIN, "llamafactory-cli"), "train", yaml_path]
+    proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+    report = out / "vlpatch_report.jsonl"
+    rows = [json.loads(x) for x in report.read_text().splitlines()] if report.exists() else []
+    return proc, rows
+
+
+def trained(proc):
+    return proc.returncode == 0 and "train_runtime" in proc.stdout + proc.stderr
+
+
+def test_vanilla_dies_on_the_cut_image_run(tmp_path, tiny_qwen2vl, data_dir):
+    proc, rows = train(tmp_path, tiny_qwen2vl, data_dir)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and any(m in log for m in MISMATCH), log[-3000:]
+    assert not rows
+
+
+def check_truncation_rows(rows):
+    assert sorted(r["index"] for r in rows) == [0, 2, 4], rows
+    for r in rows:
+        assert r["action"] == "truncated" and r["dataset"] == "longimg" and r["split"] == "train"
+        assert r["tokens_after"] <= 128 and r["media_tokens_after"] == r["media_tokens"] == IMAGE_TOKENS + 2
+
+
+def test_env_var_alone_makes_it_train(tmp_path, tiny_qwen2vl, data_dir):
+    proc, rows = train(tmp_path, tiny_qwen2vl, data_dir, env={"VLPATCH": "1"})
+    log = proc.stdout + proc.stderr
+    assert trained(proc), log[-3000:]
+    check_truncation_rows(rows)
+    assert "samples: 5 kept, 3 truncated, 0 media_dropped, 0 dropped" in log
+
+
+def test_apply_in_the_training_script(tmp_path, tiny_qwen2vl, data_dir):
+    script = (
+        "import sys, vlpatch; vlpatch.apply()\n"
+        "from llamafactory.cli import main\n"
+        "sys.argv = ['llamafactory-cli', 'train', sys.argv[1]]\n"
+        "main()\n"
+    )
+    proc, rows = train(tmp_path, tiny_qwen2vl, data_dir, script=script)
+    assert trained(proc), (proc.stdout + proc.stderr)[-3000:]
+    check_truncation_rows(rows)
+
+
+def test_report_is_complete_with_two_preprocessing_workers(tmp_path, tiny_qwen2vl, data_dir):
+    proc, rows = train(tmp_path, tiny_qwen2vl, data_dir, env={"VLPATCH": "1"}, preprocessing_num_workers=2)
+    log = proc.stdout + proc.stderr
+    assert trained(proc), log[-3000:]
+    check_truncation_rows(rows)
+    assert len({r["pid"] for r in rows}) == 2, "rows came from both worker processes"
+    assert "samples: 5 kept, 3 truncated, 0 media_dropped, 0 dropped" in log
+
+
+@pytest.mark.parametrize(
+    "policy,summary",
+    [
+        ("drop", "samples: 2 kept, 0 truncated, 0 media_dropped, 6 dropped"),
+        ("drop_media", "samples: 2 kept, 0 truncated, 6 media_dropped, 0 dropped"),
+    ],
+)
+def test_media_that_alone_exceed_cutoff(tmp_path, tiny_qwen2vl, data_dir, policy, summary):
+    # 66 image tokens cannot fit a cutoff_len of 48: the policy decides, the run still trains
+    proc, rows = train(tmp_path, tiny_qwen2vl, data_dir, env={"VLPATCH": "1", "VLPATCH_POLICY": policy}, cutoff_len=48)
+    log = proc.stdout + proc.stderr
+    assert trained(proc), log[-3000:]
+    assert summary in log
+    assert sorted(r["index"] for r in rows) == list(range(6))
+    assert {r["action"] for r in rows} == {"dropped" if policy == "drop" else "media_dropped"}
+
+
+def test_policy_error_stops_naming_the_sample(tmp_path, tiny_qwen2vl, data_dir):
+    proc, rows = train(tmp_path, tiny_qwen2vl, data_dir, env={"VLPATCH": "1", "VLPATCH_POLICY": "error"}, cutoff_len=48)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "vlpatch: sample longimg[0]: media do not fit the budget" in log, log[-3000:]
+    assert not any(m in log for m in MISMATCH)
