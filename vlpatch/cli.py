@@ -41,15 +41,17 @@ def _fingerprint(args) -> int:
         if version is None:
             print(f"# {spec.id}: {spec.distribution} not installed", file=sys.stderr)
             continue
-        print(f"# {spec.id}: fingerprints for {spec.distribution} {version}")
-        print(f'      "{version}":')
+        lines = []
         for target in spec.targets:
             try:
                 _, _, original = wrapt.resolve_path(importlib.import_module(target.module), target.symbol)
-                fp = engine.fingerprint(original)
+                lines.append(f'        "{target.key}": {engine.fingerprint(original)}')
             except Exception as exc:
-                fp = f"MISSING ({exc!r})"
-            print(f'        "{target.key}": {fp}')
+                print(f"# {spec.id}: cannot read {target.key}: {exc!r}", file=sys.stderr)
+                return 1
+        print(f"# {spec.id}: fingerprints for {spec.distribution} {version}")
+        print(f'      "{version}":')
+        print("\n".join(lines))
     return 0
 
 

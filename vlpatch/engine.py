@@ -291,7 +291,8 @@ def _attach(spec) -> None:
         if known and known.get(target.key) != fp:
             drift.append(f"{target.key} (expected {known.get(target.key)}, found {fp})")
     if drift:
-        return _skip(spec.id, version, "upstream code changed since it was tested: " + "; ".join(drift))
+        more = f" and {len(drift) - 2} more" if len(drift) > 2 else ""
+        return _skip(spec.id, version, "upstream code changed since it was tested: " + "; ".join(drift[:2]) + more)
     try:
         integration = importlib.import_module(spec.integration)
         wrappers = integration.wrappers(spec)
