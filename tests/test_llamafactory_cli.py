@@ -13,14 +13,11 @@ import sys
 import pytest
 
 from tests.conftest import require
-from tests.fixtures.tiny_models import IMAGE_TOKENS, build_long_text_image_dataset, long_text, write_train_yaml
+from tests.fixtures.tiny_models import IMAGE_TOKENS, build_long_text_image_dataset, build_text_dataset, write_train_yaml
 
 pytestmark = [pytest.mark.llamafactory, pytest.mark.slow]
 BIN = os.path.dirname(sys.executable)
-TEXT_ROWS = [
-    {"messages": [{"role": "user", "content": long_text(10, 50 + k)}, {"role": "assistant", "content": "plain"}]}
-    for k in range(2)
-]
+DATASETS = "longimg,plaintext"  # 6 image samples (0, 2, 4 cut by cutoff_len 128), then 2 short text-only ones
 MISMATCH = ("Image features and image tokens do not match", "shape mismatch")
 
 
@@ -28,7 +25,8 @@ MISMATCH = ("Image features and image tokens do not match", "shape mismatch")
 def data_dir(tmp_path_factory):
     require("llamafactory")
     d = tmp_path_factory.mktemp("lfdata")
-    build_long_text_image_dataset(str(d), n=6, name="longimg", extra_rows=TEXT_ROWS)
+    build_long_text_image_dataset(str(d), n=6, name="longimg")
+    build_text_dataset(str(d), n=2, name="plaintext")
     return str(d)
 
 
@@ -36,7 +34,7 @@ def train(tmp_path, model, data_dir, env=None, script=None, **cfg):
     out = tmp_path / "out"
     shutil.rmtree(out, ignore_errors=True)
     cfg.setdefault("cutoff_len", 128)
-    yaml_path = write_train_yaml(str(tmp_path / "train.yaml"), model, data_dir, "longimg", str(out), **cfg)
+    yaml_path = write_train_yaml(str(tmp_path / "train.yaml"), model, data_dir, DATASETS, str(out), **cfg)
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("VLPATCH")}
     full_env.update(HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="", PATH=BIN + os.pathsep + os.environ.get("PATH", ""))
     full_env.update(env or {})
@@ -64,7 +62,7 @@ def test_vanilla_dies_on_the_cut_image_run(tmp_path, tiny_qwen2vl, data_dir):
 def check_truncation_rows(rows):
     assert sorted(r["index"] for r in rows) == [0, 2, 4], rows
     for r in rows:
-        assert r["action"] == "truncated" and r["dataset"] == "longimg" and r["split"] == "train"
+        assert r["action"] == "truncated" and r["dataset"] == DATASETS and r["split"] == "train"
         assert r["tokens_after"] <= 128 and r["media_tokens_after"] == r["media_tokens"] == IMAGE_TOKENS + 2
 
 
@@ -117,5 +115,5 @@ def test_media_that_alone_exceed_cutoff(tmp_path, tiny_qwen2vl, data_dir, policy
 def test_policy_error_stops_naming_the_sample(tmp_path, tiny_qwen2vl, data_dir):
     proc, rows = train(tmp_path, tiny_qwen2vl, data_dir, env={"VLPATCH": "1", "VLPATCH_POLICY": "error"}, cutoff_len=48)
     log = proc.stdout + proc.stderr
-    assert proc.returncode != 0 and "vlpatch: sample longimg[0]: media do not fit the budget" in log, log[-3000:]
+    assert proc.returncode != 0 and f"vlpatch: sample {DATASETS}[0]: media do not fit the budget" in log, log[-3000:]
     assert not any(m in log for m in MISMATCH)

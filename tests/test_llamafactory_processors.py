@@ -242,7 +242,8 @@ def test_bad_input_is_a_reported_drop_or_a_named_error(lf, patched, tmp_path):
     assert len(out["input_ids"]) == 1
     reported = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
     assert [(r["batch_position"], r["action"]) for r in reported] == [(0, "dropped"), (1, "dropped")]
-    assert all(r["reason"].startswith("bad_input") for r in reported)
+    assert reported[0]["reason"] == "bad_input: 2 <image> placeholder(s) but 1 image(s)"
+    assert reported[1]["reason"].startswith("bad_input") and "nope.png" in reported[1]["reason"]
     patched(policy="error")
     with pytest.raises(vlpatch.SampleError, match=r"batch position 0\]: bad_input"):
         lf.processor("SupervisedDatasetProcessor").preprocess_dataset(batch(rows))

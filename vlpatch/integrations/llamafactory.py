@@ -337,11 +337,32 @@ def _is_bad_input(exc: BaseException) -> bool:
     return isinstance(exc, ValueError) and "does not match the number of" in str(exc)
 
 
+def _placeholders() -> dict:
+    """LLaMA-Factory's placeholder strings (its IMAGE_PLACEHOLDER etc. environment variables apply)."""
+    from llamafactory.extras import constants  # imported with the loader already
+
+    return {kind: getattr(constants, f"{kind.upper()}_PLACEHOLDER", core.PLACEHOLDERS[kind]) for kind in core.MEDIA_KINDS}
+
+
+def _placeholder_mismatch(bound: dict, counts: dict) -> str:
+    """'' when the prompt and the (first non-empty) response hold one placeholder per media item."""
+    responses = [m for m in bound.get("response") or [] if isinstance(m, dict) and m.get("content")]
+    messages = list(bound.get("prompt") or []) + responses[:1]
+    texts = [m["content"] for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str)]
+    wrong = []
+    for kind, placeholder in _placeholders().items():
+        found = sum(text.count(placeholder) for text in texts)
+        if found != counts.get(kind, 0):
+            wrong.append(f"{found} {placeholder} placeholder(s) but {counts.get(kind, 0)} {kind}(s)")
+    return "; ".join(wrong)
+
+
 def _media_first(messages):
+    placeholders = list(_placeholders().values())
     out = []
     for msg in messages:
         if isinstance(msg, dict) and isinstance(msg.get("content"), str):
-            msg = {**msg, "content": core.media_first(msg["content"])}
+            msg = {**msg, "content": core.media_first(msg["content"], placeholders)}
         out.append(msg)
     return out
 
@@ -377,6 +398,9 @@ def _encode_wrapper(stage: str):
         sample = _describe(index, position)
         row = {"stage": stage, "index": index, "batch_position": position, "budget": budget, "media": counts}
 
+        mismatch = _placeholder_mismatch(bound, counts)
+        if mismatch:
+            return _reject(handler, instance, batch, cfg, sample, row, f"bad_input: {mismatch}")
         splits: list = []
         _recording.append(splits)
         try:
