@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import require
 from tests.fixtures.tiny_models import long_text, write_image
-from tests.fixtures.tiny_processors import FAMILIES
+from tests.fixtures.tiny_processors import FAMILIES, PREFIX_FAMILIES
 
 pytestmark = pytest.mark.llamafactory
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.llamafactory
 def build(family, tmp_path):
     require("llamafactory")
     try:
-        tok, proc, template_name, media_tokens = FAMILIES[family](str(tmp_path / "tok"))
+        tok, proc, template_name, media_tokens = {**FAMILIES, **PREFIX_FAMILIES}[family](str(tmp_path / "tok"))
     except (ImportError, AttributeError, TypeError) as exc:
         pytest.skip(f"this transformers cannot build a {family} processor: {exc!r}")
     from llamafactory.data import get_template_and_fix_tokenizer
@@ -28,7 +28,7 @@ def build(family, tmp_path):
     if "config" in inspect.signature(patch_processor).parameters:
         # LLaMA-Factory <= 0.9.2 reads the image sequence length from the model config: the tiny
         # family's vision settings (56 px images, the processor's patch size)
-        vision = SimpleNamespace(image_size=56, patch_size=getattr(proc, "patch_size", None) or 14)
+        vision = SimpleNamespace(image_size=56, patch_size=getattr(proc, "patch_size", None) or 14, num_image_tokens=16)
         config = SimpleNamespace(model_type=family, vision_config=vision, vision_feature_select_strategy="default")
         patch_processor(proc, config, tok, model_args)
     else:
@@ -80,3 +80,16 @@ def test_family_keeps_every_image_whole(family, tmp_path, patched):
     got = out["input_ids"][0]
     assert len(got) <= cutoff and len(out["labels"][0]) == len(got)
     assert [t for t in got if t in media] == full_media, "every image's tokens kept, whole and in order"
+
+
+@pytest.mark.parametrize("family", sorted(PREFIX_FAMILIES))
+def test_prefix_family_is_left_as_upstream_has_it(family, tmp_path, patched):
+    tok, proc, template, media = build(family, tmp_path)
+    image = write_image(str(tmp_path / "0.png"), side=56, seed=0)
+    rows = [([{"role": "user", "content": "<image>" + long_text(80, 3)}], [{"role": "assistant", "content": "ok"}], [image])]
+    n_media = len([t for t in encode(tok, proc, template, rows, 10**6)["input_ids"][0] if t in media])
+    vanilla = encode(tok, proc, template, rows, n_media + 20)
+    patched()
+    out = encode(tok, proc, template, rows, n_media + 20)
+    assert out["input_ids"] == vanilla["input_ids"] and out["labels"] == vanilla["labels"]
+    assert len([t for t in out["input_ids"][0] if t in media]) == n_media
