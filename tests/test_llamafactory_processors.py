@@ -264,3 +264,29 @@ def test_status_lists_covered_and_uncovered_plugins(lf, patched):
     assert st["state"] == "applied"
     assert any(p.startswith("qwen2_vl") for p in st["covered_plugins"])
     assert "mllama (image)" in st["covered_plugins"]
+
+
+def test_drifted_upstream_is_refused_and_left_untouched(lf, tmp_path, monkeypatch):
+    """The real installed LLaMA-Factory against a matrix whose fingerprint of one target is different."""
+    import yaml
+
+    import vlpatch
+    from llamafactory.data.processor import SupervisedDatasetProcessor
+    from vlpatch import matrix
+
+    with open(matrix.MATRIX_PATH, encoding="utf-8") as fh:
+        data = yaml.safe_load(fh)
+    for fps in data["patches"][0]["fingerprints"].values():
+        key = next(k for k in fps if k.endswith("SupervisedDatasetProcessor._encode_data_example"))
+        fps[key] = "0" * 16
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(data))
+    monkeypatch.setenv("VLPATCH_MATRIX", str(tmp_path / "m.yaml"))
+    original = vars(SupervisedDatasetProcessor)["_encode_data_example"]
+    vlpatch.revert()
+    try:
+        (st,) = vlpatch.apply()
+        assert st["state"] == "skipped" and "upstream code changed" in st["reason"], st
+        assert vars(SupervisedDatasetProcessor)["_encode_data_example"] is original
+        assert type(vars(SupervisedDatasetProcessor)["preprocess_dataset"]).__name__ == "function", "nothing half-applied"
+    finally:
+        vlpatch.revert()

@@ -127,20 +127,25 @@ def tally(counts: Counter, reasons: Counter) -> None:
 
 
 def write_row(row: dict) -> None:
-    """Append one affected sample's row to the report, and log it at debug level."""
+    """Append one affected sample's row to the report."""
+    write_rows([row])
+
+
+def write_rows(rows: list) -> None:
+    """Append rows (one per affected sample) with a single write; log them where no report is set."""
+    if not rows:
+        return
     run = current_run()
-    row = {"time": round(time.time(), 3), "pid": os.getpid(), **row}
-    path = None
-    if run is not None:
-        row = {"run_id": run.run_id, "trainer": run.trainer, **run.meta, **row}
-        path = run.report_path
-    path = path or os.environ.get("VLPATCH_REPORT") or None
+    base = {"run_id": run.run_id, "trainer": run.trainer, **run.meta} if run is not None else {}
+    stamp = {"time": round(time.time(), 3), "pid": os.getpid()}
+    rows = [{**base, **stamp, **row} for row in rows]
+    path = (run.report_path if run is not None else None) or os.environ.get("VLPATCH_REPORT") or None
     if path:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        _append(path, json.dumps(row, ensure_ascii=False, default=str) + "\n")
-        logger.debug("vlpatch: %s", row)
+        _append(path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
     else:
-        logger.warning("vlpatch: %s (set VLPATCH_REPORT to keep a report file)", row)
+        for row in rows:
+            logger.warning("vlpatch: %s (set VLPATCH_REPORT to keep a report file)", row)
 
 
 def _append(path: str, text: str) -> None:

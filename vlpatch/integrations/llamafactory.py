@@ -49,6 +49,7 @@ class _Batch:
     counts: Counter = field(default_factory=Counter)
     reasons: Counter = field(default_factory=Counter)
     clones: dict = field(default_factory=dict)
+    rows: list = field(default_factory=list)  # report rows, written once per batch
 
 
 # --------------------------------------------------------------------------- stage handlers
@@ -289,6 +290,7 @@ def _batch_wrapper(overlong_drop: bool):
             out = wrapped(*args, **kwargs)
         finally:
             _batches.pop()
+            report.write_rows(batch.rows)
         if batch.drop_rows:
             drop = set(batch.drop_rows)
             for key in list(out.keys()):
@@ -396,7 +398,13 @@ def _encode_wrapper(stage: str):
         counts = {kind: len(items) for kind, items in media.items()}
         budget = instance.data_args.cutoff_len
         sample = _describe(index, position)
-        row = {"stage": stage, "index": index, "batch_position": position, "budget": budget, "media": counts}
+        row = {
+            "stage": stage,
+            "index": index,
+            "batch_position": position,
+            "budget": budget,
+            "media": {kind: n for kind, n in counts.items() if n},
+        }
 
         mismatch = _placeholder_mismatch(bound, counts)
         if mismatch:
@@ -436,7 +444,7 @@ def _encode_wrapper(stage: str):
         try:
             decision = core.resolve(layouts, core.get_policy(cfg.policy), sample)
         except core.SampleError:
-            report.write_row({**row, "action": "error", "reason": "media_exceed_budget"})
+            _emit(batch, {**row, "action": "error", "reason": "media_exceed_budget"})
             raise
         if decision.action == "dropped":
             return _reject(handler, instance, batch, cfg, sample, row, decision.reason, decided=True)
@@ -447,7 +455,8 @@ def _encode_wrapper(stage: str):
         after = max(len(k) for k in decision.kept)
         kept_media = sum(r.length for r in layouts[0].runs if not set(r.keys()) & set(decision.removed))
         _count(batch, decision.action, decision.reason.split(":")[0] if decision.reason else "text_over_budget")
-        report.write_row(
+        _emit(
+            batch,
             {
                 **row,
                 "action": decision.action,
@@ -471,6 +480,13 @@ def _removed(keys) -> dict:
     return out
 
 
+def _emit(batch: _Batch | None, row: dict) -> None:
+    if batch is None:
+        report.write_row(row)
+    else:
+        batch.rows.append(row)
+
+
 def _count(batch: _Batch | None, action: str, reason: str | None = None) -> None:
     if batch is None:
         report.tally(Counter({action: 1}), Counter({reason: 1} if reason else {}))
@@ -483,9 +499,9 @@ def _count(batch: _Batch | None, action: str, reason: str | None = None) -> None
 def _reject(handler, instance, batch, cfg, sample, row, reason, exc=None, decided=False):
     """Drop the sample (reported), or raise naming it under policy `error`."""
     if not decided and cfg.policy == "error":
-        report.write_row({**row, "action": "error", "reason": reason})
+        _emit(batch, {**row, "action": "error", "reason": reason})
         raise core.SampleError(sample, reason) from exc
-    report.write_row({**row, "action": "dropped", "reason": reason})
+    _emit(batch, {**row, "action": "dropped", "reason": reason})
     _count(batch, "dropped", reason.split(":")[0])
     if batch is not None and not batch.overlong_drop:
         batch.drop_rows.append(batch.calls - 1)
