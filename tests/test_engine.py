@@ -56,12 +56,9 @@ def upstream(tmp_path):
         info = tmp_path / f"fakeup-{version}.dist-info"
         info.mkdir(exist_ok=True)
         (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: fakeup\nVersion: {version}\n")
-        fps = {}
-        for sym in ("target", "Box.method"):
-            (tmp_path / "orig").mkdir(exist_ok=True)
-            (tmp_path / "orig" / "fakeup").mkdir(exist_ok=True)
-            (tmp_path / "orig" / "fakeup" / "__init__.py").write_text(UPSTREAM)
-            fps[f"fakeup:{sym}"] = _fingerprint(tmp_path / "orig", sym)
+        (tmp_path / "orig" / "fakeup").mkdir(parents=True, exist_ok=True)  # the source 1.0 was tested with
+        (tmp_path / "orig" / "fakeup" / "__init__.py").write_text(UPSTREAM)
+        fps = {f"fakeup:{sym}": _fingerprint(tmp_path / "orig", sym) for sym in ("target", "Box.method")}
         matrix = {
             "schema": 1,
             "patches": [

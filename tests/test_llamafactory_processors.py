@@ -5,7 +5,6 @@ transformers; only the model directory is tiny and built offline.
 """
 
 import json
-import os
 
 import pytest
 

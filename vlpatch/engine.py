@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import wrapt
-from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
 from . import matrix as _matrix

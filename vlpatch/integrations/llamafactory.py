@@ -61,9 +61,6 @@ class _Handler:
     def lengths(self, full) -> list:
         raise NotImplementedError
 
-    def sequences(self, full) -> list:
-        raise NotImplementedError
-
     def layouts(self, instance, full, splits, finder, counts, budget, split) -> list:
         raise NotImplementedError
 
@@ -84,8 +81,6 @@ class _Supervised(_Handler):
     def lengths(self, full):
         return [len(full[0])]
 
-    def sequences(self, full):
-        return [full[0]]
 
     def layouts(self, instance, full, splits, finder, counts, budget, split):
         ids = full[0]
@@ -113,14 +108,24 @@ class _Supervised(_Handler):
         return [], []
 
 
-class _Pairwise(_Handler):
-    """(chosen_ids, chosen_labels, rejected_ids, rejected_labels): a shared prompt, two responses."""
+class _TwoSequences(_Handler):
+    """(ids, labels, other_ids, other_labels, *rest): two sequences encoded from one sample and its media."""
+
+    rest_when_dropped: tuple = ()
 
     def lengths(self, full):
         return [len(full[0]), len(full[2])]
 
-    def sequences(self, full):
-        return [full[0], full[2]]
+    def build(self, full, kept):
+        pairs = (_pick(full[0], kept[0]), _pick(full[1], kept[0]), _pick(full[2], kept[1]), _pick(full[3], kept[1]))
+        return (*pairs, *full[4:])
+
+    def dropped(self, instance, overlong):
+        return ([], [], [], [], *self.rest_when_dropped)
+
+
+class _Pairwise(_TwoSequences):
+    """(chosen_ids, chosen_labels, rejected_ids, rejected_labels): a shared prompt, two responses."""
 
     def layouts(self, instance, full, splits, finder, counts, budget, split):
         prompt = splits[0][0]
@@ -128,35 +133,19 @@ class _Pairwise(_Handler):
         other_len = {0: len(full[2]) - prompt, 2: len(full[0]) - prompt}
         for k in (0, 2):
             ids = full[k]
-            other = other_len[k]
 
-            def pair_split(s, t, c, _other=other):  # upstream splits with the longer response
+            def pair_split(s, t, c, _other=other_len[k]):  # upstream splits with the longer response
                 return split(s, max(t, _other), c)
 
             runs = finder.assign_items(ids, finder.find(ids), counts)
             out.append(core.Layout(len(ids), runs, [(range(0, prompt), range(prompt, len(ids)))], budget, pair_split))
         return out
 
-    def build(self, full, kept):
-        return (
-            _pick(full[0], kept[0]),
-            _pick(full[1], kept[0]),
-            _pick(full[2], kept[1]),
-            _pick(full[3], kept[1]),
-        )
 
-    def dropped(self, instance, overlong):
-        return [], [], [], []
+class _Feedback(_TwoSequences):
+    """(ids, labels, kl_ids, kl_labels, kto_tag): the sample and its KL pair, with the same media."""
 
-
-class _Feedback(_Handler):
-    """(ids, labels, kl_ids, kl_labels, kto_tag): two independent sequences with the same media."""
-
-    def lengths(self, full):
-        return [len(full[0]), len(full[2])]
-
-    def sequences(self, full):
-        return [full[0], full[2]]
+    rest_when_dropped = (True,)
 
     def layouts(self, instance, full, splits, finder, counts, budget, split):
         out = []
@@ -165,18 +154,6 @@ class _Feedback(_Handler):
             out.append(core.Layout(len(ids), runs, [(range(0, s), range(s, s + t))], budget, split))
         return out
 
-    def build(self, full, kept):
-        return (
-            _pick(full[0], kept[0]),
-            _pick(full[1], kept[0]),
-            _pick(full[2], kept[1]),
-            _pick(full[3], kept[1]),
-            full[4],
-        )
-
-    def dropped(self, instance, overlong):
-        return [], [], [], [], True
-
 
 class _Unsupervised(_Handler):
     """(input_ids, labels) that are not aligned: the prompt, and the response to predict."""
@@ -184,11 +161,8 @@ class _Unsupervised(_Handler):
     def lengths(self, full):
         return [len(full[0]) + len(full[1])]
 
-    def sequences(self, full):
-        return [list(full[0]) + list(full[1])]
-
     def layouts(self, instance, full, splits, finder, counts, budget, split):
-        ids = self.sequences(full)[0]
+        ids = list(full[0]) + list(full[1])
         n = len(full[0])
         runs = finder.assign_items(ids, finder.find(ids), counts)
         return [core.Layout(len(ids), runs, [(range(0, n), range(n, len(ids)))], budget, split)]
