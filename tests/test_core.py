@@ -167,3 +167,14 @@ def test_pixtral_rows_and_end_token():
 def test_media_first_moves_placeholders_in_order():
     assert core.media_first("Look at this long text <image> and <video> then") == "<image><video>Look at this long text  and  then"
     assert core.media_first("no media") == "no media"
+
+
+@settings(max_examples=200, deadline=None)
+@given(samples(), st.sampled_from(["head", "tail"]), st.sampled_from(["drop", "drop_media"]))
+def test_fit_sequence_either_side(sample, keep, policy):
+    ids, layout = sample
+    decision = core.fit_sequence(len(ids), layout.runs, layout.budget, core.get_policy(policy), "row 0", keep=keep)
+    flat = core.Layout(len(ids), layout.runs, [], layout.budget, lf_split)
+    check_invariants(ids, flat, decision)
+    if decision.action == "truncated" and keep == "tail":
+        assert decision.kept[0][-1] == len(ids) - 1, "left truncation keeps the end"

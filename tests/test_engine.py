@@ -30,7 +30,7 @@ def _double(wrapped, instance, args, kwargs):
     return 2 * wrapped(*args, **kwargs)
 
 
-def wrappers(spec):
+def wrappers(spec, version):
     return {"double": _double}
 '''
 

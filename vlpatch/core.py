@@ -402,6 +402,17 @@ def single_layout(length: int, runs: list[Run], budget: int) -> Layout:
     return Layout(length, runs, [(range(0, length), range(length, length))], budget, lambda s, t, c: (min(s, c), 0))
 
 
+def fit_sequence(length: int, runs: list[Run], budget: int, policy: Policy, sample: str, keep: str = "head") -> Decision:
+    """One flat sequence (a collator row): keep the head (right truncation) or the tail (left)."""
+    if keep == "head":
+        return resolve([single_layout(length, runs, budget)], policy, sample)
+    mirrored = [Run(r.kind, length - r.stop, length - r.start, r.first, r.items) for r in runs]
+    decision = resolve([single_layout(length, mirrored, budget)], policy, sample)
+    if decision.kept is not None:
+        decision.kept = [sorted(length - 1 - p for p in kept) for kept in decision.kept]
+    return decision
+
+
 # --------------------------------------------------------------------------- text helpers
 
 

@@ -261,6 +261,11 @@ def _attach(spec) -> None:
             spec.id, "native", f"{spec.distribution} {version} fixes this itself ({spec.native})", version
         )
         return
+    parts = {p.name: p.state(v) for p in spec.parts}
+    if parts and not any(state == "applied" for state, _ in parts.values()):
+        state = "native" if any(state == "native" for state, _ in parts.values()) else "skipped"
+        _states[spec.id] = PatchState(spec.id, state, "no part of this patch is needed here", version, _parts(parts))
+        return
     forced = False
     if v not in spec.applies or version not in spec.fingerprints:
         if not _config.force:
@@ -294,7 +299,7 @@ def _attach(spec) -> None:
         return _skip(spec.id, version, "upstream code changed since it was tested: " + "; ".join(drift[:2]) + more)
     try:
         integration = importlib.import_module(spec.integration)
-        wrappers = integration.wrappers(spec)
+        wrappers = integration.wrappers(spec, v)
     except Exception as exc:
         return _skip(spec.id, version, f"integration {spec.integration} failed to load: {exc!r}")
     wraps = []
@@ -312,11 +317,15 @@ def _attach(spec) -> None:
         _unwrap(wraps)
         return _skip(spec.id, version, f"could not wrap, left untouched: {exc!r}")
     _applied[spec.id] = wraps
-    details = getattr(integration, "details", lambda s: {})(spec)
+    details = {**_parts(parts), **getattr(integration, "details", lambda s: {})(spec)}
     reason = "forced onto an untested version" if forced else f"tested on {version}"
     _states[spec.id] = PatchState(spec.id, "applied", reason, version, details)
     if forced:
         logger.warning("vlpatch: patch %s FORCED onto untested %s %s", spec.id, spec.distribution, version)
+
+
+def _parts(parts: dict) -> dict:
+    return {"parts": {name: f"{state}: {why}" for name, (state, why) in parts.items()}} if parts else {}
 
 
 def _unwrap(wraps) -> None:

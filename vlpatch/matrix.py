@@ -23,6 +23,23 @@ class Target:
         return f"{self.module}:{self.symbol}"
 
 
+@dataclass(frozen=True)
+class Part:
+    """A separately versioned piece of one patch (e.g. multi-image vs truncation in one collator)."""
+
+    name: str
+    applies: SpecifierSet
+    native: SpecifierSet | None
+    summary: str = ""
+
+    def state(self, version) -> tuple:
+        if self.native is not None and version in self.native:
+            return "native", f"upstream fixed it ({self.native})"
+        if version in self.applies:
+            return "applied", f"needed ({self.applies})"
+        return "skipped", f"not needed here ({self.applies})"
+
+
 @dataclass
 class PatchSpec:
     id: str
@@ -36,6 +53,10 @@ class PatchSpec:
     fingerprints: dict
     summary: str = ""
     options: dict = field(default_factory=dict)
+    parts: list = field(default_factory=list)
+
+    def active_parts(self, version) -> set:
+        return {p.name for p in self.parts if p.state(version)[0] == "applied"}
 
 
 @dataclass
@@ -66,6 +87,15 @@ def parse(data: dict) -> Matrix:
                 fingerprints={str(k): dict(v) for k, v in (raw.get("fingerprints") or {}).items()},
                 summary=raw.get("summary", ""),
                 options=raw.get("options") or {},
+                parts=[
+                    Part(
+                        name,
+                        SpecifierSet(part.get("applies", "")),
+                        SpecifierSet(part["native"]) if part.get("native") else None,
+                        part.get("summary", ""),
+                    )
+                    for name, part in (raw.get("parts") or {}).items()
+                ],
             )
         )
     return Matrix(patches)

@@ -529,7 +529,7 @@ WRAPPERS = {
 }
 
 
-def wrappers(spec) -> dict:
+def wrappers(spec, version=None) -> dict:
     global _spec
     _spec = spec
     _finders.clear()

@@ -1,0 +1,279 @@
+"""Unsloth: `unsloth_zoo.vision_utils.UnslothVisionDataCollator`, every image and whole media runs.
+
+Which symbols and versions: `compat_matrix.yaml` (patch `unsloth.collator`, parts `multi_image` and
+`truncation`). How it hands over:
+
+* `multi_image`: `_extract_images_videos_for_example` runs as upstream wrote it; where upstream kept
+  only `example["images"][0]`, the wrapper returns every image of the `images` column instead, after
+  checking that the rendered conversation has one image placeholder per image (else a `SampleError`
+  naming the example's index in the batch and both counts).
+* `truncation`: `__call__` runs upstream's collator with `max_seq_length` unset, so the processor
+  expands every image and cuts nothing; then each row longer than `max_seq_length` is cut by
+  `core.fit_sequence` on the tokenizer's truncation side with whole media runs, and the batch tensors
+  are rebuilt: per-token tensors (input_ids, attention_mask, labels, token_type_ids,
+  mm_token_type_ids, cross-attention masks) at the kept positions, re-padded on the tokenizer's
+  padding side; dropped examples and removed images leave pixel_values / image_grid_thw too.
+
+Media token layouts per processor class are data in the matrix (`options.media_tokens`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+from .. import core, engine, report
+
+TRAINER = "unsloth"
+logger = logging.getLogger("vlpatch")
+
+_spec = None
+_active: set = set()
+_batches: list = []  # stack of the example lists being collated
+_finders: dict = {}
+
+
+class EmptyBatchError(core.VLPatchError):
+    """Every example of a batch was dropped: filter the dataset before training."""
+
+
+# --------------------------------------------------------------------------- multi_image
+
+
+def _count_placeholders(messages) -> Counter:
+    counts: Counter = Counter()
+    for message in messages or []:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, (list, tuple)):
+            for part in content:
+                if isinstance(part, dict) and part.get("type") in ("image", "video"):
+                    counts[part["type"]] += 1
+    return counts
+
+
+def _batch_index(example) -> str:
+    for examples in reversed(_batches):
+        for i, ex in enumerate(examples):
+            if ex is example:
+                return f"batch example {i}"
+    return "batch example ?"
+
+
+def _all_images(wrapped, instance, args, kwargs):
+    image, video, video_kwarg = wrapped(*args, **kwargs)
+    example = args[0] if args else kwargs["example"]
+    messages = args[1] if len(args) > 1 else kwargs.get("messages")
+    if "multi_image" in _active and isinstance(example, dict) and example.get("images") is not None:
+        column = example["images"]
+        column = list(column) if isinstance(column, (list, tuple)) else [column]
+        want = _count_placeholders(messages)["image"]
+        if want != len(column):
+            raise core.SampleError(
+                _batch_index(example), "image placeholders and images differ", f"{want} placeholder(s), {len(column)} image(s)"
+            )
+        image = column
+    return image, video, video_kwarg
+
+
+# --------------------------------------------------------------------------- truncation
+
+
+def _finder(processor) -> core.RunFinder | None:
+    key = id(processor)
+    hit = _finders.get(key)
+    if hit is None:
+        hit = (processor, _build_finder(processor))
+        _finders[key] = hit
+    return hit[1]
+
+
+def _build_finder(processor) -> core.RunFinder | None:
+    table = (_spec.options if _spec else {}).get("media_tokens", {}).get(type(processor).__name__)
+    if table is None:
+        return None
+    tokenizer = getattr(processor, "tokenizer", processor)
+
+    def tid(text):
+        if text.startswith("@"):
+            text = getattr(processor, text[1:], None) or getattr(tokenizer, text[1:], None)
+        if not text:
+            return None
+        i = tokenizer.convert_tokens_to_ids(text)
+        unk = getattr(tokenizer, "unk_token_id", None)
+        return None if i is None or (unk is not None and i == unk) else i
+
+    kinds = []
+    for kind, spec in table.items():
+        body = [tid(b) for b in (spec["body"] if isinstance(spec["body"], list) else [spec["body"]])]
+        start = tid(spec["start"]) if spec.get("start") else None
+        end = tid(spec["end"]) if spec.get("end") else None
+        if None in body or (spec.get("start") and start is None) or (spec.get("end") and end is None):
+            continue
+        kinds.append(core.MediaKind(kind, frozenset(body), start, end, spec.get("item_tokens")))
+    return core.RunFinder(kinds)
+
+
+def _collate(wrapped, instance, args, kwargs):
+    examples = args[0] if args else kwargs["examples"]
+    budget = getattr(instance, "max_seq_length", None)
+    _batches.append(examples)
+    try:
+        if "truncation" not in _active or not budget:
+            return wrapped(*args, **kwargs)
+        saved = instance.max_seq_length, instance.truncation
+        instance.max_seq_length, instance.truncation = None, False
+        try:
+            batch = wrapped(*args, **kwargs)
+        finally:
+            instance.max_seq_length, instance.truncation = saved
+        return _fit(instance, batch, budget)
+    finally:
+        _batches.pop()
+
+
+def _fit(collator, batch, budget: int):
+    import torch
+
+    ids, mask = batch["input_ids"], batch.get("attention_mask")
+    if ids.dim() != 2 or ids.shape[1] <= budget:
+        report.tally(Counter({"kept": ids.shape[0]}), Counter())
+        return batch
+    processor = collator.processor
+    tokenizer = getattr(processor, "tokenizer", processor)
+    finder = _finder(processor)
+    cfg = engine.config()
+    policy = core.get_policy(cfg.policy)
+    keep = "tail" if getattr(tokenizer, "truncation_side", "right") == "left" else "head"
+    B, L = ids.shape
+    rows_kept, removed_images, rows, counts, reasons = [], [], [], Counter(), Counter()
+    image_base = 0
+    for i in range(B):
+        pos = (mask[i] != 0).nonzero().flatten().tolist() if mask is not None else list(range(L))
+        row = ids[i, pos].tolist()
+        runs = finder.find(row) if finder is not None else []
+        n_images = sum(1 for r in runs if r.kind == "image")
+        sample = f"batch example {i}"
+        if len(row) <= budget:
+            rows_kept.append((i, pos))
+            counts["kept"] += 1
+            image_base += n_images
+            continue
+        if finder is None:
+            reason = f"uncovered_processor: {type(processor).__name__}"
+            decision = core.Decision("dropped", None, reason=reason)
+            if cfg.policy == "error":
+                raise core.SampleError(sample, reason)
+        else:
+            runs = finder.assign_items(row, runs, Counter(r.kind for r in runs))
+            media = sum(r.length for r in runs)
+            try:
+                decision = core.fit_sequence(len(row), runs, budget, policy, sample, keep=keep)
+            except core.SampleError:
+                report.write_row({"index": i, "action": "error", "reason": "media_exceed_budget", "budget": budget})
+                raise
+        entry = {"index": i, "budget": budget, "tokens_before": len(row), "media": {"image": n_images}}
+        if decision.action == "dropped":
+            removed_images.extend(range(image_base, image_base + n_images))
+            rows.append({**entry, "action": "dropped", "reason": decision.reason})
+        else:
+            kept = decision.kept[0]
+            gone = sorted(k for kind, k in decision.removed if kind == "image")
+            removed_images.extend(image_base + k for k in gone)
+            rows_kept.append((i, [pos[p] for p in kept]))
+            kept_media = sum(r.length for r in runs if not set(r.keys()) & set(decision.removed))
+            rows.append(
+                {
+                    **entry,
+                    "action": decision.action,
+                    "reason": decision.reason or "text_over_budget",
+                    "tokens_after": len(kept),
+                    "media_tokens": media,
+                    "media_tokens_after": kept_media,
+                    "media_removed": {"image": gone} if gone else {},
+                }
+            )
+        counts[decision.action] += 1
+        reasons[(decision.reason or "text_over_budget").split(":")[0]] += 1
+        image_base += n_images
+    report.write_rows(rows)
+    report.tally(counts, reasons)
+    if not rows_kept:
+        names = ", ".join(f"example {r['index']}" for r in rows)
+        raise EmptyBatchError(
+            f"vlpatch: every example of this batch was dropped ({names}: media do not fit "
+            f"max_seq_length={budget}); filter the dataset first with "
+            "vlpatch.integrations.unsloth.filter_dataset(dataset, collator)"
+        )
+    return _rebuild(collator, batch, rows_kept, removed_images, torch)
+
+
+def _rebuild(collator, batch, rows_kept, removed_images, torch):
+    tokenizer = getattr(collator.processor, "tokenizer", collator.processor)
+    B, L = batch["input_ids"].shape
+    new_len = max(len(p) for _, p in rows_kept)
+    left = getattr(tokenizer, "padding_side", "right") == "left"
+    pad_values = {"input_ids": tokenizer.pad_token_id or 0, "labels": getattr(collator, "ignore_index", -100)}
+    for key, value in list(batch.items()):
+        if torch.is_tensor(value) and value.dim() >= 2 and value.shape[0] == B and value.shape[1] == L:
+            out = value.new_full((len(rows_kept), new_len, *value.shape[2:]), pad_values.get(key, 0))
+            for j, (i, pos) in enumerate(rows_kept):
+                index = torch.tensor(pos, dtype=torch.long, device=value.device)
+                start = new_len - len(pos) if left else 0
+                out[j, start : start + len(pos)] = value[i].index_select(0, index)
+            batch[key] = out
+    if removed_images:
+        _drop_images(batch, sorted(set(removed_images)), torch)
+    return batch
+
+
+def _drop_images(batch, removed: list, torch):
+    """Remove images from the pixel tensors: Qwen-style flat patches with image_grid_thw rows."""
+    grid = batch.get("image_grid_thw")
+    if grid is None:
+        raise core.VLPatchError("vlpatch: removing images is only supported for processors with image_grid_thw")
+    per_image = grid.prod(dim=-1).tolist()
+    keep_imgs = [k for k in range(len(per_image)) if k not in set(removed)]
+    starts = [0]
+    for n in per_image:
+        starts.append(starts[-1] + n)
+    rows = [r for k in keep_imgs for r in range(starts[k], starts[k + 1])]
+    batch["pixel_values"] = batch["pixel_values"][rows]
+    batch["image_grid_thw"] = grid[keep_imgs]
+
+
+# --------------------------------------------------------------------------- pre-filter
+
+
+def filter_dataset(dataset, collator):
+    """Keep the examples the patched collator would not drop (same arithmetic, one example at a time).
+
+    Run it before training so that no batch ends up empty. Works on a `datasets.Dataset` (returns a
+    filtered Dataset) or a list (returns a list).
+    """
+
+    def fits(example) -> bool:
+        try:
+            collator([example])
+            return True
+        except EmptyBatchError:
+            return False
+
+    if hasattr(dataset, "filter"):
+        return dataset.filter(fits)
+    return [ex for ex in dataset if fits(ex)]
+
+
+def details(spec) -> dict:
+    table = spec.options.get("media_tokens", {})
+    return {"covered_processors": sorted(table)}
+
+
+WRAPPERS = {"collate": _collate, "all_images": _all_images}
+
+
+def wrappers(spec, version=None) -> dict:
+    global _spec, _active
+    _spec = spec
+    _active = spec.active_parts(version) if version is not None else {p.name for p in spec.parts}
+    _finders.clear()
+    return WRAPPERS
