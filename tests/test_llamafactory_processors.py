@@ -48,6 +48,10 @@ def lf(tiny_qwen2vl, tmp_path_factory):
     return lf
 
 
+def lf_status(rows):
+    return next(row for row in rows if row["id"] == "llamafactory.truncation")
+
+
 def user(text):
     return {"role": "user", "content": text}
 
@@ -259,7 +263,7 @@ def test_media_first_is_opt_in(lf, patched):
 
 
 def test_status_lists_covered_and_uncovered_plugins(lf, patched):
-    (st,) = patched().status()
+    st = lf_status(patched().status())
     assert st["state"] == "applied"
     assert any(p.startswith("qwen2_vl") for p in st["covered_plugins"])
     assert "mllama (image)" in st["covered_plugins"]
@@ -283,7 +287,7 @@ def test_drifted_upstream_is_refused_and_left_untouched(lf, tmp_path, monkeypatc
     original = vars(SupervisedDatasetProcessor)["_encode_data_example"]
     vlpatch.revert()
     try:
-        (st,) = vlpatch.apply()
+        st = lf_status(vlpatch.apply())
         assert st["state"] == "skipped" and "upstream code changed" in st["reason"], st
         assert vars(SupervisedDatasetProcessor)["_encode_data_example"] is original
         assert type(vars(SupervisedDatasetProcessor)["preprocess_dataset"]).__name__ == "function", "nothing half-applied"

@@ -60,19 +60,19 @@ def _batch_index(example) -> str:
 
 
 def _all_images(wrapped, instance, args, kwargs):
-    image, video, video_kwarg = wrapped(*args, **kwargs)
     example = args[0] if args else kwargs["example"]
     messages = args[1] if len(args) > 1 else kwargs.get("messages")
-    if "multi_image" in _active and isinstance(example, dict) and example.get("images") is not None:
-        column = example["images"]
-        column = list(column) if isinstance(column, (list, tuple)) else [column]
-        want = _count_placeholders(messages)["image"]
-        if want != len(column):
-            raise core.SampleError(
-                _batch_index(example), "image placeholders and images differ", f"{want} placeholder(s), {len(column)} image(s)"
-            )
-        image = column
-    return image, video, video_kwarg
+    if "multi_image" not in _active or not isinstance(example, dict) or example.get("images") is None:
+        return wrapped(*args, **kwargs)
+    # the part upstream gets wrong: `[example["images"][0]]`; every image instead, one per placeholder
+    column = example["images"]
+    column = list(column) if isinstance(column, (list, tuple)) else [column]
+    want = _count_placeholders(messages)["image"]
+    if want != len(column):
+        raise core.SampleError(
+            _batch_index(example), "image placeholders and images differ", f"{want} placeholder(s), {len(column)} image(s)"
+        )
+    return column, [], None
 
 
 # --------------------------------------------------------------------------- truncation

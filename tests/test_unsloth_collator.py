@@ -1,0 +1,174 @@
+"""The real `unsloth_zoo.vision_utils.UnslothVisionDataCollator` of the installed unsloth_zoo, vanilla
+and patched, on a tiny offline Qwen2-VL (real processor), then a few real optimizer steps.
+
+Import recipe for CPU machines: tests/fixtures/unsloth_import.py.
+"""
+
+import json
+
+import pytest
+
+from tests.conftest import require
+from tests.fixtures.tiny_models import IMAGE_TOKENS, long_text
+
+pytestmark = pytest.mark.unsloth
+
+
+@pytest.fixture(scope="module")
+def uz(tiny_qwen2vl):
+    require("unsloth_zoo")
+    from packaging.version import Version
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+    from tests.fixtures.unsloth_import import import_vision_utils
+    from vlpatch import engine
+
+    vu = import_vision_utils()
+
+    class UZ:
+        pass
+
+    uz = UZ()
+    uz.vu = vu
+    uz.version = Version(engine.installed_version("unsloth_zoo"))
+    uz.processor = AutoProcessor.from_pretrained(tiny_qwen2vl)
+    uz.model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_qwen2vl)
+    tok = uz.processor.tokenizer
+    uz.pad, uz.start, uz.end = (tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>"))
+    uz.collator = lambda max_len=None: vu.UnslothVisionDataCollator(uz.model, uz.processor, max_seq_length=max_len, resize="max")
+    return uz
+
+
+def image(side=224, seed=0):
+    from PIL import Image
+
+    return Image.new("RGB", (side, side), (40 * seed % 255, 100, 150))
+
+
+def example(n_images, words_before=5, words_after=3, n_placeholders=None, side=224):
+    """A conversation whose user turn is text, then the images, then a little text; `images` column."""
+    n_placeholders = n_images if n_placeholders is None else n_placeholders
+    content = [{"type": "text", "text": long_text(words_before, 1)}]
+    content += [{"type": "image"} for _ in range(n_placeholders)]
+    content += [{"type": "text", "text": long_text(words_after, 2)}]
+    return {
+        "messages": [
+            {"role": "user", "content": content},
+            {"role": "assistant", "content": [{"type": "text", "text": "a red square"}]},
+        ],
+        "images": [image(side, seed=k) for k in range(n_images)],
+    }
+
+
+def check_rows(uz, batch, budget=None):
+    """Every row's image runs are whole and match image_grid_thw, in order; labels aligned."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    grids = batch["image_grid_thw"].prod(dim=-1).div(4).long().tolist()  # tokens per image after the 2x2 merge
+    g = 0
+    for i in range(ids.shape[0]):
+        row = ids[i][mask[i].bool()].tolist()
+        if budget is not None:
+            assert len(row) <= budget
+        j = 0
+        while j < len(row):
+            if row[j] == uz.start:
+                k = j + 1
+                while k < len(row) and row[k] == uz.pad:
+                    k += 1
+                assert k < len(row) and row[k] == uz.end, f"row {i}: image run at {j} is cut"
+                assert k - j - 1 == grids[g], f"row {i}: run of {k - j - 1} tokens for an image of {grids[g]}"
+                g += 1
+                j = k
+            j += 1
+    assert g == len(grids), "one whole run per image of the batch"
+    assert batch["labels"].shape == ids.shape and batch["pixel_values"].shape[0] == sum(grids) * 4
+
+
+def test_vanilla_first_image_only_fails_and_patch_takes_every_image(uz, patched):
+    batch_in = [example(2), example(1)]
+    if uz.version < uz.version.__class__("2025.12.4"):
+        with pytest.raises(Exception) as info:
+            uz.collator()(batch_in)
+        assert isinstance(info.value, (IndexError, ValueError)), repr(info.value)
+    st = next(s for s in patched().status() if s["id"] == "unsloth.collator")
+    assert st["state"] == "applied", st
+    batch = uz.collator()([example(2), example(1)])
+    assert batch["image_grid_thw"].shape[0] == 3
+    check_rows(uz, batch)
+
+
+def test_placeholder_count_differs_from_images_names_the_example(uz, patched):
+    import vlpatch
+
+    st = next(s for s in patched().status() if s["id"] == "unsloth.collator")
+    if "applied" not in st["parts"]["multi_image"]:
+        pytest.skip(f"multi-image is native in unsloth_zoo {uz.version}: upstream's own check applies")
+    with pytest.raises(vlpatch.SampleError, match=r"batch example 1: image placeholders and images differ \(2 placeholder\(s\), 1 image\(s\)\)"):
+        uz.collator()([example(1), example(1, n_placeholders=2)])
+
+
+def test_vanilla_truncation_cuts_the_image_run(uz):
+    with pytest.raises(Exception) as info:
+        batch = uz.collator(100)([example(1, words_before=80), example(1)])
+        check_rows(uz, batch)  # an old transformers may not raise: the rows are then broken
+    assert "image" in str(info.value).lower() or isinstance(info.value, AssertionError), repr(info.value)
+
+
+def test_patched_truncation_keeps_runs_whole_and_reports(uz, patched, tmp_path):
+    long_one, short_one = example(1, words_before=80), example(1)
+    full = uz.collator()([long_one, short_one])
+    patched(report=str(tmp_path / "r.jsonl"))
+    batch = uz.collator(100)([example(1, words_before=80), example(1)])
+    check_rows(uz, batch, budget=100)
+    short_full = full["input_ids"][1][full["attention_mask"][1].bool()].tolist()
+    short_now = batch["input_ids"][1][batch["attention_mask"][1].bool()].tolist()
+    assert short_now == short_full, "the example that fits is untouched"
+    (row,) = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert row["action"] == "truncated" and row["index"] == 0 and row["tokens_after"] <= 100
+    assert row["media_tokens"] == row["media_tokens_after"] == IMAGE_TOKENS + 2
+
+
+def test_media_that_alone_exceed_max_seq_length(uz, patched, tmp_path):
+    from vlpatch.integrations.unsloth import EmptyBatchError, filter_dataset
+
+    big = dict(n_images=1, side=448)  # 256 image tokens: more than max_seq_length 100 alone
+    patched(report=str(tmp_path / "r.jsonl"))
+    batch = uz.collator(100)([example(**big), example(1)])
+    assert batch["input_ids"].shape[0] == 1 and batch["image_grid_thw"].shape[0] == 1
+    check_rows(uz, batch, budget=100)
+    rows = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert [(r["index"], r["action"]) for r in rows] == [(0, "dropped")]
+    with pytest.raises(EmptyBatchError, match="every example of this batch was dropped.*filter_dataset"):
+        uz.collator(100)([example(**big)])
+    kept = filter_dataset([example(**big), example(1)], uz.collator(100))
+    assert len(kept) == 1 and len(kept[0]["images"]) == 1 and kept[0]["images"][0].size == (224, 224)
+
+    patched(policy="drop_media", report=str(tmp_path / "r.jsonl"))
+    batch = uz.collator(100)([example(2, words_before=5), example(1)])
+    assert batch["input_ids"].shape[0] == 2 and batch["image_grid_thw"].shape[0] == 2, "one image of example 0 left"
+    check_rows(uz, batch, budget=100)
+
+    patched(policy="error")
+    import vlpatch
+
+    with pytest.raises(vlpatch.SampleError, match="batch example 0: media do not fit"):
+        uz.collator(100)([example(**big), example(1)])
+
+
+def test_a_few_optimizer_steps_on_patched_batches(uz, patched):
+    import torch
+
+    patched()
+    collator = uz.collator(100)
+    model = uz.model
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    losses = []
+    for step in range(3):
+        batch = collator([example(2 - step % 2, words_before=80), example(1)])
+        out = model(**batch)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(out.loss.item())
+    assert all(torch.isfinite(torch.tensor(losses))), losses
