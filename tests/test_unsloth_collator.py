@@ -9,33 +9,54 @@ import json
 import pytest
 
 from tests.conftest import require
-from tests.fixtures.tiny_models import IMAGE_TOKENS, long_text
+from tests.fixtures.tiny_models import long_text
 
 pytestmark = pytest.mark.unsloth
 
 
 @pytest.fixture(scope="module")
-def uz(tiny_qwen2vl):
+def vu():
     require("unsloth_zoo")
-    from packaging.version import Version
-    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
-
     from tests.fixtures.unsloth_import import import_vision_utils
-    from vlpatch import engine
 
-    vu = import_vision_utils()
+    return import_vision_utils()
+
+
+@pytest.fixture(scope="module")
+def model(tiny_qwen2vl):
+    from transformers import Qwen2VLForConditionalGeneration
+
+    return Qwen2VLForConditionalGeneration.from_pretrained(tiny_qwen2vl)
+
+
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen3_vl"])
+def uz(request, vu, model, tiny_qwen2vl, tmp_path_factory):
+    """The real collator around a family's real processor (Qwen2-VL: the tiny model's own)."""
+    from packaging.version import Version
+    from transformers import AutoProcessor
+
+    from tests.fixtures import tiny_processors
+    from tests.fixtures.tiny_models import CHAT_TEMPLATE
+    from vlpatch import engine
 
     class UZ:
         pass
 
     uz = UZ()
-    uz.vu = vu
+    uz.vu, uz.family = vu, request.param
     uz.version = Version(engine.installed_version("unsloth_zoo"))
-    uz.processor = AutoProcessor.from_pretrained(tiny_qwen2vl)
-    uz.model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_qwen2vl)
+    if request.param == "qwen2_vl":
+        uz.processor = AutoProcessor.from_pretrained(tiny_qwen2vl)
+    else:
+        try:
+            _, uz.processor, _, _ = tiny_processors.qwen3_vl(str(tmp_path_factory.mktemp("q3")))
+        except (ImportError, AttributeError, TypeError) as exc:
+            pytest.skip(f"this transformers cannot build a {request.param} processor: {exc!r}")
+        uz.processor.chat_template = CHAT_TEMPLATE
     tok = uz.processor.tokenizer
     uz.pad, uz.start, uz.end = (tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>"))
-    uz.collator = lambda max_len=None: vu.UnslothVisionDataCollator(uz.model, uz.processor, max_seq_length=max_len, resize="max")
+    # the model is only read for its dtype and max_seq_length by the collator
+    uz.collator = lambda max_len=None: vu.UnslothVisionDataCollator(model, uz.processor, max_seq_length=max_len, resize="max")
     return uz
 
 
@@ -125,7 +146,7 @@ def test_patched_truncation_keeps_runs_whole_and_reports(uz, patched, tmp_path):
     assert short_now == short_full, "the example that fits is untouched"
     (row,) = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
     assert row["action"] == "truncated" and row["index"] == 0 and row["tokens_after"] <= 100
-    assert row["media_tokens"] == row["media_tokens_after"] == IMAGE_TOKENS + 2
+    assert row["media_tokens"] == row["media_tokens_after"] == int(full["image_grid_thw"][0].prod()) // 4 + 2
 
 
 def test_media_that_alone_exceed_max_seq_length(uz, patched, tmp_path):
@@ -155,17 +176,19 @@ def test_media_that_alone_exceed_max_seq_length(uz, patched, tmp_path):
         uz.collator(100)([example(**big), example(1)])
 
 
-def test_a_few_optimizer_steps_on_patched_batches(uz, patched):
+def test_a_few_optimizer_steps_on_patched_batches(uz, model, patched):
     import torch
 
+    if uz.family != "qwen2_vl":
+        pytest.skip("the tiny trainable model is a Qwen2-VL")
     patched()
     collator = uz.collator(100)
-    model = uz.model
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     losses = []
     for step in range(3):
         batch = collator([example(2 - step % 2, words_before=80), example(1)])
+        check_rows(uz, batch, budget=100)
         out = model(**batch)
         out.loss.backward()
         opt.step()

@@ -9,6 +9,7 @@ every worker, forked or spawned.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -51,7 +52,10 @@ class Run:
 
 
 _current: Run | None = None
-_local_counts: Counter = Counter()
+_local_counts: Counter = Counter()  # tallies made outside a run (a collator): summed up at exit
+_local_reasons: Counter = Counter()
+_exit_summary_registered = False
+_last_path: str | None = None
 
 
 def start_run(trainer: str, label: str, report_path: str | None, **meta) -> Run:
@@ -116,14 +120,26 @@ def format_summary(counts: Counter, reasons: Counter, report_path: str | None) -
 def tally(counts: Counter, reasons: Counter) -> None:
     """Record one batch's counts for the current run (or this process, when there is no run)."""
     run = current_run()
-    if run is None or not run.stats_dir:
-        _local_counts.update(counts)
-        return
-    line = json.dumps({"pid": os.getpid(), "counts": dict(counts), "reasons": dict(reasons)}) + "\n"
-    try:
-        _append(os.path.join(run.stats_dir, f"{os.getpid()}.jsonl"), line)
-    except OSError:  # the run directory is gone (a stale environment): count locally
-        _local_counts.update(counts)
+    if run is not None and run.stats_dir:
+        line = json.dumps({"pid": os.getpid(), "counts": dict(counts), "reasons": dict(reasons)}) + "\n"
+        try:
+            _append(os.path.join(run.stats_dir, f"{os.getpid()}.jsonl"), line)
+            return
+        except OSError:  # the run directory is gone (a stale environment): count locally
+            pass
+    global _exit_summary_registered
+    _local_counts.update(counts)
+    _local_reasons.update(reasons)
+    if not _exit_summary_registered:
+        _exit_summary_registered = True
+        atexit.register(_exit_summary)
+
+
+def _exit_summary() -> None:
+    affected = sum(n for a, n in _local_counts.items() if a != "kept")
+    if affected:
+        text = format_summary(_local_counts, _local_reasons, os.environ.get("VLPATCH_REPORT") or _last_path)
+        logger.warning("vlpatch (process %d): %s", os.getpid(), text)
 
 
 def write_row(row: dict) -> None:
@@ -131,16 +147,21 @@ def write_row(row: dict) -> None:
     write_rows([row])
 
 
-def write_rows(rows: list) -> None:
-    """Append rows (one per affected sample) with a single write; log them where no report is set."""
+def write_rows(rows: list, default_path: str | None = None) -> None:
+    """Append rows (one per affected sample) with a single write; log them where no report is set.
+
+    The file: the run's report path, else $VLPATCH_REPORT, else `default_path`.
+    """
     if not rows:
         return
     run = current_run()
     base = {"run_id": run.run_id, "trainer": run.trainer, **run.meta} if run is not None else {}
     stamp = {"time": round(time.time(), 3), "pid": os.getpid()}
     rows = [{**base, **stamp, **row} for row in rows]
-    path = (run.report_path if run is not None else None) or os.environ.get("VLPATCH_REPORT") or None
+    path = (run.report_path if run is not None else None) or os.environ.get("VLPATCH_REPORT") or default_path
     if path:
+        global _last_path
+        _last_path = path
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         _append(path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
     else:

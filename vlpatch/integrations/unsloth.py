@@ -25,6 +25,7 @@ from collections import Counter
 from .. import core, engine, report
 
 TRAINER = "unsloth"
+DEFAULT_REPORT = "vlpatch_report.jsonl"  # in the working directory: a collator does not know output_dir
 logger = logging.getLogger("vlpatch")
 
 _spec = None
@@ -169,9 +170,10 @@ def _fit(collator, batch, budget: int):
             try:
                 decision = core.fit_sequence(len(row), runs, budget, policy, sample, keep=keep)
             except core.SampleError:
-                report.write_row({"index": i, "action": "error", "reason": "media_exceed_budget", "budget": budget})
+                err = {"trainer": TRAINER, "index": i, "action": "error", "reason": "media_exceed_budget", "budget": budget}
+                report.write_rows([err], DEFAULT_REPORT)
                 raise
-        entry = {"index": i, "budget": budget, "tokens_before": len(row), "media": {"image": n_images}}
+        entry = {"trainer": TRAINER, "index": i, "budget": budget, "tokens_before": len(row), "media": {"image": n_images}}
         if decision.action == "dropped":
             removed_images.extend(range(image_base, image_base + n_images))
             rows.append({**entry, "action": "dropped", "reason": decision.reason})
@@ -195,7 +197,7 @@ def _fit(collator, batch, budget: int):
         counts[decision.action] += 1
         reasons[(decision.reason or "text_over_budget").split(":")[0]] += 1
         image_base += n_images
-    report.write_rows(rows)
+    report.write_rows(rows, DEFAULT_REPORT)
     report.tally(counts, reasons)
     if not rows_kept:
         names = ", ".join(f"example {r['index']}" for r in rows)
