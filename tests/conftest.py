@@ -24,11 +24,15 @@ def tiny_qwen2vl(tmp_path_factory):
 
 
 @pytest.fixture
-def patched():
-    """vlpatch applied for one test, reverted after it (upstream restored exactly)."""
+def patched(tmp_path):
+    """vlpatch applied for one test, reverted after it (upstream restored exactly).
+
+    The report goes to the test's temporary directory unless the test names one.
+    """
     import vlpatch
 
     def _apply(**kwargs):
+        kwargs.setdefault("report", str(tmp_path / "vlpatch_report.jsonl"))
         vlpatch.revert()
         vlpatch.apply(**kwargs)
         return vlpatch

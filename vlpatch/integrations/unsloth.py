@@ -174,6 +174,10 @@ def _fit(collator, batch, budget: int):
                 report.write_rows([err], DEFAULT_REPORT)
                 raise
         entry = {"trainer": TRAINER, "index": i, "budget": budget, "tokens_before": len(row), "media": {"image": n_images}}
+        if any(r.kind != "image" for r in runs) and (
+            decision.action == "dropped" or any(kind != "image" for kind, _ in decision.removed)
+        ):  # video runs are kept whole when text is cut, but their pixels cannot be taken out of a batch yet
+            raise core.SampleError(sample, "a sample with videos does not fit max_seq_length", "filter the dataset first")
         if decision.action == "dropped":
             removed_images.extend(range(image_base, image_base + n_images))
             rows.append({**entry, "action": "dropped", "reason": decision.reason})
