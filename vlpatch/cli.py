@@ -24,7 +24,9 @@ def _status(args) -> int:
         return 0
     for row in rows:
         print(f"{row['id']}: {row['state']} ({row.get('version') or 'not installed'}) - {row['reason']}")
-        for key in ("covered_plugins", "uncovered_plugins"):
+        for name, state in (row.get("parts") or {}).items():
+            print(f"  part {name}: {state}")
+        for key in ("covered_plugins", "uncovered_plugins", "covered_processors"):
             if row.get(key):
                 print(f"  {key.replace('_', ' ')}: {', '.join(row[key])}")
     return 0

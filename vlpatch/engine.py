@@ -158,7 +158,10 @@ def apply(
             if not _config.selects(spec.id):
                 _states[spec.id] = PatchState(spec.id, "disabled", "excluded by VLPATCH_PATCHES / VLPATCH_EXCLUDE")
                 continue
-            _states[spec.id] = PatchState(spec.id, "pending", f"waits for `import {spec.hook}`")
+            if installed_version(spec.distribution) is None:
+                _states[spec.id] = PatchState(spec.id, "skipped", f"{spec.distribution} is not installed")
+            else:
+                _states[spec.id] = PatchState(spec.id, "pending", f"waits for `import {spec.hook}`")
             if spec.hook in sys.modules:
                 _attach(spec)
             elif spec.hook not in _hooked:
