@@ -2,7 +2,8 @@
 # Create (or reuse) the test environments. Idempotent: a second run only checks.
 #   .venv-torch       torch, torchvision, torchaudio only (about 2 minutes and 4.7 GB, once)
 #   .venv             LLaMA-Factory + vlpatch (the main environment, used by the demo)
-#   .venv-uz2510      unsloth_zoo 2025.10.13 (first-image-only era) + transformers 4.57.1
+#   .venv-uz2503      unsloth_zoo 2025.3.17 (first image taken inline in __call__) + transformers 4.49.0
+#   .venv-uz2510      unsloth_zoo 2025.10.13 (first image in _extract_images_videos_for_example) + transformers 4.57.1
 #   .venv-uz2610      unsloth_zoo 2026.10.9 (newest) + transformers 5.6.0
 # Every environment sees .venv-torch's packages through a .pth file: one torch stack for all.
 # VLPATCH_LF_VERSION / VLPATCH_TORCH_SPEC / VLPATCH_VENV change the main environment;
@@ -49,9 +50,10 @@ make_env "$VENV" "llamafactory $LF_VERSION $TORCH_SPEC" "llamafactory==$LF_VERSI
 "$VENV/bin/python" -c "import vlpatch, llamafactory, transformers, torch; print('setup:', '$VENV', 'vlpatch', vlpatch.__version__, '| llamafactory', llamafactory.__version__, '| transformers', transformers.__version__, '| torch', torch.__version__)"
 
 if [ "${VLPATCH_SKIP_UNSLOTH:-0}" != "1" ]; then
+  make_env .venv-uz2503 "unsloth_zoo 2025.3.17" "unsloth_zoo==2025.3.17" "transformers==4.49.0" "trl==0.15.2" "datasets<3.3" "numpy<2" "pyarrow<20"
   make_env .venv-uz2510 "unsloth_zoo 2025.10.13" "unsloth_zoo==2025.10.13" "transformers==4.57.1" "trl==0.23.0" "datasets>=3.4.1,<4.0"
   make_env .venv-uz2610 "unsloth_zoo 2026.10.9" "unsloth_zoo==2026.10.9" "transformers==5.6.0" "datasets>=3.4.1,<4.0"
-  for v in .venv-uz2510 .venv-uz2610; do
+  for v in .venv-uz2503 .venv-uz2510 .venv-uz2610; do
     "$v/bin/python" -c "import importlib.metadata as m, torch; print('setup:', '$v', 'unsloth_zoo', m.version('unsloth_zoo'), '| transformers', m.version('transformers'), '| torch', torch.__version__)"
   done
 fi

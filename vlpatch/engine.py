@@ -269,6 +269,13 @@ def _attach(spec) -> None:
         state = "native" if any(state == "native" for state, _ in parts.values()) else "skipped"
         _states[spec.id] = PatchState(spec.id, state, "no part of this patch is needed here", version, _parts(parts))
         return
+    sibling = next(
+        (o.id for o in _matrix.load().patches if o.id != spec.id and o.distribution == spec.distribution and v in o.applies),
+        None,
+    )
+    if v not in spec.applies and sibling is not None:  # another patch of the matrix covers this release
+        _states[spec.id] = PatchState(spec.id, "skipped", f"not for {spec.distribution} {version}: {sibling} covers it", version)
+        return
     forced = False
     if v not in spec.applies or version not in spec.fingerprints:
         if not _config.force:

@@ -76,6 +76,58 @@ def _all_images(wrapped, instance, args, kwargs):
     return column, [], None
 
 
+def _embed_column_images(example, index: int):
+    """Releases that inline `example["images"][0]` in `__call__`: hand every column image to upstream's
+    own message path instead, one per `{"type": "image"}` item, in order (upstream reads images
+    embedded in the messages with `process_vision_info`). The image keeps its own size."""
+    if not isinstance(example, dict) or example.get("images") is None:
+        return example
+    key = "messages" if "messages" in example else "conversations" if "conversations" in example else None
+    if key is None:
+        return example
+    column = example["images"]
+    column = list(column) if isinstance(column, (list, tuple)) else [column]
+    want = _count_placeholders(example[key])["image"]
+    if want != len(column):
+        raise core.SampleError(
+            f"batch example {index}", "image placeholders and images differ", f"{want} placeholder(s), {len(column)} image(s)"
+        )
+    images = iter(column)
+    messages = []
+    for message in example[key]:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, (list, tuple)):
+            parts = []
+            for part in content:
+                if isinstance(part, dict) and part.get("type") == "image" and "image" not in part:
+                    img = next(images)
+                    part = {**part, "image": img}
+                    if hasattr(img, "size"):  # no resize by upstream's fetch_image: the processor resizes
+                        part["resized_width"], part["resized_height"] = img.size
+                parts.append(part)
+            message = {**message, "content": parts}
+        messages.append(message)
+    out = {k: v for k, v in example.items() if k != "images"}
+    out[key] = messages
+    return out
+
+
+def _collate_inline(wrapped, instance, args, kwargs):
+    examples = args[0] if args else kwargs["examples"]
+    if "multi_image" in _active:
+        formatting = getattr(instance, "formatting_func", None)
+        if formatting is not None:
+            examples = [formatting(example) for example in examples]
+        examples = [_embed_column_images(example, i) for i, example in enumerate(examples)]
+        if formatting is not None:
+            instance.formatting_func = None
+            try:
+                return _collate(wrapped, instance, (examples,), {})
+            finally:
+                instance.formatting_func = formatting
+    return _collate(wrapped, instance, (examples,), {})
+
+
 # --------------------------------------------------------------------------- truncation
 
 
@@ -274,7 +326,7 @@ def details(spec) -> dict:
     return {"covered_processors": sorted(table)}
 
 
-WRAPPERS = {"collate": _collate, "all_images": _all_images}
+WRAPPERS = {"collate": _collate, "collate_inline": _collate_inline, "all_images": _all_images}
 
 
 def wrappers(spec, version=None) -> dict:
