@@ -159,6 +159,34 @@ class RunFinder:
         return sorted(out, key=lambda r: r.start)
 
 
+def finder_from_table(table: Mapping, tokenizer, *owners) -> RunFinder:
+    """A RunFinder from a matrix `media_tokens` entry ({kind: {start, body, end, item_tokens}}).
+
+    Token strings become ids through `tokenizer.convert_tokens_to_ids`; "@name" is read from the first
+    of `owners` (the plugin, the processor, the tokenizer) that has it. A kind whose tokens this
+    tokenizer does not know is left out: it stays uncovered.
+    """
+    unk = getattr(tokenizer, "unk_token_id", None)
+
+    def tid(text):
+        if text.startswith("@"):
+            text = next((getattr(o, text[1:]) for o in owners if getattr(o, text[1:], None)), None)
+        if not text:
+            return None
+        i = tokenizer.convert_tokens_to_ids(text)
+        return None if i is None or (unk is not None and i == unk and text != getattr(tokenizer, "unk_token", None)) else i
+
+    kinds = []
+    for kind, spec in table.items():
+        body = [tid(b) for b in (spec["body"] if isinstance(spec["body"], list) else [spec["body"]])]
+        start = tid(spec["start"]) if spec.get("start") else None
+        end = tid(spec["end"]) if spec.get("end") else None
+        if None in body or (spec.get("start") and start is None) or (spec.get("end") and end is None):
+            continue
+        kinds.append(MediaKind(kind, frozenset(body), start, end, spec.get("item_tokens")))
+    return RunFinder(kinds)
+
+
 # --------------------------------------------------------------------------- layouts and plans
 
 

@@ -197,35 +197,9 @@ def _finder(instance) -> core.RunFinder | None:
     return hit[2]
 
 
-def _plugin_table(plugin) -> dict | None:
-    table = (_spec.options if _spec else {}).get("media_tokens", {})
-    return table.get(type(plugin).__name__)
-
-
 def _build_finder(plugin, tokenizer) -> core.RunFinder | None:
-    table = _plugin_table(plugin)
-    if table is None:
-        return None
-    kinds = []
-    unk = getattr(tokenizer, "unk_token_id", None)
-
-    def tid(text):
-        if text.startswith("@"):
-            text = getattr(plugin, text[1:], None)
-        if not text:
-            return None
-        i = tokenizer.convert_tokens_to_ids(text)
-        return None if i is None or (unk is not None and i == unk and text != tokenizer.unk_token) else i
-
-    for kind, spec in table.items():
-        body = spec["body"] if isinstance(spec["body"], list) else [spec["body"]]
-        body_ids = [tid(b) for b in body]
-        start = tid(spec["start"]) if spec.get("start") else None
-        end = tid(spec["end"]) if spec.get("end") else None
-        if None in body_ids or (spec.get("start") and start is None) or (spec.get("end") and end is None):
-            continue  # this tokenizer lacks the tokens: the kind stays uncovered
-        kinds.append(core.MediaKind(kind, frozenset(body_ids), start, end, spec.get("item_tokens")))
-    return core.RunFinder(kinds)
+    table = (_spec.options if _spec else {}).get("media_tokens", {}).get(type(plugin).__name__)
+    return None if table is None else core.finder_from_table(table, tokenizer, plugin)
 
 
 def details(spec) -> dict:

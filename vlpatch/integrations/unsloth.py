@@ -142,28 +142,8 @@ def _finder(processor) -> core.RunFinder | None:
 
 def _build_finder(processor) -> core.RunFinder | None:
     table = (_spec.options if _spec else {}).get("media_tokens", {}).get(type(processor).__name__)
-    if table is None:
-        return None
     tokenizer = getattr(processor, "tokenizer", processor)
-
-    def tid(text):
-        if text.startswith("@"):
-            text = getattr(processor, text[1:], None) or getattr(tokenizer, text[1:], None)
-        if not text:
-            return None
-        i = tokenizer.convert_tokens_to_ids(text)
-        unk = getattr(tokenizer, "unk_token_id", None)
-        return None if i is None or (unk is not None and i == unk) else i
-
-    kinds = []
-    for kind, spec in table.items():
-        body = [tid(b) for b in (spec["body"] if isinstance(spec["body"], list) else [spec["body"]])]
-        start = tid(spec["start"]) if spec.get("start") else None
-        end = tid(spec["end"]) if spec.get("end") else None
-        if None in body or (spec.get("start") and start is None) or (spec.get("end") and end is None):
-            continue
-        kinds.append(core.MediaKind(kind, frozenset(body), start, end, spec.get("item_tokens")))
-    return core.RunFinder(kinds)
+    return None if table is None else core.finder_from_table(table, tokenizer, processor, tokenizer)
 
 
 def _collate(wrapped, instance, args, kwargs):
