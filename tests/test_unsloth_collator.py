@@ -29,7 +29,14 @@ def model(tiny_qwen2vl):
     return Qwen2VLForConditionalGeneration.from_pretrained(tiny_qwen2vl)
 
 
-@pytest.fixture(scope="module", params=["qwen2_vl", "qwen3_vl"])
+GEMMA3_TEMPLATE = (
+    "{% for message in messages %}<start_of_turn>{{ message['role'] }}\n{% for c in message['content'] %}"
+    "{% if c['type'] == 'image' %}<start_of_image>{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}<end_of_turn>\n{% endfor %}"
+)
+
+
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen3_vl", "gemma3"])
 def uz(request, vu, model, tiny_qwen2vl, tmp_path_factory):
     """The real collator around a family's real processor (Qwen2-VL: the tiny model's own)."""
     from packaging.version import Version
@@ -45,19 +52,31 @@ def uz(request, vu, model, tiny_qwen2vl, tmp_path_factory):
     uz = UZ()
     uz.vu, uz.family = vu, request.param
     uz.version = Version(engine.installed_version("unsloth_zoo"))
+    marks = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>")
     if request.param == "qwen2_vl":
         uz.processor = AutoProcessor.from_pretrained(tiny_qwen2vl)
     else:
         try:
-            _, uz.processor, _, _ = tiny_processors.qwen3_vl(str(tmp_path_factory.mktemp("q3")))
+            _, uz.processor, _, media = getattr(tiny_processors, request.param)(str(tmp_path_factory.mktemp("p")))
         except (ImportError, AttributeError, TypeError) as exc:
             pytest.skip(f"this transformers cannot build a {request.param} processor: {exc!r}")
-        uz.processor.chat_template = CHAT_TEMPLATE
+        uz.processor.chat_template = GEMMA3_TEMPLATE if request.param == "gemma3" else CHAT_TEMPLATE
+        if request.param == "gemma3":
+            marks = (media[0], media[2], media[1])  # boi, image soft token, eoi
     tok = uz.processor.tokenizer
-    uz.pad, uz.start, uz.end = (tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>"))
+    uz.start, uz.pad, uz.end = (tok.convert_tokens_to_ids(t) for t in marks)
+    # examples whose images alone exceed max_seq_length 100: one large image (Qwen), or six of 18 tokens (Gemma 3)
+    uz.big = dict(n_images=6) if request.param == "gemma3" else dict(n_images=1, side=448)
     # the model is only read for its dtype and max_seq_length by the collator
     uz.collator = lambda max_len=None: vu.UnslothVisionDataCollator(model, uz.processor, max_seq_length=max_len, resize="max")
     return uz
+
+
+def image_tokens(batch):
+    """Body tokens per image of the batch, from the pixel tensors: Qwen-VL grids or Gemma 3's fixed 16."""
+    if "image_grid_thw" in batch:
+        return batch["image_grid_thw"].prod(dim=-1).div(4).long().tolist()
+    return [16] * batch["pixel_values"].shape[0]
 
 
 def unsloth_status(rows):
@@ -90,7 +109,7 @@ def example(n_images, words_before=5, words_after=3, n_placeholders=None, side=2
 def check_rows(uz, batch, budget=None):
     """Every row's image runs are whole and match image_grid_thw, in order; labels aligned."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    grids = batch["image_grid_thw"].prod(dim=-1).div(4).long().tolist()  # tokens per image after the 2x2 merge
+    grids = image_tokens(batch)
     g = 0
     for i in range(ids.shape[0]):
         row = ids[i][mask[i].bool()].tolist()
@@ -108,7 +127,9 @@ def check_rows(uz, batch, budget=None):
                 j = k
             j += 1
     assert g == len(grids), "one whole run per image of the batch"
-    assert batch["labels"].shape == ids.shape and batch["pixel_values"].shape[0] == sum(grids) * 4
+    assert batch["labels"].shape == ids.shape
+    if "image_grid_thw" in batch:
+        assert batch["pixel_values"].shape[0] == sum(grids) * 4
 
 
 def test_vanilla_first_image_only_fails_and_patch_takes_every_image(uz, patched):
@@ -120,7 +141,7 @@ def test_vanilla_first_image_only_fails_and_patch_takes_every_image(uz, patched)
     st = unsloth_status(patched().status())
     assert st["state"] == "applied", st
     batch = uz.collator()([example(2), example(1)])
-    assert batch["image_grid_thw"].shape[0] == 3
+    assert len(image_tokens(batch)) == 3
     check_rows(uz, batch)
 
 
@@ -142,44 +163,46 @@ def test_vanilla_truncation_cuts_the_image_run(uz):
 
 
 def test_patched_truncation_keeps_runs_whole_and_reports(uz, patched, tmp_path):
-    long_one, short_one = example(1, words_before=80), example(1)
+    long_one, short_one = example(1, words_before=80), example(1, words_before=1, words_after=1)
     full = uz.collator()([long_one, short_one])
     patched(report=str(tmp_path / "r.jsonl"))
-    batch = uz.collator(100)([example(1, words_before=80), example(1)])
+    batch = uz.collator(100)([example(1, words_before=80), example(1, words_before=1, words_after=1)])
     check_rows(uz, batch, budget=100)
     short_full = full["input_ids"][1][full["attention_mask"][1].bool()].tolist()
     short_now = batch["input_ids"][1][batch["attention_mask"][1].bool()].tolist()
+    assert len(short_full) <= 100
     assert short_now == short_full, "the example that fits is untouched"
     (row,) = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
     assert row["action"] == "truncated" and row["index"] == 0 and row["tokens_after"] <= 100
-    assert row["media_tokens"] == row["media_tokens_after"] == int(full["image_grid_thw"][0].prod()) // 4 + 2
+    assert row["media_tokens"] == row["media_tokens_after"] == image_tokens(full)[0] + 2
 
 
 def test_media_that_alone_exceed_max_seq_length(uz, patched, tmp_path):
     from vlpatch.integrations.unsloth import EmptyBatchError, filter_dataset
 
-    big = dict(n_images=1, side=448)  # 256 image tokens: more than max_seq_length 100 alone
+    big = uz.big
     patched(report=str(tmp_path / "r.jsonl"))
-    batch = uz.collator(100)([example(**big), example(1)])
-    assert batch["input_ids"].shape[0] == 1 and batch["image_grid_thw"].shape[0] == 1
+    batch = uz.collator(100)([example(**big), example(1, words_before=1, words_after=1)])
+    assert batch["input_ids"].shape[0] == 1 and len(image_tokens(batch)) == 1
     check_rows(uz, batch, budget=100)
     rows = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
     assert [(r["index"], r["action"]) for r in rows] == [(0, "dropped")]
     with pytest.raises(EmptyBatchError, match="every example of this batch was dropped.*filter_dataset"):
         uz.collator(100)([example(**big)])
-    kept = filter_dataset([example(**big), example(1)], uz.collator(100))
-    assert len(kept) == 1 and len(kept[0]["images"]) == 1 and kept[0]["images"][0].size == (224, 224)
+    kept = filter_dataset([example(**big), example(1, words_before=1, words_after=1)], uz.collator(100))
+    assert len(kept) == 1 and len(kept[0]["images"]) == 1
 
     patched(policy="drop_media", report=str(tmp_path / "r.jsonl"))
-    batch = uz.collator(100)([example(2, words_before=5), example(1)])
-    assert batch["input_ids"].shape[0] == 2 and batch["image_grid_thw"].shape[0] == 2, "one image of example 0 left"
+    batch = uz.collator(100)([example(**big), example(1, words_before=1, words_after=1)])
+    assert batch["input_ids"].shape[0] == 2, "no example dropped"
+    assert 1 <= len(image_tokens(batch)) < big["n_images"] + 1, "trailing images of example 0 left, example 1 kept its own"
     check_rows(uz, batch, budget=100)
 
     patched(policy="error")
     import vlpatch
 
     with pytest.raises(vlpatch.SampleError, match="batch example 0: media do not fit"):
-        uz.collator(100)([example(**big), example(1)])
+        uz.collator(100)([example(**big), example(1, words_before=1, words_after=1)])
 
 
 def test_a_few_optimizer_steps_on_patched_batches(uz, model, patched):

@@ -60,12 +60,12 @@ def _batch_index(example) -> str:
     return "batch example ?"
 
 
-def _all_images(wrapped, instance, args, kwargs):
+def _column_images(args, kwargs):
+    """Every image of the example's `images` column (one per placeholder), or None: upstream's path."""
     example = args[0] if args else kwargs["example"]
     messages = args[1] if len(args) > 1 else kwargs.get("messages")
     if "multi_image" not in _active or not isinstance(example, dict) or example.get("images") is None:
-        return wrapped(*args, **kwargs)
-    # the part upstream gets wrong: `[example["images"][0]]`; every image instead, one per placeholder
+        return None
     column = example["images"]
     column = list(column) if isinstance(column, (list, tuple)) else [column]
     want = _count_placeholders(messages)["image"]
@@ -73,7 +73,19 @@ def _all_images(wrapped, instance, args, kwargs):
         raise core.SampleError(
             _batch_index(example), "image placeholders and images differ", f"{want} placeholder(s), {len(column)} image(s)"
         )
-    return column, [], None
+    return column
+
+
+def _all_images(wrapped, instance, args, kwargs):
+    """`_extract_images_videos_for_example` (2025.9.14 on): (images, videos, video kwargs)."""
+    column = _column_images(args, kwargs)
+    return wrapped(*args, **kwargs) if column is None else (column, [], None)
+
+
+def _all_images_only(wrapped, instance, args, kwargs):
+    """`_extract_images_for_example` (2025.9.3 - 2025.9.13): the image list alone."""
+    column = _column_images(args, kwargs)
+    return wrapped(*args, **kwargs) if column is None else column
 
 
 def _embed_column_images(example, index: int):
@@ -242,10 +254,10 @@ def _fit(collator, batch, budget: int):
             f"max_seq_length={budget}); filter the dataset first with "
             "vlpatch.integrations.unsloth.filter_dataset(dataset, collator)"
         )
-    return _rebuild(collator, batch, rows_kept, removed_images, torch)
+    return _rebuild(collator, batch, rows_kept, removed_images, image_base, torch)
 
 
-def _rebuild(collator, batch, rows_kept, removed_images, torch):
+def _rebuild(collator, batch, rows_kept, removed_images, n_images, torch):
     tokenizer = getattr(collator.processor, "tokenizer", collator.processor)
     B, L = batch["input_ids"].shape
     new_len = max(len(p) for _, p in rows_kept)
@@ -260,23 +272,34 @@ def _rebuild(collator, batch, rows_kept, removed_images, torch):
                 out[j, start : start + len(pos)] = value[i].index_select(0, index)
             batch[key] = out
     if removed_images:
-        _drop_images(batch, sorted(set(removed_images)), torch)
+        _drop_images(batch, sorted(set(removed_images)), n_images, torch)
     return batch
 
 
-def _drop_images(batch, removed: list, torch):
-    """Remove images from the pixel tensors: Qwen-style flat patches with image_grid_thw rows."""
+def _drop_images(batch, removed: list, n_images: int, torch):
+    """Take removed images out of the pixel tensors.
+
+    Two layouts: Qwen-VL's flat patches with one image_grid_thw row per image, and one pixel_values
+    entry per image (Gemma 3). Anything else cannot be cut safely: a clear error, not a broken batch.
+    """
+    gone = set(removed)
     grid = batch.get("image_grid_thw")
-    if grid is None:
-        raise core.VLPatchError("vlpatch: removing images is only supported for processors with image_grid_thw")
-    per_image = grid.prod(dim=-1).tolist()
-    keep_imgs = [k for k in range(len(per_image)) if k not in set(removed)]
-    starts = [0]
-    for n in per_image:
-        starts.append(starts[-1] + n)
-    rows = [r for k in keep_imgs for r in range(starts[k], starts[k + 1])]
-    batch["pixel_values"] = batch["pixel_values"][rows]
-    batch["image_grid_thw"] = grid[keep_imgs]
+    pixels = batch.get("pixel_values")
+    if grid is not None:
+        per_image = grid.prod(dim=-1).tolist()
+        keep = [k for k in range(len(per_image)) if k not in gone]
+        starts = [0]
+        for n in per_image:
+            starts.append(starts[-1] + n)
+        batch["pixel_values"] = pixels[[r for k in keep for r in range(starts[k], starts[k + 1])]]
+        batch["image_grid_thw"] = grid[keep]
+    elif torch.is_tensor(pixels) and pixels.shape[0] == n_images:
+        batch["pixel_values"] = pixels[[k for k in range(n_images) if k not in gone]]
+    else:
+        raise core.VLPatchError(
+            "vlpatch: this processor's pixel_values cannot be split per image; filter the dataset first "
+            "with vlpatch.integrations.unsloth.filter_dataset(dataset, collator)"
+        )
 
 
 # --------------------------------------------------------------------------- pre-filter
@@ -306,7 +329,12 @@ def details(spec) -> dict:
     return {"covered_processors": sorted(table)}
 
 
-WRAPPERS = {"collate": _collate, "collate_inline": _collate_inline, "all_images": _all_images}
+WRAPPERS = {
+    "collate": _collate,
+    "collate_inline": _collate_inline,
+    "all_images": _all_images,
+    "all_images_only": _all_images_only,
+}
 
 
 def wrappers(spec, version=None) -> dict:
