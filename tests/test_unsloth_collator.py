@@ -224,3 +224,28 @@ def test_a_few_optimizer_steps_on_patched_batches(uz, model, patched):
         opt.zero_grad()
         losses.append(out.loss.item())
     assert all(torch.isfinite(torch.tensor(losses))), losses
+
+
+def test_uncovered_processor_is_left_to_upstream(vu, model, patched, tmp_path):
+    """A processor vlpatch has no token table for (LLaVA here) gets upstream's own collation, unchanged."""
+    import torch
+
+    from tests.fixtures import tiny_processors
+
+    try:
+        _, processor, _, _ = tiny_processors.llava(str(tmp_path / "llava"))
+    except (ImportError, AttributeError, TypeError) as exc:
+        pytest.skip(f"this transformers cannot build a llava processor: {exc!r}")
+    processor.chat_template = (
+        "{% for message in messages %}{{ message['role'] }}: {% for c in message['content'] %}"
+        "{% if c['type'] == 'image' %}<image>{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}\n{% endfor %}"
+    )
+    rows = [example(1, words_before=3, side=56), example(1, words_before=3, side=56)]
+    make = lambda: vu.UnslothVisionDataCollator(model, processor, max_seq_length=40, resize="max")  # noqa: E731
+    vanilla = make()(rows)
+    patched()
+    out = make()(rows)
+    assert set(out.keys()) == set(vanilla.keys())
+    for key, value in vanilla.items():
+        if torch.is_tensor(value):
+            assert torch.equal(out[key], value), key
