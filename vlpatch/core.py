@@ -20,7 +20,6 @@ MEDIA_KINDS = ("image", "video", "audio")
 PLACEHOLDERS = {"image": "<image>", "video": "<video>", "audio": "<audio>"}
 
 SplitFn = Callable[[int, int, int], "tuple[int, int]"]
-ItemKey = "tuple[str, int]"  # (kind, index of the item in the sample's list of that kind)
 
 
 class VLPatchError(Exception):
