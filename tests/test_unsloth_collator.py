@@ -36,7 +36,13 @@ GEMMA3_TEMPLATE = (
 )
 
 
-@pytest.fixture(scope="module", params=["qwen2_vl", "qwen3_vl", "gemma3"])
+MLLAMA_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {% for c in message['content'] %}"
+    "{% if c['type'] == 'image' %}<|image|>{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}\n{% endfor %}"
+)
+
+
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen3_vl", "gemma3", "mllama"])
 def uz(request, vu, model, tiny_qwen2vl, tmp_path_factory):
     """The real collator around a family's real processor (Qwen2-VL: the tiny model's own)."""
     from packaging.version import Version
@@ -60,11 +66,15 @@ def uz(request, vu, model, tiny_qwen2vl, tmp_path_factory):
             _, uz.processor, _, media = getattr(tiny_processors, request.param)(str(tmp_path_factory.mktemp("p")))
         except (ImportError, AttributeError, TypeError) as exc:
             pytest.skip(f"this transformers cannot build a {request.param} processor: {exc!r}")
-        uz.processor.chat_template = GEMMA3_TEMPLATE if request.param == "gemma3" else CHAT_TEMPLATE
+        templates = {"gemma3": GEMMA3_TEMPLATE, "mllama": MLLAMA_TEMPLATE}
+        uz.processor.chat_template = templates.get(request.param, CHAT_TEMPLATE)
         if request.param == "gemma3":
             marks = (media[0], media[2], media[1])  # boi, image soft token, eoi
+        if request.param == "mllama":
+            marks = (None, media[0], None)  # one <|image|> token per image, no boundaries
     tok = uz.processor.tokenizer
-    uz.start, uz.pad, uz.end = (tok.convert_tokens_to_ids(t) for t in marks)
+    uz.start, uz.pad, uz.end = (tok.convert_tokens_to_ids(t) if t else None for t in marks)
+    uz.boundaries = 0 if request.param == "mllama" else 2
     # examples whose images alone exceed max_seq_length 100: one large image (Qwen), or six of 18 tokens (Gemma 3)
     uz.big = dict(n_images=6) if request.param == "gemma3" else dict(n_images=1, side=448)
     # the model is only read for its dtype and max_seq_length by the collator
@@ -73,9 +83,12 @@ def uz(request, vu, model, tiny_qwen2vl, tmp_path_factory):
 
 
 def image_tokens(batch):
-    """Body tokens per image of the batch, from the pixel tensors: Qwen-VL grids or Gemma 3's fixed 16."""
+    """Body tokens per image of the batch, from the pixel tensors: Qwen-VL grids, Gemma 3's fixed 16,
+    Mllama's one token per image (images counted from aspect_ratio_ids: 0 marks an empty slot)."""
     if "image_grid_thw" in batch:
         return batch["image_grid_thw"].prod(dim=-1).div(4).long().tolist()
+    if "aspect_ratio_ids" in batch:
+        return [1] * int((batch["aspect_ratio_ids"] != 0).sum())
     return [16] * batch["pixel_values"].shape[0]
 
 
@@ -107,7 +120,7 @@ def example(n_images, words_before=5, words_after=3, n_placeholders=None, side=2
 
 
 def check_rows(uz, batch, budget=None):
-    """Every row's image runs are whole and match image_grid_thw, in order; labels aligned."""
+    """Every row's image runs are whole and match the pixel tensors, in order; labels aligned."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
     grids = image_tokens(batch)
     g = 0
@@ -115,6 +128,10 @@ def check_rows(uz, batch, budget=None):
         row = ids[i][mask[i].bool()].tolist()
         if budget is not None:
             assert len(row) <= budget
+        if uz.start is None:  # Mllama: one token per image, the row's images in its own pixel slots
+            assert row.count(uz.pad) == int((batch["aspect_ratio_ids"][i] != 0).sum()), f"row {i}"
+            g += row.count(uz.pad)
+            continue
         j = 0
         while j < len(row):
             if row[j] == uz.start:
@@ -157,16 +174,16 @@ def test_placeholder_count_differs_from_images_names_the_example(uz, patched):
 
 def test_vanilla_truncation_cuts_the_image_run(uz):
     with pytest.raises(Exception) as info:
-        batch = uz.collator(100)([example(1, words_before=80), example(1)])
+        batch = uz.collator(100)([example(1, words_before=150), example(1)])
         check_rows(uz, batch)  # an old transformers may not raise: the rows are then broken
     assert "image" in str(info.value).lower() or isinstance(info.value, AssertionError), repr(info.value)
 
 
 def test_patched_truncation_keeps_runs_whole_and_reports(uz, patched, tmp_path):
-    long_one, short_one = example(1, words_before=80), example(1, words_before=1, words_after=1)
+    long_one, short_one = example(1, words_before=150), example(1, words_before=1, words_after=1)
     full = uz.collator()([long_one, short_one])
     patched(report=str(tmp_path / "r.jsonl"))
-    batch = uz.collator(100)([example(1, words_before=80), example(1, words_before=1, words_after=1)])
+    batch = uz.collator(100)([example(1, words_before=150), example(1, words_before=1, words_after=1)])
     check_rows(uz, batch, budget=100)
     short_full = full["input_ids"][1][full["attention_mask"][1].bool()].tolist()
     short_now = batch["input_ids"][1][batch["attention_mask"][1].bool()].tolist()
@@ -174,12 +191,14 @@ def test_patched_truncation_keeps_runs_whole_and_reports(uz, patched, tmp_path):
     assert short_now == short_full, "the example that fits is untouched"
     (row,) = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
     assert row["action"] == "truncated" and row["index"] == 0 and row["tokens_after"] <= 100
-    assert row["media_tokens"] == row["media_tokens_after"] == image_tokens(full)[0] + 2
+    assert row["media_tokens"] == row["media_tokens_after"] == image_tokens(full)[0] + uz.boundaries
 
 
 def test_media_that_alone_exceed_max_seq_length(uz, patched, tmp_path):
     from vlpatch.integrations.unsloth import EmptyBatchError, filter_dataset
 
+    if uz.family == "mllama":
+        pytest.skip("an Mllama image is one token: its media never exceed a budget that holds the text")
     big = uz.big
     patched(report=str(tmp_path / "r.jsonl"))
     batch = uz.collator(100)([example(**big), example(1, words_before=1, words_after=1)])

@@ -153,6 +153,11 @@ def _finder(processor) -> core.RunFinder | None:
     return hit[1]
 
 
+def _pixel_layout(processor) -> str:
+    """How a processor's pixel tensors hold images (matrix `options.pixel_layout`): grid / per_image / per_row."""
+    return (_spec.options if _spec else {}).get("pixel_layout", {}).get(type(processor).__name__, "grid")
+
+
 def _build_finder(processor) -> core.RunFinder | None:
     table = (_spec.options if _spec else {}).get("media_tokens", {}).get(type(processor).__name__)
     tokenizer = getattr(processor, "tokenizer", processor)
@@ -194,6 +199,7 @@ def _fit(collator, batch, budget: int):
     cfg = engine.config()
     policy = core.get_policy(cfg.policy)
     keep = "tail" if getattr(tokenizer, "truncation_side", "right") == "left" else "head"
+    layout = _pixel_layout(processor)
     B, L = ids.shape
     rows_kept, removed_images, rows, counts, reasons = [], [], [], Counter(), Counter()
     image_base = 0
@@ -212,6 +218,9 @@ def _fit(collator, batch, budget: int):
         media = sum(r.length for r in runs)
         try:
             decision = core.fit_sequence(len(row), runs, budget, policy, sample, keep=keep)
+            if decision.removed and layout == "per_row":  # one image cannot leave a row's pixel slots
+                why = f"{decision.reason}; {type(processor).__name__} keeps images per row: example dropped"
+                decision = core.Decision("dropped", None, reason=why)
         except core.SampleError:
             err = {"trainer": TRAINER, "index": i, "action": "error", "reason": "media_exceed_budget", "budget": budget}
             report.write_rows([err], DEFAULT_REPORT)
@@ -222,7 +231,8 @@ def _fit(collator, batch, budget: int):
         ):  # video runs are kept whole when text is cut, but their pixels cannot be taken out of a batch yet
             raise core.SampleError(sample, "a sample with videos does not fit max_seq_length", "filter the dataset first")
         if decision.action == "dropped":
-            removed_images.extend(range(image_base, image_base + n_images))
+            if layout != "per_row":  # per-row pixel tensors leave with their row
+                removed_images.extend(range(image_base, image_base + n_images))
             rows.append({**entry, "action": "dropped", "reason": decision.reason})
         else:
             kept = decision.kept[0]
@@ -253,15 +263,16 @@ def _fit(collator, batch, budget: int):
             f"max_seq_length={budget}); filter the dataset first with "
             "vlpatch.integrations.unsloth.filter_dataset(dataset, collator)"
         )
-    return _rebuild(collator, batch, rows_kept, removed_images, image_base, torch)
+    return _rebuild(collator, batch, rows_kept, removed_images, image_base, layout, torch)
 
 
-def _rebuild(collator, batch, rows_kept, removed_images, n_images, torch):
+def _rebuild(collator, batch, rows_kept, removed_images, n_images, layout, torch):
     tokenizer = getattr(collator.processor, "tokenizer", collator.processor)
     B, L = batch["input_ids"].shape
     new_len = max(len(p) for _, p in rows_kept)
     left = getattr(tokenizer, "padding_side", "right") == "left"
     pad_values = {"input_ids": tokenizer.pad_token_id or 0, "labels": getattr(collator, "ignore_index", -100)}
+    per_token = set()
     for key, value in list(batch.items()):
         if torch.is_tensor(value) and value.dim() >= 2 and value.shape[0] == B and value.shape[1] == L:
             out = value.new_full((len(rows_kept), new_len, *value.shape[2:]), pad_values.get(key, 0))
@@ -270,21 +281,24 @@ def _rebuild(collator, batch, rows_kept, removed_images, n_images, torch):
                 start = new_len - len(pos) if left else 0
                 out[j, start : start + len(pos)] = value[i].index_select(0, index)
             batch[key] = out
-    if removed_images:
-        _drop_images(batch, sorted(set(removed_images)), n_images, torch)
+            per_token.add(key)
+    if layout == "per_row" and len(rows_kept) != B:  # pixel_values, aspect ratios ...: one entry per row
+        keep_rows = [i for i, _ in rows_kept]
+        for key, value in list(batch.items()):
+            if key not in per_token and torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == B:
+                batch[key] = value[keep_rows]
+    elif removed_images:
+        _drop_images(batch, sorted(set(removed_images)), n_images, layout, torch)
     return batch
 
 
-def _drop_images(batch, removed: list, n_images: int, torch):
-    """Take removed images out of the pixel tensors.
-
-    Two layouts: Qwen-VL's flat patches with one image_grid_thw row per image, and one pixel_values
-    entry per image (Gemma 3). Anything else cannot be cut safely: a clear error, not a broken batch.
-    """
+def _drop_images(batch, removed: list, n_images: int, layout: str, torch):
+    """Take removed images out of the pixel tensors: Qwen-VL's flat patches with one image_grid_thw row
+    per image (`grid`), or one pixel_values entry per image (`per_image`, Gemma 3)."""
     gone = set(removed)
-    grid = batch.get("image_grid_thw")
-    pixels = batch.get("pixel_values")
-    if grid is not None:
+    pixels = batch["pixel_values"]
+    if layout == "grid":
+        grid = batch["image_grid_thw"]
         per_image = grid.prod(dim=-1).tolist()
         keep = [k for k in range(len(per_image)) if k not in gone]
         starts = [0]
@@ -292,13 +306,10 @@ def _drop_images(batch, removed: list, n_images: int, torch):
             starts.append(starts[-1] + n)
         batch["pixel_values"] = pixels[[r for k in keep for r in range(starts[k], starts[k + 1])]]
         batch["image_grid_thw"] = grid[keep]
-    elif torch.is_tensor(pixels) and pixels.shape[0] == n_images:
+    elif layout == "per_image" and pixels.shape[0] == n_images:
         batch["pixel_values"] = pixels[[k for k in range(n_images) if k not in gone]]
     else:
-        raise core.VLPatchError(
-            "vlpatch: this processor's pixel_values cannot be split per image; filter the dataset first "
-            "with vlpatch.integrations.unsloth.filter_dataset(dataset, collator)"
-        )
+        raise core.VLPatchError(f"vlpatch: cannot take images out of pixel_values laid out {layout!r}")
 
 
 # --------------------------------------------------------------------------- pre-filter
