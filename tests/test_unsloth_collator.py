@@ -42,7 +42,10 @@ MLLAMA_TEMPLATE = (
 )
 
 
-@pytest.fixture(scope="module", params=["qwen2_vl", "qwen3_vl", "gemma3", "mllama"])
+PIXTRAL_TEMPLATE = MLLAMA_TEMPLATE.replace("<|image|>", "[IMG]")
+
+
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen3_vl", "gemma3", "mllama", "pixtral"])
 def uz(request, vu, model, tiny_qwen2vl, tmp_path_factory):
     """The real collator around a family's real processor (Qwen2-VL: the tiny model's own)."""
     from packaging.version import Version
@@ -66,17 +69,20 @@ def uz(request, vu, model, tiny_qwen2vl, tmp_path_factory):
             _, uz.processor, _, media = getattr(tiny_processors, request.param)(str(tmp_path_factory.mktemp("p")))
         except (ImportError, AttributeError, TypeError) as exc:
             pytest.skip(f"this transformers cannot build a {request.param} processor: {exc!r}")
-        templates = {"gemma3": GEMMA3_TEMPLATE, "mllama": MLLAMA_TEMPLATE}
+        templates = {"gemma3": GEMMA3_TEMPLATE, "mllama": MLLAMA_TEMPLATE, "pixtral": PIXTRAL_TEMPLATE}
         uz.processor.chat_template = templates.get(request.param, CHAT_TEMPLATE)
         if request.param == "gemma3":
             marks = (media[0], media[2], media[1])  # boi, image soft token, eoi
         if request.param == "mllama":
             marks = (None, media[0], None)  # one <|image|> token per image, no boundaries
+        if request.param == "pixtral":
+            marks = (None, media[0], media[2])  # rows of [IMG] closed by [IMG_BREAK], the last by [IMG_END]
+            uz.brk = uz.processor.tokenizer.convert_tokens_to_ids(media[1])
     tok = uz.processor.tokenizer
     uz.start, uz.pad, uz.end = (tok.convert_tokens_to_ids(t) if t else None for t in marks)
-    uz.boundaries = 0 if request.param == "mllama" else 2
+    uz.boundaries = {"mllama": 0, "pixtral": 0}.get(request.param, 2)
     # examples whose images alone exceed max_seq_length 100: one large image (Qwen), or six of 18 tokens (Gemma 3)
-    uz.big = dict(n_images=6) if request.param == "gemma3" else dict(n_images=1, side=448)
+    uz.big = dict(n_images=6) if request.param in ("gemma3", "pixtral") else dict(n_images=1, side=448)
     # the model is only read for its dtype and max_seq_length by the collator
     uz.collator = lambda max_len=None: vu.UnslothVisionDataCollator(model, uz.processor, max_seq_length=max_len, resize="max")
     return uz
@@ -89,6 +95,8 @@ def image_tokens(batch):
         return batch["image_grid_thw"].prod(dim=-1).div(4).long().tolist()
     if "aspect_ratio_ids" in batch:
         return [1] * int((batch["aspect_ratio_ids"] != 0).sum())
+    if "image_sizes" in batch:  # Pixtral, patch 16: rows x (columns + one break or end token)
+        return [int(h) // 16 * (int(w) // 16 + 1) for h, w in batch["image_sizes"].tolist()]
     return [16] * batch["pixel_values"].shape[0]
 
 
@@ -128,6 +136,19 @@ def check_rows(uz, batch, budget=None):
         row = ids[i][mask[i].bool()].tolist()
         if budget is not None:
             assert len(row) <= budget
+        if uz.family == "pixtral":  # runs of [IMG] / [IMG_BREAK] closed by [IMG_END]
+            j = 0
+            while j < len(row):
+                if row[j] == uz.pad:
+                    k = j
+                    while k < len(row) and row[k] in (uz.pad, uz.brk):
+                        k += 1
+                    assert k < len(row) and row[k] == uz.end, f"row {i}: image run at {j} is cut"
+                    assert k - j + 1 == grids[g], f"row {i}: run of {k - j + 1} tokens for an image of {grids[g]}"
+                    g += 1
+                    j = k
+                j += 1
+            continue
         if uz.start is None:  # Mllama: one token per image, the row's images in its own pixel slots
             assert row.count(uz.pad) == int((batch["aspect_ratio_ids"][i] != 0).sum()), f"row {i}"
             g += row.count(uz.pad)
@@ -154,7 +175,9 @@ def test_vanilla_first_image_only_fails_and_patch_takes_every_image(uz, patched)
     if uz.version < uz.version.__class__("2025.12.4"):
         with pytest.raises(Exception) as info:
             uz.collator()(batch_in)
-        assert isinstance(info.value, (IndexError, ValueError)), repr(info.value)
+        # the image-count mismatch surfaces inside the processor: IndexError (Qwen), ValueError, or
+        # StopIteration (Pixtral runs out of images)
+        assert isinstance(info.value, (IndexError, ValueError, StopIteration)), repr(info.value)
     st = unsloth_status(patched().status())
     assert st["state"] == "applied", st
     batch = uz.collator()([example(2), example(1)])

@@ -288,13 +288,14 @@ def _rebuild(collator, batch, rows_kept, removed_images, n_images, layout, torch
             if key not in per_token and torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == B:
                 batch[key] = value[keep_rows]
     elif removed_images:
-        _drop_images(batch, sorted(set(removed_images)), n_images, layout, torch)
+        _drop_images(batch, sorted(set(removed_images)), n_images, layout, per_token, torch)
     return batch
 
 
-def _drop_images(batch, removed: list, n_images: int, layout: str, torch):
+def _drop_images(batch, removed: list, n_images: int, layout: str, per_token: set, torch):
     """Take removed images out of the pixel tensors: Qwen-VL's flat patches with one image_grid_thw row
-    per image (`grid`), or one pixel_values entry per image (`per_image`, Gemma 3)."""
+    per image (`grid`), or one entry per image in pixel_values and its companions (`per_image`: Gemma 3,
+    Pixtral's image_sizes)."""
     gone = set(removed)
     pixels = batch["pixel_values"]
     if layout == "grid":
@@ -307,7 +308,10 @@ def _drop_images(batch, removed: list, n_images: int, layout: str, torch):
         batch["pixel_values"] = pixels[[r for k in keep for r in range(starts[k], starts[k + 1])]]
         batch["image_grid_thw"] = grid[keep]
     elif layout == "per_image" and pixels.shape[0] == n_images:
-        batch["pixel_values"] = pixels[[k for k in range(n_images) if k not in gone]]
+        keep = [k for k in range(n_images) if k not in gone]
+        for key, value in list(batch.items()):  # pixel_values and its companions (Pixtral's image_sizes)
+            if key not in per_token and torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == n_images:
+                batch[key] = value[keep]
     else:
         raise core.VLPatchError(f"vlpatch: cannot take images out of pixel_values laid out {layout!r}")
 
