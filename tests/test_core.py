@@ -155,6 +155,9 @@ def test_adjacent_body_only_items_are_told_apart():
     mllama = core.RunFinder([core.MediaKind("image", frozenset({IMG}), item_tokens=1)])
     runs = mllama.assign_items([IMG, IMG, 11, IMG], mllama.find([IMG, IMG, 11, IMG]), {"image": 3})
     assert [(r.first, r.items) for r in runs] == [(0, 2), (2, 1)]
+    # a collator knows only the tokens: item_tokens tells adjacent items apart, other layouts count runs
+    assert mllama.count_items([IMG, IMG, 11, IMG], mllama.find([IMG, IMG, 11, IMG])) == {"image": 3}
+    assert llava.count_items(ids, llava.find(ids)) == {"image": 1}
 
 
 def test_pixtral_rows_and_end_token():

@@ -13,6 +13,8 @@ what to report. The invariants (checked by the property tests):
 
 from __future__ import annotations
 
+from collections import Counter
+
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -126,6 +128,15 @@ class RunFinder:
     def body_count(self, ids: Sequence[int], run: Run) -> int:
         bodyset = self.kinds[run.kind].body
         return sum(1 for t in ids[run.start : run.stop] if t in bodyset)
+
+    def count_items(self, ids: Sequence[int], runs: list[Run]) -> Counter:
+        """Items per kind as the tokens alone tell them: `item_tokens` body tokens per item where the
+        layout fixes it (adjacent Mllama images are one run of several items), else one per run."""
+        counts: Counter = Counter()
+        for r in runs:
+            per = self.kinds[r.kind].item_tokens
+            counts[r.kind] += self.body_count(ids, r) // per if per else 1
+        return counts
 
     def assign_items(self, ids: Sequence[int], runs: list[Run], counts: Mapping[str, int]) -> list[Run]:
         """Number the items of each run so that run k of a kind holds items [first, first + items).
