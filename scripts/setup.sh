@@ -5,6 +5,8 @@
 #   .venv-uz2503      unsloth_zoo 2025.3.17 (first image taken inline in __call__) + transformers 4.49.0
 #   .venv-uz2509      unsloth_zoo 2025.9.5 (first image in _extract_images_for_example) + transformers 4.57.1
 #   .venv-uz2510      unsloth_zoo 2025.10.13 (first image in _extract_images_videos_for_example) + transformers 4.57.1
+#   .venv-uz2511      unsloth_zoo 2025.11.6 (first image in _extract_images_videos_for_example; prompt/completion
+#                     path reads the images column only without messages) + transformers 4.57.1
 #   .venv-uz2610      unsloth_zoo 2026.10.9 (newest) + transformers 5.6.0
 # Every environment sees .venv-torch's packages through a .pth file: one torch stack for all.
 # VLPATCH_LF_VERSION / VLPATCH_TORCH_SPEC / VLPATCH_VENV change the main environment;
@@ -54,8 +56,9 @@ if [ "${VLPATCH_SKIP_UNSLOTH:-0}" != "1" ]; then
   make_env .venv-uz2503 "unsloth_zoo 2025.3.17" "unsloth_zoo==2025.3.17" "transformers==4.49.0" "trl==0.15.2" "datasets<3.3" "numpy<2" "pyarrow<20"
   make_env .venv-uz2509 "unsloth_zoo 2025.9.5" "unsloth_zoo==2025.9.5" "transformers==4.57.1" "trl==0.23.0" "datasets>=3.4.1,<4.0"
   make_env .venv-uz2510 "unsloth_zoo 2025.10.13" "unsloth_zoo==2025.10.13" "transformers==4.57.1" "trl==0.23.0" "datasets>=3.4.1,<4.0"
+  make_env .venv-uz2511 "unsloth_zoo 2025.11.6" "unsloth_zoo==2025.11.6" "transformers==4.57.1" "trl==0.23.0" "datasets>=3.4.1,<4.0"
   make_env .venv-uz2610 "unsloth_zoo 2026.10.9" "unsloth_zoo==2026.10.9" "transformers==5.6.0" "datasets>=3.4.1,<4.0"
-  for v in .venv-uz2503 .venv-uz2509 .venv-uz2510 .venv-uz2610; do
+  for v in .venv-uz2503 .venv-uz2509 .venv-uz2510 .venv-uz2511 .venv-uz2610; do
     "$v/bin/python" -c "import importlib.metadata as m, torch; print('setup:', '$v', 'unsloth_zoo', m.version('unsloth_zoo'), '| transformers', m.version('transformers'), '| torch', torch.__version__)"
   done
 fi

@@ -82,7 +82,10 @@ def uz(request, vu, model, tiny_qwen2vl, tmp_path_factory):
     uz.start, uz.pad, uz.end = (tok.convert_tokens_to_ids(t) if t else None for t in marks)
     uz.boundaries = {"mllama": 0, "pixtral": 0}.get(request.param, 2)
     # examples whose images alone exceed max_seq_length 100: one large image (Qwen), or six of 18 tokens (Gemma 3)
-    uz.big = dict(n_images=6) if request.param in ("gemma3", "pixtral") else dict(n_images=1, side=448)
+    # Mllama: one token per image, so 120 small images (56 px, one tile each)
+    uz.big = {"gemma3": dict(n_images=6), "pixtral": dict(n_images=6), "mllama": dict(n_images=120, side=56)}.get(
+        request.param, dict(n_images=1, side=448)
+    )
     # the model is only read for its dtype and max_seq_length by the collator
     uz.collator = lambda max_len=None: vu.UnslothVisionDataCollator(model, uz.processor, max_seq_length=max_len, resize="max")
     return uz
@@ -220,8 +223,6 @@ def test_patched_truncation_keeps_runs_whole_and_reports(uz, patched, tmp_path):
 def test_media_that_alone_exceed_max_seq_length(uz, patched, tmp_path):
     from vlpatch.integrations.unsloth import EmptyBatchError, filter_dataset
 
-    if uz.family == "mllama":
-        pytest.skip("an Mllama image is one token: its media never exceed a budget that holds the text")
     big = uz.big
     patched(report=str(tmp_path / "r.jsonl"))
     batch = uz.collator(100)([example(**big), example(1, words_before=1, words_after=1)])
@@ -231,11 +232,20 @@ def test_media_that_alone_exceed_max_seq_length(uz, patched, tmp_path):
     assert [(r["index"], r["action"]) for r in rows] == [(0, "dropped")]
     with pytest.raises(EmptyBatchError, match="every example of this batch was dropped.*filter_dataset"):
         uz.collator(100)([example(**big)])
-    kept = filter_dataset([example(**big), example(1, words_before=1, words_after=1)], uz.collator(100))
-    assert len(kept) == 1 and len(kept[0]["images"]) == 1
+    small = example(1, words_before=1, words_after=1)
+    kept = filter_dataset([small, example(**big), small], uz.collator(100))
+    assert len(kept) == 2 and all(len(k["images"]) == 1 for k in kept)
+    last = json.loads((tmp_path / "r.jsonl").read_text().splitlines()[-1])
+    assert (last["index"], last["stage"], last["action"]) == (1, "filter_dataset", "dropped"), "names the dataset index"
 
     patched(policy="drop_media", report=str(tmp_path / "r.jsonl"))
     batch = uz.collator(100)([example(**big), example(1, words_before=1, words_after=1)])
+    if uz.family == "mllama":  # pixel tensors per row ([B, max_images, ...]): the example leaves whole
+        assert batch["input_ids"].shape[0] == 1 and batch["pixel_values"].shape[0] == 1
+        check_rows(uz, batch, budget=100)
+        last = json.loads((tmp_path / "r.jsonl").read_text().splitlines()[-1])
+        assert last["action"] == "dropped" and "keeps images per row" in last["reason"], last
+        return
     assert batch["input_ids"].shape[0] == 2, "no example dropped"
     assert 1 <= len(image_tokens(batch)) < big["n_images"] + 1, "trailing images of example 0 left, example 1 kept its own"
     check_rows(uz, batch, budget=100)
@@ -291,3 +301,69 @@ def test_uncovered_processor_is_left_to_upstream(vu, model, patched, tmp_path):
     for key, value in vanilla.items():
         if torch.is_tensor(value):
             assert torch.equal(out[key], value), key
+
+
+# --------------------------------------------------------------------------- prompt/completion examples
+
+
+def pc_example(n_images, words_before=5, words_after=3, n_placeholders=None, side=224):
+    """TRL's prompt/completion form: user messages with the image placeholders, an assistant
+    completion, and the `images` column."""
+    convo = example(n_images, words_before, words_after, n_placeholders, side)
+    prompt, completion = convo["messages"]
+    return {"prompt": [prompt], "completion": [completion], "images": convo["images"]}
+
+
+@pytest.fixture
+def pc(uz):
+    if uz.version < uz.version.__class__("2025.9.3"):
+        pytest.skip(f"unsloth_zoo {uz.version} has no prompt/completion path")
+    return uz
+
+
+def test_prompt_completion_every_column_image(pc, patched):
+    uz = pc
+    st = unsloth_status(patched().status())
+    native = "native" in st["parts"]["pc_images"]
+    import vlpatch
+
+    vlpatch.revert()
+    if not native:
+        with pytest.raises(Exception) as info:  # first image only, or the column ignored, or the tuple as the image list
+            check_rows(uz, uz.collator()([pc_example(2), pc_example(1)]))
+        print(f"vanilla {uz.version}: {info.value!r}")
+    patched()
+    batch = uz.collator()([pc_example(2), pc_example(1)])
+    assert len(image_tokens(batch)) == 3
+    check_rows(uz, batch)
+
+
+def test_prompt_completion_placeholder_count_differs(pc, patched):
+    import vlpatch
+
+    st = unsloth_status(patched().status())
+    if "applied" not in st["parts"]["pc_images"]:
+        pytest.skip(f"prompt/completion images are native in unsloth_zoo {pc.version}")
+    with pytest.raises(vlpatch.SampleError, match=r"batch example 1: image placeholders in prompt and completion and images differ \(2 placeholder\(s\), 1 image\(s\)\)"):
+        pc.collator()([pc_example(1), pc_example(1, n_placeholders=2)])
+
+
+def test_prompt_completion_truncation_keeps_runs_whole(pc, patched, tmp_path):
+    uz = pc
+    with pytest.raises(Exception) as info:
+        check_rows(uz, uz.collator(100)([pc_example(1, words_before=150), pc_example(1)]), budget=100)
+    print(f"vanilla {uz.version}: {info.value!r}")
+    patched(report=str(tmp_path / "r.jsonl"))
+    full = uz.collator()([pc_example(1, words_before=150), pc_example(1, words_before=1, words_after=1)])
+    batch = uz.collator(100)([pc_example(1, words_before=150), pc_example(1, words_before=1, words_after=1)])
+    check_rows(uz, batch, budget=100)
+    row_of = lambda b, i: b["input_ids"][i][b["attention_mask"][i].bool()].tolist()  # noqa: E731
+    assert row_of(batch, 1) == row_of(full, 1), "the example that fits is untouched"
+    tok = uz.processor.tokenizer
+    kept, whole = row_of(batch, 0), row_of(full, 0)
+    # upstream cuts prompt/completion rows on the padding side: left padding keeps the completion's end
+    it = iter(whole)
+    assert all(t in it for t in kept), "kept tokens are a subsequence of the uncut row"
+    assert (kept[-1] == whole[-1]) if tok.padding_side == "left" else (kept[0] == whole[0])
+    (row,) = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert row["action"] == "truncated" and row["index"] == 0 and row["tokens_after"] <= 100

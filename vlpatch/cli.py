@@ -43,6 +43,8 @@ def _fingerprint(args) -> int:
         if version is None:
             print(f"# {spec.id}: {spec.distribution} not installed", file=sys.stderr)
             continue
+        if not args.patch and version not in spec.applies:  # named patches are printed whatever the version
+            continue
         lines = []
         for target in spec.targets:
             try:

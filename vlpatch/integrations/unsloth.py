@@ -33,6 +33,7 @@ _active: set = set()
 _batches: list = []  # stack of the example lists being collated
 _finders: dict = {}
 _warned: set = set()
+_filtering: list = []  # filter_dataset: [dataset index, rows of that one-example batch]
 
 
 class EmptyBatchError(core.VLPatchError):
@@ -61,20 +62,24 @@ def _batch_index(example) -> str:
     return "batch example ?"
 
 
+def _checked(example, column, messages, where: str = "") -> list:
+    """The column as a list, after checking it against the image placeholders of `messages`."""
+    column = list(column) if isinstance(column, (list, tuple)) else [column]
+    want = _count_placeholders(messages)["image"]
+    if want != len(column):
+        raise core.SampleError(
+            _batch_index(example), f"image placeholders{where} and images differ", f"{want} placeholder(s), {len(column)} image(s)"
+        )
+    return column
+
+
 def _column_images(args, kwargs):
     """Every image of the example's `images` column (one per placeholder), or None: upstream's path."""
     example = args[0] if args else kwargs["example"]
     messages = args[1] if len(args) > 1 else kwargs.get("messages")
     if "multi_image" not in _active or not isinstance(example, dict) or example.get("images") is None:
         return None
-    column = example["images"]
-    column = list(column) if isinstance(column, (list, tuple)) else [column]
-    want = _count_placeholders(messages)["image"]
-    if want != len(column):
-        raise core.SampleError(
-            _batch_index(example), "image placeholders and images differ", f"{want} placeholder(s), {len(column)} image(s)"
-        )
-    return column
+    return _checked(example, example["images"], messages)
 
 
 def _all_images(wrapped, instance, args, kwargs):
@@ -87,6 +92,56 @@ def _all_images_only(wrapped, instance, args, kwargs):
     """`_extract_images_for_example` (2025.9.3 - 2025.9.13): the image list alone."""
     column = _column_images(args, kwargs)
     return wrapped(*args, **kwargs) if column is None else column
+
+
+# prompt/completion examples ({"prompt": ..., "completion": ..., "images": [...]}) go through
+# `_extract_images_for_pc(example, p_msgs, c_msgs)` instead: upstream took the first column image
+# (2025.9.3 - 2025.9.13), then ignored the column whenever the example has messages (to 2026.9.7).
+
+
+def _pc_column(args, kwargs):
+    """Every column image of a prompt/completion example, checked against the image placeholders of
+    its prompt and completion messages (plain-string prompts carry the model's own image tokens: the
+    processor checks those); None: no column, upstream's path."""
+    example = args[0] if args else kwargs["example"]
+    if "pc_images" not in _active or not isinstance(example, dict) or not example.get("images"):
+        return None
+    p_msgs = args[1] if len(args) > 1 else kwargs.get("p_msgs")
+    c_msgs = args[2] if len(args) > 2 else kwargs.get("c_msgs")
+    if p_msgs is None and c_msgs is None:
+        column = example["images"]
+        return list(column) if isinstance(column, (list, tuple)) else [column]
+    return _checked(example, example["images"], list(p_msgs or []) + list(c_msgs or []), " in prompt and completion")
+
+
+def _pc_images(wrapped, instance, args, kwargs):
+    """2025.11.1 on: (images, videos, video kwargs), as upstream returns them."""
+    column = _pc_column(args, kwargs)
+    return wrapped(*args, **kwargs) if column is None else (column, [], None)
+
+
+def _pc_images_only(wrapped, instance, args, kwargs):
+    """2025.9.3 - 2025.9.13: the image list alone."""
+    column = _pc_column(args, kwargs)
+    return wrapped(*args, **kwargs) if column is None else column
+
+
+def _pc_images_unpacked(wrapped, instance, args, kwargs):
+    """2025.9.14 - 2025.10.13: upstream returns (images, videos, video kwargs) but its caller takes the
+    whole tuple for the image list, so no prompt/completion batch with images collates there (and plain
+    string prompts without a column end in UnboundLocalError). Hand the caller the list it expects:
+    the column's images, else the images embedded in the messages."""
+    column = _pc_column(args, kwargs)
+    if column is not None:
+        return column
+    if "pc_images" in _active:
+        p_msgs = args[1] if len(args) > 1 else kwargs.get("p_msgs")
+        c_msgs = args[2] if len(args) > 2 else kwargs.get("c_msgs")
+        if not p_msgs and not c_msgs:
+            return []
+        out = wrapped(*args, **kwargs)
+        return list(out[0] or []) if isinstance(out, tuple) else out
+    return wrapped(*args, **kwargs)
 
 
 def _embed_column_images(example, index: int):
@@ -181,24 +236,30 @@ def _collate(wrapped, instance, args, kwargs):
             batch = wrapped(*args, **kwargs)
         finally:
             instance.max_seq_length, instance.truncation = saved
-        return _fit(instance, batch, budget)
+        # prompt/completion batches (upstream's own test, after formatting_func): upstream cuts them on
+        # the padding side (left padding keeps the tail), the messages path on the truncation side
+        formatting = getattr(instance, "formatting_func", None)
+        first = formatting(examples[0]) if formatting is not None and examples else (examples[0] if examples else {})
+        side = "padding_side" if isinstance(first, dict) and "prompt" in first and "completion" in first else "truncation_side"
+        return _fit(instance, batch, budget, side)
     finally:
         _batches.pop()
 
 
-def _fit(collator, batch, budget: int):
+def _fit(collator, batch, budget: int, side: str = "truncation_side"):
     import torch
 
     ids, mask = batch["input_ids"], batch.get("attention_mask")
     if ids.dim() != 2 or ids.shape[1] <= budget:
-        report.tally(Counter({"kept": ids.shape[0]}), Counter())
+        if not _filtering:
+            report.tally(Counter({"kept": ids.shape[0]}), Counter())
         return batch
     processor = collator.processor
     tokenizer = getattr(processor, "tokenizer", processor)
     finder = _finder(processor)
     cfg = engine.config()
     policy = core.get_policy(cfg.policy)
-    keep = "tail" if getattr(tokenizer, "truncation_side", "right") == "left" else "head"
+    keep = "tail" if getattr(tokenizer, side, "right") == "left" else "head"
     layout = _pixel_layout(processor)
     B, L = ids.shape
     rows_kept, removed_images, rows, counts, reasons = [], [], [], Counter(), Counter()
@@ -207,14 +268,15 @@ def _fit(collator, batch, budget: int):
         pos = (mask[i] != 0).nonzero().flatten().tolist() if mask is not None else list(range(L))
         row = ids[i, pos].tolist()
         runs = finder.find(row)
-        n_images = sum(1 for r in runs if r.kind == "image")
-        sample = f"batch example {i}"
+        items = finder.count_items(row, runs)
+        n_images = items["image"]
+        sample = f"dataset[{_filtering[0]}]" if _filtering else f"batch example {i}"
         if len(row) <= budget:
             rows_kept.append((i, pos))
             counts["kept"] += 1
             image_base += n_images
             continue
-        runs = finder.assign_items(row, runs, Counter(r.kind for r in runs))
+        runs = finder.assign_items(row, runs, items)
         media = sum(r.length for r in runs)
         try:
             decision = core.fit_sequence(len(row), runs, budget, policy, sample, keep=keep)
@@ -223,6 +285,8 @@ def _fit(collator, batch, budget: int):
                 decision = core.Decision("dropped", None, reason=why)
         except core.SampleError:
             err = {"trainer": TRAINER, "index": i, "action": "error", "reason": "media_exceed_budget", "budget": budget}
+            if _filtering:
+                err = {**err, "index": _filtering[0], "stage": "filter_dataset"}
             report.write_rows([err], DEFAULT_REPORT)
             raise
         entry = {"trainer": TRAINER, "index": i, "budget": budget, "tokens_before": len(row), "media": {"image": n_images}}
@@ -254,8 +318,11 @@ def _fit(collator, batch, budget: int):
         counts[decision.action] += 1
         reasons[(decision.reason or "text_over_budget").split(":")[0]] += 1
         image_base += n_images
-    report.write_rows(rows, DEFAULT_REPORT)
-    report.tally(counts, reasons)
+    if _filtering:  # filter_dataset reports what it removes; training reports its own cuts
+        _filtering[1].extend(rows)
+    else:
+        report.write_rows(rows, DEFAULT_REPORT)
+        report.tally(counts, reasons)
     if not rows_kept:
         names = ", ".join(f"example {r['index']}" for r in rows)
         raise EmptyBatchError(
@@ -270,6 +337,9 @@ def _rebuild(collator, batch, rows_kept, removed_images, n_images, layout, torch
     tokenizer = getattr(collator.processor, "tokenizer", collator.processor)
     B, L = batch["input_ids"].shape
     new_len = max(len(p) for _, p in rows_kept)
+    multiple = getattr(collator, "pad_to_multiple_of", None)
+    if multiple and multiple > 1:  # as upstream pads
+        new_len = -(-new_len // multiple) * multiple
     left = getattr(tokenizer, "padding_side", "right") == "left"
     pad_values = {"input_ids": tokenizer.pad_token_id or 0, "labels": getattr(collator, "ignore_index", -100)}
     per_token = set()
@@ -323,19 +393,30 @@ def filter_dataset(dataset, collator):
     """Keep the examples the patched collator would not drop (same arithmetic, one example at a time).
 
     Run it before training so that no batch ends up empty. Works on a `datasets.Dataset` (returns a
-    filtered Dataset) or a list (returns a list).
+    filtered Dataset) or a list (returns a list). Each removed example gets a report row naming its
+    dataset index (`"stage": "filter_dataset"`); examples that fit after a cut are kept and reported
+    when training cuts them.
     """
+    removed: list = []
 
-    def fits(example) -> bool:
+    def fits(example, index) -> bool:
+        _filtering[:] = [index, []]
         try:
             collator([example])
             return True
         except EmptyBatchError:
+            removed.extend({**row, "index": index, "stage": "filter_dataset"} for row in _filtering[1])
             return False
+        finally:
+            _filtering.clear()
 
     if hasattr(dataset, "filter"):
-        return dataset.filter(fits)
-    return [ex for ex in dataset if fits(ex)]
+        out = dataset.filter(fits, with_indices=True)
+    else:
+        out = [ex for i, ex in enumerate(dataset) if fits(ex, i)]
+    report.write_rows(removed, DEFAULT_REPORT)
+    report.tally(Counter({"dropped": len(removed)}), Counter(r["reason"].split(":")[0] for r in removed))
+    return out
 
 
 def details(spec) -> dict:
@@ -348,6 +429,9 @@ WRAPPERS = {
     "collate_inline": _collate_inline,
     "all_images": _all_images,
     "all_images_only": _all_images_only,
+    "pc_images": _pc_images,
+    "pc_images_only": _pc_images_only,
+    "pc_images_unpacked": _pc_images_unpacked,
 }
 
 
