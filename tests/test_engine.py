@@ -116,6 +116,28 @@ def test_apply_before_import_is_idempotent_and_reversible(upstream):
     )
 
 
+
+def test_patches_sharing_a_hook_module_all_attach_on_import(upstream):
+    # several patches of one upstream (one per era) share the hook module: on import each is decided,
+    # not only the first one listed (the one for older releases used to stay pending forever)
+    d = upstream()
+    matrix = json.loads((d / "matrix.yaml").read_text())
+    older = {**matrix["patches"][0], "id": "fake.older", "applies": "<1.0", "tested": [], "fingerprints": {}}
+    matrix["patches"].insert(0, older)
+    (d / "matrix.yaml").write_text(json.dumps(matrix))
+    run(
+        d,
+        """
+        import vlpatch
+        vlpatch.apply()
+        import fakeup
+        states = {row["id"]: row for row in vlpatch.status()}
+        assert states["fake.double"]["state"] == "applied", states
+        assert states["fake.older"]["state"] == "skipped" and "fake.double covers it" in states["fake.older"]["reason"], states
+        assert fakeup.target(1) == 4
+        """,
+    )
+
 def test_apply_after_import(upstream):
     run(upstream(), "import fakeup, vlpatch; vlpatch.apply(); assert fakeup.target(1) == 4")
 

@@ -41,6 +41,7 @@ class Config:
     report: str | None = None
     patches: frozenset | None = None  # None: every patch in the matrix
     exclude: frozenset = frozenset()
+    log_level: str | None = None  # VLPATCH_LOG_LEVEL: a stderr handler for the "vlpatch" logger
 
     @classmethod
     def from_env(cls, env=None, **overrides) -> "Config":
@@ -64,6 +65,7 @@ class Config:
                     value = frozenset([value] if isinstance(value, str) else value)
                 setattr(cfg, key, value)
         get_policy(cfg.policy)  # unknown policy: fail now, not deep inside preprocessing
+        cfg.log_level = env.get("VLPATCH_LOG_LEVEL", "").strip().upper() or None
         return cfg
 
     def selects(self, patch_id: str) -> bool:
@@ -151,6 +153,7 @@ def apply(
             policy=policy, patches=patches, exclude=exclude, force=force, media_first=media_first, report=report
         )
         _publish_config()
+        _configure_logging(_config.log_level)
         if _enabled:
             return status()
         _enabled = True
@@ -166,8 +169,35 @@ def apply(
                 _attach(spec)
             elif spec.hook not in _hooked:
                 _hooked.add(spec.hook)
-                wrapt.register_post_import_hook(_hook_for(spec.id), spec.hook)
+                wrapt.register_post_import_hook(_hook_for(spec.hook), spec.hook)
         return status()
+
+
+_handler: logging.Handler | None = None
+
+
+def _configure_logging(level: str | None) -> None:
+    """VLPATCH_LOG_LEVEL=INFO shows, per process, which patch attached (`process_tag`): for torchrun
+    ranks and data-loading workers, which log nowhere else. Unset: the application's logging decides."""
+    global _handler
+    if not level or _handler is not None:
+        return
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(_handler)
+    logger.setLevel(level)
+    logger.propagate = False
+
+
+def process_tag() -> str:
+    """`pid 123`, plus `rank 1/2` under torchrun / accelerate / deepspeed (they set RANK and WORLD_SIZE)."""
+    rank, world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE")
+    return f"pid {os.getpid()}" + (f" rank {rank}/{world}" if rank is not None and world else "")
+
+
+def _announce(patch_id: str) -> None:
+    st = _states[patch_id]
+    logger.info("vlpatch: %s: %s %s (%s)", process_tag(), patch_id, st.state, st.reason)
 
 
 _PUBLISHED = ("VLPATCH_POLICY", "VLPATCH_MEDIA_FIRST", "VLPATCH_REPORT")
@@ -232,22 +262,27 @@ def status() -> list:
         return out
 
 
-def _hook_for(patch_id: str):
+def _hook_for(hook_module: str):
+    """One wrapt post-import hook per module: it attaches every patch whose hook that module is (several
+    patches of one upstream, each for its own releases, share it)."""
+
     def hook(module):  # a post-import hook must never raise into the user's import
-        try:
-            with _lock:
-                spec = _matrix.load().by_id(patch_id)
-                if _enabled and _config.selects(patch_id) and patch_id not in _applied:
-                    _attach(spec)
-        except Exception as exc:  # pragma: no cover - defensive
-            _skip(patch_id, None, f"internal error while attaching: {exc!r}")
+        for spec in _matrix.load().patches:
+            if spec.hook != hook_module:
+                continue
+            try:
+                with _lock:
+                    if _enabled and _config.selects(spec.id) and spec.id not in _applied:
+                        _attach(spec)
+            except Exception as exc:  # pragma: no cover - defensive
+                _skip(spec.id, None, f"internal error while attaching: {exc!r}")
 
     return hook
 
 
 def _skip(patch_id: str, version: str | None, reason: str) -> None:
     _states[patch_id] = PatchState(patch_id, "skipped", reason, version)
-    logger.warning("vlpatch: patch %s not applied: %s", patch_id, reason)
+    logger.warning("vlpatch: patch %s not applied (%s): %s", patch_id, process_tag(), reason)
 
 
 def _attach(spec) -> None:
@@ -263,19 +298,19 @@ def _attach(spec) -> None:
         _states[spec.id] = PatchState(
             spec.id, "native", f"{spec.distribution} {version} fixes this itself ({spec.native})", version
         )
-        return
+        return _announce(spec.id)
     parts = {p.name: p.state(v) for p in spec.parts}
     if parts and not any(state == "applied" for state, _ in parts.values()):
         state = "native" if any(state == "native" for state, _ in parts.values()) else "skipped"
         _states[spec.id] = PatchState(spec.id, state, "no part of this patch is needed here", version, _parts(parts))
-        return
+        return _announce(spec.id)
     sibling = next(
         (o.id for o in _matrix.load().patches if o.id != spec.id and o.distribution == spec.distribution and v in o.applies),
         None,
     )
     if v not in spec.applies and sibling is not None:  # another patch of the matrix covers this release
         _states[spec.id] = PatchState(spec.id, "skipped", f"not for {spec.distribution} {version}: {sibling} covers it", version)
-        return
+        return _announce(spec.id)
     forced = False
     if v not in spec.applies or version not in spec.fingerprints:
         if not _config.force:
@@ -330,6 +365,7 @@ def _attach(spec) -> None:
     details = {**_parts(parts), **getattr(integration, "details", lambda s: {})(spec)}
     reason = "forced onto an untested version" if forced else f"tested on {version}"
     _states[spec.id] = PatchState(spec.id, "applied", reason, version, details)
+    _announce(spec.id)
     if forced:
         logger.warning("vlpatch: patch %s FORCED onto untested %s %s", spec.id, spec.distribution, version)
 
