@@ -3,5 +3,5 @@
 # `llamafactory-cli train` on examples/data, vanilla then with VLPATCH=1. Output under out/demo/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VLPATCH_SKIP_UNSLOTH=1 bash scripts/setup.sh
-exec "${VLPATCH_VENV:-.venv}/bin/python" examples/demo.py
+bash scripts/setup.sh demo  # the session marked `demo: true` in compat_matrix.yaml: .venv
+exec .venv/bin/python examples/demo.py

@@ -1,0 +1,140 @@
+"""What vlpatch does with the upstream release installed in this environment, on its real code.
+
+Runs in every smoke session (scripts/sessions.py), including the ones that hold a release the
+matrix does not cover (`expect: refused`) and the canary's newest releases:
+* a tested release: its patch attaches (every wrapped target is vlpatch's), revert() puts back the
+  very same objects;
+* a release the matrix does not list (or one removed from a copy of the matrix, to stand for the
+  next upstream release): every patch of it is refused with one warning naming the version, and
+  every target is upstream's own object.
+Each check runs in a fresh interpreter so that nothing else in the test process is patched.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+import vlpatch.matrix as vmatrix
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPECT = os.environ.get("VLPATCH_EXPECT", "")
+
+PROBE = r"""
+import importlib, json, sys, logging
+sys.path.insert(0, sys.argv[1])
+import vlpatch, wrapt
+from vlpatch import engine, matrix
+dist = sys.argv[2]
+vlpatch.apply()
+specs = [s for s in matrix.load().patches if s.distribution == dist]
+for hook in sorted({s.hook for s in specs}):
+    if hook.startswith("unsloth_zoo"):
+        from tests.fixtures.unsloth_import import import_vision_utils  # the CPU recipe
+        import_vision_utils()
+    else:
+        importlib.import_module(hook)
+def targets(spec):
+    out = {}
+    for t in spec.targets:
+        try:
+            _, _, obj = wrapt.resolve_path(importlib.import_module(t.module), t.symbol)
+        except Exception as exc:
+            out[t.key] = "missing"
+            continue
+        out[t.key] = "vlpatch" if isinstance(obj, engine._Patched) else "upstream"
+    return out
+before = {s.id: targets(s) for s in specs}
+states = {row["id"]: row for row in vlpatch.status()}
+vlpatch.revert()
+after = {s.id: targets(s) for s in specs}
+print("PROBE " + json.dumps({"states": states, "patched": before, "reverted": after}))
+"""
+
+
+def installed() -> list:
+    out = []
+    for dist in sorted({s.distribution for s in vmatrix.load().patches}):
+        try:
+            out.append((dist, importlib.metadata.version(dist)))
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def probe(dist: str, matrix_path: str | None = None) -> tuple:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLPATCH")}
+    if matrix_path:
+        env["VLPATCH_MATRIX"] = matrix_path
+    proc = subprocess.run([sys.executable, "-c", PROBE, ROOT, dist], env=env, capture_output=True, text=True, timeout=300)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("PROBE ")), None)
+    assert line, proc.stderr[-3000:]
+    return json.loads(line[6:]), proc.stderr
+
+
+def pytest_generate_tests(metafunc):
+    if "upstream" in metafunc.fixturenames:
+        found = installed()
+        metafunc.parametrize("upstream", found or [None], ids=[f"{d}-{v}" for d, v in found] or ["none"])
+
+
+def test_installed_release_is_patched_or_refused(upstream):
+    if upstream is None:
+        pytest.skip("no upstream of the matrix is installed here")
+    dist, version = upstream
+    specs = [s for s in vmatrix.load().patches if s.distribution == dist]
+    tested = [s for s in specs if version in s.tested]
+    assert bool(tested) != (EXPECT == "refused"), f"{dist} {version}: the session's `expect` disagrees with the matrix"
+    out, stderr = probe(dist)
+    # targets a patch that applies here wraps (sibling patches for other releases share some of them)
+    ours = {t.key for s in specs if out["states"][s.id]["state"] == "applied" for t in s.targets if t.wrapper}
+    for spec in specs:
+        state = out["states"][spec.id]
+        if spec in tested:
+            assert state["state"] in ("applied", "native"), state
+            if state["state"] == "applied":
+                wrapped = {t.key for t in spec.targets if t.wrapper}
+                assert {k for k, v in out["patched"][spec.id].items() if v == "vlpatch"} == wrapped
+        else:
+            assert state["state"] == "skipped", state
+            theirs = {k: v for k, v in out["patched"][spec.id].items() if k not in ours}
+            assert set(theirs.values()) <= {"upstream", "missing"}, out["patched"][spec.id]
+        assert set(out["reverted"][spec.id].values()) <= {"upstream", "missing"}
+    if not tested:  # refused: one warning per patch meant for it (the others name their sibling), with the version
+        lines = stderr.splitlines()
+        meant = [s.id for s in specs if "covers it" not in out["states"][s.id]["reason"]]
+        assert meant, out["states"]
+        for patch_id in meant:
+            warned = [x for x in lines if f"patch {patch_id} not applied" in x and version in x]
+            assert len(warned) == 1, stderr[-3000:]
+
+def test_next_release_is_refused_until_the_matrix_lists_it(upstream, tmp_path):
+    """Stand-in for the next upstream release: the installed one, removed from a copy of the matrix
+    (its `tested` entry and fingerprints). vlpatch must refuse it, not patch it blindly."""
+    if upstream is None:
+        pytest.skip("no upstream of the matrix is installed here")
+    dist, version = upstream
+    with open(vmatrix.MATRIX_PATH, encoding="utf-8") as fh:
+        data = yaml.safe_load(fh)
+    touched = []
+    for raw in data["patches"]:
+        if raw["distribution"] == dist and version in [str(v) for v in raw.get("tested", [])]:
+            raw["tested"] = [v for v in raw["tested"] if str(v) != version]
+            raw["fingerprints"].pop(version, None)
+            touched.append(raw["id"])
+    if not touched:
+        pytest.skip(f"{dist} {version} is not in the matrix: the test above covers its refusal")
+    path = tmp_path / "matrix.yaml"
+    path.write_text(yaml.safe_dump(data))
+    out, stderr = probe(dist, str(path))
+    for patch_id in touched:
+        state = out["states"][patch_id]
+        assert state["state"] == "skipped" and "not tested" in state["reason"] and version in state["reason"], state
+        assert set(out["patched"][patch_id].values()) <= {"upstream", "missing"}, out["patched"][patch_id]
+        assert sum(patch_id in line and "not applied" in line for line in stderr.splitlines()) == 1, stderr[-3000:]

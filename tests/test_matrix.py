@@ -1,0 +1,33 @@
+"""compat_matrix.yaml is the single source of truth: every tested version has fingerprints and one
+smoke session (scripts/sessions.py runs them), and every session is a tested version or a release
+the matrix must refuse."""
+
+import yaml
+from packaging.version import Version
+
+import vlpatch.matrix as vmatrix
+
+
+def raw():
+    with open(vmatrix.MATRIX_PATH, encoding="utf-8") as fh:
+        return yaml.safe_load(fh)
+
+
+def test_every_tested_version_has_fingerprints_and_one_session():
+    data, m = raw(), vmatrix.load()
+    sessions = data["smoke"]["sessions"]
+    tested = {(p.distribution, v) for p in m.patches for v in p.tested}
+    for p in m.patches:
+        for v in p.tested:
+            assert v in p.fingerprints, f"{p.id}: tested {v} has no fingerprints"
+            assert set(p.fingerprints[v]) == {t.key for t in p.targets}, f"{p.id} {v}: fingerprints do not match the targets"
+            assert Version(v) in p.applies, f"{p.id}: tested {v} is outside its own range {p.applies}"
+    smoked = [(s["distribution"], str(s["version"])) for s in sessions if s.get("expect") != "refused"]
+    assert sorted(smoked) == sorted(tested), "sessions and tested versions differ"
+    assert len({s["env"] for s in sessions}) == len(sessions), "two sessions share an environment"
+    assert sum(bool(s.get("demo")) for s in sessions) == 1
+    for s in sessions:
+        assert s["suite"] in data["smoke"]["suites"], s
+        if s.get("expect") == "refused":
+            v = Version(str(s["version"]))
+            assert not any(v in p.applies for p in m.patches if p.distribution == s["distribution"]), s
