@@ -6,6 +6,7 @@ script it trains, and the report names every affected sample.
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -117,3 +118,57 @@ def test_policy_error_stops_naming_the_sample(tmp_path, tiny_qwen2vl, data_dir):
     log = proc.stdout + proc.stderr
     assert proc.returncode != 0 and f"vlpatch: sample {DATASETS}[0]: media do not fit the budget" in log, log[-3000:]
     assert not any(m in log for m in MISMATCH)
+
+
+
+def states(log: str, patch: str = "llamafactory.truncation") -> list:
+    """(pid, rank or None, state) from the lines VLPATCH_LOG_LEVEL=INFO prints when a patch attaches
+    (progress bars may precede them on a line)."""
+    pattern = r"vlpatch: pid (\d+)(?: rank (\d+/\d+))?: " + re.escape(patch) + r" (\w+) "
+    return [(int(m[0]), m[1] or None, m[2]) for m in re.findall(pattern, log)]
+
+
+def test_torchrun_two_ranks_each_patched_report_once(tmp_path, tiny_qwen2vl, data_dir):
+    # `llamafactory-cli train` re-launches itself under torchrun: 2 CPU ranks (gloo), VLPATCH=1 alone.
+    # Each rank attaches the patch; LLaMA-Factory preprocesses on local rank 0 and the other rank reads
+    # its cache (`main_process_first`), so every affected sample is in the report exactly once.
+    proc, rows = train(
+        tmp_path,
+        tiny_qwen2vl,
+        data_dir,
+        env={"VLPATCH": "1", "VLPATCH_LOG_LEVEL": "INFO", "FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2", "MASTER_PORT": "29581"},
+        ddp_backend="gloo",
+        per_device_train_batch_size=1,
+    )
+    log = proc.stdout + proc.stderr
+    assert trained(proc), log[-3000:]
+    found = states(log)  # (the launching process may attach too: some releases import the loader there)
+    assert sorted(rank for _, rank, _ in found if rank) == ["0/2", "1/2"], found
+    assert {state for _, _, state in found} == {"applied"}, found
+    check_truncation_rows(rows)
+    assert "samples: 5 kept, 3 truncated, 0 media_dropped, 0 dropped" in log
+
+
+def test_report_is_complete_with_spawned_workers(tmp_path, tiny_qwen2vl, data_dir):
+    # datasets' map workers started with spawn: fresh interpreters that get vlpatch from VLPATCH=1
+    # through the .pth file, attach on import, and report into the parent's run
+    script = (
+        "import sys, multiprocess\n"
+        "multiprocess.set_start_method('spawn', force=True)\n"
+        "from llamafactory.cli import main\n"
+        "sys.argv = ['llamafactory-cli', 'train', sys.argv[1]]\n"
+        "main()\n"
+    )
+    env = {"VLPATCH": "1", "VLPATCH_LOG_LEVEL": "INFO"}
+    proc, rows = train(tmp_path, tiny_qwen2vl, data_dir, env=env, script=script, preprocessing_num_workers=2)
+    log = proc.stdout + proc.stderr
+    assert trained(proc), log[-3000:]
+    found = states(log)
+    assert {state for _, _, state in found} == {"applied"}, found
+    main_pid, patched = found[0][0], {pid for pid, _, _ in found}
+    # every map() starts its own pool: the main process, then two new interpreters per map, each patched
+    assert len(patched) >= 3, found
+    check_truncation_rows(rows)
+    row_pids = {r["pid"] for r in rows}
+    assert main_pid not in row_pids and row_pids <= patched and len(row_pids) == 2, (row_pids, found)
+    assert "samples: 5 kept, 3 truncated, 0 media_dropped, 0 dropped" in log
