@@ -59,6 +59,12 @@ def _fingerprint(args) -> int:
     return 0
 
 
+def _doctor(args) -> int:
+    from . import doctor
+
+    return doctor.main(args)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="vlpatch", description="vision-preserving patches for VL fine-tuning")
     parser.add_argument("--version", action="version", version=f"vlpatch {__version__}")
@@ -70,6 +76,10 @@ def main(argv=None) -> int:
     p = sub.add_parser("fingerprint", help="source fingerprints of every target, for compat_matrix.yaml")
     p.add_argument("patch", nargs="*", help="patch ids (default: all)")
     p.set_defaults(func=_fingerprint)
+    p = sub.add_parser("doctor", help="installed versions, each patch's state and why, a quick self-test")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--no-selftest", action="store_true", help="skip the self-test")
+    p.set_defaults(func=_doctor)
     args = parser.parse_args(argv)
     return args.func(args)
 

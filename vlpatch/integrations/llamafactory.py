@@ -504,6 +504,61 @@ WRAPPERS = {
 }
 
 
+def selftest(spec) -> tuple:
+    """`vlpatch doctor`: the installed LLaMA-Factory's real SupervisedDatasetProcessor and qwen2_vl
+    plugin on one sample whose cut falls on its image run (in-memory tokenizer, the real
+    Qwen2VLImageProcessor, a 56 px image: no download). Patched, the run stays whole and is reported."""
+    import tempfile
+    import types
+
+    from PIL import Image
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2VLImageProcessor
+
+    from llamafactory.data import get_template_and_fix_tokenizer
+    from llamafactory.data.processor import SupervisedDatasetProcessor
+    from llamafactory.hparams import DataArguments
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    vocab = {w: i for i, w in enumerate(specials + ["<unk>", "system", "user", "assistant", "word", "a", "red", "square"])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", pad_token="<|endoftext|>", eos_token="<|im_end|>", additional_special_tokens=specials[1:]
+    )
+    image_processor = Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=56 * 56)
+    holder = types.SimpleNamespace(image_processor=image_processor, image_max_pixels=56 * 56, image_min_pixels=28 * 28)
+    cutoff = 40
+    data_args = DataArguments(template="qwen2_vl", cutoff_len=cutoff)
+    template = get_template_and_fix_tokenizer(tokenizer, data_args)
+    processor = SupervisedDatasetProcessor(template=template, tokenizer=tokenizer, processor=holder, data_args=data_args)
+    examples = {
+        "_prompt": [[{"role": "user", "content": "word " * 60 + "<image>"}]],
+        "_response": [[{"role": "assistant", "content": "a red square"}]],
+        "_system": [""],
+        "_tools": [""],
+        "_images": [[Image.new("RGB", (56, 56), (200, 30, 30))]],
+        "_videos": [None],
+        "_audios": [None],
+    }
+    path = os.path.join(tempfile.mkdtemp(prefix="vlpatch-selftest-"), "report.jsonl")
+    run = report.start_run(TRAINER, "doctor self-test", path)
+    try:
+        out = processor.preprocess_dataset(examples)
+    finally:
+        report.end_run(run, quiet=True)
+    ids = out["input_ids"][0] if out["input_ids"] else []
+    pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    start, end = (tokenizer.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|vision_end|>"))
+    rows = report.read_report(path) if os.path.exists(path) else []
+    whole = ids.count(pad) == 4 and ids.count(start) == 1 and ids.count(end) == 1
+    ok = whole and len(ids) <= cutoff and [r["action"] for r in rows] == ["truncated"]
+    return ok, (
+        f"qwen2_vl sample of {rows[0]['tokens_before'] if rows else '?'} tokens cut to {len(ids)} <= cutoff_len {cutoff}, "
+        f"image run {'whole' if whole else 'BROKEN'}, {len(rows)} report row(s)"
+    )
+
+
 def wrappers(spec, version=None) -> dict:
     global _spec
     _spec = spec

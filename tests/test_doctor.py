@@ -1,0 +1,67 @@
+"""`vlpatch doctor` on the installed LLaMA-Factory: versions, states, drift, a real self-test, exit code."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+import vlpatch.matrix as vmatrix
+from tests.conftest import require
+
+BIN = os.path.dirname(sys.executable)
+
+
+def doctor(*args, **env):
+    full = {k: v for k, v in os.environ.items() if not k.startswith("VLPATCH")}
+    full.update(HF_HUB_OFFLINE="1", **env)
+    proc = subprocess.run([os.path.join(BIN, "vlpatch"), "doctor", *args], env=full, capture_output=True, text=True, timeout=300)
+    return proc
+
+
+@pytest.fixture(scope="module")
+def lf_version():
+    require("llamafactory")
+    import importlib.metadata
+
+    return importlib.metadata.version("llamafactory")
+
+
+def test_doctor_all_good(lf_version):
+    proc = doctor("--json")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(proc.stdout)
+    assert data["versions"]["llamafactory"] == lf_version and data["versions"]["torch"]
+    assert data["autoenable"]["pth_installed"] and not data["autoenable"]["active"]
+    row = next(r for r in data["patches"] if r["id"] == "llamafactory.truncation")
+    assert row["state"] == "applied" and all(d["found"] == d["expected"] for d in row["drift"].values())
+    checks = {c["check"]: c for c in row["selftest"]}
+    assert set(checks) == {"wrapped", "revert", "re-apply", "functional"} and all(c["ok"] for c in checks.values()), checks
+    assert "image run whole" in checks["functional"]["detail"]
+    assert data["problems"] == []
+
+
+def test_doctor_human_output_and_autoenable(lf_version):
+    proc = doctor(VLPATCH="1")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "auto-enable: active in this interpreter (VLPATCH=1" in proc.stdout
+    assert f"llamafactory.truncation: applied ({lf_version})" in proc.stdout
+    assert "self-test functional: ok" in proc.stdout
+
+
+def test_doctor_fails_when_an_enabled_patch_cannot_apply(lf_version, tmp_path):
+    # the installed release taken out of a copy of the matrix: what a user of the next release sees
+    with open(vmatrix.MATRIX_PATH, encoding="utf-8") as fh:
+        data = yaml.safe_load(fh)
+    raw = next(p for p in data["patches"] if p["id"] == "llamafactory.truncation")
+    raw["tested"] = [v for v in raw["tested"] if str(v) != lf_version]
+    raw["fingerprints"].pop(lf_version)
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(data))
+    proc = doctor(VLPATCH_MATRIX=str(path))
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    assert "llamafactory.truncation: skipped" in proc.stdout and "problems:" in proc.stdout
+    assert f"llamafactory {lf_version} is inside the range of, but not tested in," in proc.stdout
+    assert "fingerprints vs " in proc.stdout  # drift is still measured against the nearest tested release

@@ -1,0 +1,217 @@
+"""`vlpatch doctor`: what is installed, what each patch does here and why, and a quick self-test.
+
+Imports upstream code (the hook modules of the installed upstreams) but never downloads a model.
+Exit code (from `main`): 0 when every patch meant for an installed upstream applies (or stands aside
+because upstream fixed the problem) and passes its self-test; 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import json
+import logging
+import os
+import sys
+import sysconfig
+import time
+
+from . import engine, matrix
+
+PACKAGES = ("torch", "torchvision", "torchaudio", "transformers", "datasets", "trl", "llamafactory", "unsloth", "unsloth_zoo")
+
+
+def _version(dist: str) -> str | None:
+    return engine.installed_version(dist)
+
+
+def autoenable() -> dict:
+    """Is VLPATCH auto-enable installed, switched on, and did it run in this interpreter?"""
+    pth = [
+        os.path.join(d, "vlpatch_autoenable.pth")
+        for d in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *sys.path}
+        if d and os.path.isfile(os.path.join(d, "vlpatch_autoenable.pth"))
+    ]
+    value = os.environ.get("VLPATCH", "")
+    return {
+        "VLPATCH": value or None,
+        "pth_installed": bool(pth),
+        "active": "vlpatch._bootstrap" in sys.modules,
+        "pth": sorted(set(pth)),
+    }
+
+
+def _import_hook(hook: str) -> str | None:
+    try:
+        importlib.import_module(hook)
+        return None
+    except Exception as exc:  # an upstream that does not import here is reported, not fatal
+        return f"{type(exc).__name__}: {exc}"
+
+
+def _original(target):
+    import wrapt
+
+    _, _, obj = wrapt.resolve_path(importlib.import_module(target.module), target.symbol)
+    return obj.__wrapped__ if isinstance(obj, engine._Patched) else obj
+
+
+def drift(spec, version: str) -> dict:
+    """Per target: the source fingerprint found here vs the one the matrix knows for this version (or,
+    for an untested version, for the nearest tested one below it, else the newest tested)."""
+    from packaging.version import Version
+
+    if version in spec.fingerprints:
+        against = version
+    else:
+        tested = sorted(spec.fingerprints, key=Version)
+        below = [v for v in tested if Version(v) <= Version(version)]
+        against = below[-1] if below else (tested[-1] if tested else None)
+    known = spec.fingerprints.get(against, {}) if against else {}
+    out = {}
+    for target in spec.targets:
+        try:
+            found = engine.fingerprint(_original(target))
+        except Exception as exc:
+            found = f"missing ({type(exc).__name__})"
+        out[target.key] = {"found": found, "expected": known.get(target.key), "against": against}
+    return out
+
+
+def _selftest(spec) -> list:
+    """(check, ok, detail) rows: the wrappers attach to the installed code, revert() restores the exact
+    originals, re-attaching works, then the integration's own functional check if it has one."""
+    import wrapt
+
+    rows = []
+
+    def current(target):
+        _, _, obj = wrapt.resolve_path(importlib.import_module(target.module), target.symbol)
+        return obj
+
+    wrapped = [t for t in spec.targets if t.wrapper]
+    originals = {t.key: _original(t) for t in wrapped}
+    ok = all(isinstance(current(t), engine._Patched) and current(t).__wrapped__ is originals[t.key] for t in wrapped)
+    rows.append(("wrapped", ok, f"{len(wrapped)} target(s) wrap upstream's own objects"))
+    engine.revert()
+    ok = all(current(t) is originals[t.key] for t in wrapped)
+    rows.append(("revert", ok, "revert() put back the very same objects" if ok else "an original was not restored"))
+    engine.apply()  # as report() applied it: the VLPATCH_* environment
+    ok = all(isinstance(current(t), engine._Patched) for t in wrapped)
+    rows.append(("re-apply", ok, "apply() after revert() attached again"))
+    try:
+        integration = importlib.import_module(spec.integration)
+        check = getattr(integration, "selftest", None)
+        if check is not None:
+            t = time.perf_counter()
+            ok, detail = check(spec)
+            rows.append(("functional", ok, f"{detail} ({time.perf_counter() - t:.1f}s)"))
+    except Exception as exc:
+        rows.append(("functional", False, f"{type(exc).__name__}: {exc}"))
+    return rows
+
+
+def report(distributions=None, selftest: bool = True) -> dict:
+    """Everything `vlpatch doctor` prints, as data (the canary uses it too)."""
+    from packaging.version import Version
+
+    out = {
+        "python": sys.version.split()[0],
+        "versions": {p: _version(p) for p in PACKAGES},
+        "autoenable": autoenable(),
+        "patches": [],
+        "import_errors": {},
+    }
+    specs = [s for s in matrix.load().patches if distributions is None or s.distribution in distributions]
+    for d in sorted({s.distribution for s in specs}):
+        out["versions"].setdefault(d, _version(d))
+    engine.apply()
+    for hook in sorted({s.hook for s in specs if _version(s.distribution)}):
+        err = _import_hook(hook)
+        if err:
+            out["import_errors"][hook] = err
+    states = {row["id"]: row for row in engine.status()}
+    for spec in specs:
+        version = _version(spec.distribution)
+        row = {
+            **states.get(spec.id, {"id": spec.id, "state": "disabled", "reason": ""}),
+            "distribution": spec.distribution,
+            "installed": version,
+            "applies": str(spec.applies),
+            "tested": list(spec.tested),
+            "in_applies": bool(version) and Version(version) in spec.applies,
+        }
+        if version and spec.hook not in out["import_errors"]:
+            row["drift"] = drift(spec, version)
+        if selftest and row["state"] == "applied":
+            row["selftest"] = [{"check": c, "ok": ok, "detail": d} for c, ok, d in _selftest(spec)]
+        out["patches"].append(row)
+    out["problems"] = problems(out)
+    return out
+
+
+def problems(data: dict) -> list:
+    """What the user enabled but cannot have: a patch for an installed upstream that is skipped (other
+    than because a sibling patch covers that release), a hook that does not import, a failed self-test."""
+    found = [f"cannot import {hook}: {err}" for hook, err in data["import_errors"].items()]
+    for row in data["patches"]:
+        if not row.get("installed") or row["state"] in ("disabled",):
+            continue
+        if row["state"] == "skipped" and "covers it" not in row["reason"]:
+            found.append(f"{row['id']}: {row['reason']}")
+        for check in row.get("selftest", []):
+            if not check["ok"]:
+                found.append(f"{row['id']}: self-test {check['check']} failed: {check['detail']}")
+    return found
+
+
+def render(data: dict) -> str:
+    lines = [f"vlpatch doctor (python {data['python']})", "", "installed:"]
+    for name, version in data["versions"].items():
+        lines.append(f"  {name:13} {version or '-'}")
+    a = data["autoenable"]
+    lines += [
+        "",
+        "auto-enable: "
+        + ("active in this interpreter" if a["active"] else "not active in this interpreter")
+        + f" (VLPATCH={a['VLPATCH'] or 'unset'}; vlpatch_autoenable.pth {'installed' if a['pth_installed'] else 'MISSING'})",
+        "",
+        "patches:",
+    ]
+    for row in data["patches"]:
+        lines.append(f"  {row['id']}: {row['state']} ({row.get('installed') or 'not installed'}) - {row['reason']}")
+        for name, state in (row.get("parts") or {}).items():
+            lines.append(f"    part {name}: {state}")
+        drifted = [k for k, d in (row.get("drift") or {}).items() if d["expected"] and d["found"] != d["expected"]]
+        if row.get("drift"):
+            against = next(iter(row["drift"].values()))["against"]
+            lines.append(
+                f"    fingerprints vs {against}: "
+                + (f"DRIFTED: {', '.join(k.split(':')[1] for k in drifted)}" if drifted else f"{len(row['drift'])} target(s) match")
+            )
+        for check in row.get("selftest", []):
+            lines.append(f"    self-test {check['check']}: {'ok' if check['ok'] else 'FAILED'} - {check['detail']}")
+    for hook, err in data["import_errors"].items():
+        lines.append(f"  could not import {hook}: {err}")
+    lines.append("")
+    if data["problems"]:
+        lines.append("problems:")
+        lines += [f"  - {p}" for p in data["problems"]]
+    else:
+        lines.append("no problems: every patch meant for an installed upstream applies or stands aside")
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    logging.getLogger("vlpatch").setLevel(logging.ERROR)  # the table says it all
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)  # upstream code may log to stdout while it is imported and tested: keep stdout for the result
+    try:
+        data = report(selftest=not args.no_selftest)
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+    print(json.dumps(data, indent=2, default=str) if args.json else render(data))
+    return 1 if data["problems"] else 0
