@@ -54,6 +54,7 @@ class PatchSpec:
     summary: str = ""
     options: dict = field(default_factory=dict)
     parts: list = field(default_factory=list)
+    default: bool = True  # False: only where VLPATCH_PATCHES / apply(patches=...) names it
 
     def active_parts(self, version) -> set:
         return {p.name for p in self.parts if p.state(version)[0] == "applied"}
@@ -86,6 +87,7 @@ def parse(data: dict) -> Matrix:
                 targets=targets,
                 fingerprints={str(k): dict(v) for k, v in (raw.get("fingerprints") or {}).items()},
                 summary=raw.get("summary", ""),
+                default=bool(raw.get("default", True)),
                 options=raw.get("options") or {},
                 parts=[
                     Part(
