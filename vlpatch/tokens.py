@@ -77,3 +77,52 @@ def lf_qwen_image_tokens(width: int, height: int, vision: QwenVision, image_max_
     """Tokens LLaMA-Factory's Qwen-VL plugin writes for an image of this header size."""
     w, h = lf_preprocess_size(width, height, image_max_pixels, image_min_pixels)
     return vision.image_tokens(w, h)
+
+
+# ------------------------------------------------------------------ image headers
+# Formats whose end marker proves the file was written to the end (a truncated file falls back to the
+# trainer's own path, which decodes it and fails or reports exactly as without the shortcut).
+HEADER_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
+# Modes the trainers convert to RGB before the processor sees them (the size is unchanged).
+HEADER_MODES = frozenset(
+    ["1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "I;16", "I;16B", "I;16L", "I", "F", "LAB"]
+)
+
+
+def _tail_intact(path: str, fmt: str) -> bool:
+    import os
+
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        if fmt == "WEBP":
+            head = fh.read(12)
+            return head[:4] == b"RIFF" and int.from_bytes(head[4:8], "little") + 8 == size
+        fh.seek(max(0, size - 12))
+        tail = fh.read()
+    if fmt == "PNG":
+        return tail == b"\x00\x00\x00\x00IEND\xaeB`\x82"
+    if fmt == "JPEG":
+        return tail.endswith(b"\xff\xd9")
+    if fmt == "GIF":
+        return tail.endswith(b"\x3b")
+    return False
+
+
+def image_header(path) -> tuple | None:
+    """(width, height) of an image file from its header (no pixel is decoded), or None when the
+    shortcut cannot vouch for it: not a plain file path, another format, an unusual mode, a file whose
+    end marker is missing (truncated), or anything PIL cannot open."""
+    import os
+
+    if not isinstance(path, str):  # what every trainer release opens as a path (0.9.2: str only)
+        return None
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:  # lazy: reads the header only
+            fmt, mode, size = im.format, im.mode, im.size
+        if fmt not in HEADER_FORMATS or mode not in HEADER_MODES or not _tail_intact(str(path), fmt):
+            return None
+        return size
+    except Exception:
+        return None

@@ -1,0 +1,105 @@
+"""Header-only image token counts (patch `llamafactory.header_tokens`) against LLaMA-Factory's real path.
+
+On a generated corpus of 2,000 image files (tests/fixtures/corpus.py) the real qwen2_vl plugin's
+`process_messages`, which LLaMA-Factory's dataset processors call for every sample, must give exactly
+the same messages (the same number of <|image_pad|> tokens), or the same error, with the patch as
+without it, under LLaMA-Factory's default image limits and under small ones. Most images must really
+take the header path (the test would prove nothing if everything fell back), and every truncated file
+must fall back. Then whole samples: input_ids of the real SupervisedDatasetProcessor, patched and
+vanilla, are equal.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.conftest import require
+from tests.fixtures.corpus import build_corpus
+
+LIMITS = [  # (image_max_pixels, image_min_pixels): LLaMA-Factory's defaults, then small ones
+    (768 * 768, 32 * 32),
+    (128 * 128, 56 * 56),
+]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    require("PIL")
+    return build_corpus(str(tmp_path_factory.mktemp("corpus")), n=2000)
+
+
+@pytest.fixture(scope="module")
+def lf(tiny_qwen2vl):
+    require("llamafactory")
+    from llamafactory.data import get_template_and_fix_tokenizer
+    from llamafactory.hparams import DataArguments, ModelArguments
+    from llamafactory.model import load_tokenizer
+
+    loaded = load_tokenizer(ModelArguments(model_name_or_path=tiny_qwen2vl))
+    template = get_template_and_fix_tokenizer(loaded["tokenizer"], DataArguments(template="qwen2_vl"))
+    return template, loaded["tokenizer"], loaded["processor"]
+
+
+def expand(plugin, processor, path):
+    try:
+        out = plugin.process_messages([{"role": "user", "content": "<image>"}], [path], [], [], processor)
+        return ("ok", out[0]["content"])
+    except Exception as exc:  # upstream's own refusal (truncated file, aspect ratio): must be the same
+        return ("error", type(exc).__name__)
+
+
+@pytest.mark.parametrize("limits", LIMITS, ids=["lf-defaults", "small"])
+def test_corpus_token_counts_equal_the_processor_path(lf, corpus, limits, patched):
+    import vlpatch
+    from vlpatch.integrations import lf_header
+
+    template, _, processor = lf
+    processor.image_max_pixels, processor.image_min_pixels = limits  # as LLaMA-Factory's patch_processor sets them
+    plugin = template.mm_plugin
+    vlpatch.revert()
+    vanilla = [expand(plugin, processor, path) for path, _, _ in corpus]
+    patched(patches=["llamafactory.header_tokens"])
+    lf_header.stats.clear()
+    header = [expand(plugin, processor, path) for path, _, _ in corpus]
+    stats = dict(lf_header.stats)
+    mismatches = [(corpus[i][1:], v, h) for i, (v, h) in enumerate(zip(vanilla, header)) if v != h]
+    assert not mismatches, mismatches[:5]
+    # the header path really ran: every intact file took it, every truncated one fell back
+    truncated = 30
+    assert stats == {"header": len(corpus) - truncated, "upstream": truncated}, stats
+    kinds = {k.split("/")[0] for _, _, k in corpus}
+    assert kinds == {"PNG", "JPEG", "WEBP", "GIF"}
+    assert sum(v[0] == "ok" for v in vanilla) >= len(corpus) - truncated - 10
+
+
+def test_preprocessed_samples_equal_vanilla(lf, corpus, tmp_path, patched):
+    """input_ids / labels of LLaMA-Factory's real SupervisedDatasetProcessor, patched vs vanilla, for
+    samples of one to three images that fit cutoff_len."""
+    import vlpatch
+    from llamafactory.data.processor import SupervisedDatasetProcessor
+    from llamafactory.hparams import DataArguments
+
+    template, tokenizer, processor = lf
+    processor.image_max_pixels, processor.image_min_pixels = LIMITS[1]
+    data_args = DataArguments(template="qwen2_vl", cutoff_len=100_000)
+    proc = SupervisedDatasetProcessor(template=template, tokenizer=tokenizer, processor=processor, data_args=data_args)
+    good = [p for p, _, _ in corpus[:-30]]
+    n = 120
+    images = [good[(7 * k) % len(good) : (7 * k) % len(good) + 1 + k % 3] for k in range(n)]
+    batch = {
+        "_prompt": [[{"role": "user", "content": "<image>" * len(imgs) + " describe"}] for imgs in images],
+        "_response": [[{"role": "assistant", "content": "a flat colour"}] for _ in images],
+        "_system": [""] * n,
+        "_tools": [""] * n,
+        "_images": images,
+        "_videos": [None] * n,
+        "_audios": [None] * n,
+    }
+    vlpatch.revert()
+    vanilla = proc.preprocess_dataset(batch)
+    patched(patches=["llamafactory.header_tokens"])
+    header = proc.preprocess_dataset(batch)
+    assert len(vanilla["input_ids"]) == n
+    assert header["input_ids"] == vanilla["input_ids"] and header["labels"] == vanilla["labels"]

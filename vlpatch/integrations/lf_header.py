@@ -1,0 +1,119 @@
+"""LLaMA-Factory: image token counts from image headers during dataset preprocessing.
+
+Which symbols and versions: `compat_matrix.yaml` (patch `llamafactory.header_tokens`). How it hands over:
+
+* `process_messages` of the listed plugin classes expands each `<image>` into its run of vision
+  tokens, and to learn N it runs `_get_mm_inputs`: every image decoded, resized, normalised and
+  patchified by the image processor, only for `image_grid_thw`. Inside `process_messages` (and only
+  there: the collator's own `_get_mm_inputs` calls at training time are untouched) the wrapped
+  `_get_mm_inputs` returns `image_grid_thw` computed from each image's header size instead:
+  LLaMA-Factory's pre-resize and clamps (`vlpatch.tokens.lf_preprocess_size`) and the installed
+  transformers' own `smart_resize`, with the geometry read off the real image processor.
+* Everything else goes to upstream's own path, unchanged: videos or audios in the sample, an image
+  that is not a plain file path, a format / mode / truncated file the header cannot vouch for
+  (`vlpatch.tokens.image_header`), an image processor class not listed, `do_resize` off, or a size
+  geometry that is ambiguous. Pixels are still computed by the collator at training time.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from .. import tokens
+
+_depth: list = []  # >0 while a wrapped process_messages runs in this process
+stats: Counter = Counter()  # images counted from headers / handed to upstream (for the benchmark and doctor)
+_options: dict = {}
+
+
+def _geometry(image_processor):
+    """(patch, merge, min_pixels, max_pixels) as the installed image processor resizes, or None."""
+    if type(image_processor).__name__ not in _options.get("image_processors", ()):
+        return None
+    if not getattr(image_processor, "do_resize", True):
+        return None
+    patch, merge = getattr(image_processor, "patch_size", None), getattr(image_processor, "merge_size", None)
+    size = getattr(image_processor, "size", None)
+    lo = hi = None
+    if size is not None:
+        try:
+            lo, hi = size["shortest_edge"], size["longest_edge"]
+        except (KeyError, TypeError):
+            lo = hi = None
+    attr = (getattr(image_processor, "min_pixels", None), getattr(image_processor, "max_pixels", None))
+    if lo is None:
+        lo, hi = attr
+    elif attr[0] is not None and attr != (lo, hi):
+        return None  # which of the two resizes depends on the release: let upstream decide
+    if not all(isinstance(x, int) and x > 0 for x in (patch, merge, lo, hi)):
+        return None
+    return patch, merge, lo, hi
+
+
+def grids(images, processor) -> list | None:
+    """[1, grid_h, grid_w] per image from headers, or None: upstream must process these images."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    geometry = _geometry(getattr(processor, "image_processor", None))
+    if geometry is None:
+        return None
+    patch, merge, lo, hi = geometry
+    defaults = _options.get("pre_resize_defaults", {})
+    max_pixels = getattr(processor, "image_max_pixels", defaults.get("image_max_pixels"))
+    min_pixels = getattr(processor, "image_min_pixels", defaults.get("image_min_pixels"))
+    if max_pixels is None or min_pixels is None:
+        return None
+    out = []
+    for image in images:
+        size = tokens.image_header(image)
+        if size is None:
+            return None
+        w, h = tokens.lf_preprocess_size(size[0], size[1], max_pixels, min_pixels)
+        if w <= 0 or h <= 0:
+            return None  # upstream's resize would fail: let it say so
+        try:
+            rh, rw = smart_resize(h, w, factor=patch * merge, min_pixels=lo, max_pixels=hi)
+        except ValueError:
+            return None  # upstream raises the same, in its own words
+        out.append([1, rh // patch, rw // patch])
+    return out
+
+
+def _messages(wrapped, instance, args, kwargs):
+    _depth.append(1)
+    try:
+        return wrapped(*args, **kwargs)
+    finally:
+        _depth.pop()
+
+
+def _mm_inputs(wrapped, instance, args, kwargs):
+    if not _depth or type(instance).__name__ not in _options.get("plugins", ()):
+        return wrapped(*args, **kwargs)
+    names = ("images", "videos", "audios", "processor")
+    bound = dict(zip(names, args))
+    bound.update({k: v for k, v in kwargs.items() if k in names})
+    images, processor = bound.get("images") or [], bound.get("processor")
+    if bound.get("videos") or bound.get("audios") or not images:
+        return wrapped(*args, **kwargs)
+    found = grids(images, processor)
+    if found is None:
+        stats["upstream"] += len(images)
+        return wrapped(*args, **kwargs)
+    import torch
+
+    stats["header"] += len(images)
+    return {"image_grid_thw": torch.tensor(found, dtype=torch.long)}
+
+
+WRAPPERS = {"messages": _messages, "mm_inputs": _mm_inputs}
+
+
+def wrappers(spec, version=None) -> dict:
+    _options.clear()
+    _options.update(spec.options or {})
+    return WRAPPERS
+
+
+def details(spec) -> dict:
+    return {"plugins": list(_options.get("plugins", ()))}
