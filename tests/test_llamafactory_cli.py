@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -121,6 +122,12 @@ def test_policy_error_stops_naming_the_sample(tmp_path, tiny_qwen2vl, data_dir):
 
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def states(log: str, patch: str = "llamafactory.truncation") -> list:
     """(pid, rank or None, state) from the lines VLPATCH_LOG_LEVEL=INFO prints when a patch attaches
     (progress bars may precede them on a line)."""
@@ -136,7 +143,7 @@ def test_torchrun_two_ranks_each_patched_report_once(tmp_path, tiny_qwen2vl, dat
         tmp_path,
         tiny_qwen2vl,
         data_dir,
-        env={"VLPATCH": "1", "VLPATCH_LOG_LEVEL": "INFO", "FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2", "MASTER_PORT": "29581"},
+        env={"VLPATCH": "1", "VLPATCH_LOG_LEVEL": "INFO", "FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2", "MASTER_PORT": str(free_port())},
         ddp_backend="gloo",
         per_device_train_batch_size=1,
     )
