@@ -65,6 +65,12 @@ def _doctor(args) -> int:
     return doctor.main(args)
 
 
+def _scan(args) -> int:
+    from . import scan
+
+    return scan.main(args)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="vlpatch", description="vision-preserving patches for VL fine-tuning")
     parser.add_argument("--version", action="version", version=f"vlpatch {__version__}")
@@ -80,6 +86,17 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-selftest", action="store_true", help="skip the self-test")
     p.set_defaults(func=_doctor)
+    p = sub.add_parser("scan", help="what LLaMA-Factory would do with each sample, before training")
+    p.add_argument("config", nargs="?", help="a LLaMA-Factory training YAML (options below override it)")
+    p.add_argument("--dataset"); p.add_argument("--dataset-dir"); p.add_argument("--media-dir")
+    p.add_argument("--template"); p.add_argument("--model", help="model_name_or_path (tokenizer and processor only)")
+    p.add_argument("--cutoff-len", type=int); p.add_argument("--image-max-pixels", type=int); p.add_argument("--image-min-pixels", type=int)
+    p.add_argument("--policy", default="drop", choices=["drop", "drop_media", "error"])
+    p.add_argument("--json", action="store_true", help="per-sample results as JSON on stdout")
+    p.add_argument("--csv", help="write per-sample results to this CSV file")
+    p.add_argument("--limit", type=int, help="scan the first N samples only")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_scan)
     args = parser.parse_args(argv)
     return args.func(args)
 

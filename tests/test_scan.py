@@ -1,0 +1,98 @@
+"""`vlpatch scan` on a real LLaMA-Factory config: per-sample outcomes without and with vlpatch, the
+summary, recommendations, JSON / CSV, and bad input as per-sample entries (never a crash)."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import require
+from tests.fixtures.tiny_models import IMAGE_TOKENS, _register, build_long_text_image_dataset, build_text_dataset, write_image, write_train_yaml
+
+pytestmark = [pytest.mark.llamafactory]
+BIN = os.path.dirname(sys.executable)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    require("llamafactory")
+    d = tmp_path_factory.mktemp("scandata")
+    build_long_text_image_dataset(str(d), n=6, name="longimg")
+    build_text_dataset(str(d), n=2, name="plaintext")
+    write_image(str(d / "ok.png"), seed=9)
+    truncated = d / "truncated.png"
+    data = (d / "ok.png").read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    turn = lambda text: [{"role": "user", "content": text}, {"role": "assistant", "content": "a red square"}]  # noqa: E731
+    _register(
+        str(d),
+        "bad",
+        [
+            {"messages": turn("<image> fine"), "images": ["ok.png"]},
+            {"messages": turn("<image> missing file"), "images": ["nowhere.png"]},
+            {"messages": turn("<image> <image> two placeholders, one image"), "images": ["ok.png"]},
+            {"messages": turn("<image> truncated file"), "images": ["truncated.png"]},
+        ],
+        {"messages": "messages", "images": "images"},
+    )
+    return str(d)
+
+
+def scan(*args, cwd=None):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLPATCH")}
+    env["HF_HUB_OFFLINE"] = "1"
+    proc = subprocess.run([os.path.join(BIN, "vlpatch"), "scan", *args, "--no-progress"], env=env, capture_output=True, text=True, timeout=600, cwd=cwd)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_scan_yaml_matches_what_training_does(tmp_path, tiny_qwen2vl, data_dir):
+    # the config tests/test_llamafactory_cli.py trains with: vanilla dies on samples 0, 2, 4, vlpatch cuts their text
+    yaml_path = write_train_yaml(str(tmp_path / "train.yaml"), tiny_qwen2vl, data_dir, "longimg,plaintext", str(tmp_path / "out"), 128, bf16=True, deepspeed="ds.json")
+    out = json.loads(scan(yaml_path, "--json", "--csv", str(tmp_path / "scan.csv")))
+    samples = out["samples"]
+    assert len(samples) == 8
+    by = {s["index"]: s for s in samples}
+    for i in (0, 2, 4):
+        assert by[i]["vanilla"] == "crash: media tokens cut" and by[i]["vlpatch"] == "truncated", by[i]
+        assert by[i]["media_tokens"] == {"image": [IMAGE_TOKENS + 2]} and by[i]["tokens"] > 128
+    for i in (1, 3, 5, 6, 7):
+        assert by[i]["vanilla"] == by[i]["vlpatch"] == "fits", by[i]
+    assert out["recommend"]["cutoff_len_for_share"]["1.0"] == max(s["tokens"] for s in samples)
+    assert out["recommend"]["image_max_pixels_for_cutoff"]["text_alone_too_long"] == [0, 2, 4]
+    with open(tmp_path / "scan.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["vanilla"] for r in rows][:3] == ["crash: media tokens cut", "fits", "crash: media tokens cut"]
+
+
+def test_scan_summary_and_no_yaml_mode(tiny_qwen2vl, data_dir):
+    text = scan("--dataset", "longimg", "--dataset-dir", data_dir, "--template", "qwen2_vl", "--model", tiny_qwen2vl,
+                "--cutoff-len", "400", "--image-max-pixels", str(224 * 224))
+    assert "6 samples" in text and "cutoff_len 400" in text
+    assert "fits                                          6              6" in text
+    assert "tokens per sample (whole): p50" in text and "<- cutoff_len" in text
+
+
+def test_scan_policy_drop_media_and_image_size_recommendation(tiny_qwen2vl, data_dir):
+    # cutoff 60: the 66-token image alone does not fit; drop_media keeps the text, and smaller images would fit
+    out = json.loads(scan("--dataset", "longimg", "--dataset-dir", data_dir, "--template", "qwen2_vl", "--model", tiny_qwen2vl,
+                          "--cutoff-len", "60", "--image-max-pixels", str(224 * 224), "--policy", "drop_media", "--json"))
+    odd = [s for s in out["samples"] if s["index"] % 2 == 1]
+    assert {s["vlpatch"] for s in odd} == {"media_dropped"}, odd
+    rec = out["recommend"]["image_max_pixels_for_cutoff"]
+    assert rec["value"] and rec["value"] < 224 * 224 and rec["text_alone_too_long"] == [0, 2, 4]
+
+
+def test_scan_bad_input_gets_entries_not_a_crash(tiny_qwen2vl, data_dir):
+    out = json.loads(scan("--dataset", "bad", "--dataset-dir", data_dir, "--template", "qwen2_vl", "--model", tiny_qwen2vl,
+                          "--cutoff-len", "400", "--json"))
+    by = {s["index"]: s for s in out["samples"]}
+    assert by[0]["vanilla"] == "fits"
+    for i in (1, 2, 3):
+        assert by[i]["vanilla"].startswith("error: ") and by[i]["vlpatch"].startswith("error: "), by[i]
+    assert "nowhere.png" in by[1]["vanilla"]
+    assert "placeholder" in by[2]["vanilla"].lower() or "image" in by[2]["vanilla"].lower()

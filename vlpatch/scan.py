@@ -1,0 +1,342 @@
+"""`vlpatch scan`: what LLaMA-Factory would do with each sample, before training, without the model.
+
+The training config is read by LLaMA-Factory's own `get_train_args` (as `llamafactory-cli train`
+reads it), the tokenizer and processor are loaded (no weights), the datasets are loaded and aligned by
+LLaMA-Factory's own loader, and every sample goes through LLaMA-Factory's own dataset processor, with
+image token counts from image headers (`llamafactory.header_tokens`, where it is exact; upstream's
+path elsewhere). Three passes of the real code: the whole sample (no cut), vanilla at `cutoff_len`
+(does the cut go through media?), and vlpatch at `cutoff_len` under the policy (its report rows).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+import tempfile
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+UNBOUNDED = 1 << 30
+KEEP_SHARES = (0.9, 0.95, 0.99, 1.0)
+
+
+@dataclass
+class Sample:
+    index: int
+    tokens: int | None = None  # whole sample, nothing cut
+    text_tokens: int | None = None
+    media_tokens: dict = field(default_factory=dict)  # kind -> tokens per item, in order
+    images: list = field(default_factory=list)
+    vanilla: str = ""  # fits | text truncated | crash: ... | error: ...
+    vlpatch: str = ""  # fits | truncated | media_dropped | dropped | error: ...
+    detail: str = ""
+
+
+def _train_args(config: dict):
+    from llamafactory.hparams import get_train_args
+
+    args = dict(config)
+    for key in ("deepspeed", "fsdp", "fsdp_config"):  # nothing is trained: no launcher settings
+        args.pop(key, None)
+    args.update(bf16=False, fp16=False, report_to="none", do_train=True, overwrite_cache=True)
+    args.setdefault("stage", "sft")
+    args.setdefault("finetuning_type", "full")
+    args.setdefault("output_dir", tempfile.mkdtemp(prefix="vlpatch-scan-"))
+    out = get_train_args(args)
+    return out[0], out[1], out[2], out[3]
+
+
+def _media_counts(finder, ids) -> dict:
+    """kind -> [tokens of each run] (a run: boundaries and body)."""
+    out: dict = {}
+    for run in finder.find(ids) if finder else []:
+        out.setdefault(run.kind, []).append(run.length)
+    return out
+
+
+def scan(config: dict, policy: str = "drop", limit: int | None = None, progress: bool = False) -> dict:
+    import vlpatch
+    from llamafactory.data import get_template_and_fix_tokenizer
+    from llamafactory.data.loader import _get_dataset_processor, _get_merged_dataset
+    from llamafactory.model import load_tokenizer
+
+    from . import report as vreport
+    from .integrations import llamafactory as lfint
+
+    model_args, data_args, training_args, finetuning_args = _train_args(config)
+    stage = finetuning_args.stage
+    loaded = load_tokenizer(model_args)
+    tokenizer, mm_processor = loaded["tokenizer"], loaded["processor"]
+    template = get_template_and_fix_tokenizer(tokenizer, data_args)
+    dataset = _get_merged_dataset(data_args.dataset, model_args, data_args, training_args, stage)
+    processor = _get_dataset_processor(data_args, stage, template, tokenizer, mm_processor)
+    cutoff = data_args.cutoff_len
+    columns = [c for c in dataset.column_names]
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    rows = [dataset[i] for i in range(n)]
+    samples = [Sample(i, images=list(r.get("_images") or [])) for i, r in enumerate(rows)]
+    bar = _progress(n, progress)
+
+    def encode(i, length):
+        data_args.cutoff_len = length
+        try:
+            out = processor.preprocess_dataset({c: [rows[i].get(c)] for c in columns})
+        finally:
+            data_args.cutoff_len = cutoff
+        if bar:
+            bar.update(1)
+        return out["input_ids"][0] if out.get("input_ids") else None
+
+    saved_policy = os.environ.get("VLPATCH_POLICY")
+    vlpatch.revert()
+    try:
+        vlpatch.apply(patches=["llamafactory.header_tokens"])
+        import llamafactory.data.mm_plugin  # noqa: F401  (attach now)
+
+        spec = __import__("vlpatch.matrix", fromlist=["load"]).load().by_id("llamafactory.truncation")
+        table = spec.options.get("media_tokens", {}).get(type(template.mm_plugin).__name__)
+        from .core import finder_from_table
+
+        finder = finder_from_table(table, tokenizer, template.mm_plugin) if table is not None else None
+        long = []
+        for s in samples:  # pass 1: the whole sample
+            try:
+                ids = encode(s.index, UNBOUNDED)
+            except Exception as exc:
+                s.vanilla = s.vlpatch = f"error: {type(exc).__name__}: {exc}"[:300]
+                continue
+            s.tokens = len(ids)
+            media = _media_counts(finder, ids)
+            s.media_tokens = media
+            s.text_tokens = s.tokens - sum(sum(v) for v in media.values())
+            if s.tokens <= cutoff:
+                s.vanilla = s.vlpatch = "fits"
+            else:
+                long.append(s)
+        if bar:
+            bar.total = n + 2 * len(long)  # the over-long samples go through two more passes
+            bar.refresh()
+        for s in long:  # pass 2: vanilla at cutoff_len
+            try:
+                ids = encode(s.index, cutoff)
+                if finder is None:
+                    s.vanilla = "text truncated (media not checked: plugin not covered)"
+                    continue
+                try:
+                    kept = _media_counts(finder, ids)
+                except Exception:  # a cut run may not even parse
+                    kept = {}
+                runs = lambda m: sorted((k, n) for k, v in m.items() for n in v)  # noqa: E731
+                if runs(kept) == runs(s.media_tokens):
+                    s.vanilla = "text truncated"
+                else:
+                    s.vanilla = "crash: media tokens cut"
+                    full = sum(sum(v) for v in s.media_tokens.values())
+                    s.detail = f"vanilla keeps {sum(sum(v) for v in kept.values())} of {full} media tokens in whole runs"
+            except Exception as exc:
+                s.vanilla = f"error: {type(exc).__name__}: {exc}"[:300]
+        vlpatch.revert()
+        os.environ["VLPATCH_POLICY"] = policy
+        path = os.path.join(tempfile.mkdtemp(prefix="vlpatch-scan-"), "report.jsonl")
+        vlpatch.apply(policy=policy, patches=["llamafactory.header_tokens", "llamafactory.truncation"], report=path)
+        import logging
+
+        quiet = logging.getLogger("vlpatch")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            for s in long:  # pass 3: vlpatch at cutoff_len
+                run = vreport.start_run(lfint.TRAINER, "scan", path)
+                try:
+                    encode(s.index, cutoff)
+                    found = vreport.read_report(path) if os.path.exists(path) else []
+                    mine = [r for r in found if r.get("run_id") == run.run_id]
+                    s.vlpatch = mine[-1]["action"] if mine else "fits"
+                    if mine and mine[-1].get("reason"):
+                        s.detail = (s.detail + "; " if s.detail else "") + str(mine[-1]["reason"])
+                except Exception as exc:
+                    s.vlpatch = f"error: {type(exc).__name__}: {exc}"[:300]
+                finally:
+                    vreport.end_run(run, quiet=True)
+        finally:
+            quiet.setLevel(level)
+    finally:
+        vlpatch.revert()
+        if saved_policy is None:
+            os.environ.pop("VLPATCH_POLICY", None)
+        else:
+            os.environ["VLPATCH_POLICY"] = saved_policy
+        if bar:
+            bar.close()
+    return {
+        "config": {"dataset": data_args.dataset, "template": data_args.template, "cutoff_len": cutoff, "policy": policy,
+                   "image_max_pixels": getattr(model_args, "image_max_pixels", None),
+                   "image_min_pixels": getattr(model_args, "image_min_pixels", None)},
+        "samples": [asdict(s) for s in samples],
+        "recommend": recommend(samples, cutoff, mm_processor, model_args),
+    }
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc="vlpatch scan", file=sys.stderr, unit="pass")
+    except ImportError:  # pragma: no cover
+        return None
+
+
+def recommend(samples, cutoff: int, mm_processor, model_args) -> dict:
+    lengths = sorted(s.tokens for s in samples if s.tokens is not None)
+    out: dict = {"cutoff_len_for_share": {}}
+    for share in KEEP_SHARES:
+        if lengths:
+            out["cutoff_len_for_share"][str(share)] = lengths[max(0, math.ceil(share * len(lengths)) - 1)]
+    out["image_max_pixels_for_cutoff"] = _max_pixels_for(samples, cutoff, mm_processor, model_args)
+    return out
+
+
+def _max_pixels_for(samples, cutoff: int, mm_processor, model_args) -> dict:
+    """The largest image_max_pixels (a square side in steps of 28 px, from the configured one down) at
+    which every sample fits cutoff_len, for Qwen-VL image processors (header arithmetic)."""
+    from . import tokens
+    from .integrations import lf_header
+
+    ip = getattr(mm_processor, "image_processor", None)
+    geometry = lf_header._geometry(ip) if ip is not None else None
+    if geometry is None:
+        return {"value": None, "why": "only for Qwen-VL image processors"}
+    patch, merge, lo, hi = geometry
+    vision = tokens.QwenVision(patch, merge, lo, hi)
+    current = getattr(model_args, "image_max_pixels", 768 * 768)
+    min_pixels = getattr(model_args, "image_min_pixels", 32 * 32)
+    text_only = [s.index for s in samples if s.tokens is not None and s.text_tokens + 2 * len(s.images) > cutoff]
+    candidates = [side * side for side in range(int(math.isqrt(current)) // 28 * 28, 27, -28)]
+    headers = {}
+    for s in samples:
+        if s.tokens is None:
+            continue  # an error entry already
+        for path in s.images:
+            if path not in headers:
+                headers[path] = tokens.image_header(path) if isinstance(path, str) else None
+    if any(h is None for h in headers.values()):
+        return {"value": None, "why": "some images are not plain files the header can vouch for"}
+    for pixels in [current, *candidates]:
+        worst = 0
+        for s in samples:
+            if s.tokens is None or s.index in text_only:
+                continue
+            media = sum(vision.image_tokens(*tokens.lf_preprocess_size(*headers[p], pixels, min_pixels)) + 2 for p in s.images)
+            worst = max(worst, s.text_tokens + media)
+        if worst <= cutoff:
+            return {"value": pixels, "side": math.isqrt(pixels), "text_alone_too_long": text_only}
+    return {"value": None, "why": "no image_max_pixels down to 28x28 fits every sample", "text_alone_too_long": text_only}
+
+
+def summary(result: dict) -> str:
+    samples = result["samples"]
+    cfg = result["config"]
+    lines = [f"vlpatch scan: {len(samples)} samples of {cfg['dataset']} (template {cfg['template']}, cutoff_len {cfg['cutoff_len']}, policy {cfg['policy']})", ""]
+    lines.append("outcome                          without vlpatch   with vlpatch")
+    van = Counter(_bucket(s["vanilla"]) for s in samples)
+    pat = Counter(_bucket(s["vlpatch"]) for s in samples)
+    for key in sorted(set(van) | set(pat), key=lambda k: -(van[k] + pat[k])):
+        lines.append(f"  {key:31} {van.get(key, 0):>15}   {pat.get(key, 0):>12}")
+    lengths = sorted(s["tokens"] for s in samples if s["tokens"] is not None)
+    if lengths:
+        pct = lambda q: lengths[max(0, math.ceil(q * len(lengths)) - 1)]  # noqa: E731
+        lines += ["", f"tokens per sample (whole): p50 {pct(0.5)}, p90 {pct(0.9)}, p99 {pct(0.99)}, max {lengths[-1]}"]
+        lines += _histogram(lengths, cfg["cutoff_len"])
+        media = [n for s in samples for v in (s["media_tokens"] or {}).values() for n in v]
+        if media:
+            lines.append(f"media tokens per item: min {min(media)}, max {max(media)}, items {len(media)}")
+    rec = result["recommend"]
+    lines.append("")
+    for share, value in rec["cutoff_len_for_share"].items():
+        lines.append(f"cutoff_len keeping {float(share):.0%} of samples whole: {value}")
+    mp = rec["image_max_pixels_for_cutoff"]
+    if mp.get("value"):
+        lines.append(f"image_max_pixels at which every sample fits cutoff_len {cfg['cutoff_len']}: {mp['value']} ({mp['side']}x{mp['side']})")
+    else:
+        lines.append(f"image_max_pixels for cutoff_len {cfg['cutoff_len']}: none ({mp.get('why')})")
+    if mp.get("text_alone_too_long"):
+        lines.append(f"  ({len(mp['text_alone_too_long'])} samples exceed cutoff_len with their text alone: no image size helps them)")
+    bad = [s for s in samples if s["vanilla"].startswith("error")]
+    for s in bad[:10]:
+        lines.append(f"  sample {s['index']}: {s['vanilla']}")
+    if len(bad) > 10:
+        lines.append(f"  ... {len(bad) - 10} more errors (see --json / --csv)")
+    return "\n".join(lines)
+
+
+def _bucket(outcome: str) -> str:
+    return outcome.split(":")[0] if outcome.startswith("error") else outcome.split(" (")[0]
+
+
+def _histogram(lengths, cutoff, bins: int = 10, width: int = 40) -> list:
+    top = max(lengths[-1], cutoff)
+    step = max(1, math.ceil((top + 1) / bins))
+    counts = Counter(min(bins - 1, x // step) for x in lengths)
+    peak = max(counts.values())
+    out = []
+    for b in range(bins):
+        lo, hi = b * step, (b + 1) * step - 1
+        mark = " <- cutoff_len" if lo <= cutoff <= hi else ""
+        out.append(f"  {lo:>7}-{hi:<7} {'#' * round(width * counts.get(b, 0) / peak):<{width}} {counts.get(b, 0)}{mark}")
+    return out
+
+
+def write_csv(result: dict, path: str) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["index", "tokens", "text_tokens", "media_tokens", "vanilla", "vlpatch", "detail"])
+        for s in result["samples"]:
+            w.writerow([s["index"], s["tokens"], s["text_tokens"], json.dumps(s["media_tokens"]), s["vanilla"], s["vlpatch"], s["detail"]])
+
+
+def main(args) -> int:
+    import yaml
+
+    config = {}
+    if args.config:
+        with open(args.config, encoding="utf-8") as fh:
+            config = yaml.safe_load(fh) or {}
+    for key, value in (
+        ("dataset", args.dataset),
+        ("dataset_dir", args.dataset_dir),
+        ("media_dir", args.media_dir),
+        ("template", args.template),
+        ("model_name_or_path", args.model),
+        ("cutoff_len", args.cutoff_len),
+        ("image_max_pixels", args.image_max_pixels),
+        ("image_min_pixels", args.image_min_pixels),
+    ):
+        if value is not None:
+            config[key] = value
+    missing = [k for k in ("dataset", "template", "model_name_or_path") if not config.get(k)]
+    if missing:
+        print(f"vlpatch scan: missing {', '.join(missing)} (a training YAML or the options)", file=sys.stderr)
+        return 2
+    import logging
+
+    logging.getLogger("vlpatch").setLevel(logging.ERROR)
+    saved = os.dup(1)
+    os.dup2(2, 1)  # LLaMA-Factory logs to stdout while it loads: stdout is for the result
+    try:
+        result = scan(config, policy=args.policy, limit=args.limit, progress=not args.no_progress)
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+    if args.csv:
+        write_csv(result, args.csv)
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        print(summary(result))
+    return 0
