@@ -138,6 +138,15 @@ def test_patches_sharing_a_hook_module_all_attach_on_import(upstream):
         """,
     )
 
+
+def test_a_target_with_its_own_range_is_ignored_outside_it(upstream):
+    # a class upstream added in a later release: part of the patch only where it exists
+    d = upstream()
+    matrix = json.loads((d / "matrix.yaml").read_text())
+    matrix["patches"][0]["targets"].append({"module": "fakeup", "symbol": "Later.method", "wrapper": "double", "applies": ">=1.1"})
+    (d / "matrix.yaml").write_text(json.dumps(matrix))
+    run(d, "import fakeup, vlpatch; vlpatch.apply(); assert fakeup.target(1) == 4; assert vlpatch.status()[0]['state'] == 'applied'")
+
 def test_apply_after_import(upstream):
     run(upstream(), "import fakeup, vlpatch; vlpatch.apply(); assert fakeup.target(1) == 4")
 

@@ -20,7 +20,7 @@ def test_every_tested_version_has_fingerprints_and_one_session():
     for p in m.patches:
         for v in p.tested:
             assert v in p.fingerprints, f"{p.id}: tested {v} has no fingerprints"
-            assert set(p.fingerprints[v]) == {t.key for t in p.targets}, f"{p.id} {v}: fingerprints do not match the targets"
+            assert set(p.fingerprints[v]) == {t.key for t in p.targets_for(v)}, f"{p.id} {v}: fingerprints do not match the targets"
             assert Version(v) in p.applies, f"{p.id}: tested {v} is outside its own range {p.applies}"
     smoked = [(s["distribution"], str(s["version"])) for s in sessions if s.get("expect") != "refused"]
     assert sorted(smoked) == sorted(tested), "sessions and tested versions differ"

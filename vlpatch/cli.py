@@ -46,7 +46,7 @@ def _fingerprint(args) -> int:
         if not args.patch and version not in spec.applies:  # named patches are printed whatever the version
             continue
         lines = []
-        for target in spec.targets:
+        for target in spec.targets_for(version):
             try:
                 _, _, original = wrapt.resolve_path(importlib.import_module(target.module), target.symbol)
                 lines.append(f'        "{target.key}": {engine.fingerprint(original)}')

@@ -69,7 +69,7 @@ def drift(spec, version: str) -> dict:
         against = below[-1] if below else (tested[-1] if tested else None)
     known = spec.fingerprints.get(against, {}) if against else {}
     out = {}
-    for target in spec.targets:
+    for target in spec.targets_for(version):
         try:
             found = engine.fingerprint(_original(target))
         except Exception as exc:
@@ -89,7 +89,7 @@ def _selftest(spec) -> list:
         _, _, obj = wrapt.resolve_path(importlib.import_module(target.module), target.symbol)
         return obj
 
-    wrapped = [t for t in spec.targets if t.wrapper]
+    wrapped = [t for t in spec.targets_for(engine.installed_version(spec.distribution)) if t.wrapper]
     originals = {t.key: _original(t) for t in wrapped}
     ok = all(isinstance(current(t), engine._Patched) and current(t).__wrapped__ is originals[t.key] for t in wrapped)
     rows.append(("wrapped", ok, f"{len(wrapped)} target(s) wrap upstream's own objects"))

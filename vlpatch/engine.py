@@ -328,7 +328,7 @@ def _attach(spec) -> None:
         forced = True
     resolved = []
     try:
-        for target in spec.targets:
+        for target in spec.targets_for(v):
             module = importlib.import_module(target.module)
             parent, attribute, original = wrapt.resolve_path(module, target.symbol)
             resolved.append((target, parent, attribute, original))

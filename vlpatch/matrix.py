@@ -17,6 +17,7 @@ class Target:
     module: str
     symbol: str
     wrapper: str | None  # None: fingerprinted only (the patch relies on it unchanged)
+    applies: SpecifierSet | None = None  # None: every version of the patch; else only these (a class added later)
 
     @property
     def key(self) -> str:
@@ -56,6 +57,13 @@ class PatchSpec:
     parts: list = field(default_factory=list)
     default: bool = True  # False: only where VLPATCH_PATCHES / apply(patches=...) names it
 
+    def targets_for(self, version) -> list:
+        """The targets that exist in this upstream version (a target with its own `applies` may not)."""
+        from packaging.version import Version
+
+        v = Version(str(version))
+        return [t for t in self.targets if t.applies is None or v in t.applies]
+
     def active_parts(self, version) -> set:
         return {p.name for p in self.parts if p.state(version)[0] == "applied"}
 
@@ -74,7 +82,10 @@ class Matrix:
 def parse(data: dict) -> Matrix:
     patches = []
     for raw in data.get("patches", []):
-        targets = [Target(t["module"], t["symbol"], t.get("wrapper")) for t in raw["targets"]]
+        targets = [
+            Target(t["module"], t["symbol"], t.get("wrapper"), SpecifierSet(t["applies"]) if t.get("applies") else None)
+            for t in raw["targets"]
+        ]
         patches.append(
             PatchSpec(
                 id=raw["id"],
