@@ -30,16 +30,30 @@ def corpus(tmp_path_factory):
     return build_corpus(str(tmp_path_factory.mktemp("corpus")), n=2000)
 
 
-@pytest.fixture(scope="module")
-def lf(tiny_qwen2vl):
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen3_vl"])
+def lf(request, tiny_qwen2vl, tmp_path_factory):
+    """(template, tokenizer, processor) of a real processor: the tiny Qwen2-VL model's (also what
+    Qwen2.5-VL uses: the same plugin and image processor class), or a tiny Qwen3-VL one (patch 16)."""
     require("llamafactory")
     from llamafactory.data import get_template_and_fix_tokenizer
     from llamafactory.hparams import DataArguments, ModelArguments
     from llamafactory.model import load_tokenizer
 
-    loaded = load_tokenizer(ModelArguments(model_name_or_path=tiny_qwen2vl))
-    template = get_template_and_fix_tokenizer(loaded["tokenizer"], DataArguments(template="qwen2_vl"))
-    return template, loaded["tokenizer"], loaded["processor"]
+    if request.param == "qwen2_vl":
+        loaded = load_tokenizer(ModelArguments(model_name_or_path=tiny_qwen2vl))
+        tok, proc = loaded["tokenizer"], loaded["processor"]
+    else:
+        from tests.fixtures import tiny_processors
+
+        try:
+            tok, proc, _, _ = tiny_processors.qwen3_vl(str(tmp_path_factory.mktemp("qwen3")))
+        except AttributeError as exc:  # transformers before Qwen3-VL
+            pytest.skip(f"this transformers cannot build a qwen3_vl processor: {exc!r}")
+    try:
+        template = get_template_and_fix_tokenizer(tok, DataArguments(template=request.param))
+    except ValueError as exc:  # LLaMA-Factory before its qwen3_vl template
+        pytest.skip(f"this LLaMA-Factory has no {request.param} template: {exc}")
+    return template, tok, proc
 
 
 def expand(plugin, processor, path):
@@ -69,6 +83,16 @@ def test_corpus_token_counts_equal_the_processor_path(lf, corpus, limits, patche
     # the header path really ran: every intact file took it, every truncated one fell back
     truncated = 30
     assert stats == {"header": len(corpus) - truncated, "upstream": truncated}, stats
+    assert type(plugin).__name__ in ("Qwen2VLPlugin", "Qwen3VLPlugin")
+    # and the arithmetic `vlpatch scan` uses for its image_max_pixels recommendation, per image
+    from vlpatch import tokens
+
+    patch, merge, lo, hi = lf_header._geometry(processor.image_processor, lf_header._options)
+    vision = tokens.QwenVision(patch, merge, lo, hi)
+    for (path, size, _), (state, content) in zip(corpus, vanilla):
+        if state == "ok":
+            expected = content.count(plugin.image_token)
+            assert tokens.lf_qwen_image_tokens(*size, vision, *limits) == expected, (path, size)
     kinds = {k.split("/")[0] for _, _, k in corpus}
     assert kinds == {"PNG", "JPEG", "WEBP", "GIF"}
     assert sum(v[0] == "ok" for v in vanilla) >= len(corpus) - truncated - 10
@@ -83,7 +107,7 @@ def test_preprocessed_samples_equal_vanilla(lf, corpus, tmp_path, patched):
 
     template, tokenizer, processor = lf
     processor.image_max_pixels, processor.image_min_pixels = LIMITS[1]
-    data_args = DataArguments(template="qwen2_vl", cutoff_len=100_000)
+    data_args = DataArguments(template=template.mm_plugin.__class__.__name__ == "Qwen3VLPlugin" and "qwen3_vl" or "qwen2_vl", cutoff_len=100_000)
     proc = SupervisedDatasetProcessor(template=template, tokenizer=tokenizer, processor=processor, data_args=data_args)
     good = [p for p, _, _ in corpus[:-30]]
     n = 120

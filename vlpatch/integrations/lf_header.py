@@ -26,9 +26,12 @@ stats: Counter = Counter()  # images counted from headers / handed to upstream (
 _options: dict = {}
 
 
-def _geometry(image_processor):
-    """(patch, merge, min_pixels, max_pixels) as the installed image processor resizes, or None."""
-    if type(image_processor).__name__ not in _options.get("image_processors", ()):
+def _geometry(image_processor, options: dict | None = None):
+    """(patch, merge, min_pixels, max_pixels) as the installed image processor resizes, or None.
+    `options`: the patch's matrix options (default: those of the applied patch, else the matrix's)."""
+    if options is None:
+        options = _options or _matrix_options()
+    if type(image_processor).__name__ not in options.get("image_processors", ()):
         return None
     if not getattr(image_processor, "do_resize", True):
         return None
@@ -48,6 +51,12 @@ def _geometry(image_processor):
     if not all(isinstance(x, int) and x > 0 for x in (patch, merge, lo, hi)):
         return None
     return patch, merge, lo, hi
+
+
+def _matrix_options() -> dict:
+    from .. import matrix
+
+    return matrix.load().by_id("llamafactory.header_tokens").options
 
 
 def grids(images, processor) -> list | None:
