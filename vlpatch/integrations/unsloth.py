@@ -262,6 +262,7 @@ def _fit(collator, batch, budget: int, side: str = "truncation_side"):
     keep = "tail" if getattr(tokenizer, side, "right") == "left" else "head"
     layout = _pixel_layout(processor)
     B, L = ids.shape
+    _check_table(finder, ids, mask, batch, layout, processor)
     rows_kept, removed_images, rows, counts, reasons = [], [], [], Counter(), Counter()
     image_base = 0
     for i in range(B):
@@ -331,6 +332,42 @@ def _fit(collator, batch, budget: int, side: str = "truncation_side"):
             "vlpatch.integrations.unsloth.filter_dataset(dataset, collator)"
         )
     return _rebuild(collator, batch, rows_kept, removed_images, image_base, layout, torch)
+
+
+def _expected_items(batch, layout: str) -> dict:
+    """Items per kind the processor produced for this batch, as its tensors tell (None: cannot tell)."""
+    out = {}
+    if layout == "grid":
+        for kind, key in (("image", "image_grid_thw"), ("video", "video_grid_thw")):
+            value = batch.get(key)
+            out[kind] = 0 if value is None else int(value.shape[0])
+    elif layout == "per_image":
+        value = batch.get("pixel_values")
+        out["image"] = 0 if value is None else len(value)
+    elif layout == "per_row" and batch.get("aspect_ratio_ids") is not None:
+        out["image"] = int((batch["aspect_ratio_ids"] != 0).sum())
+    return out
+
+
+def _check_table(finder, ids, mask, batch, layout, processor) -> None:
+    """Before cutting anything: the media runs the matrix's token table finds in input_ids must be the
+    media the processor produced. A processor release that writes its media otherwise (transformers
+    5.17 renamed Gemma3Processor.image_token) would otherwise be cut blindly: refuse, loudly."""
+    found: Counter = Counter()
+    for i in range(ids.shape[0]):
+        row = ids[i][mask[i] != 0].tolist() if mask is not None else ids[i].tolist()
+        found.update(finder.count_items(row, finder.find(row)))
+    for kind, expected in _expected_items(batch, layout).items():
+        if found.get(kind, 0) != expected:
+            import importlib.metadata
+
+            version = importlib.metadata.version("transformers")
+            raise core.VLPatchError(
+                f"vlpatch: {type(processor).__name__} (transformers {version}) writes its {kind}s in a way the "
+                f"compat matrix does not describe: {found.get(kind, 0)} {kind} run(s) in this batch's input_ids, "
+                f"{expected} {kind}(s) in its pixel tensors. vlpatch will not cut it blindly; exclude the patch "
+                "(VLPATCH_EXCLUDE) or upgrade vlpatch, and please report it"
+            )
 
 
 def _rebuild(collator, batch, rows_kept, removed_images, n_images, layout, torch):
