@@ -40,6 +40,9 @@ def test_doctor_all_good(lf_version):
     checks = {c["check"]: c for c in row["selftest"]}
     assert set(checks) == {"wrapped", "revert", "re-apply", "functional"} and all(c["ok"] for c in checks.values()), checks
     assert "image run whole" in checks["functional"]["detail"]
+    header = next(r for r in data["patches"] if r["id"] == "llamafactory.header_tokens")
+    assert header["state"] == "applied" and all(c["ok"] for c in header["selftest"]), header
+    assert "3 of 3 images counted from headers" in {c["check"]: c for c in header["selftest"]}["functional"]["detail"]
     assert data["problems"] == []
 
 

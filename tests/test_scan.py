@@ -77,6 +77,13 @@ def test_scan_summary_and_no_yaml_mode(tiny_qwen2vl, data_dir):
     assert "tokens per sample (whole): p50" in text and "<- cutoff_len" in text
 
 
+def test_scan_a_bare_dataset_file(tiny_qwen2vl, data_dir):
+    out = json.loads(scan("--dataset-file", os.path.join(data_dir, "longimg.json"), "--template", "qwen2_vl", "--model", tiny_qwen2vl,
+                          "--cutoff-len", "128", "--image-max-pixels", str(224 * 224), "--json"))
+    assert [s["vanilla"] for s in out["samples"]][:2] == ["crash: media tokens cut", "fits"]
+    assert [s["vlpatch"] for s in out["samples"]][:2] == ["truncated", "fits"]
+
+
 def test_scan_policy_drop_media_and_image_size_recommendation(tiny_qwen2vl, data_dir):
     # cutoff 60: the 66-token image alone does not fit; drop_media keeps the text, and smaller images would fit
     out = json.loads(scan("--dataset", "longimg", "--dataset-dir", data_dir, "--template", "qwen2_vl", "--model", tiny_qwen2vl,

@@ -88,7 +88,8 @@ def scan(config: dict, policy: str = "drop", limit: int | None = None, progress:
             data_args.cutoff_len = cutoff
         if bar:
             bar.update(1)
-        return out["input_ids"][0] if out.get("input_ids") else None
+        ids = out.get("input_ids") or out.get("chosen_input_ids")  # sft / pt / kto, or rm / dpo pairs
+        return ids[0] if ids else None
 
     saved_policy = os.environ.get("VLPATCH_POLICY")
     vlpatch.revert()
@@ -299,6 +300,32 @@ def write_csv(result: dict, path: str) -> None:
             w.writerow([s["index"], s["tokens"], s["text_tokens"], json.dumps(s["media_tokens"]), s["vanilla"], s["vlpatch"], s["detail"]])
 
 
+def dataset_from_file(path: str) -> tuple:
+    """A dataset file without a dataset_info.json: register it in a temporary dataset_dir, the
+    columns guessed from its first record (sharegpt `messages` with role/content, sharegpt
+    `conversations` with from/value, or alpaca `instruction`/`output`); media paths stay relative to
+    the file's own directory. Returns (dataset name, dataset_dir, media_dir)."""
+    path = os.path.abspath(path)
+    with open(path, encoding="utf-8") as fh:
+        if path.endswith(".jsonl"):
+            first = json.loads(fh.readline())
+        else:
+            data = json.load(fh)
+            first = data[0] if isinstance(data, list) and data else {}
+    media = {k: k for k in ("images", "videos", "audios") if k in first}
+    if "messages" in first:
+        info = {"formatting": "sharegpt", "columns": {"messages": "messages", **media},
+                "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant", "system_tag": "system"}}
+    elif "conversations" in first:
+        info = {"formatting": "sharegpt", "columns": {"messages": "conversations", **media}}
+    else:
+        info = {"formatting": "alpaca", "columns": {"prompt": "instruction", "query": "input", "response": "output", **media}}
+    directory = tempfile.mkdtemp(prefix="vlpatch-scan-data-")
+    with open(os.path.join(directory, "dataset_info.json"), "w", encoding="utf-8") as fh:
+        json.dump({"scanned": {"file_name": path, **info}}, fh)
+    return "scanned", directory, os.path.dirname(path)
+
+
 def main(args) -> int:
     import yaml
 
@@ -318,6 +345,9 @@ def main(args) -> int:
     ):
         if value is not None:
             config[key] = value
+    if args.dataset_file:
+        config["dataset"], config["dataset_dir"], media_dir = dataset_from_file(args.dataset_file)
+        config.setdefault("media_dir", args.media_dir or media_dir)
     missing = [k for k in ("dataset", "template", "model_name_or_path") if not config.get(k)]
     if missing:
         print(f"vlpatch scan: missing {', '.join(missing)} (a training YAML or the options)", file=sys.stderr)

@@ -115,6 +115,35 @@ def _mm_inputs(wrapped, instance, args, kwargs):
     return {"image_grid_thw": torch.tensor(found, dtype=torch.long)}
 
 
+def selftest(spec) -> tuple:
+    """`vlpatch doctor`: the installed LLaMA-Factory's real qwen2_vl plugin expands `<image>` for three
+    image files (PNG, JPEG, WebP; odd sizes) through the header path, and the counts equal what its
+    own processor path (the real Qwen2VLImageProcessor) gives for the same files."""
+    import tempfile
+    import types
+
+    from PIL import Image
+    from transformers import Qwen2VLImageProcessor
+
+    from llamafactory.data.mm_plugin import get_mm_plugin
+
+    tmp = tempfile.mkdtemp(prefix="vlpatch-selftest-")
+    paths = []
+    for (w, h), ext in (((1023, 769), "png"), ((3000, 41), "jpg"), ((57, 57), "webp")):
+        path = f"{tmp}/i{w}x{h}.{ext}"
+        Image.new("RGB", (w, h), (10, 120, 200)).save(path)
+        paths.append(path)
+    holder = types.SimpleNamespace(image_processor=Qwen2VLImageProcessor(), image_max_pixels=768 * 768, image_min_pixels=32 * 32)
+    plugin = get_mm_plugin("qwen2_vl", image_token="<|image_pad|>")
+    before = stats["header"]
+    expanded = [plugin.process_messages([{"role": "user", "content": "<image>"}], [p], [], [], holder)[0]["content"].count("<|image_pad|>") for p in paths]
+    took = stats["header"] - before
+    merge = holder.image_processor.merge_size**2
+    real = [int(plugin._get_mm_inputs([p], [], [], holder)["image_grid_thw"][0].prod()) // merge for p in paths]
+    ok = expanded == real and took == len(paths)
+    return ok, f"{took} of {len(paths)} images counted from headers, tokens {expanded} vs processor {real}"
+
+
 WRAPPERS = {"messages": _messages, "mm_inputs": _mm_inputs}
 
 
