@@ -103,3 +103,19 @@ def test_scan_bad_input_gets_entries_not_a_crash(tiny_qwen2vl, data_dir):
         assert by[i]["vanilla"].startswith("error: ") and by[i]["vlpatch"].startswith("error: "), by[i]
     assert "nowhere.png" in by[1]["vanilla"]
     assert "placeholder" in by[2]["vanilla"].lower() or "image" in by[2]["vanilla"].lower()
+
+
+def test_image_size_recommendation_stops_where_an_image_would_vanish(tiny_qwen2vl, tmp_path):
+    # an 8000x1 strip: shrinking image_max_pixels far enough makes LLaMA-Factory's resize produce 0 px
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from vlpatch import scan as vscan
+
+    strip = str(tmp_path / "strip.png")
+    Image.new("L", (8000, 1)).save(strip)
+    proc = AutoProcessor.from_pretrained(tiny_qwen2vl)
+    args = type("A", (), {"image_max_pixels": 768 * 768, "image_min_pixels": 32 * 32})()
+    sample = vscan.Sample(0, tokens=400, text_tokens=40, media_tokens={"image": [360]}, images=[strip])
+    rec = vscan._max_pixels_for([sample], 60, proc, args)
+    assert rec["value"] is None and "shrinks to nothing" in rec["why"], rec

@@ -97,7 +97,9 @@ def scan(config: dict, policy: str = "drop", limit: int | None = None, progress:
         vlpatch.apply(patches=["llamafactory.header_tokens"])
         import llamafactory.data.mm_plugin  # noqa: F401  (attach now)
 
-        spec = __import__("vlpatch.matrix", fromlist=["load"]).load().by_id("llamafactory.truncation")
+        from . import matrix
+
+        spec = matrix.load().by_id("llamafactory.truncation")
         table = spec.options.get("media_tokens", {}).get(type(template.mm_plugin).__name__)
         from .core import finder_from_table
 
@@ -148,13 +150,24 @@ def scan(config: dict, policy: str = "drop", limit: int | None = None, progress:
         quiet = logging.getLogger("vlpatch")
         level = quiet.level
         quiet.setLevel(logging.ERROR)
+        offset = 0  # rows are appended: read only what each sample added
+
+        def new_rows():
+            nonlocal offset
+            if not os.path.exists(path):
+                return []
+            with open(path, encoding="utf-8") as fh:
+                fh.seek(offset)
+                text = fh.read()
+                offset = fh.tell()
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+
         try:
             for s in long:  # pass 3: vlpatch at cutoff_len
                 run = vreport.start_run(lfint.TRAINER, "scan", path)
                 try:
                     encode(s.index, cutoff)
-                    found = vreport.read_report(path) if os.path.exists(path) else []
-                    mine = [r for r in found if r.get("run_id") == run.run_id]
+                    mine = [r for r in new_rows() if r.get("run_id") == run.run_id]
                     s.vlpatch = mine[-1]["action"] if mine else "fits"
                     if mine and mine[-1].get("reason"):
                         s.detail = (s.detail + "; " if s.detail else "") + str(mine[-1]["reason"])
@@ -232,7 +245,12 @@ def _max_pixels_for(samples, cutoff: int, mm_processor, model_args) -> dict:
         for s in samples:
             if s.tokens is None or s.index in text_only:
                 continue
-            media = sum(vision.image_tokens(*tokens.lf_preprocess_size(*headers[p], pixels, min_pixels)) + 2 for p in s.images)
+            try:
+                media = sum(vision.image_tokens(*tokens.lf_preprocess_size(*headers[p], pixels, min_pixels)) + 2 for p in s.images)
+            except (ZeroDivisionError, ValueError):  # an extreme aspect ratio shrinks to nothing: upstream fails too
+                return {"value": None, "why": f"at image_max_pixels {pixels} an image of sample {s.index} shrinks to nothing "
+                        "(LLaMA-Factory fails on it), and no larger value fits",
+                        "text_alone_too_long": text_only}
             worst = max(worst, s.text_tokens + media)
         if worst <= cutoff:
             return {"value": pixels, "side": math.isqrt(pixels), "text_alone_too_long": text_only}
