@@ -99,15 +99,21 @@ def _all_images_only(wrapped, instance, args, kwargs):
 # (2025.9.3 - 2025.9.13), then ignored the column whenever the example has messages (to 2026.9.7).
 
 
+def _pc_args(args, kwargs) -> tuple:
+    """(example, p_msgs, c_msgs) of an `_extract_images_for_pc` call."""
+    example = args[0] if args else kwargs["example"]
+    p_msgs = args[1] if len(args) > 1 else kwargs.get("p_msgs")
+    c_msgs = args[2] if len(args) > 2 else kwargs.get("c_msgs")
+    return example, p_msgs, c_msgs
+
+
 def _pc_column(args, kwargs):
     """Every column image of a prompt/completion example, checked against the image placeholders of
     its prompt and completion messages (plain-string prompts carry the model's own image tokens: the
     processor checks those); None: no column, upstream's path."""
-    example = args[0] if args else kwargs["example"]
+    example, p_msgs, c_msgs = _pc_args(args, kwargs)
     if "pc_images" not in _active or not isinstance(example, dict) or not example.get("images"):
         return None
-    p_msgs = args[1] if len(args) > 1 else kwargs.get("p_msgs")
-    c_msgs = args[2] if len(args) > 2 else kwargs.get("c_msgs")
     if p_msgs is None and c_msgs is None:
         column = example["images"]
         return list(column) if isinstance(column, (list, tuple)) else [column]
@@ -135,8 +141,7 @@ def _pc_images_unpacked(wrapped, instance, args, kwargs):
     if column is not None:
         return column
     if "pc_images" in _active:
-        p_msgs = args[1] if len(args) > 1 else kwargs.get("p_msgs")
-        c_msgs = args[2] if len(args) > 2 else kwargs.get("c_msgs")
+        _, p_msgs, c_msgs = _pc_args(args, kwargs)
         if not p_msgs and not c_msgs:
             return []
         out = wrapped(*args, **kwargs)
@@ -262,14 +267,16 @@ def _fit(collator, batch, budget: int, side: str = "truncation_side"):
     keep = "tail" if getattr(tokenizer, side, "right") == "left" else "head"
     layout = _pixel_layout(processor)
     B, L = ids.shape
-    _check_table(finder, ids, mask, batch, layout, processor)
-    rows_kept, removed_images, rows, counts, reasons = [], [], [], Counter(), Counter()
-    image_base = 0
+    parsed = []  # per row: its unpadded positions, token ids, media runs and items per kind
     for i in range(B):
         pos = (mask[i] != 0).nonzero().flatten().tolist() if mask is not None else list(range(L))
         row = ids[i, pos].tolist()
         runs = finder.find(row)
-        items = finder.count_items(row, runs)
+        parsed.append((pos, row, runs, finder.count_items(row, runs)))
+    _check_table(parsed, batch, layout, processor)
+    rows_kept, removed_images, rows, counts, reasons = [], [], [], Counter(), Counter()
+    image_base = 0
+    for i, (pos, row, runs, items) in enumerate(parsed):
         n_images = items["image"]
         sample = f"dataset[{_filtering[0]}]" if _filtering else f"batch example {i}"
         if len(row) <= budget:
@@ -349,14 +356,13 @@ def _expected_items(batch, layout: str) -> dict:
     return out
 
 
-def _check_table(finder, ids, mask, batch, layout, processor) -> None:
+def _check_table(parsed, batch, layout, processor) -> None:
     """Before cutting anything: the media runs the matrix's token table finds in input_ids must be the
     media the processor produced. A processor release that writes its media otherwise (transformers
     5.17 renamed Gemma3Processor.image_token) would otherwise be cut blindly: refuse, loudly."""
     found: Counter = Counter()
-    for i in range(ids.shape[0]):
-        row = ids[i][mask[i] != 0].tolist() if mask is not None else ids[i].tolist()
-        found.update(finder.count_items(row, finder.find(row)))
+    for _, _, _, items in parsed:
+        found.update(items)
     for kind, expected in _expected_items(batch, layout).items():
         if found.get(kind, 0) != expected:
             import importlib.metadata
