@@ -68,11 +68,10 @@ class Config:
         cfg.log_level = env.get("VLPATCH_LOG_LEVEL", "").strip().upper() or None
         return cfg
 
-    def selects(self, patch_id: str, default: bool = True) -> bool:
-        """Named in VLPATCH_PATCHES, or (none named) on by default, and not excluded."""
+    def selects(self, patch_id: str) -> bool:
         if patch_id in self.exclude:
             return False
-        return default if self.patches is None else patch_id in self.patches
+        return self.patches is None or patch_id in self.patches
 
 
 @dataclass
@@ -159,11 +158,8 @@ def apply(
             return status()
         _enabled = True
         for spec in _matrix.load().patches:
-            if not _config.selects(spec.id, spec.default):
-                why = "excluded by VLPATCH_PATCHES / VLPATCH_EXCLUDE"
-                if _config.patches is None and spec.id not in _config.exclude:
-                    why = f"off by default: VLPATCH_PATCHES or apply(patches=[...]) naming {spec.id} turns it on"
-                _states[spec.id] = PatchState(spec.id, "disabled", why)
+            if not _config.selects(spec.id):
+                _states[spec.id] = PatchState(spec.id, "disabled", "excluded by VLPATCH_PATCHES / VLPATCH_EXCLUDE")
                 continue
             if installed_version(spec.distribution) is None:
                 _states[spec.id] = PatchState(spec.id, "skipped", f"{spec.distribution} is not installed")
@@ -276,7 +272,7 @@ def _hook_for(hook_module: str):
                 continue
             try:
                 with _lock:
-                    if _enabled and _config.selects(spec.id, spec.default) and spec.id not in _applied:
+                    if _enabled and _config.selects(spec.id) and spec.id not in _applied:
                         _attach(spec)
             except Exception as exc:  # pragma: no cover - defensive
                 _skip(spec.id, None, f"internal error while attaching: {exc!r}")

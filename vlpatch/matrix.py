@@ -55,7 +55,6 @@ class PatchSpec:
     summary: str = ""
     options: dict = field(default_factory=dict)
     parts: list = field(default_factory=list)
-    default: bool = True  # False: only where VLPATCH_PATCHES / apply(patches=...) names it
 
     def targets_for(self, version) -> list:
         """The targets that exist in this upstream version (a target with its own `applies` may not)."""
@@ -98,7 +97,6 @@ def parse(data: dict) -> Matrix:
                 targets=targets,
                 fingerprints={str(k): dict(v) for k, v in (raw.get("fingerprints") or {}).items()},
                 summary=raw.get("summary", ""),
-                default=bool(raw.get("default", True)),
                 options=raw.get("options") or {},
                 parts=[
                     Part(
