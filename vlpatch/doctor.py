@@ -10,19 +10,15 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import json
-import logging
 import os
 import sys
 import sysconfig
 import time
 
 from . import engine, matrix
+from ._console import results_only_on_stdout
 
 PACKAGES = ("torch", "torchvision", "torchaudio", "transformers", "datasets", "trl", "llamafactory", "unsloth", "unsloth_zoo")
-
-
-def _version(dist: str) -> str | None:
-    return engine.installed_version(dist)
 
 
 def autoenable() -> dict:
@@ -49,10 +45,15 @@ def _import_hook(hook: str) -> str | None:
         return f"{type(exc).__name__}: {exc}"
 
 
-def _original(target):
+def _current(target):
     import wrapt
 
     _, _, obj = wrapt.resolve_path(importlib.import_module(target.module), target.symbol)
+    return obj
+
+
+def _original(target):
+    obj = _current(target)
     return obj.__wrapped__ if isinstance(obj, engine._Patched) else obj
 
 
@@ -81,23 +82,17 @@ def drift(spec, version: str) -> dict:
 def _selftest(spec) -> list:
     """(check, ok, detail) rows: the wrappers attach to the installed code, revert() restores the exact
     originals, re-attaching works, then the integration's own functional check if it has one."""
-    import wrapt
 
     rows = []
-
-    def current(target):
-        _, _, obj = wrapt.resolve_path(importlib.import_module(target.module), target.symbol)
-        return obj
-
     wrapped = [t for t in spec.targets_for(engine.installed_version(spec.distribution)) if t.wrapper]
     originals = {t.key: _original(t) for t in wrapped}
-    ok = all(isinstance(current(t), engine._Patched) and current(t).__wrapped__ is originals[t.key] for t in wrapped)
+    ok = all(isinstance(_current(t), engine._Patched) and _current(t).__wrapped__ is originals[t.key] for t in wrapped)
     rows.append(("wrapped", ok, f"{len(wrapped)} target(s) wrap upstream's own objects"))
     engine.revert()
-    ok = all(current(t) is originals[t.key] for t in wrapped)
+    ok = all(_current(t) is originals[t.key] for t in wrapped)
     rows.append(("revert", ok, "revert() put back the very same objects" if ok else "an original was not restored"))
     engine.apply()  # as report() applied it: the VLPATCH_* environment
-    ok = all(isinstance(current(t), engine._Patched) for t in wrapped)
+    ok = all(isinstance(_current(t), engine._Patched) for t in wrapped)
     rows.append(("re-apply", ok, "apply() after revert() attached again"))
     try:
         integration = importlib.import_module(spec.integration)
@@ -117,22 +112,22 @@ def report(distributions=None, selftest: bool = True) -> dict:
 
     out = {
         "python": sys.version.split()[0],
-        "versions": {p: _version(p) for p in PACKAGES},
+        "versions": {p: engine.installed_version(p) for p in PACKAGES},
         "autoenable": autoenable(),
         "patches": [],
         "import_errors": {},
     }
     specs = [s for s in matrix.load().patches if distributions is None or s.distribution in distributions]
     for d in sorted({s.distribution for s in specs}):
-        out["versions"].setdefault(d, _version(d))
+        out["versions"].setdefault(d, engine.installed_version(d))
     engine.apply()
-    for hook in sorted({s.hook for s in specs if _version(s.distribution)}):
+    for hook in sorted({s.hook for s in specs if engine.installed_version(s.distribution)}):
         err = _import_hook(hook)
         if err:
             out["import_errors"][hook] = err
     states = {row["id"]: row for row in engine.status()}
     for spec in specs:
-        version = _version(spec.distribution)
+        version = engine.installed_version(spec.distribution)
         row = {
             **states.get(spec.id, {"id": spec.id, "state": "disabled", "reason": ""}),
             "distribution": spec.distribution,
@@ -203,15 +198,7 @@ def render(data: dict) -> str:
 
 
 def main(args) -> int:
-    logging.getLogger("vlpatch").setLevel(logging.ERROR)  # the table says it all
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)  # upstream code may log to stdout while it is imported and tested: keep stdout for the result
-    try:
+    with results_only_on_stdout():  # the table says it all
         data = report(selftest=not args.no_selftest)
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
     print(json.dumps(data, indent=2, default=str) if args.json else render(data))
     return 1 if data["problems"] else 0

@@ -74,7 +74,7 @@ def scan(config: dict, policy: str = "drop", limit: int | None = None, progress:
     dataset = _get_merged_dataset(data_args.dataset, model_args, data_args, training_args, stage)
     processor = _get_dataset_processor(data_args, stage, template, tokenizer, mm_processor)
     cutoff = data_args.cutoff_len
-    columns = [c for c in dataset.column_names]
+    columns = list(dataset.column_names)
     n = len(dataset) if limit is None else min(limit, len(dataset))
     rows = [dataset[i] for i in range(n)]
     samples = [Sample(i, images=list(r.get("_images") or [])) for i, r in enumerate(rows)]
@@ -91,8 +91,7 @@ def scan(config: dict, policy: str = "drop", limit: int | None = None, progress:
         ids = out.get("input_ids") or out.get("chosen_input_ids")  # sft / pt / kto, or rm / dpo pairs
         return ids[0] if ids else None
 
-    saved_policy = os.environ.get("VLPATCH_POLICY")
-    vlpatch.revert()
+    vlpatch.revert()  # apply() publishes each pass's settings; revert() puts the environment back
     try:
         vlpatch.apply(patches=["llamafactory.header_tokens"])
         import llamafactory.data.mm_plugin  # noqa: F401  (attach now)
@@ -142,7 +141,6 @@ def scan(config: dict, policy: str = "drop", limit: int | None = None, progress:
             except Exception as exc:
                 s.vanilla = f"error: {type(exc).__name__}: {exc}"[:300]
         vlpatch.revert()
-        os.environ["VLPATCH_POLICY"] = policy
         path = os.path.join(tempfile.mkdtemp(prefix="vlpatch-scan-"), "report.jsonl")
         vlpatch.apply(policy=policy, patches=["llamafactory.header_tokens", "llamafactory.truncation"], report=path)
         import logging
@@ -179,10 +177,6 @@ def scan(config: dict, policy: str = "drop", limit: int | None = None, progress:
             quiet.setLevel(level)
     finally:
         vlpatch.revert()
-        if saved_policy is None:
-            os.environ.pop("VLPATCH_POLICY", None)
-        else:
-            os.environ["VLPATCH_POLICY"] = saved_policy
         if bar:
             bar.close()
     return {
@@ -205,12 +199,17 @@ def _progress(total: int, enabled: bool):
         return None
 
 
+def _percentile(ordered: list, share: float) -> int:
+    """The smallest value at or below which `share` of the (sorted) values lie."""
+    return ordered[max(0, math.ceil(share * len(ordered)) - 1)]
+
+
 def recommend(samples, cutoff: int, mm_processor, model_args) -> dict:
     lengths = sorted(s.tokens for s in samples if s.tokens is not None)
     out: dict = {"cutoff_len_for_share": {}}
     for share in KEEP_SHARES:
         if lengths:
-            out["cutoff_len_for_share"][str(share)] = lengths[max(0, math.ceil(share * len(lengths)) - 1)]
+            out["cutoff_len_for_share"][str(share)] = _percentile(lengths, share)
     out["image_max_pixels_for_cutoff"] = _max_pixels_for(samples, cutoff, mm_processor, model_args)
     return out
 
@@ -230,6 +229,7 @@ def _max_pixels_for(samples, cutoff: int, mm_processor, model_args) -> dict:
     current = getattr(model_args, "image_max_pixels", 768 * 768)
     min_pixels = getattr(model_args, "image_min_pixels", 32 * 32)
     text_only = [s.index for s in samples if s.tokens is not None and s.text_tokens + 2 * len(s.images) > cutoff]
+    skip = set(text_only)
     candidates = [side * side for side in range(int(math.isqrt(current)) // 28 * 28, 27, -28)]
     headers = {}
     for s in samples:
@@ -237,13 +237,13 @@ def _max_pixels_for(samples, cutoff: int, mm_processor, model_args) -> dict:
             continue  # an error entry already
         for path in s.images:
             if path not in headers:
-                headers[path] = tokens.image_header(path) if isinstance(path, str) else None
+                headers[path] = tokens.image_header(path)  # None: not a plain file it can vouch for
     if any(h is None for h in headers.values()):
         return {"value": None, "why": "some images are not plain files the header can vouch for"}
     for pixels in [current, *candidates]:
         worst = 0
         for s in samples:
-            if s.tokens is None or s.index in text_only:
+            if s.tokens is None or s.index in skip:
                 continue
             try:
                 media = sum(vision.image_tokens(*tokens.lf_preprocess_size(*headers[p], pixels, min_pixels)) + 2 for p in s.images)
@@ -268,8 +268,8 @@ def summary(result: dict) -> str:
         lines.append(f"  {key:31} {van.get(key, 0):>15}   {pat.get(key, 0):>12}")
     lengths = sorted(s["tokens"] for s in samples if s["tokens"] is not None)
     if lengths:
-        pct = lambda q: lengths[max(0, math.ceil(q * len(lengths)) - 1)]  # noqa: E731
-        lines += ["", f"tokens per sample (whole): p50 {pct(0.5)}, p90 {pct(0.9)}, p99 {pct(0.99)}, max {lengths[-1]}"]
+        p = {q: _percentile(lengths, q) for q in (0.5, 0.9, 0.99)}
+        lines += ["", f"tokens per sample (whole): p50 {p[0.5]}, p90 {p[0.9]}, p99 {p[0.99]}, max {lengths[-1]}"]
         lines += _histogram(lengths, cfg["cutoff_len"])
         media = [n for s in samples for v in (s["media_tokens"] or {}).values() for n in v]
         if media:
@@ -370,17 +370,10 @@ def main(args) -> int:
     if missing:
         print(f"vlpatch scan: missing {', '.join(missing)} (a training YAML or the options)", file=sys.stderr)
         return 2
-    import logging
+    from ._console import results_only_on_stdout
 
-    logging.getLogger("vlpatch").setLevel(logging.ERROR)
-    saved = os.dup(1)
-    os.dup2(2, 1)  # LLaMA-Factory logs to stdout while it loads: stdout is for the result
-    try:
+    with results_only_on_stdout():  # LLaMA-Factory logs to stdout while it loads
         result = scan(config, policy=args.policy, limit=args.limit, progress=not args.no_progress)
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
     if args.csv:
         write_csv(result, args.csv)
     if args.json:

@@ -112,8 +112,6 @@ def image_header(path) -> tuple | None:
     """(width, height) of an image file from its header (no pixel is decoded), or None when the
     shortcut cannot vouch for it: not a plain file path, another format, an unusual mode, a file whose
     end marker is missing (truncated), or anything PIL cannot open."""
-    import os
-
     if not isinstance(path, str):  # what every trainer release opens as a path (0.9.2: str only)
         return None
     try:
@@ -121,7 +119,7 @@ def image_header(path) -> tuple | None:
 
         with Image.open(path) as im:  # lazy: reads the header only
             fmt, mode, size = im.format, im.mode, im.size
-        if fmt not in HEADER_FORMATS or mode not in HEADER_MODES or not _tail_intact(str(path), fmt):
+        if fmt not in HEADER_FORMATS or mode not in HEADER_MODES or not _tail_intact(path, fmt):
             return None
         return size
     except Exception:
