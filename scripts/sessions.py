@@ -20,7 +20,6 @@ import os
 import shlex
 import subprocess
 import sys
-import sysconfig
 import time
 
 import yaml
@@ -96,16 +95,21 @@ def make_venv(env: str) -> None:
         subprocess.run([base, "-m", "venv", os.path.join(ROOT, env)], check=True)
 
 
+def install_once(env: str, requirements: list, key: str, upgrade: bool = False) -> None:
+    """pip install `requirements` into `env` once per `key` (a stamp file), or every time with `upgrade`."""
+    done = stamp(env, key)
+    if upgrade or not os.path.exists(done):
+        t = time.time()
+        pip(python_of(env), *(["--upgrade"] if upgrade else []), *requirements)
+        open(done, "w").close()
+        log(f"{env} ({key}) installed in {time.time() - t:.0f}s")
+
+
 def setup_torch(smoke: dict) -> str:
     env = smoke["torch_env"]
     spec = os.environ.get("VLPATCH_TORCH_SPEC", "").split() or smoke["torch"]
     make_venv(env)
-    done = stamp(env, " ".join(spec))
-    if not os.path.exists(done):
-        t = time.time()
-        pip(python_of(env), *spec)
-        open(done, "w").close()
-        log(f"{env} ({' '.join(spec)}) installed in {time.time() - t:.0f}s")
+    install_once(env, spec, " ".join(spec))
     return env
 
 
@@ -121,11 +125,7 @@ def install_env(smoke: dict, env: str, requirements: list, key: str, upgrade: bo
         with open(torchrun, "w") as fh:
             fh.write('#!/bin/sh\nexec "$(dirname "$0")/python" -m torch.distributed.run "$@"\n')
         os.chmod(torchrun, 0o755)
-    done = stamp(env, key)
-    if upgrade or not os.path.exists(done):
-        pip(python_of(env), *(["--upgrade"] if upgrade else []), *requirements)
-        open(done, "w").close()
-        log(f"{env} ({key}) installed in {time.time() - t:.0f}s")
+    install_once(env, requirements, key, upgrade)
     pip(python_of(env), "-e", f"{ROOT}[test]")
     return time.time() - t
 
@@ -149,9 +149,9 @@ VERSIONS = (
 )
 
 
-def run_suite(smoke: dict, s: dict, pytest_args: list, extra_env: dict | None = None) -> tuple:
+def run_suite(smoke: dict, s: dict, pytest_args: list) -> tuple:
     suite = smoke["suites"][s["suite"]]
-    env = {**os.environ, **TEST_ENV, **(extra_env or {})}
+    env = {**os.environ, **TEST_ENV}
     env.pop("VLPATCH", None)
     env["VLPATCH_STRICT"] = suite.get("strict", "")
     env["VLPATCH_EXPECT"] = s.get("expect", "")

@@ -11,7 +11,6 @@ vanilla, are equal.
 
 from __future__ import annotations
 
-import os
 
 import pytest
 

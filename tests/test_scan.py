@@ -4,7 +4,6 @@ summary, recommendations, JSON / CSV, and bad input as per-sample entries (never
 import csv
 import json
 import os
-import shutil
 import subprocess
 import sys
 
