@@ -126,3 +126,23 @@ def test_preprocessed_samples_equal_vanilla(lf, corpus, tmp_path, patched):
     header = proc.preprocess_dataset(batch)
     assert len(vanilla["input_ids"]) == n
     assert header["input_ids"] == vanilla["input_ids"] and header["labels"] == vanilla["labels"]
+
+
+def test_an_image_shrunk_to_nothing_fails_as_upstream_fails(lf, tmp_path, patched):
+    # an 8000x1 strip under image_max_pixels 4000: LLaMA-Factory's pre-resize makes it 0 px high and
+    # upstream refuses it; the header path must hand it to upstream, not fail in its own arithmetic
+    from PIL import Image
+
+    import vlpatch
+    from vlpatch.integrations import lf_header
+
+    template, _, processor = lf
+    processor.image_max_pixels, processor.image_min_pixels = 4000, 32 * 32
+    strip = str(tmp_path / "strip.png")
+    Image.new("L", (8000, 1)).save(strip)
+    vlpatch.revert()
+    vanilla = expand(template.mm_plugin, processor, strip)
+    patched(patches=["llamafactory.header_tokens"])
+    lf_header.stats.clear()
+    assert vanilla[0] == "error" and expand(template.mm_plugin, processor, strip) == vanilla
+    assert lf_header.stats == {"upstream": 1}

@@ -247,7 +247,7 @@ def _max_pixels_for(samples, cutoff: int, mm_processor, model_args) -> dict:
                 continue
             try:
                 media = sum(vision.image_tokens(*tokens.lf_preprocess_size(*headers[p], pixels, min_pixels)) + 2 for p in s.images)
-            except (ZeroDivisionError, ValueError):  # an extreme aspect ratio shrinks to nothing: upstream fails too
+            except ValueError:  # an extreme strip shrinks to nothing: upstream fails too
                 return {"value": None, "why": f"at image_max_pixels {pixels} an image of sample {s.index} shrinks to nothing "
                         "(LLaMA-Factory fails on it), and no larger value fits",
                         "text_alone_too_long": text_only}

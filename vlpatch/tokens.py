@@ -16,10 +16,14 @@ from dataclasses import dataclass
 
 
 def lf_preprocess_size(width: int, height: int, max_pixels: int, min_pixels: int, min_side: int | None = 28):
-    """LLaMA-Factory's `_preprocess_image` on a size (BasePlugin, then the Qwen-VL plugin's clamps)."""
+    """LLaMA-Factory's `_preprocess_image` on a size (BasePlugin, then the Qwen-VL plugin's clamps).
+
+    Raises ValueError where upstream's resize does: a side shrunk to 0 px (an extreme strip)."""
     if width * height > max_pixels:
         factor = math.sqrt(max_pixels / (width * height))
         width, height = int(width * factor), int(height * factor)
+        if width <= 0 or height <= 0:
+            raise ValueError(f"a side shrinks to 0 px ({width}x{height}) under image_max_pixels {max_pixels}")
     if width * height < min_pixels:
         factor = math.sqrt(min_pixels / (width * height))
         width, height = int(width * factor), int(height * factor)

@@ -77,13 +77,11 @@ def grids(images, processor) -> list | None:
         size = tokens.image_header(image)
         if size is None:
             return None
-        w, h = tokens.lf_preprocess_size(size[0], size[1], max_pixels, min_pixels)
-        if w <= 0 or h <= 0:
-            return None  # upstream's resize would fail: let it say so
         try:
+            w, h = tokens.lf_preprocess_size(size[0], size[1], max_pixels, min_pixels)
             rh, rw = smart_resize(h, w, factor=patch * merge, min_pixels=lo, max_pixels=hi)
         except ValueError:
-            return None  # upstream raises the same, in its own words
+            return None  # upstream fails on this image too, in its own words
         out.append([1, rh // patch, rw // patch])
     return out
 
