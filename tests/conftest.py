@@ -39,3 +39,18 @@ def patched(tmp_path):
 
     yield _apply
     vlpatch.revert()
+
+
+def newest_only(distribution: str, why: str = "") -> None:
+    """Skip unless the installed release is the newest the matrix tests: a case that adds nothing per
+    release runs there, and a representative one runs on every release (keeps CI time flat)."""
+    import importlib.metadata
+
+    from packaging.version import Version
+
+    import vlpatch.matrix as vmatrix
+
+    tested = [Version(v) for p in vmatrix.load().patches if p.distribution == distribution for v in p.tested]
+    installed = Version(importlib.metadata.version(distribution))
+    if tested and installed != max(tested):
+        pytest.skip(f"runs on the newest tested {distribution} ({max(tested)}) only{': ' + why if why else ''}")

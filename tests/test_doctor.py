@@ -68,3 +68,41 @@ def test_doctor_fails_when_an_enabled_patch_cannot_apply(lf_version, tmp_path):
     assert "llamafactory.truncation: skipped" in proc.stdout and "problems:" in proc.stdout
     assert f"llamafactory {lf_version} is inside the range of, but not tested in," in proc.stdout
     assert "fingerprints vs " in proc.stdout  # drift is still measured against the nearest tested release
+
+
+def _matrix_without_installed(lf_version, tmp_path):
+    with open(vmatrix.MATRIX_PATH, encoding="utf-8") as fh:
+        data = yaml.safe_load(fh)
+    for raw in data["patches"]:
+        if raw["distribution"] == "llamafactory":
+            raw["tested"] = [v for v in raw["tested"] if str(v) != lf_version]
+            raw["fingerprints"].pop(lf_version)
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_doctor_fails_on_a_forced_patch_unless_accepted(lf_version, tmp_path):
+    path = _matrix_without_installed(lf_version, tmp_path)
+    proc = doctor(VLPATCH_MATRIX=path, VLPATCH_FORCE="1")
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    assert f"llamafactory.truncation: FORCED onto llamafactory {lf_version}, which the matrix does not list" in proc.stdout
+    proc = doctor("--accept-forced", VLPATCH_MATRIX=path, VLPATCH_FORCE="1")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "accepted (--accept-forced): llamafactory.truncation, llamafactory.header_tokens forced" in proc.stdout
+
+
+@pytest.mark.parametrize("env,text", [
+    ({"VLPATCH_POLICY": "dropmedia"}, "invalid setting: VLPATCH_POLICY='dropmedia' is not a policy"),
+    ({"VLPATCH_PATCHES": "llamafactory.truncaton"}, "invalid setting: VLPATCH_PATCHES='llamafactory.truncaton' is not a patch id"),
+])
+def test_doctor_fails_on_an_invalid_setting(lf_version, env, text):
+    proc = doctor(**env)
+    assert proc.returncode == 1 and text in proc.stdout and "did you mean" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]
+
+
+def test_doctor_tells_excluded_from_not_installed(lf_version):
+    proc = doctor("--no-selftest", VLPATCH_EXCLUDE="llamafactory.header_tokens")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert f"llamafactory.header_tokens: excluded ({lf_version}) - excluded by you (VLPATCH_EXCLUDE)" in proc.stdout
+    assert "unsloth.collator: skipped (not installed) - unsloth_zoo is not installed" in proc.stdout

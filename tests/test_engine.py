@@ -203,6 +203,9 @@ def test_native_versions_stand_aside(upstream):
 def test_exclude_by_id(upstream):
     d = upstream()
     run(d, "import fakeup, vlpatch; vlpatch.apply(); assert fakeup.target(1) == 2", VLPATCH_EXCLUDE="fake.double")
+    matrix = json.loads((d / "matrix.yaml").read_text())
+    matrix["patches"].append({**matrix["patches"][0], "id": "other.patch", "applies": "<1.0", "tested": [], "fingerprints": {}})
+    (d / "matrix.yaml").write_text(json.dumps(matrix))
     run(d, "import fakeup, vlpatch; vlpatch.apply(); assert fakeup.target(1) == 2", VLPATCH_PATCHES="other.patch")
 
 
@@ -210,7 +213,7 @@ def test_unknown_policy_fails_at_apply():
     proc = subprocess.run(
         [sys.executable, "-c", "import vlpatch; vlpatch.apply(policy='nope')"], capture_output=True, text=True
     )
-    assert proc.returncode != 0 and "unknown policy 'nope'" in proc.stderr
+    assert proc.returncode != 0 and "apply(policy=...)='nope' is not a policy (valid: drop, drop_media, error)" in proc.stderr
 
 
 def test_import_and_apply_import_nothing_heavy():
@@ -229,3 +232,131 @@ def test_env_autoenable_through_the_pth_file():
     assert off.stdout.split() == ["False", "False"], "nothing is imported unless VLPATCH is set"
     on = subprocess.run([sys.executable, "-c", probe], env={**env, "VLPATCH": "1"}, capture_output=True, text=True, check=True)
     assert on.stdout.split() == ["True", "True"], on.stderr
+
+
+# ----------------------------------------------------------------------------- settings (issue 16)
+
+BAD_SETTINGS = [
+    ({"VLPATCH_POLICY": "dropmedia"}, "", ["VLPATCH_POLICY='dropmedia'", "did you mean 'drop_media'"]),
+    ({"VLPATCH_PATCHES": "fake.doubel"}, "", ["VLPATCH_PATCHES='fake.doubel'", "did you mean 'fake.double'"]),
+    ({"VLPATCH_EXCLUDE": "fake.doubel"}, "", ["VLPATCH_EXCLUDE='fake.doubel'", "did you mean 'fake.double'"]),
+    ({"VLPATCH_POLCY": "drop"}, "", ["VLPATCH_POLCY is not a vlpatch setting", "did you mean 'VLPATCH_POLICY'"]),
+    ({"VLPATCH_FORCE": "maybe"}, "", ["VLPATCH_FORCE='maybe' is not a switch"]),
+    ({"VLPATCH_MEDIA_FIRST": "ture"}, "", ["VLPATCH_MEDIA_FIRST='ture'", "did you mean 'true'"]),
+    ({"VLPATCH_LOG_LEVEL": "LOUD"}, "", ["VLPATCH_LOG_LEVEL='LOUD' is not a log level"]),
+    ({"VLPATCH_MATRIX": "/nowhere/matrix.yaml"}, "", ["VLPATCH_MATRIX='/nowhere/matrix.yaml': no such file"]),
+    ({}, "policy='dropmedia'", ["apply(policy=...)='dropmedia'", "did you mean 'drop_media'"]),
+    ({}, "patches=['fake.doubel']", ["apply(patches=...)='fake.doubel'", "did you mean 'fake.double'"]),
+    ({}, "exclude='fake.doubel'", ["apply(exclude=...)='fake.doubel'"]),
+    ({}, "force='yes'", ["apply(force=...): 'yes' is not True or False"]),
+]
+
+
+@pytest.mark.parametrize("env,args,expected", BAD_SETTINGS)
+def test_a_bad_setting_raises_at_apply_naming_it(upstream, env, args, expected):
+    d = upstream()
+    proc = run(
+        d,
+        f"""
+        import fakeup, vlpatch
+        from vlpatch.settings import SettingsError
+        try:
+            vlpatch.apply({args})
+        except SettingsError as exc:
+            print(exc)
+        else:
+            raise SystemExit("no error")
+        assert fakeup.target(1) == 2, "nothing patched"
+        """,
+        **env,
+    )
+    for text in expected:
+        assert text in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("env", [{"VLPATCH_POLICY": "dropmedia"}, {"VLPATCH_PATCHES": "fake.doubel"}, {"VLPATCH": "ture"}])
+def test_vlpatch_1_with_a_bad_setting_stops_at_the_trainer_import_only(upstream, env):
+    d = upstream()
+    name = next(iter(env))
+    base = {**os.environ, "PYTHONPATH": str(d), "VLPATCH_MATRIX": str(d / "matrix.yaml"), "VLPATCH": "1", **env}
+    # a process that imports no trainer keeps running (pip, an editor, a linter): one warning
+    other = subprocess.run([sys.executable, "-c", "print('alive')"], env=base, capture_output=True, text=True)
+    assert other.returncode == 0 and other.stdout.strip() == "alive", other.stderr
+    assert name in other.stderr and "stops if it imports fakeup" in other.stderr, other.stderr
+    # one that imports the patched upstream stops there, naming the setting; nothing ran unprotected
+    trainer = subprocess.run([sys.executable, "-c", "import fakeup; print('trained unprotected')"], env=base, capture_output=True, text=True)
+    assert trainer.returncode != 0 and "trained unprotected" not in trainer.stdout, trainer.stdout
+    error = trainer.stderr[trainer.stderr.index("vlpatch.settings.SettingsError"):]
+    assert name in error and "stops at `import fakeup` rather than run unprotected" in error, trainer.stderr
+    # fixing the setting in the process and calling apply() lifts the refusal
+    fixed = subprocess.run(
+        [sys.executable, "-c", "import os, vlpatch; [os.environ.pop(k) for k in list(os.environ) if k.startswith('VLPATCH_') and k != 'VLPATCH_MATRIX']; "
+         "os.environ['VLPATCH']='1'; vlpatch.apply(); import fakeup; assert fakeup.target(1) == 4"],
+        env=base, capture_output=True, text=True,
+    )
+    assert fixed.returncode == 0, fixed.stderr
+
+
+def test_a_later_apply_takes_effect(upstream):
+    d = upstream()
+    run(
+        d,
+        """
+        import os, fakeup, vlpatch
+        from vlpatch import engine
+        vlpatch.apply()
+        assert fakeup.target(1) == 4
+        vlpatch.apply(exclude=["fake.double"])
+        assert fakeup.target(1) == 2 and fakeup.Box().method(1) == 10, "excluded now: reverted"
+        st = vlpatch.status()[0]
+        assert st["state"] == "excluded" and st["reason"] == "excluded by you (apply(exclude=...))" and st["version"] == "1.0", st
+        vlpatch.apply(patches=[])
+        assert fakeup.target(1) == 2 and "not in apply(patches=...)" in vlpatch.status()[0]["reason"]
+        vlpatch.apply()
+        assert fakeup.target(1) == 4 and vlpatch.status()[0]["state"] == "applied", "selected again: attached"
+        vlpatch.apply(policy="error", media_first=True)
+        assert engine.config().policy == "error" and os.environ["VLPATCH_POLICY"] == "error"
+        assert engine.config().media_first and os.environ["VLPATCH_MEDIA_FIRST"] == "1"
+        assert fakeup.target(1) == 4, "patched once, not twice"
+        """,
+    )
+
+
+def test_a_later_apply_takes_force_back(upstream):
+    d = upstream(version="2.0")
+    proc = run(
+        d,
+        """
+        import fakeup, vlpatch
+        vlpatch.apply(force=True)
+        assert fakeup.target(1) == 4 and vlpatch.status()[0]["reason"].startswith("forced")
+        vlpatch.apply(force=False)
+        assert fakeup.target(1) == 2 and vlpatch.status()[0]["state"] == "skipped"
+        vlpatch.apply(force=False)
+        """,
+    )
+    assert proc.stderr.count("not applied") == 1, "decided once under the same settings: " + proc.stderr
+
+
+def test_status_tells_excluded_from_not_installed(upstream):
+    d = upstream()
+    env = {**os.environ, "PYTHONPATH": str(d), "VLPATCH_MATRIX": str(d / "matrix.yaml"), "VLPATCH_EXCLUDE": "fake.double"}
+    env.pop("VLPATCH", None)
+    out = subprocess.run([os.path.join(os.path.dirname(sys.executable), "vlpatch"), "status"], env=env, capture_output=True, text=True)
+    assert "fake.double: excluded (1.0) - excluded by you (VLPATCH_EXCLUDE)" in out.stdout, out.stdout + out.stderr
+    env["VLPATCH_EXCLUDE"] = ""
+    (d / "fakeup-1.0.dist-info" / "METADATA").unlink()
+    (d / "fakeup-1.0.dist-info").rmdir()
+    out = subprocess.run([os.path.join(os.path.dirname(sys.executable), "vlpatch"), "status"], env=env, capture_output=True, text=True)
+    assert "fake.double: skipped (fakeup not installed) - fakeup is not installed" in out.stdout, out.stdout + out.stderr
+
+
+def test_cli_rejects_unknown_patch_ids_and_bad_settings(upstream):
+    d = upstream()
+    env = {**os.environ, "PYTHONPATH": str(d), "VLPATCH_MATRIX": str(d / "matrix.yaml")}
+    env.pop("VLPATCH", None)
+    cli = os.path.join(os.path.dirname(sys.executable), "vlpatch")
+    out = subprocess.run([cli, "fingerprint", "fake.doubel"], env=env, capture_output=True, text=True)
+    assert out.returncode == 2 and "'fake.doubel' is not a patch id" in out.stderr and "did you mean 'fake.double'" in out.stderr, out.stderr
+    out = subprocess.run([cli, "status"], env={**env, "VLPATCH_POLICY": "dropmedia"}, capture_output=True, text=True)
+    assert out.returncode == 2 and "VLPATCH_POLICY='dropmedia'" in out.stderr, out.stderr

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from tests.conftest import require
+from tests.conftest import newest_only, require
 from tests.fixtures.tiny_models import IMAGE_TOKENS, build_long_text_image_dataset, build_text_dataset, write_train_yaml
 
 pytestmark = [pytest.mark.llamafactory, pytest.mark.slow]
@@ -179,3 +179,25 @@ def test_report_is_complete_with_spawned_workers(tmp_path, tiny_qwen2vl, data_di
     row_pids = {r["pid"] for r in rows}
     assert main_pid not in row_pids and row_pids <= patched and len(row_pids) == 2, (row_pids, found)
     assert "samples: 5 kept, 3 truncated, 0 media_dropped, 0 dropped" in log
+
+
+@pytest.mark.parametrize(
+    "env,named",
+    [
+        ({"VLPATCH_POLICY": "dropmedia"}, "VLPATCH_POLICY='dropmedia'"),
+        ({"VLPATCH_PATCHES": "llamafactory.truncaton"}, "VLPATCH_PATCHES='llamafactory.truncaton'"),
+        ({"VLPATCH_EXCLUDE": "llamafactory.header_token"}, "VLPATCH_EXCLUDE='llamafactory.header_token'"),
+        ({"VLPATCH_POLCY": "drop_media"}, "VLPATCH_POLCY is not a vlpatch setting"),
+        ({"VLPATCH": "ture"}, "VLPATCH='ture' is not a switch"),
+    ],
+)
+def test_a_misspelled_setting_stops_the_run_before_preprocessing(tmp_path, tiny_qwen2vl, data_dir, env, named):
+    if "VLPATCH_POLICY" not in env:
+        newest_only("llamafactory", "the refusal is at the same hook module on every release")
+    # the cutoff of test_vanilla_dies_on_the_cut_image_run: unprotected, this run would die in the forward pass
+    proc, rows = train(tmp_path, tiny_qwen2vl, data_dir, env={"VLPATCH": "1", **env})
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "vlpatch.settings.SettingsError" in log and named in log, log[-3000:]
+    assert "rather than run unprotected" in log
+    assert "Running tokenizer on dataset" not in log and "train_runtime" not in log and not rows, log[-3000:]
+    assert not any(m in log for m in MISMATCH)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.conftest import require
+from tests.conftest import newest_only, require
 from tests.fixtures.tiny_models import IMAGE_TOKENS, _register, build_long_text_image_dataset, build_text_dataset, write_image, write_train_yaml
 
 pytestmark = [pytest.mark.llamafactory]
@@ -41,11 +41,16 @@ def data_dir(tmp_path_factory):
     return str(d)
 
 
-def scan(*args, cwd=None):
+def scan_proc(*args, cwd=None, **env_vars):
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLPATCH")}
-    env["HF_HUB_OFFLINE"] = "1"
-    proc = subprocess.run([os.path.join(BIN, "vlpatch"), "scan", *args, "--no-progress"], env=env, capture_output=True, text=True, timeout=600, cwd=cwd)
+    env.update(HF_HUB_OFFLINE="1", **env_vars)
+    return subprocess.run([os.path.join(BIN, "vlpatch"), "scan", *args, "--no-progress"], env=env, capture_output=True, text=True, timeout=600, cwd=cwd)
+
+
+def scan(*args, cwd=None, **env_vars):
+    proc = scan_proc(*args, cwd=cwd, **env_vars)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert len(proc.stderr.splitlines()) <= 3, "no upstream log flood: " + proc.stderr[-3000:]
     return proc.stdout
 
 
@@ -98,10 +103,63 @@ def test_scan_bad_input_gets_entries_not_a_crash(tiny_qwen2vl, data_dir):
                           "--cutoff-len", "400", "--json"))
     by = {s["index"]: s for s in out["samples"]}
     assert by[0]["vanilla"] == "fits"
-    for i in (1, 2, 3):
-        assert by[i]["vanilla"].startswith("error: ") and by[i]["vlpatch"].startswith("error: "), by[i]
+    for i in (1, 2, 3):  # vanilla training dies on it; vlpatch under drop drops it, as training does
+        assert by[i]["vanilla"].startswith("error: ") and by[i]["vlpatch"] == "dropped" and "bad_input" in by[i]["detail"], by[i]
     assert "nowhere.png" in by[1]["vanilla"]
     assert "placeholder" in by[2]["vanilla"].lower() or "image" in by[2]["vanilla"].lower()
+    rec = out["recommend"]
+    assert rec["covers"] == 1 and rec["of"] == 4 and rec["left_out"] == [1, 2, 3], rec
+    text = scan("--dataset", "bad", "--dataset-dir", data_dir, "--template", "qwen2_vl", "--model", tiny_qwen2vl, "--cutoff-len", "400")
+    assert "the figures below cover the 1 of 4 samples that could be read; 3 with bad input are left out" in text, text
+    assert "cutoff_len keeping 100% of readable samples whole" in text
+    assert "with vlpatch under policy drop: 3 dropped" in text, text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["drop", "drop_media", "error"])
+def test_scan_and_training_classify_bad_input_alike(tmp_path, tiny_qwen2vl, data_dir, policy):
+    if policy != "drop":
+        newest_only("llamafactory", "one policy on the older releases")
+    # the pre-flight and the run must agree: the real `llamafactory-cli train` under the same policy
+    out = json.loads(scan("--dataset", "bad", "--dataset-dir", data_dir, "--template", "qwen2_vl", "--model", tiny_qwen2vl,
+                          "--cutoff-len", "400", "--json", VLPATCH_POLICY=policy))
+    assert out["config"]["policy"] == policy, "scan takes the policy training would use: VLPATCH_POLICY"
+    predicted = {s["index"]: s["vlpatch"].split(":")[0] for s in out["samples"]}
+    yaml_path = write_train_yaml(str(tmp_path / "train.yaml"), tiny_qwen2vl, data_dir, "bad", str(tmp_path / "out"), 400,
+                                 per_device_train_batch_size=1, max_steps=1)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLPATCH")}
+    env.update(HF_HUB_OFFLINE="1", VLPATCH="1", VLPATCH_POLICY=policy, PATH=BIN + os.pathsep + env.get("PATH", ""))
+    proc = subprocess.run([os.path.join(BIN, "llamafactory-cli"), "train", yaml_path], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=str(tmp_path))
+    report = tmp_path / "out" / "vlpatch_report.jsonl"
+    rows = [json.loads(x) for x in report.read_text().splitlines()] if report.exists() else []
+    actual = {r["index"]: r["action"] for r in rows}
+    if policy == "error":  # training stops at the first bad sample, naming it; scan marks each one an error
+        assert proc.returncode != 0 and "vlpatch: sample bad[1]: bad_input" in proc.stdout + proc.stderr
+        assert actual == {1: "error"} and {predicted[i] for i in (1, 2, 3)} == {"error"}, (actual, predicted)
+    else:
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        assert actual == {i: predicted[i] for i in (1, 2, 3)} == {1: "dropped", 2: "dropped", 3: "dropped"}, (actual, predicted)
+        assert predicted[0] == "fits"
+
+
+def test_scan_missing_files_are_one_clear_line(tmp_path, tiny_qwen2vl, data_dir):
+    cases = [
+        (("nowhere.yaml",), "vlpatch scan: cannot read the config nowhere.yaml: FileNotFoundError"),
+        (("--dataset-file", "nowhere.json", "--template", "qwen2_vl", "--model", tiny_qwen2vl), "vlpatch scan: no such dataset file: nowhere.json"),
+        (("--dataset", "nosuch", "--dataset-dir", data_dir, "--template", "qwen2_vl", "--model", tiny_qwen2vl),
+         "vlpatch scan: loading the dataset"),
+        (("--dataset", "longimg", "--dataset-dir", data_dir, "--template", "qwen2_vl", "--model", str(tmp_path / "nomodel")),
+         "vlpatch scan: "),
+        (("--dataset", "longimg", "--dataset-dir", data_dir, "--template", "qwen2_vl", "--model", tiny_qwen2vl, "--cutoff-len", "64"),
+         "vlpatch scan: VLPATCH_POLICY='dropmedia' is not a policy"),
+    ]
+    for args, first in cases:
+        env = {"VLPATCH_POLICY": "dropmedia"} if "64" in args else {}
+        proc = scan_proc(*args, cwd=str(tmp_path), **env)
+        assert proc.returncode == 2 and proc.stdout == "", (args, proc.stdout[-2000:], proc.stderr[-2000:])
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(first) and "Traceback" not in proc.stderr, (args, proc.stderr[-3000:])
 
 
 def test_image_size_recommendation_stops_where_an_image_would_vanish(tiny_qwen2vl, tmp_path):

@@ -26,3 +26,43 @@ def results_only_on_stdout():
         os.dup2(saved, 1)
         os.close(saved)
         vlogger.setLevel(level)
+
+
+@contextlib.contextmanager
+def upstream_output(verbose: bool = False):
+    """Upstream's own output while a command runs its code: with `verbose`, on stderr (stdout too goes
+    to stderr, so the result alone is on stdout); else into a log file, kept only if the command fails.
+
+    Yields (console, log): a stream on the real stderr (for a progress bar) and the log file's path
+    (None when verbose). File-descriptor level, so handlers bound to either stream at import follow."""
+    if verbose:
+        with results_only_on_stdout():
+            yield sys.stderr, None
+        return
+    import tempfile
+
+    fd, log = tempfile.mkstemp(prefix="vlpatch-upstream-", suffix=".log")
+    vlogger = logging.getLogger("vlpatch")
+    level = vlogger.level
+    vlogger.setLevel(logging.ERROR)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    console = os.fdopen(os.dup(saved[1]), "w", buffering=1)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    failed = True
+    try:
+        yield console, log
+        failed = False
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for f in (*saved, fd):
+            os.close(f)
+        console.close()
+        vlogger.setLevel(level)
+        if not failed:
+            os.unlink(log)

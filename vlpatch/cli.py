@@ -8,10 +8,20 @@ import json
 import sys
 
 from . import __version__, engine, matrix
+from .core import POLICIES
+from .settings import SettingsError, check_ids
+
+
+def _settings_error(exc) -> int:
+    print(str(exc), file=sys.stderr)
+    return 2
 
 
 def _status(args) -> int:
-    engine.apply()
+    try:
+        engine.apply()
+    except SettingsError as exc:
+        return _settings_error(exc)
     for spec in matrix.load().patches:  # attach now: import the hook module if it is installed
         if engine.installed_version(spec.distribution) is not None and args.import_targets:
             try:
@@ -23,7 +33,7 @@ def _status(args) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     for row in rows:
-        print(f"{row['id']}: {row['state']} ({row.get('version') or 'not installed'}) - {row['reason']}")
+        print(f"{row['id']}: {row['state']} ({row.get('version') or _installed(row['id'])}) - {row['reason']}")
         for name, state in (row.get("parts") or {}).items():
             print(f"  part {name}: {state}")
         for key in ("covered_plugins", "uncovered_plugins", "covered_processors"):
@@ -32,10 +42,20 @@ def _status(args) -> int:
     return 0
 
 
+def _installed(patch_id: str) -> str:
+    spec = matrix.load().by_id(patch_id)
+    version = engine.installed_version(spec.distribution)
+    return f"{spec.distribution} {version}" if version else f"{spec.distribution} not installed"
+
+
 def _fingerprint(args) -> int:
     """Print the matrix lines for the installed upstream version (to add a tested version)."""
     import wrapt
 
+    known = [spec.id for spec in matrix.load().patches]
+    problems = check_ids("vlpatch fingerprint ID", args.patch, known)
+    if problems:
+        return _settings_error(SettingsError(problems))
     for spec in matrix.load().patches:
         if args.patch and spec.id not in args.patch:
             continue
@@ -85,6 +105,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("doctor", help="installed versions, each patch's state and why, a quick self-test")
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-selftest", action="store_true", help="skip the self-test")
+    p.add_argument("--accept-forced", action="store_true", help="a patch forced onto an untested version (VLPATCH_FORCE) is not a problem")
     p.set_defaults(func=_doctor)
     p = sub.add_parser("scan", help="what LLaMA-Factory would do with each sample, before training")
     p.add_argument("config", nargs="?", help="a LLaMA-Factory training YAML (options below override it)")
@@ -93,7 +114,8 @@ def main(argv=None) -> int:
     p.add_argument("--dataset-dir"); p.add_argument("--media-dir")
     p.add_argument("--template"); p.add_argument("--model", help="model_name_or_path (tokenizer and processor only)")
     p.add_argument("--cutoff-len", type=int); p.add_argument("--image-max-pixels", type=int); p.add_argument("--image-min-pixels", type=int)
-    p.add_argument("--policy", default="drop", choices=["drop", "drop_media", "error"])
+    p.add_argument("--policy", choices=sorted(POLICIES), help="default: VLPATCH_POLICY, else drop (what training would use)")
+    p.add_argument("--verbose", action="store_true", help="show upstream's own log (quiet by default)")
     p.add_argument("--json", action="store_true", help="per-sample results as JSON on stdout")
     p.add_argument("--csv", help="write per-sample results to this CSV file")
     p.add_argument("--limit", type=int, help="scan the first N samples only")

@@ -2,7 +2,8 @@
 
 Imports upstream code (the hook modules of the installed upstreams) but never downloads a model.
 Exit code (from `main`): 0 when every patch meant for an installed upstream applies (or stands aside
-because upstream fixed the problem) and passes its self-test; 1 otherwise.
+because upstream fixed the problem) and passes its self-test; 1 otherwise, and also when a setting is
+invalid or a patch was forced onto a version the matrix does not list (`--accept-forced` accepts that).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def autoenable() -> dict:
         "VLPATCH": value or None,
         "pth_installed": bool(pth),
         "active": "vlpatch._bootstrap" in sys.modules,
+        "refusing": engine._refusal is not None,  # VLPATCH=1 with invalid settings: trainer imports stop
         "pth": sorted(set(pth)),
     }
 
@@ -106,9 +108,11 @@ def _selftest(spec) -> list:
     return rows
 
 
-def report(distributions=None, selftest: bool = True) -> dict:
+def report(distributions=None, selftest: bool = True, accept_forced: bool = False) -> dict:
     """Everything `vlpatch doctor` prints, as data (the canary uses it too)."""
     from packaging.version import Version
+
+    from .settings import SettingsError
 
     out = {
         "python": sys.version.split()[0],
@@ -116,11 +120,23 @@ def report(distributions=None, selftest: bool = True) -> dict:
         "autoenable": autoenable(),
         "patches": [],
         "import_errors": {},
+        "settings": [],
+        "accept_forced": accept_forced,
     }
     specs = [s for s in matrix.load().patches if distributions is None or s.distribution in distributions]
     for d in sorted({s.distribution for s in specs}):
         out["versions"].setdefault(d, engine.installed_version(d))
-    engine.apply()
+    try:
+        engine.apply()
+    except SettingsError as exc:  # nothing is patched: say which setting, and check nothing else
+        out["settings"] = exc.problems
+        out["patches"] = [
+            {"id": s.id, "state": "not applied", "reason": "the settings are invalid", "distribution": s.distribution,
+             "installed": engine.installed_version(s.distribution)}
+            for s in specs
+        ]
+        out["problems"] = problems(out)
+        return out
     for hook in sorted({s.hook for s in specs if engine.installed_version(s.distribution)}):
         err = _import_hook(hook)
         if err:
@@ -148,10 +164,16 @@ def report(distributions=None, selftest: bool = True) -> dict:
 def problems(data: dict) -> list:
     """What the user enabled but cannot have: a patch for an installed upstream that is skipped (other
     than because a sibling patch covers that release), a hook that does not import, a failed self-test."""
-    found = [f"cannot import {hook}: {err}" for hook, err in data["import_errors"].items()]
+    found = [f"invalid setting: {problem}" for problem in data.get("settings", [])]
+    found += [f"cannot import {hook}: {err}" for hook, err in data["import_errors"].items()]
     for row in data["patches"]:
-        if not row.get("installed") or row["state"] in ("disabled",):
+        if not row.get("installed") or row["state"] in ("disabled", "excluded", "not applied"):
             continue
+        if row["state"] == "applied" and row["reason"].startswith("forced") and not data.get("accept_forced"):
+            found.append(
+                f"{row['id']}: FORCED onto {row['distribution']} {row['installed']}, which the matrix does not list "
+                f"(tested: {', '.join(row['tested'])}); `vlpatch doctor --accept-forced` accepts that"
+            )
         if row["state"] == "skipped" and "covers it" not in row["reason"]:
             found.append(f"{row['id']}: {row['reason']}")
         for check in row.get("selftest", []):
@@ -168,7 +190,8 @@ def render(data: dict) -> str:
     lines += [
         "",
         "auto-enable: "
-        + ("active in this interpreter" if a["active"] else "not active in this interpreter")
+        + ("REFUSING in this interpreter (invalid settings: a trainer import stops)" if a.get("refusing")
+           else "active in this interpreter" if a["active"] else "not active in this interpreter")
         + f" (VLPATCH={a['VLPATCH'] or 'unset'}; vlpatch_autoenable.pth {'installed' if a['pth_installed'] else 'MISSING'})",
         "",
         "patches:",
@@ -194,11 +217,14 @@ def render(data: dict) -> str:
         lines += [f"  - {p}" for p in data["problems"]]
     else:
         lines.append("no problems: every patch meant for an installed upstream applies or stands aside")
+    forced = [r["id"] for r in data["patches"] if r["state"] == "applied" and r["reason"].startswith("forced")]
+    if forced and data.get("accept_forced"):
+        lines.append(f"accepted (--accept-forced): {', '.join(forced)} forced onto untested versions")
     return "\n".join(lines)
 
 
 def main(args) -> int:
     with results_only_on_stdout():  # the table says it all
-        data = report(selftest=not args.no_selftest)
+        data = report(selftest=not args.no_selftest, accept_forced=args.accept_forced)
     print(json.dumps(data, indent=2, default=str) if args.json else render(data))
     return 1 if data["problems"] else 0

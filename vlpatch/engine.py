@@ -26,12 +26,10 @@ import wrapt
 from packaging.version import InvalidVersion, Version
 
 from . import matrix as _matrix
-from .core import VLPatchError, get_policy
+from . import settings as _settings
+from .core import VLPatchError
 
 logger = logging.getLogger("vlpatch")
-
-_TRUE = ("1", "true", "yes", "on")
-
 
 @dataclass
 class Config:
@@ -42,42 +40,80 @@ class Config:
     patches: frozenset | None = None  # None: every patch in the matrix
     exclude: frozenset = frozenset()
     log_level: str | None = None  # VLPATCH_LOG_LEVEL: a stderr handler for the "vlpatch" logger
+    sources: dict = field(default_factory=dict)  # field -> where its value came from ("VLPATCH_EXCLUDE", "apply(exclude=...)")
 
     @classmethod
     def from_env(cls, env=None, **overrides) -> "Config":
+        """The settings of this process: the VLPATCH_* environment, then apply()'s arguments over it.
+
+        Every value is validated (`vlpatch.settings`): one SettingsError lists every bad one, naming the
+        setting, the value, the valid values and the closest match. Nothing is guessed or ignored."""
         env = os.environ if env is None else env
-
-        def ids(name):
-            raw = env.get(name, "").strip()
-            return frozenset(x.strip() for x in raw.split(",") if x.strip()) if raw else None
-
+        problems = _settings.check_env(env, _known_ids)
         cfg = cls(
             policy=env.get("VLPATCH_POLICY", "").strip() or "drop",
-            media_first=env.get("VLPATCH_MEDIA_FIRST", "").strip().lower() in _TRUE,
-            force=env.get("VLPATCH_FORCE", "").strip().lower() in _TRUE,
+            media_first=_settings.switch(env, "VLPATCH_MEDIA_FIRST"),
+            force=_settings.switch(env, "VLPATCH_FORCE"),
             report=env.get("VLPATCH_REPORT", "").strip() or None,
-            patches=ids("VLPATCH_PATCHES"),
-            exclude=ids("VLPATCH_EXCLUDE") or frozenset(),
+            log_level=env.get("VLPATCH_LOG_LEVEL", "").strip().upper() or None,
         )
+        for name, var in (("policy", "VLPATCH_POLICY"), ("report", "VLPATCH_REPORT"), ("force", "VLPATCH_FORCE"),
+                          ("media_first", "VLPATCH_MEDIA_FIRST"), ("patches", "VLPATCH_PATCHES"), ("exclude", "VLPATCH_EXCLUDE")):
+            if env.get(var, "").strip():
+                cfg.sources[name] = var
+        if env.get("VLPATCH_PATCHES", "").strip():
+            cfg.patches = frozenset(_settings.split_ids(env["VLPATCH_PATCHES"]))
+        cfg.exclude = frozenset(_settings.split_ids(env.get("VLPATCH_EXCLUDE", "")))
         for key, value in overrides.items():
-            if value is not None:
-                if key in ("patches", "exclude"):
-                    value = frozenset([value] if isinstance(value, str) else value)
-                setattr(cfg, key, value)
-        get_policy(cfg.policy)  # unknown policy: fail now, not deep inside preprocessing
-        cfg.log_level = env.get("VLPATCH_LOG_LEVEL", "").strip().upper() or None
+            if value is None:
+                continue
+            source = f"apply({key}=...)"
+            if key in ("patches", "exclude"):
+                value = [value] if isinstance(value, str) else value
+                try:
+                    value = frozenset(value)
+                except TypeError:
+                    problems.append(f"{source}: {value!r} is not a list of patch ids")
+                    continue
+                problems += _settings.check_ids(source, sorted(value, key=str), _known_ids())
+            elif key == "policy":
+                problems += filter(None, [_settings.check_policy(source, value)])
+            elif key == "report":
+                problems += filter(None, [_settings.check_report(source, value)])
+                value = os.fspath(value) if isinstance(value, os.PathLike) else value
+            elif not isinstance(value, bool):
+                problems.append(f"{source}: {value!r} is not True or False")
+                continue
+            setattr(cfg, key, value)
+            cfg.sources[key] = source
+        if problems:
+            raise _settings.SettingsError(problems)
         return cfg
 
     def selects(self, patch_id: str) -> bool:
+        return self.why_not(patch_id) is None
+
+    def why_not(self, patch_id: str) -> str | None:
+        """None when the patch is enabled; else why the user left it off, naming the setting."""
         if patch_id in self.exclude:
-            return False
-        return self.patches is None or patch_id in self.patches
+            return f"excluded by you ({self.sources.get('exclude', 'VLPATCH_EXCLUDE')})"
+        if self.patches is not None and patch_id not in self.patches:
+            return f"excluded by you (not in {self.sources.get('patches', 'VLPATCH_PATCHES')})"
+        return None
+
+
+def _known_ids() -> list:
+    """Patch ids of the matrix in use (the shipped one if VLPATCH_MATRIX cannot be read: that is reported apart)."""
+    try:
+        return [p.id for p in _matrix.load().patches]
+    except OSError:
+        return [p.id for p in _matrix.load(_matrix.MATRIX_PATH).patches]
 
 
 @dataclass
 class PatchState:
     id: str
-    state: str  # pending | applied | native | skipped | disabled | reverted
+    state: str  # pending | applied | native | skipped | excluded | disabled | reverted
     reason: str = ""
     version: str | None = None
     details: dict = field(default_factory=dict)
@@ -146,20 +182,39 @@ def apply(
     media_first: bool | None = None,
     report: str | None = None,
 ) -> list:
-    """Enable vlpatch in this process. Idempotent; arguments override the VLPATCH_* environment."""
-    global _enabled, _config
+    """Enable vlpatch in this process; arguments override the VLPATCH_* environment.
+
+    Every setting is validated first: a bad one raises `vlpatch.settings.SettingsError` and nothing
+    changes. Idempotent: a second call with the same settings changes nothing. A later call with other
+    settings takes effect: a patch now excluded is reverted, one now selected (or now forced) attaches,
+    and the policy, report and media-first switch are read by every wrapper at call time."""
+    global _enabled, _config, _refusal
     with _lock:
-        _config = Config.from_env(
+        new = Config.from_env(
             policy=policy, patches=patches, exclude=exclude, force=force, media_first=media_first, report=report
         )
+        old, was_enabled = _config, _enabled
+        _config, _enabled, _refusal = new, True, None
         _publish_config()
         _configure_logging(_config.log_level)
-        if _enabled:
-            return status()
-        _enabled = True
         for spec in _matrix.load().patches:
-            if not _config.selects(spec.id):
-                _states[spec.id] = PatchState(spec.id, "disabled", "excluded by VLPATCH_PATCHES / VLPATCH_EXCLUDE")
+            st = _states.get(spec.id)
+            why_not = new.why_not(spec.id)
+            if spec.id in _applied:
+                forced = st is not None and st.reason.startswith("forced")
+                if why_not is None and not (forced and not new.force):
+                    continue  # applied and still wanted
+                _unwrap(_applied.pop(spec.id))
+            elif (
+                was_enabled
+                and why_not is None
+                and old.force == new.force
+                and st is not None
+                and st.state in ("pending", "skipped", "native")
+            ):
+                continue  # decided under the same settings: not again (no second warning)
+            if why_not is not None:
+                _states[spec.id] = PatchState(spec.id, "excluded", why_not, installed_version(spec.distribution))
                 continue
             if installed_version(spec.distribution) is None:
                 _states[spec.id] = PatchState(spec.id, "skipped", f"{spec.distribution} is not installed")
@@ -171,6 +226,41 @@ def apply(
                 _hooked.add(spec.hook)
                 wrapt.register_post_import_hook(_hook_for(spec.hook), spec.hook)
         return status()
+
+
+_refusal: Exception | None = None  # set by refuse(): invalid settings under VLPATCH=1
+_refusal_hooked: set = set()
+
+
+def refuse(error: Exception) -> list:
+    """VLPATCH=1 with invalid settings: patch nothing, and stop any process that imports a trainer module
+    vlpatch patches, at that import, with `error` (before it can process data unprotected).
+
+    Processes that import no trainer (pip, an editor, a linter) keep running: the environment stays usable
+    for fixing the mistake. A later successful apply() lifts the refusal. Returns the refused hook modules."""
+    global _refusal
+    with _lock:
+        _refusal = error
+        try:
+            specs = _matrix.load().patches
+        except Exception:  # VLPATCH_MATRIX itself may be the bad setting: the shipped matrix's hooks
+            specs = _matrix.load(_matrix.MATRIX_PATH).patches
+        hooks = sorted({spec.hook for spec in specs})
+        for hook in hooks:
+            if hook not in _refusal_hooked:
+                _refusal_hooked.add(hook)
+                wrapt.register_post_import_hook(_refuse_import, hook)
+        return hooks
+
+
+def _refuse_import(module) -> None:
+    """The one post-import hook that raises into the user's import, on purpose: running the trainer
+    unprotected because of a typo is what VLPATCH=1 exists to prevent."""
+    if _refusal is not None:
+        raise _settings.SettingsError(
+            getattr(_refusal, "problems", [str(_refusal)]),
+            f"vlpatch: VLPATCH is set, so this process stops at `import {module.__name__}` rather than run unprotected",
+        )
 
 
 _handler: logging.Handler | None = None

@@ -20,6 +20,10 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 UNBOUNDED = 1 << 30
+
+
+class ScanSetupError(Exception):
+    """The config, model files or datasets could not be loaded: one line for the user, exit code 2."""
 KEEP_SHARES = (0.9, 0.95, 0.99, 1.0)
 
 
@@ -57,7 +61,8 @@ def _media_counts(finder, ids) -> dict:
     return out
 
 
-def scan(config: dict, policy: str = "drop", limit: int | None = None, progress: bool = False) -> dict:
+def scan(config: dict, policy: str = "drop", limit: int | None = None, progress=False) -> dict:
+    """`progress`: False, True (a bar on stderr) or a stream for the bar."""
     import vlpatch
     from llamafactory.data import get_template_and_fix_tokenizer
     from llamafactory.data.loader import _get_dataset_processor, _get_merged_dataset
@@ -66,13 +71,20 @@ def scan(config: dict, policy: str = "drop", limit: int | None = None, progress:
     from . import report as vreport
     from .integrations import llamafactory as lfint
 
-    model_args, data_args, training_args, finetuning_args = _train_args(config)
-    stage = finetuning_args.stage
-    loaded = load_tokenizer(model_args)
-    tokenizer, mm_processor = loaded["tokenizer"], loaded["processor"]
-    template = get_template_and_fix_tokenizer(tokenizer, data_args)
-    dataset = _get_merged_dataset(data_args.dataset, model_args, data_args, training_args, stage)
-    processor = _get_dataset_processor(data_args, stage, template, tokenizer, mm_processor)
+    step = "reading the config"
+    try:
+        model_args, data_args, training_args, finetuning_args = _train_args(config)
+        stage = finetuning_args.stage
+        step = f"loading the tokenizer and processor of {model_args.model_name_or_path}"
+        loaded = load_tokenizer(model_args)
+        tokenizer, mm_processor = loaded["tokenizer"], loaded["processor"]
+        template = get_template_and_fix_tokenizer(tokenizer, data_args)
+        step = f"loading the dataset {data_args.dataset}"
+        dataset = _get_merged_dataset(data_args.dataset, model_args, data_args, training_args, stage)
+        processor = _get_dataset_processor(data_args, stage, template, tokenizer, mm_processor)
+    except (Exception, SystemExit) as exc:  # LLaMA-Factory's argument parser may exit
+        text = str(exc).strip().splitlines()
+        raise ScanSetupError(f"{step}: {type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")) from exc
     cutoff = data_args.cutoff_len
     columns = list(dataset.column_names)
     n = len(dataset) if limit is None else min(limit, len(dataset))
@@ -103,12 +115,13 @@ def scan(config: dict, policy: str = "drop", limit: int | None = None, progress:
         from .core import finder_from_table
 
         finder = finder_from_table(table, tokenizer, template.mm_plugin) if table is not None else None
-        long = []
+        long, bad = [], []
         for s in samples:  # pass 1: the whole sample
             try:
                 ids = encode(s.index, UNBOUNDED)
-            except Exception as exc:
-                s.vanilla = s.vlpatch = f"error: {type(exc).__name__}: {exc}"[:300]
+            except Exception as exc:  # vanilla training dies on it; pass 3 asks vlpatch what it does
+                s.vanilla = f"error: {type(exc).__name__}: {exc}"[:300]
+                bad.append(s)
                 continue
             s.tokens = len(ids)
             media = _media_counts(finder, ids)
@@ -119,7 +132,7 @@ def scan(config: dict, policy: str = "drop", limit: int | None = None, progress:
             else:
                 long.append(s)
         if bar:
-            bar.total = n + 2 * len(long)  # the over-long samples go through two more passes
+            bar.total = n + 2 * len(long) + len(bad)  # over-long samples: two more passes; bad ones: one
             bar.refresh()
         for s in long:  # pass 2: vanilla at cutoff_len
             try:
@@ -161,12 +174,12 @@ def scan(config: dict, policy: str = "drop", limit: int | None = None, progress:
             return [json.loads(line) for line in text.splitlines() if line.strip()]
 
         try:
-            for s in long:  # pass 3: vlpatch at cutoff_len
+            for s in long + bad:  # pass 3: vlpatch at cutoff_len (bad input: what training does with it)
                 run = vreport.start_run(lfint.TRAINER, "scan", path)
                 try:
                     encode(s.index, cutoff)
                     mine = [r for r in new_rows() if r.get("run_id") == run.run_id]
-                    s.vlpatch = mine[-1]["action"] if mine else "fits"
+                    s.vlpatch = mine[-1]["action"] if mine else ("fits" if s.tokens is not None else "kept")
                     if mine and mine[-1].get("reason"):
                         s.detail = (s.detail + "; " if s.detail else "") + str(mine[-1]["reason"])
                 except Exception as exc:
@@ -188,13 +201,13 @@ def scan(config: dict, policy: str = "drop", limit: int | None = None, progress:
     }
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int, enabled):
     if not enabled:
         return None
     try:
         from tqdm import tqdm
 
-        return tqdm(total=total, desc="vlpatch scan", file=sys.stderr, unit="pass")
+        return tqdm(total=total, desc="vlpatch scan", file=sys.stderr if enabled is True else enabled, unit="pass")
     except ImportError:  # pragma: no cover
         return None
 
@@ -206,7 +219,9 @@ def _percentile(ordered: list, share: float) -> int:
 
 def recommend(samples, cutoff: int, mm_processor, model_args) -> dict:
     lengths = sorted(s.tokens for s in samples if s.tokens is not None)
-    out: dict = {"cutoff_len_for_share": {}}
+    left_out = [s.index for s in samples if s.tokens is None]
+    # bad input has no length: the figures cover the samples that could be read, and say so
+    out: dict = {"covers": len(lengths), "of": len(samples), "left_out": left_out, "cutoff_len_for_share": {}}
     for share in KEEP_SHARES:
         if lengths:
             out["cutoff_len_for_share"][str(share)] = _percentile(lengths, share)
@@ -276,18 +291,26 @@ def summary(result: dict) -> str:
             lines.append(f"media tokens per item: min {min(media)}, max {max(media)}, items {len(media)}")
     rec = result["recommend"]
     lines.append("")
+    readable = "samples"
+    if rec.get("left_out"):
+        readable = "readable samples"
+        lines.append(f"the figures below cover the {rec['covers']} of {rec['of']} samples that could be read; "
+                     f"{len(rec['left_out'])} with bad input are left out (listed at the end)")
     for share, value in rec["cutoff_len_for_share"].items():
-        lines.append(f"cutoff_len keeping {float(share):.0%} of samples whole: {value}")
+        lines.append(f"cutoff_len keeping {float(share):.0%} of {readable} whole: {value}")
     mp = rec["image_max_pixels_for_cutoff"]
     if mp.get("value"):
-        lines.append(f"image_max_pixels at which every sample fits cutoff_len {cfg['cutoff_len']}: {mp['value']} ({mp['side']}x{mp['side']})")
+        lines.append(f"image_max_pixels at which every {readable[:-1]} fits cutoff_len {cfg['cutoff_len']}: {mp['value']} ({mp['side']}x{mp['side']})")
     else:
         lines.append(f"image_max_pixels for cutoff_len {cfg['cutoff_len']}: none ({mp.get('why')})")
     if mp.get("text_alone_too_long"):
         lines.append(f"  ({len(mp['text_alone_too_long'])} samples exceed cutoff_len with their text alone: no image size helps them)")
     bad = [s for s in samples if s["vanilla"].startswith("error")]
+    if bad:
+        lines.append(f"bad input (training without vlpatch dies on it; with vlpatch under policy {cfg['policy']}: "
+                     f"{', '.join(f'{n} {k}' for k, n in Counter(_bucket(s['vlpatch']) for s in bad).items())}):")
     for s in bad[:10]:
-        lines.append(f"  sample {s['index']}: {s['vanilla']}")
+        lines.append(f"  sample {s['index']}: {s['vanilla']} -> vlpatch: {_bucket(s['vlpatch'])}")
     if len(bad) > 10:
         lines.append(f"  ... {len(bad) - 10} more errors (see --json / --csv)")
     return "\n".join(lines)
@@ -344,13 +367,26 @@ def dataset_from_file(path: str) -> tuple:
     return "scanned", directory, os.path.dirname(path)
 
 
+def _fail(message: str) -> int:
+    print(f"vlpatch scan: {message}", file=sys.stderr)
+    return 2
+
+
 def main(args) -> int:
     import yaml
 
+    from ._console import upstream_output
+    from .settings import SettingsError, check_policy
+
     config = {}
     if args.config:
-        with open(args.config, encoding="utf-8") as fh:
-            config = yaml.safe_load(fh) or {}
+        try:
+            with open(args.config, encoding="utf-8") as fh:
+                config = yaml.safe_load(fh) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            return _fail(f"cannot read the config {args.config}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+        if not isinstance(config, dict):
+            return _fail(f"the config {args.config} is not a mapping of LLaMA-Factory arguments")
     for key, value in (
         ("dataset", args.dataset),
         ("dataset_dir", args.dataset_dir),
@@ -364,16 +400,28 @@ def main(args) -> int:
         if value is not None:
             config[key] = value
     if args.dataset_file:
-        config["dataset"], config["dataset_dir"], media_dir = dataset_from_file(args.dataset_file)
+        if not os.path.isfile(args.dataset_file):
+            return _fail(f"no such dataset file: {args.dataset_file}")
+        try:
+            config["dataset"], config["dataset_dir"], media_dir = dataset_from_file(args.dataset_file)
+        except (OSError, ValueError) as exc:
+            return _fail(f"cannot read the dataset file {args.dataset_file}: {type(exc).__name__}: {exc}")
         config.setdefault("media_dir", args.media_dir or media_dir)
     missing = [k for k in ("dataset", "template", "model_name_or_path") if not config.get(k)]
     if missing:
-        print(f"vlpatch scan: missing {', '.join(missing)} (a training YAML or the options)", file=sys.stderr)
-        return 2
-    from ._console import results_only_on_stdout
-
-    with results_only_on_stdout():  # LLaMA-Factory logs to stdout while it loads
-        result = scan(config, policy=args.policy, limit=args.limit, progress=not args.no_progress)
+        return _fail(f"missing {', '.join(missing)} (a training YAML or the options)")
+    # the policy training would use: the option, else VLPATCH_POLICY, else drop
+    policy = args.policy or os.environ.get("VLPATCH_POLICY", "").strip() or "drop"
+    problem = check_policy("--policy" if args.policy else "VLPATCH_POLICY", policy)
+    if problem:
+        return _fail(problem)
+    try:
+        with upstream_output(verbose=args.verbose) as (console, log):
+            result = scan(config, policy=policy, limit=args.limit, progress=False if args.no_progress else console)
+    except ScanSetupError as exc:
+        return _fail(f"{exc}" + (f" (upstream's log: {log})" if log else ""))
+    except SettingsError as exc:
+        return _fail(str(exc))
     if args.csv:
         write_csv(result, args.csv)
     if args.json:

@@ -1,0 +1,147 @@
+"""Every setting vlpatch reads, in one table, validated in one place.
+
+A typo must never turn protection off: each environment variable (`VLPATCH*`), each `apply()` argument
+and each command-line value is checked against this table, and a bad one is reported with the setting,
+the value, the valid values and the closest match. Variables named `VLPATCH_*` that vlpatch does not
+know are errors too (`VLPATCH_POLCY=drop_media` would otherwise be ignored). Imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping
+
+from .core import POLICIES, VLPatchError
+
+TRUE = ("1", "true", "yes", "on")
+FALSE = ("0", "false", "no", "off")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class SettingsError(VLPatchError):
+    """One or more settings are invalid; the message names each setting, its value and the valid ones."""
+
+    def __init__(self, problems: list, note: str = ""):
+        self.problems = list(problems)
+        if len(self.problems) == 1:
+            text = f"vlpatch: invalid setting: {self.problems[0]}"
+        else:
+            text = "vlpatch: invalid settings:" + "".join(f"\n  - {p}" for p in self.problems)
+        super().__init__(text + (f"\n{note}" if note else ""))
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    kind: str  # switch | policy | ids | report | matrix | level | tooling | internal
+    meaning: str
+
+
+SETTINGS = {
+    s.name: s
+    for s in (
+        Setting("VLPATCH", "switch", "patch every Python process of this environment at start-up"),
+        Setting("VLPATCH_POLICY", "policy", "what happens to a sample whose media alone do not fit"),
+        Setting("VLPATCH_REPORT", "report", "path of the JSON Lines report"),
+        Setting("VLPATCH_PATCHES", "ids", "patch ids to enable (default: all)"),
+        Setting("VLPATCH_EXCLUDE", "ids", "patch ids to leave off"),
+        Setting("VLPATCH_FORCE", "switch", "apply patches to upstream versions the matrix does not list"),
+        Setting("VLPATCH_MEDIA_FIRST", "switch", "move media placeholders before the text of their message"),
+        Setting("VLPATCH_MATRIX", "matrix", "read another compat matrix file"),
+        Setting("VLPATCH_LOG_LEVEL", "level", "a stderr handler for the vlpatch logger"),
+        Setting("VLPATCH_RUN", "internal", "set by vlpatch itself: the report run of this process tree"),
+        # read by vlpatch's own scripts and tests, not by the library
+        Setting("VLPATCH_TORCH_SPEC", "tooling", "scripts/setup.sh: the torch stack"),
+        Setting("VLPATCH_SESSIONS", "tooling", "scripts/sessions.py: sessions to run"),
+        Setting("VLPATCH_STRICT", "tooling", "tests: upstream packages a session must have"),
+        Setting("VLPATCH_EXPECT", "tooling", "tests: what a session expects of its upstream"),
+    )
+}
+
+
+def closest(value: str, valid: Iterable[str]) -> str:
+    """`; did you mean 'x'?` for the closest valid value, or nothing."""
+    match = difflib.get_close_matches(value, list(valid), n=1, cutoff=0.6)
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+def _bad(source: str, value, valid: Iterable[str], what: str) -> str:
+    valid = list(valid)
+    return f"{source}={value!r} is not {what} (valid: {', '.join(valid)}{closest(str(value), valid)})"
+
+
+def check_switch(source: str, value: str) -> str | None:
+    v = value.strip().lower()
+    if v in TRUE or v in FALSE or v == "":
+        return None
+    return _bad(source, value, TRUE + FALSE, "a switch")
+
+
+def check_policy(source: str, value) -> str | None:
+    if isinstance(value, str) and value in POLICIES:
+        return None
+    return _bad(source, value, sorted(POLICIES), "a policy")
+
+
+def check_ids(source: str, ids: Iterable[str], known: Iterable[str]) -> list:
+    known = list(known)
+    return [_bad(source, i, known, "a patch id") for i in ids if i not in known]
+
+
+def check_report(source: str, value) -> str | None:
+    if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
+        return f"{source}={value!r} is not a file path"
+    if os.path.isdir(value):
+        return f"{source}={str(value)!r} is a directory; give the report file's path (e.g. {os.path.join(str(value), 'vlpatch_report.jsonl')!r})"
+    return None
+
+
+def check_matrix(source: str, value: str) -> str | None:
+    return None if os.path.isfile(value) else f"{source}={value!r}: no such file"
+
+
+def check_level(source: str, value: str) -> str | None:
+    v = value.strip().upper()
+    return None if v in LOG_LEVELS or v.isdigit() else _bad(source, value, LOG_LEVELS, "a log level")
+
+
+def check_env(env: Mapping[str, str], known_ids: Callable[[], Iterable[str]]) -> list:
+    """Every problem with the `VLPATCH*` variables of `env` (empty values count as unset)."""
+    problems = []
+    for name in sorted(env):
+        if not name.startswith("VLPATCH"):
+            continue
+        raw = env[name]
+        setting = SETTINGS.get(name)
+        if setting is None:
+            problems.append(f"{name} is not a vlpatch setting (known: {', '.join(s for s in SETTINGS if SETTINGS[s].kind not in ('internal', 'tooling'))}{closest(name, SETTINGS)})")
+            continue
+        if not raw.strip() or setting.kind in ("internal", "tooling"):
+            continue
+        value = raw.strip()
+        if setting.kind == "switch":
+            problem = check_switch(name, raw)
+        elif setting.kind == "policy":
+            problem = check_policy(name, value)
+        elif setting.kind == "ids":
+            problems += check_ids(name, split_ids(value), known_ids())
+            continue
+        elif setting.kind == "report":
+            problem = check_report(name, value)
+        elif setting.kind == "matrix":
+            problem = check_matrix(name, value)
+        else:
+            problem = check_level(name, value)
+        if problem:
+            problems.append(problem)
+    return problems
+
+
+def split_ids(raw: str) -> list:
+    return [x.strip() for x in raw.split(",") if x.strip()]
+
+
+def switch(env: Mapping[str, str], name: str) -> bool:
+    return env.get(name, "").strip().lower() in TRUE
