@@ -216,13 +216,22 @@ def test_unknown_policy_fails_at_apply():
     assert proc.returncode != 0 and "apply(policy=...)='nope' is not a policy (valid: drop, drop_media, error)" in proc.stderr
 
 
-def test_import_and_apply_import_nothing_heavy():
+HEAVY = ("torch", "transformers", "llamafactory", "unsloth", "unsloth_zoo", "datasets", "trl")
+# what the start-up path leaves for later (benchmarks/startup.py measures it): wrapt pulls in asyncio
+STARTUP_DEFERRED = ("wrapt", "asyncio", "yaml", "packaging", "importlib.metadata", "logging", "inspect", "dataclasses")
+
+
+@pytest.mark.parametrize("how", ["apply", "VLPATCH=1"])
+def test_import_and_apply_import_nothing_heavy(how):
     code = (
         "import sys, vlpatch; vlpatch.apply(); vlpatch.status();"
-        "heavy = [m for m in ('torch', 'transformers', 'llamafactory', 'unsloth', 'unsloth_zoo', 'datasets') if m in sys.modules];"
+        f"heavy = [m for m in {HEAVY + STARTUP_DEFERRED!r} if m in sys.modules];"
         "assert not heavy, heavy"
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLPATCH")}
+    if how == "VLPATCH=1":
+        env["VLPATCH"], code = "1", code.replace("vlpatch.apply();", "assert 'vlpatch._bootstrap' in sys.modules;")
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
 
 
 def test_env_autoenable_through_the_pth_file():
@@ -309,7 +318,7 @@ def test_a_later_apply_takes_effect(upstream):
         vlpatch.apply(exclude=["fake.double"])
         assert fakeup.target(1) == 2 and fakeup.Box().method(1) == 10, "excluded now: reverted"
         st = vlpatch.status()[0]
-        assert st["state"] == "excluded" and st["reason"] == "excluded by you (apply(exclude=...))" and st["version"] == "1.0", st
+        assert st["state"] == "excluded" and st["reason"] == "excluded by you (apply(exclude=...))", st
         vlpatch.apply(patches=[])
         assert fakeup.target(1) == 2 and "not in apply(patches=...)" in vlpatch.status()[0]["reason"]
         vlpatch.apply()
@@ -360,3 +369,40 @@ def test_cli_rejects_unknown_patch_ids_and_bad_settings(upstream):
     assert out.returncode == 2 and "'fake.doubel' is not a patch id" in out.stderr and "did you mean 'fake.double'" in out.stderr, out.stderr
     out = subprocess.run([cli, "status"], env={**env, "VLPATCH_POLICY": "dropmedia"}, capture_output=True, text=True)
     assert out.returncode == 2 and "VLPATCH_POLICY='dropmedia'" in out.stderr, out.stderr
+
+
+def test_post_import_hooks_keep_the_real_loader_and_fire_on_reimport(upstream):
+    # vlpatch's own post-import hooks (vlpatch._hooks): the module keeps its real loader (source
+    # readable, so fingerprints work), and a module imported again after leaving sys.modules is patched again
+    d = upstream()
+    run(
+        d,
+        """
+        import inspect, sys, vlpatch
+        vlpatch.apply()
+        import fakeup
+        assert type(fakeup.__loader__).__name__ == "SourceFileLoader" and fakeup.__spec__.loader is fakeup.__loader__
+        assert "return x + 1" in inspect.getsource(fakeup.target.__wrapped__)
+        fired = []
+        from vlpatch import _hooks
+        _hooks.when_imported("fakeup", lambda m: fired.append(m.__name__))
+        del sys.modules["fakeup"]
+        import fakeup
+        assert fired == ["fakeup"], fired
+        """,
+    )
+
+
+def test_vlpatch_1_that_fails_inside_refuses_trainer_imports(tmp_path):
+    # not a typo but any failure of auto-enable (here: a matrix file that is not YAML): never run unprotected
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("patches: [unclosed\n")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("VLPATCH")}, "VLPATCH": "1", "VLPATCH_MATRIX": str(broken)}
+    other = subprocess.run([sys.executable, "-c", "print('alive')"], env=env, capture_output=True, text=True)
+    assert other.returncode == 0 and other.stdout.strip() == "alive", other.stderr
+    assert "auto-enable (VLPATCH) failed" in other.stderr and "stops if it imports llamafactory.data.loader" in other.stderr, other.stderr
+    import importlib.util
+
+    if importlib.util.find_spec("llamafactory") is not None:
+        trainer = subprocess.run([sys.executable, "-c", "import llamafactory.data.loader"], env=env, capture_output=True, text=True)
+        assert trainer.returncode != 0 and "rather than run unprotected" in trainer.stderr, trainer.stderr[-2000:]

@@ -30,7 +30,7 @@ PROBE = r"""
 import importlib, json, sys, logging
 sys.path.insert(0, sys.argv[1])
 import vlpatch, wrapt
-from vlpatch import engine, matrix
+from vlpatch import _wrap, engine, matrix
 dist = sys.argv[2]
 vlpatch.apply()
 specs = [s for s in matrix.load().patches if s.distribution == dist]
@@ -48,7 +48,7 @@ def targets(spec):
         except Exception as exc:
             out[t.key] = "missing"
             continue
-        out[t.key] = "vlpatch" if isinstance(obj, engine._Patched) else "upstream"
+        out[t.key] = "vlpatch" if isinstance(obj, _wrap.Patched) else "upstream"
     return out
 before = {s.id: targets(s) for s in specs}
 states = {row["id"]: row for row in vlpatch.status()}

@@ -8,7 +8,15 @@ when its upstream module is imported (see compat_matrix.yaml).
 """
 
 from ._version import __version__
-from .core import POLICIES, SampleError, VLPatchError
 from .engine import apply, revert, status
+from .errors import SampleError, VLPatchError
+
+
+def __getattr__(name):  # POLICIES lives in the core, which the start-up path does not import
+    if name == "POLICIES":
+        from .core import POLICIES
+
+        return POLICIES
+    raise AttributeError(f"module 'vlpatch' has no attribute {name!r}")
 
 __all__ = ["apply", "revert", "status", "POLICIES", "SampleError", "VLPatchError", "__version__"]

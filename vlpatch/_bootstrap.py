@@ -24,4 +24,11 @@ try:
 except Exception as _exc:  # never break the interpreter start-up of the user's process
     import sys as _sys
 
-    print(f"vlpatch: auto-enable (VLPATCH) failed: {_exc!r}", file=_sys.stderr)
+    _where = ""
+    try:  # and never let a trainer run unprotected because of it: its import stops, naming the failure
+        from . import engine as _engine
+
+        _where = "; this process stops if it imports " + ", ".join(_engine.refuse(_exc))
+    except Exception:
+        pass
+    print(f"vlpatch: auto-enable (VLPATCH) failed: {_exc!r}{_where}", file=_sys.stderr)

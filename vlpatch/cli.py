@@ -8,7 +8,7 @@ import json
 import sys
 
 from . import __version__, engine, matrix
-from .core import POLICIES
+from .errors import POLICY_NAMES
 from .settings import SettingsError, check_ids
 
 
@@ -45,7 +45,7 @@ def _status(args) -> int:
 def _installed(patch_id: str) -> str:
     spec = matrix.load().by_id(patch_id)
     version = engine.installed_version(spec.distribution)
-    return f"{spec.distribution} {version}" if version else f"{spec.distribution} not installed"
+    return version or f"{spec.distribution} not installed"
 
 
 def _fingerprint(args) -> int:
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     p.add_argument("--dataset-dir"); p.add_argument("--media-dir")
     p.add_argument("--template"); p.add_argument("--model", help="model_name_or_path (tokenizer and processor only)")
     p.add_argument("--cutoff-len", type=int); p.add_argument("--image-max-pixels", type=int); p.add_argument("--image-min-pixels", type=int)
-    p.add_argument("--policy", choices=sorted(POLICIES), help="default: VLPATCH_POLICY, else drop (what training would use)")
+    p.add_argument("--policy", choices=sorted(POLICY_NAMES), help="default: VLPATCH_POLICY, else drop (what training would use)")
     p.add_argument("--verbose", action="store_true", help="show upstream's own log (quiet by default)")
     p.add_argument("--json", action="store_true", help="per-sample results as JSON on stdout")
     p.add_argument("--csv", help="write per-sample results to this CSV file")

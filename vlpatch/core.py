@@ -18,24 +18,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
 
+from .errors import POLICY_NAMES, SampleError, VLPatchError  # noqa: F401  (re-exported)
+
 MEDIA_KINDS = ("image", "video", "audio")
 PLACEHOLDERS = {"image": "<image>", "video": "<video>", "audio": "<audio>"}
 
 SplitFn = Callable[[int, int, int], "tuple[int, int]"]
-
-
-class VLPatchError(Exception):
-    """Base class of vlpatch's own errors."""
-
-
-class SampleError(VLPatchError):
-    """A sample cannot be used as it is; the message names it."""
-
-    def __init__(self, sample: str, reason: str, detail: str = ""):
-        self.sample = sample
-        self.reason = reason
-        self.detail = detail
-        super().__init__(f"vlpatch: sample {sample}: {reason}" + (f" ({detail})" if detail else ""))
 
 
 # --------------------------------------------------------------------------- media runs
@@ -416,6 +404,7 @@ def _item_position(layouts, key) -> int:
 
 
 POLICIES: dict = {p.name: p for p in (DropPolicy(), DropMediaPolicy(), ErrorPolicy())}
+assert tuple(POLICIES) == POLICY_NAMES, "errors.POLICY_NAMES lists the policies for the start-up path"
 
 
 def get_policy(name: str) -> Policy:

@@ -16,7 +16,7 @@ import sys
 import sysconfig
 import time
 
-from . import engine, matrix
+from . import _wrap, engine, matrix
 from ._console import results_only_on_stdout
 
 PACKAGES = ("torch", "torchvision", "torchaudio", "transformers", "datasets", "trl", "llamafactory", "unsloth", "unsloth_zoo")
@@ -56,7 +56,7 @@ def _current(target):
 
 def _original(target):
     obj = _current(target)
-    return obj.__wrapped__ if isinstance(obj, engine._Patched) else obj
+    return obj.__wrapped__ if isinstance(obj, _wrap.Patched) else obj
 
 
 def drift(spec, version: str) -> dict:
@@ -88,13 +88,13 @@ def _selftest(spec) -> list:
     rows = []
     wrapped = [t for t in spec.targets_for(engine.installed_version(spec.distribution)) if t.wrapper]
     originals = {t.key: _original(t) for t in wrapped}
-    ok = all(isinstance(_current(t), engine._Patched) and _current(t).__wrapped__ is originals[t.key] for t in wrapped)
+    ok = all(isinstance(_current(t), _wrap.Patched) and _current(t).__wrapped__ is originals[t.key] for t in wrapped)
     rows.append(("wrapped", ok, f"{len(wrapped)} target(s) wrap upstream's own objects"))
     engine.revert()
     ok = all(_current(t) is originals[t.key] for t in wrapped)
     rows.append(("revert", ok, "revert() put back the very same objects" if ok else "an original was not restored"))
     engine.apply()  # as report() applied it: the VLPATCH_* environment
-    ok = all(isinstance(_current(t), engine._Patched) for t in wrapped)
+    ok = all(isinstance(_current(t), _wrap.Patched) for t in wrapped)
     rows.append(("re-apply", ok, "apply() after revert() attached again"))
     try:
         integration = importlib.import_module(spec.integration)

@@ -10,37 +10,49 @@ installed version and the source fingerprint of every target, and then wraps all
 
 from __future__ import annotations
 
-import hashlib
-import importlib
-import importlib.metadata
-import inspect
-import logging
 import os
 import sys
-import textwrap
-import threading
-from dataclasses import dataclass, field
-from typing import Any
+from _thread import RLock
 
-import wrapt
-from packaging.version import InvalidVersion, Version
-
+from . import _hooks
 from . import matrix as _matrix
 from . import settings as _settings
-from .core import VLPatchError
+from .errors import VLPatchError
 
-logger = logging.getLogger("vlpatch")
+# Start-up cost: with VLPATCH=1 every Python process of the environment runs apply(), so this module
+# imports only the above. wrapt (vlpatch._wrap), PyYAML and packaging (the whole matrix),
+# importlib.metadata, logging, inspect: when a hook module is imported, or when they are asked for.
 
-@dataclass
+
+class _Logger:
+    """logging.getLogger("vlpatch"), imported on first use."""
+
+    @staticmethod
+    def _real():
+        import logging
+
+        return logging.getLogger("vlpatch")
+
+    def __getattr__(self, name):
+        return getattr(self._real(), name)
+
+    def __setattr__(self, name, value):
+        setattr(self._real(), name, value)
+
+
+logger = _Logger()
+
+
 class Config:
-    policy: str = "drop"
-    media_first: bool = False
-    force: bool = False
-    report: str | None = None
-    patches: frozenset | None = None  # None: every patch in the matrix
-    exclude: frozenset = frozenset()
-    log_level: str | None = None  # VLPATCH_LOG_LEVEL: a stderr handler for the "vlpatch" logger
-    sources: dict = field(default_factory=dict)  # field -> where its value came from ("VLPATCH_EXCLUDE", "apply(exclude=...)")
+    def __init__(self, policy="drop", media_first=False, force=False, report=None, log_level=None):
+        self.policy: str = policy
+        self.media_first: bool = media_first
+        self.force: bool = force
+        self.report: str | None = report
+        self.patches: frozenset | None = None  # None: every patch in the matrix
+        self.exclude: frozenset = frozenset()
+        self.log_level: str | None = log_level  # VLPATCH_LOG_LEVEL: a stderr handler for the "vlpatch" logger
+        self.sources: dict = {}  # field -> where its value came from ("VLPATCH_EXCLUDE", "apply(exclude=...)")
 
     @classmethod
     def from_env(cls, env=None, **overrides) -> "Config":
@@ -104,25 +116,31 @@ class Config:
 
 def _known_ids() -> list:
     """Patch ids of the matrix in use (the shipped one if VLPATCH_MATRIX cannot be read: that is reported apart)."""
+    return [e.id for e in _entries()]
+
+
+def _entries() -> list:
+    """(id, distribution, hook) per patch: the matrix in use, else the shipped one (a bad VLPATCH_MATRIX
+    is reported by the settings check)."""
     try:
-        return [p.id for p in _matrix.load().patches]
+        return _matrix.index()
     except OSError:
-        return [p.id for p in _matrix.load(_matrix.MATRIX_PATH).patches]
+        return _matrix.index(_matrix.MATRIX_PATH)
 
 
-@dataclass
 class PatchState:
-    id: str
-    state: str  # pending | applied | native | skipped | excluded | disabled | reverted
-    reason: str = ""
-    version: str | None = None
-    details: dict = field(default_factory=dict)
+    def __init__(self, id: str, state: str, reason: str = "", version: str | None = None, details: dict | None = None):
+        self.id = id
+        self.state = state  # pending | applied | native | skipped | excluded | disabled | reverted
+        self.reason = reason
+        self.version = version
+        self.details = details or {}
 
     def as_dict(self) -> dict:
         return {"id": self.id, "state": self.state, "reason": self.reason, "version": self.version, **self.details}
 
 
-_lock = threading.RLock()
+_lock = RLock()
 _enabled = False
 _config = Config()
 _hooked: set = set()  # hook modules with a registered wrapt hook (registered once per process)
@@ -130,43 +148,24 @@ _applied: dict = {}  # patch id -> list of (parent, attribute, original, had_own
 _states: dict = {}
 
 
-class _BoundPatched(wrapt.BoundFunctionWrapper):
-    """A patched method bound to an instance, picklable as `getattr(instance, name)`.
-
-    datasets pickles (and hashes) the function it maps: `processor.preprocess_dataset` must survive
-    being sent to `num_proc` worker processes, where it resolves to the (patched) class attribute.
-    """
-
-    def __reduce_ex__(self, protocol):
-        return getattr, (self.__self__, self.__name__)
-
-
-class _Patched(wrapt.FunctionWrapper):
-    __bound_function_wrapper__ = _BoundPatched
-
-    def __reduce_ex__(self, protocol):
-        return _resolve, (self.__module__, self.__qualname__)
-
-
-def _resolve(module: str, qualname: str):
-    obj = importlib.import_module(module)
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def config() -> Config:
     return _config
 
 
-def fingerprint(obj: Any) -> str:
+def fingerprint(obj) -> str:
     """sha256 of a function's dedented source, trailing blanks ignored: what the patch was written for."""
+    import hashlib
+    import inspect
+    import textwrap
+
     src = textwrap.dedent(inspect.getsource(obj))
     norm = "\n".join(line.rstrip() for line in src.strip().splitlines())
     return hashlib.sha256(norm.encode("utf-8")).hexdigest()[:16]
 
 
 def installed_version(distribution: str) -> str | None:
+    import importlib.metadata
+
     try:
         return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
@@ -197,7 +196,7 @@ def apply(
         _config, _enabled, _refusal = new, True, None
         _publish_config()
         _configure_logging(_config.log_level)
-        for spec in _matrix.load().patches:
+        for spec in _entries():  # id, distribution, hook: the whole matrix is read when a hook fires
             st = _states.get(spec.id)
             why_not = new.why_not(spec.id)
             if spec.id in _applied:
@@ -214,17 +213,17 @@ def apply(
             ):
                 continue  # decided under the same settings: not again (no second warning)
             if why_not is not None:
-                _states[spec.id] = PatchState(spec.id, "excluded", why_not, installed_version(spec.distribution))
+                _states[spec.id] = PatchState(spec.id, "excluded", why_not)
                 continue
-            if installed_version(spec.distribution) is None:
+            if not _hooks.installed(spec.distribution):
                 _states[spec.id] = PatchState(spec.id, "skipped", f"{spec.distribution} is not installed")
             else:
                 _states[spec.id] = PatchState(spec.id, "pending", f"waits for `import {spec.hook}`")
             if spec.hook in sys.modules:
-                _attach(spec)
+                _attach(_matrix.load().by_id(spec.id))
             elif spec.hook not in _hooked:
                 _hooked.add(spec.hook)
-                wrapt.register_post_import_hook(_hook_for(spec.hook), spec.hook)
+                _hooks.when_imported(spec.hook, _hook_for(spec.hook))
         return status()
 
 
@@ -242,28 +241,29 @@ def refuse(error: Exception) -> list:
     with _lock:
         _refusal = error
         try:
-            specs = _matrix.load().patches
-        except Exception:  # VLPATCH_MATRIX itself may be the bad setting: the shipped matrix's hooks
-            specs = _matrix.load(_matrix.MATRIX_PATH).patches
-        hooks = sorted({spec.hook for spec in specs})
+            entries = _entries()
+        except Exception:  # a matrix that cannot be read: the shipped matrix's hooks
+            entries = _matrix.index(_matrix.MATRIX_PATH)
+        hooks = sorted({e.hook for e in entries})
         for hook in hooks:
             if hook not in _refusal_hooked:
                 _refusal_hooked.add(hook)
-                wrapt.register_post_import_hook(_refuse_import, hook)
+                _hooks.when_imported(hook, _refuse_import)
         return hooks
 
 
 def _refuse_import(module) -> None:
     """The one post-import hook that raises into the user's import, on purpose: running the trainer
     unprotected because of a typo is what VLPATCH=1 exists to prevent."""
-    if _refusal is not None:
-        raise _settings.SettingsError(
-            getattr(_refusal, "problems", [str(_refusal)]),
-            f"vlpatch: VLPATCH is set, so this process stops at `import {module.__name__}` rather than run unprotected",
-        )
+    if _refusal is None:
+        return
+    note = f"vlpatch: VLPATCH is set, so this process stops at `import {module.__name__}` rather than run unprotected"
+    if isinstance(_refusal, _settings.SettingsError):
+        raise _settings.SettingsError(_refusal.problems, note)
+    raise VLPatchError(f"vlpatch: auto-enable (VLPATCH) failed: {_refusal!r}\n{note}") from _refusal
 
 
-_handler: logging.Handler | None = None
+_handler = None  # logging.Handler
 
 
 def _configure_logging(level: str | None) -> None:
@@ -272,6 +272,8 @@ def _configure_logging(level: str | None) -> None:
     global _handler
     if not level or _handler is not None:
         return
+    import logging
+
     _handler = logging.StreamHandler()
     _handler.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(_handler)
@@ -346,20 +348,25 @@ def status() -> list:
     """One dict per patch in the matrix: id, state, reason, version, and patch-specific details."""
     with _lock:
         out = []
-        for spec in _matrix.load().patches:
+        for spec in _entries():
             st = _states.get(spec.id) or PatchState(spec.id, "disabled", "vlpatch.apply() has not been called")
             out.append(st.as_dict())
         return out
 
 
 def _hook_for(hook_module: str):
-    """One wrapt post-import hook per module: it attaches every patch whose hook that module is (several
+    """One post-import hook per module: it attaches every patch whose hook that module is (several
     patches of one upstream, each for its own releases, share it)."""
 
     def hook(module):  # a post-import hook must never raise into the user's import
-        for spec in _matrix.load().patches:
-            if spec.hook != hook_module:
-                continue
+        try:
+            specs = [spec for spec in _matrix.load().patches if spec.hook == hook_module]
+        except Exception as exc:  # pragma: no cover - defensive
+            for entry in _entries():
+                if entry.hook == hook_module:
+                    _skip(entry.id, None, f"cannot read the compat matrix: {exc!r}")
+            return
+        for spec in specs:
             try:
                 with _lock:
                     if _enabled and _config.selects(spec.id) and spec.id not in _applied:
@@ -376,6 +383,13 @@ def _skip(patch_id: str, version: str | None, reason: str) -> None:
 
 
 def _attach(spec) -> None:
+    import importlib
+    import inspect
+
+    from packaging.version import InvalidVersion, Version
+
+    from . import _wrap
+
     version = installed_version(spec.distribution)
     if version is None:
         _states[spec.id] = PatchState(spec.id, "skipped", f"{spec.distribution} is not installed")
@@ -416,7 +430,7 @@ def _attach(spec) -> None:
     try:
         for target in spec.targets_for(v):
             module = importlib.import_module(target.module)
-            parent, attribute, original = wrapt.resolve_path(module, target.symbol)
+            parent, attribute, original = _wrap.resolve_path(module, target.symbol)
             resolved.append((target, parent, attribute, original))
     except (ImportError, AttributeError) as exc:
         return _skip(spec.id, version, f"target missing in {spec.distribution} {version}: {exc}")
@@ -446,7 +460,7 @@ def _attach(spec) -> None:
             if wrapper is None:
                 continue  # fingerprint-only target: the patch relies on its behaviour
             had_own = not inspect.isclass(parent) or attribute in vars(parent)
-            setattr(parent, attribute, _Patched(original, wrapper))
+            setattr(parent, attribute, _wrap.Patched(original, wrapper))
             wraps.append((parent, attribute, original, had_own))
     except Exception as exc:
         _unwrap(wraps)

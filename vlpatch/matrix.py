@@ -1,123 +1,73 @@
-"""compat_matrix.yaml, read once: which patch applies to which upstream version, and what it targets."""
+"""compat_matrix.yaml, read once: which patch applies to which upstream version, and what it targets.
+
+Two readings. `index()` is what `apply()` needs at start-up (each patch's id, distribution and hook
+module), read from the shipped file's lines without PyYAML or packaging (tests/test_matrix.py checks
+it equals the full parse). `load()` is the whole matrix (targets, fingerprints, options, version
+specifiers), parsed when a hook module is imported, where its cost does not count.
+"""
 
 from __future__ import annotations
 
-import functools
 import os
-from dataclasses import dataclass, field
-
-import yaml
-from packaging.specifiers import SpecifierSet
 
 MATRIX_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compat_matrix.yaml")
 
 
-@dataclass(frozen=True)
-class Target:
-    module: str
-    symbol: str
-    wrapper: str | None  # None: fingerprinted only (the patch relies on it unchanged)
-    applies: SpecifierSet | None = None  # None: every version of the patch; else only these (a class added later)
+class Entry(tuple):
+    """(id, distribution, hook) of one patch, in matrix order."""
 
-    @property
-    def key(self) -> str:
-        return f"{self.module}:{self.symbol}"
+    __slots__ = ()
+    id = property(lambda self: self[0])
+    distribution = property(lambda self: self[1])
+    hook = property(lambda self: self[2])
 
 
-@dataclass(frozen=True)
-class Part:
-    """A separately versioned piece of one patch (e.g. multi-image vs truncation in one collator)."""
-
-    name: str
-    applies: SpecifierSet
-    native: SpecifierSet | None
-    summary: str = ""
-
-    def state(self, version) -> tuple:
-        if self.native is not None and version in self.native:
-            return "native", f"upstream fixed it ({self.native})"
-        if version in self.applies:
-            return "applied", f"needed ({self.applies})"
-        return "skipped", f"not needed here ({self.applies})"
+def index(path: str | None = None) -> list:
+    """The patches' (id, distribution, hook), cheaply: the shipped matrix's lines are read as written
+    (`  - id:` opens a patch, its `    distribution:` / `    hook:` keys follow); another matrix file
+    (VLPATCH_MATRIX, for vlpatch's own tests) is parsed whole."""
+    path = path or os.environ.get("VLPATCH_MATRIX") or MATRIX_PATH
+    if os.path.abspath(path) != MATRIX_PATH:
+        return [Entry((p.id, p.distribution, p.hook)) for p in _load(path).patches]
+    return _index(path)
 
 
-@dataclass
-class PatchSpec:
-    id: str
-    distribution: str
-    integration: str
-    hook: str
-    applies: SpecifierSet
-    tested: list
-    native: SpecifierSet | None
-    targets: list
-    fingerprints: dict
-    summary: str = ""
-    options: dict = field(default_factory=dict)
-    parts: list = field(default_factory=list)
-
-    def targets_for(self, version) -> list:
-        """The targets that exist in this upstream version (a target with its own `applies` may not)."""
-        from packaging.version import Version
-
-        v = Version(str(version))
-        return [t for t in self.targets if t.applies is None or v in t.applies]
-
-    def active_parts(self, version) -> set:
-        return {p.name for p in self.parts if p.state(version)[0] == "applied"}
+_indexes: dict = {}
+_loaded: dict = {}
 
 
-@dataclass
-class Matrix:
-    patches: list
-
-    def by_id(self, patch_id: str) -> PatchSpec:
-        for p in self.patches:
-            if p.id == patch_id:
-                return p
-        raise KeyError(patch_id)
-
-
-def parse(data: dict) -> Matrix:
-    patches = []
-    for raw in data.get("patches", []):
-        targets = [
-            Target(t["module"], t["symbol"], t.get("wrapper"), SpecifierSet(t["applies"]) if t.get("applies") else None)
-            for t in raw["targets"]
-        ]
-        patches.append(
-            PatchSpec(
-                id=raw["id"],
-                distribution=raw["distribution"],
-                integration=raw["integration"],
-                hook=raw["hook"],
-                applies=SpecifierSet(raw["applies"]),
-                tested=[str(v) for v in raw.get("tested", [])],
-                native=SpecifierSet(raw["native"]) if raw.get("native") else None,
-                targets=targets,
-                fingerprints={str(k): dict(v) for k, v in (raw.get("fingerprints") or {}).items()},
-                summary=raw.get("summary", ""),
-                options=raw.get("options") or {},
-                parts=[
-                    Part(
-                        name,
-                        SpecifierSet(part.get("applies", "")),
-                        SpecifierSet(part["native"]) if part.get("native") else None,
-                        part.get("summary", ""),
-                    )
-                    for name, part in (raw.get("parts") or {}).items()
-                ],
-            )
-        )
-    return Matrix(patches)
+def _index(path: str) -> list:
+    if path in _indexes:
+        return _indexes[path]
+    out, current = [], None
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.startswith("  - id:"):
+                current = {"id": _scalar(line)}
+                out.append(current)
+            elif current is not None and line.startswith(("    distribution:", "    hook:")):
+                current[line.split(":", 1)[0].strip()] = _scalar(line)
+            elif line[:1].isalpha() and not line.startswith("patches:"):
+                current = None  # the next top-level key (smoke:) ends the patches
+    _indexes[path] = [Entry((p["id"], p["distribution"], p["hook"])) for p in out]
+    return _indexes[path]
 
 
-def load(path: str | None = None) -> Matrix:
+def _scalar(line: str) -> str:
+    return line.split(":", 1)[1].split(" #", 1)[0].strip().strip("'\"")
+
+
+def load(path: str | None = None):
     """The matrix shipped with vlpatch (or the file named by VLPATCH_MATRIX, for vlpatch's own tests)."""
     return _load(path or os.environ.get("VLPATCH_MATRIX") or MATRIX_PATH)
 
 
-@functools.lru_cache(maxsize=None)
-def _load(path: str) -> Matrix:
-    with open(path, encoding="utf-8") as fh:
-        return parse(yaml.safe_load(fh))
+def _load(path: str):
+    if path not in _loaded:
+        import yaml
+
+        from ._matrix_spec import parse
+
+        with open(path, encoding="utf-8") as fh:
+            _loaded[path] = parse(yaml.load(fh, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)))
+    return _loaded[path]

@@ -8,12 +8,9 @@ know are errors too (`VLPATCH_POLCY=drop_media` would otherwise be ignored). Imp
 
 from __future__ import annotations
 
-import difflib
 import os
-from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping
 
-from .core import POLICIES, VLPatchError
+from .errors import POLICY_NAMES, VLPatchError
 
 TRUE = ("1", "true", "yes", "on")
 FALSE = ("0", "false", "no", "off")
@@ -32,11 +29,13 @@ class SettingsError(VLPatchError):
         super().__init__(text + (f"\n{note}" if note else ""))
 
 
-@dataclass(frozen=True)
 class Setting:
-    name: str
-    kind: str  # switch | policy | ids | report | matrix | level | tooling | internal
-    meaning: str
+    __slots__ = ("name", "kind", "meaning")
+
+    def __init__(self, name: str, kind: str, meaning: str):
+        self.name = name
+        self.kind = kind  # switch | policy | ids | report | matrix | level | tooling | internal
+        self.meaning = meaning
 
 
 SETTINGS = {
@@ -61,13 +60,15 @@ SETTINGS = {
 }
 
 
-def closest(value: str, valid: Iterable[str]) -> str:
+def closest(value: str, valid) -> str:
     """`; did you mean 'x'?` for the closest valid value, or nothing."""
+    import difflib
+
     match = difflib.get_close_matches(value, list(valid), n=1, cutoff=0.6)
     return f"; did you mean {match[0]!r}?" if match else ""
 
 
-def _bad(source: str, value, valid: Iterable[str], what: str) -> str:
+def _bad(source: str, value, valid, what: str) -> str:
     valid = list(valid)
     return f"{source}={value!r} is not {what} (valid: {', '.join(valid)}{closest(str(value), valid)})"
 
@@ -80,12 +81,12 @@ def check_switch(source: str, value: str) -> str | None:
 
 
 def check_policy(source: str, value) -> str | None:
-    if isinstance(value, str) and value in POLICIES:
+    if isinstance(value, str) and value in POLICY_NAMES:
         return None
-    return _bad(source, value, sorted(POLICIES), "a policy")
+    return _bad(source, value, sorted(POLICY_NAMES), "a policy")
 
 
-def check_ids(source: str, ids: Iterable[str], known: Iterable[str]) -> list:
+def check_ids(source: str, ids, known) -> list:
     known = list(known)
     return [_bad(source, i, known, "a patch id") for i in ids if i not in known]
 
@@ -107,7 +108,7 @@ def check_level(source: str, value: str) -> str | None:
     return None if v in LOG_LEVELS or v.isdigit() else _bad(source, value, LOG_LEVELS, "a log level")
 
 
-def check_env(env: Mapping[str, str], known_ids: Callable[[], Iterable[str]]) -> list:
+def check_env(env, known_ids) -> list:
     """Every problem with the `VLPATCH*` variables of `env` (empty values count as unset)."""
     problems = []
     for name in sorted(env):
@@ -143,5 +144,5 @@ def split_ids(raw: str) -> list:
     return [x.strip() for x in raw.split(",") if x.strip()]
 
 
-def switch(env: Mapping[str, str], name: str) -> bool:
+def switch(env, name: str) -> bool:
     return env.get(name, "").strip().lower() in TRUE

@@ -1,0 +1,111 @@
+"""The whole compat matrix as objects (`vlpatch.matrix.load()`): parsed when a hook module is imported."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Target:
+    module: str
+    symbol: str
+    wrapper: str | None  # None: fingerprinted only (the patch relies on it unchanged)
+    applies: object = None  # SpecifierSet; None: every version of the patch; else only these (a class added later)
+
+    @property
+    def key(self) -> str:
+        return f"{self.module}:{self.symbol}"
+
+
+@dataclass(frozen=True)
+class Part:
+    """A separately versioned piece of one patch (e.g. multi-image vs truncation in one collator)."""
+
+    name: str
+    applies: object  # SpecifierSet
+    native: object  # SpecifierSet or None
+    summary: str = ""
+
+    def state(self, version) -> tuple:
+        if self.native is not None and version in self.native:
+            return "native", f"upstream fixed it ({self.native})"
+        if version in self.applies:
+            return "applied", f"needed ({self.applies})"
+        return "skipped", f"not needed here ({self.applies})"
+
+
+def _specifier(text):
+    from packaging.specifiers import SpecifierSet
+
+    return SpecifierSet(text)
+
+
+@dataclass
+class PatchSpec:
+    id: str
+    distribution: str
+    integration: str
+    hook: str
+    applies: object  # SpecifierSet
+    tested: list
+    native: object  # SpecifierSet or None
+    targets: list
+    fingerprints: dict
+    summary: str = ""
+    options: dict = field(default_factory=dict)
+    parts: list = field(default_factory=list)
+
+    def targets_for(self, version) -> list:
+        """The targets that exist in this upstream version (a target with its own `applies` may not)."""
+        from packaging.version import Version
+
+        v = Version(str(version))
+        return [t for t in self.targets if t.applies is None or v in t.applies]
+
+    def active_parts(self, version) -> set:
+        return {p.name for p in self.parts if p.state(version)[0] == "applied"}
+
+
+@dataclass
+class Matrix:
+    patches: list
+
+    def by_id(self, patch_id: str) -> PatchSpec:
+        for p in self.patches:
+            if p.id == patch_id:
+                return p
+        raise KeyError(patch_id)
+
+
+def parse(data: dict) -> Matrix:
+    patches = []
+    for raw in data.get("patches", []):
+        targets = [
+            Target(t["module"], t["symbol"], t.get("wrapper"), _specifier(t["applies"]) if t.get("applies") else None)
+            for t in raw["targets"]
+        ]
+        patches.append(
+            PatchSpec(
+                id=raw["id"],
+                distribution=raw["distribution"],
+                integration=raw["integration"],
+                hook=raw["hook"],
+                applies=_specifier(raw["applies"]),
+                tested=[str(v) for v in raw.get("tested", [])],
+                native=_specifier(raw["native"]) if raw.get("native") else None,
+                targets=targets,
+                fingerprints={str(k): dict(v) for k, v in (raw.get("fingerprints") or {}).items()},
+                summary=raw.get("summary", ""),
+                options=raw.get("options") or {},
+                parts=[
+                    Part(
+                        name,
+                        _specifier(part.get("applies", "")),
+                        _specifier(part["native"]) if part.get("native") else None,
+                        part.get("summary", ""),
+                    )
+                    for name, part in (raw.get("parts") or {}).items()
+                ],
+            )
+        )
+    return Matrix(patches)

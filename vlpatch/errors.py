@@ -1,0 +1,17 @@
+"""vlpatch's own errors and the names of its policies: what the start-up path needs, and nothing else."""
+
+POLICY_NAMES = ("drop", "drop_media", "error")  # core.POLICIES holds their implementations
+
+
+class VLPatchError(Exception):
+    """Base class of vlpatch's own errors."""
+
+
+class SampleError(VLPatchError):
+    """A sample cannot be used as it is; the message names it."""
+
+    def __init__(self, sample: str, reason: str, detail: str = ""):
+        self.sample = sample
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"vlpatch: sample {sample}: {reason}" + (f" ({detail})" if detail else ""))
