@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 import vlpatch.matrix as vmatrix
-from tests.conftest import require
+from tests.conftest import newest_only, require
 
 BIN = os.path.dirname(sys.executable)
 
@@ -47,6 +47,7 @@ def test_doctor_all_good(lf_version):
 
 
 def test_doctor_human_output_and_autoenable(lf_version):
+    newest_only("llamafactory", "vlpatch's own doctor logic")
     proc = doctor(VLPATCH="1")
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "auto-enable: active in this interpreter (VLPATCH=1" in proc.stdout
@@ -83,6 +84,7 @@ def _matrix_without_installed(lf_version, tmp_path):
 
 
 def test_doctor_fails_on_a_forced_patch_unless_accepted(lf_version, tmp_path):
+    newest_only("llamafactory", "vlpatch's own doctor logic")
     path = _matrix_without_installed(lf_version, tmp_path)
     proc = doctor(VLPATCH_MATRIX=path, VLPATCH_FORCE="1")
     assert proc.returncode == 1, proc.stdout[-3000:]
@@ -97,11 +99,13 @@ def test_doctor_fails_on_a_forced_patch_unless_accepted(lf_version, tmp_path):
     ({"VLPATCH_PATCHES": "llamafactory.truncaton"}, "invalid setting: VLPATCH_PATCHES='llamafactory.truncaton' is not a patch id"),
 ])
 def test_doctor_fails_on_an_invalid_setting(lf_version, env, text):
+    newest_only("llamafactory", "vlpatch's own doctor logic")
     proc = doctor(**env)
     assert proc.returncode == 1 and text in proc.stdout and "did you mean" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]
 
 
 def test_doctor_tells_excluded_from_not_installed(lf_version):
+    newest_only("llamafactory", "vlpatch's own doctor logic")
     proc = doctor("--no-selftest", VLPATCH_EXCLUDE="llamafactory.header_tokens")
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert f"llamafactory.header_tokens: excluded ({lf_version}) - excluded by you (VLPATCH_EXCLUDE)" in proc.stdout

@@ -32,11 +32,11 @@ def data_dir(tmp_path_factory):
     return str(d)
 
 
-def train(tmp_path, model, data_dir, env=None, script=None, **cfg):
+def train(tmp_path, model, data_dir, env=None, script=None, datasets=DATASETS, **cfg):
     out = tmp_path / "out"
     shutil.rmtree(out, ignore_errors=True)
     cfg.setdefault("cutoff_len", 128)
-    yaml_path = write_train_yaml(str(tmp_path / "train.yaml"), model, data_dir, DATASETS, str(out), **cfg)
+    yaml_path = write_train_yaml(str(tmp_path / "train.yaml"), model, data_dir, datasets, str(out), **cfg)
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("VLPATCH")}
     full_env.update(HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="", PATH=BIN + os.pathsep + os.environ.get("PATH", ""))
     full_env.update(env or {})
@@ -77,6 +77,7 @@ def test_env_var_alone_makes_it_train(tmp_path, tiny_qwen2vl, data_dir):
 
 
 def test_apply_in_the_training_script(tmp_path, tiny_qwen2vl, data_dir):
+    newest_only("llamafactory", "the same patch as VLPATCH=1, which runs on every release")
     script = (
         "import sys, vlpatch; vlpatch.apply()\n"
         "from llamafactory.cli import main\n"
@@ -105,6 +106,8 @@ def test_report_is_complete_with_two_preprocessing_workers(tmp_path, tiny_qwen2v
     ],
 )
 def test_media_that_alone_exceed_cutoff(tmp_path, tiny_qwen2vl, data_dir, policy, summary):
+    if policy == "drop_media":
+        newest_only("llamafactory", "one policy on the older releases (both in the processor tests)")
     # 66 image tokens cannot fit a cutoff_len of 48: the policy decides, the run still trains
     proc, rows = train(tmp_path, tiny_qwen2vl, data_dir, env={"VLPATCH": "1", "VLPATCH_POLICY": policy}, cutoff_len=48)
     log = proc.stdout + proc.stderr
@@ -117,7 +120,7 @@ def test_media_that_alone_exceed_cutoff(tmp_path, tiny_qwen2vl, data_dir, policy
 def test_policy_error_stops_naming_the_sample(tmp_path, tiny_qwen2vl, data_dir):
     proc, rows = train(tmp_path, tiny_qwen2vl, data_dir, env={"VLPATCH": "1", "VLPATCH_POLICY": "error"}, cutoff_len=48)
     log = proc.stdout + proc.stderr
-    assert proc.returncode != 0 and f"vlpatch: sample {DATASETS}[0]: media do not fit the budget" in log, log[-3000:]
+    assert proc.returncode != 0 and "vlpatch: sample longimg[0]: media do not fit the budget" in log, log[-3000:]
     assert not any(m in log for m in MISMATCH)
 
 
@@ -157,6 +160,7 @@ def test_torchrun_two_ranks_each_patched_report_once(tmp_path, tiny_qwen2vl, dat
 
 
 def test_report_is_complete_with_spawned_workers(tmp_path, tiny_qwen2vl, data_dir):
+    newest_only("llamafactory", "version-independent: the .pth start-up path")
     # datasets' map workers started with spawn: fresh interpreters that get vlpatch from VLPATCH=1
     # through the .pth file, attach on import, and report into the parent's run
     script = (
@@ -201,3 +205,31 @@ def test_a_misspelled_setting_stops_the_run_before_preprocessing(tmp_path, tiny_
     assert "rather than run unprotected" in log
     assert "Running tokenizer on dataset" not in log and "train_runtime" not in log and not rows, log[-3000:]
     assert not any(m in log for m in MISMATCH)
+
+
+def test_report_rows_name_the_users_dataset_and_file_row(tmp_path, tiny_qwen2vl, data_dir):
+    # three datasets merged, the image one second, and a `num_samples` copy of it (LLaMA-Factory picks
+    # 4 of its 6 rows at random): each row of the report must lead back to the user's own file row
+    info_path = os.path.join(data_dir, "dataset_info.json")
+    with open(info_path, encoding="utf-8") as fh:
+        info = json.load(fh)
+    info["longsampled"] = {**info["longimg"], "num_samples": 4}
+    sampled_dir = tmp_path / "data"
+    shutil.copytree(data_dir, sampled_dir)
+    (sampled_dir / "dataset_info.json").write_text(json.dumps(info))
+    proc, rows = train(tmp_path, tiny_qwen2vl, str(sampled_dir), env={"VLPATCH": "1"}, datasets="plaintext,longimg,longsampled")
+    assert trained(proc), (proc.stdout + proc.stderr)[-3000:]
+    with open(os.path.join(data_dir, "longimg.json"), encoding="utf-8") as fh:
+        file_rows = json.load(fh)
+    long_rows = {i for i, r in enumerate(file_rows) if len(r["messages"][0]["content"].split()) > 100}
+    assert long_rows == {0, 2, 4}
+    by_source = {}
+    for r in rows:
+        assert r["action"] == "truncated" and r["dataset"] == "plaintext,longimg,longsampled", r
+        # read the sample back from the user's file by the reported dataset and row: it is a long one
+        text = file_rows[r["source_row"]]["messages"][0]["content"]
+        assert len(text.split()) > 100 and text.endswith("<image>"), (r, text[:80])
+        by_source.setdefault(r["source_dataset"], set()).add(r["source_row"])
+    assert by_source["longimg"] == {0, 2, 4}, by_source
+    assert by_source.get("longsampled") and by_source["longsampled"] <= {0, 2, 4}, by_source
+    assert sorted(r["index"] for r in rows if r["source_dataset"] == "longimg") == [2, 4, 6], "merged index too"

@@ -74,6 +74,7 @@ def test_scan_yaml_matches_what_training_does(tmp_path, tiny_qwen2vl, data_dir):
 
 
 def test_scan_summary_and_no_yaml_mode(tiny_qwen2vl, data_dir):
+    newest_only("llamafactory", "scan's own options")
     text = scan("--dataset", "longimg", "--dataset-dir", data_dir, "--template", "qwen2_vl", "--model", tiny_qwen2vl,
                 "--cutoff-len", "400", "--image-max-pixels", str(224 * 224))
     assert "6 samples" in text and "cutoff_len 400" in text
@@ -82,6 +83,7 @@ def test_scan_summary_and_no_yaml_mode(tiny_qwen2vl, data_dir):
 
 
 def test_scan_a_bare_dataset_file(tiny_qwen2vl, data_dir):
+    newest_only("llamafactory", "scan's own options")
     out = json.loads(scan("--dataset-file", os.path.join(data_dir, "longimg.json"), "--template", "qwen2_vl", "--model", tiny_qwen2vl,
                           "--cutoff-len", "128", "--image-max-pixels", str(224 * 224), "--json"))
     assert [s["vanilla"] for s in out["samples"]][:2] == ["crash: media tokens cut", "fits"]
@@ -89,6 +91,7 @@ def test_scan_a_bare_dataset_file(tiny_qwen2vl, data_dir):
 
 
 def test_scan_policy_drop_media_and_image_size_recommendation(tiny_qwen2vl, data_dir):
+    newest_only("llamafactory", "scan's own options")
     # cutoff 60: the 66-token image alone does not fit; drop_media keeps the text, and smaller images would fit
     out = json.loads(scan("--dataset", "longimg", "--dataset-dir", data_dir, "--template", "qwen2_vl", "--model", tiny_qwen2vl,
                           "--cutoff-len", "60", "--image-max-pixels", str(224 * 224), "--policy", "drop_media", "--json"))
@@ -144,6 +147,7 @@ def test_scan_and_training_classify_bad_input_alike(tmp_path, tiny_qwen2vl, data
 
 
 def test_scan_missing_files_are_one_clear_line(tmp_path, tiny_qwen2vl, data_dir):
+    newest_only("llamafactory", "scan's own options")
     cases = [
         (("nowhere.yaml",), "vlpatch scan: cannot read the config nowhere.yaml: FileNotFoundError"),
         (("--dataset-file", "nowhere.json", "--template", "qwen2_vl", "--model", tiny_qwen2vl), "vlpatch scan: no such dataset file: nowhere.json"),

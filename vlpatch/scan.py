@@ -30,6 +30,8 @@ KEEP_SHARES = (0.9, 0.95, 0.99, 1.0)
 @dataclass
 class Sample:
     index: int
+    source_dataset: str | None = None  # the dataset of the config it came from
+    source_row: int | None = None  # its row there, as the user's file numbers it
     tokens: int | None = None  # whole sample, nothing cut
     text_tokens: int | None = None
     media_tokens: dict = field(default_factory=dict)  # kind -> tokens per item, in order
@@ -65,7 +67,7 @@ def scan(config: dict, policy: str = "drop", limit: int | None = None, progress=
     """`progress`: False, True (a bar on stderr) or a stream for the bar."""
     import vlpatch
     from llamafactory.data import get_template_and_fix_tokenizer
-    from llamafactory.data.loader import _get_dataset_processor, _get_merged_dataset
+    from llamafactory.data import loader
     from llamafactory.model import load_tokenizer
 
     from . import report as vreport
@@ -80,16 +82,26 @@ def scan(config: dict, policy: str = "drop", limit: int | None = None, progress=
         tokenizer, mm_processor = loaded["tokenizer"], loaded["processor"]
         template = get_template_and_fix_tokenizer(tokenizer, data_args)
         step = f"loading the dataset {data_args.dataset}"
-        dataset = _get_merged_dataset(data_args.dataset, model_args, data_args, training_args, stage)
-        processor = _get_dataset_processor(data_args, stage, template, tokenizer, mm_processor)
+        vlpatch.revert()
+        vlpatch.apply(patches=["llamafactory.truncation"])  # rows carry their dataset and file row
+        try:
+            dataset = loader._get_merged_dataset(data_args.dataset, model_args, data_args, training_args, stage)
+        finally:
+            vlpatch.revert()
+        processor = loader._get_dataset_processor(data_args, stage, template, tokenizer, mm_processor)
     except (Exception, SystemExit) as exc:  # LLaMA-Factory's argument parser may exit
+        if isinstance(exc, vlpatch.VLPatchError):
+            raise
         text = str(exc).strip().splitlines()
         raise ScanSetupError(f"{step}: {type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")) from exc
     cutoff = data_args.cutoff_len
     columns = list(dataset.column_names)
     n = len(dataset) if limit is None else min(limit, len(dataset))
     rows = [dataset[i] for i in range(n)]
-    samples = [Sample(i, images=list(r.get("_images") or [])) for i, r in enumerate(rows)]
+    samples = [
+        Sample(i, r.get(lfint.SOURCE_COLUMN), r.get(lfint.ROW_COLUMN), images=list(r.get("_images") or []))
+        for i, r in enumerate(rows)
+    ]
     bar = _progress(n, progress)
 
     def encode(i, length):
@@ -310,10 +322,17 @@ def summary(result: dict) -> str:
         lines.append(f"bad input (training without vlpatch dies on it; with vlpatch under policy {cfg['policy']}: "
                      f"{', '.join(f'{n} {k}' for k, n in Counter(_bucket(s['vlpatch']) for s in bad).items())}):")
     for s in bad[:10]:
-        lines.append(f"  sample {s['index']}: {s['vanilla']} -> vlpatch: {_bucket(s['vlpatch'])}")
+        lines.append(f"  sample {_name(s)}: {s['vanilla']} -> vlpatch: {_bucket(s['vlpatch'])}")
     if len(bad) > 10:
         lines.append(f"  ... {len(bad) - 10} more errors (see --json / --csv)")
     return "\n".join(lines)
+
+
+def _name(s: dict) -> str:
+    """A sample as the user finds it: dataset[row] of their file, else the merged index."""
+    if s.get("source_dataset") is not None and s.get("source_row") is not None:
+        return f"{s['source_dataset']}[{s['source_row']}]"
+    return str(s["index"])
 
 
 def _bucket(outcome: str) -> str:
@@ -336,9 +355,10 @@ def _histogram(lengths, cutoff, bins: int = 10, width: int = 40) -> list:
 def write_csv(result: dict, path: str) -> None:
     with open(path, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
-        w.writerow(["index", "tokens", "text_tokens", "media_tokens", "vanilla", "vlpatch", "detail"])
+        w.writerow(["index", "source_dataset", "source_row", "tokens", "text_tokens", "media_tokens", "vanilla", "vlpatch", "detail"])
         for s in result["samples"]:
-            w.writerow([s["index"], s["tokens"], s["text_tokens"], json.dumps(s["media_tokens"]), s["vanilla"], s["vlpatch"], s["detail"]])
+            w.writerow([s["index"], s["source_dataset"], s["source_row"], s["tokens"], s["text_tokens"], json.dumps(s["media_tokens"]),
+                        s["vanilla"], s["vlpatch"], s["detail"]])
 
 
 def dataset_from_file(path: str) -> tuple:

@@ -31,6 +31,8 @@ from .. import __version__, core, engine, report
 IGNORE_INDEX = -100
 UNBOUNDED = 1 << 40
 INDEX_COLUMN = "_vlpatch_index"
+SOURCE_COLUMN = "_vlpatch_source"  # the dataset (its name in dataset_info.json) a merged row came from
+ROW_COLUMN = "_vlpatch_row"  # and its row there, as the user's file numbers it (0-based)
 TRAINER = "llamafactory"
 
 _recording: list = []  # stack of lists of (source_len, target_len) seen by infer_seqlen
@@ -261,19 +263,24 @@ _signatures: dict = {}
 
 
 def _identify(batch: _Batch | None, prompt) -> tuple:
-    """(row index in the dataset or None, position in the batch or None) of the sample being encoded."""
+    """(row index in the merged dataset, position in the batch, source dataset, row in it) of the sample
+    being encoded; None where unknown."""
     if batch is None:
-        return None, None
+        return None, None, None, None
     prompts = batch.examples.get("_prompt") or []
     for j in range(batch.cursor, len(prompts)):
         if prompts[j] is prompt:
             batch.cursor = j + 1
-            index = batch.examples.get(INDEX_COLUMN)
-            return (index[j] if index is not None else None), j
-    return None, None
+            index, source, row = (batch.examples.get(c) for c in (INDEX_COLUMN, SOURCE_COLUMN, ROW_COLUMN))
+            pick = lambda column: column[j] if column is not None else None  # noqa: E731
+            return pick(index), j, pick(source), pick(row)
+    return None, None, None, None
 
 
-def _describe(index, position) -> str:
+def _describe(index, position, source=None, row=None) -> str:
+    """How an error names the sample: its dataset and row as the user's file has them, where known."""
+    if source is not None and row is not None:
+        return f"{source}[{row}]"
     run = report.current_run()
     where = run.meta.get("dataset", "?") if run else "?"
     if index is not None:
@@ -338,17 +345,19 @@ def _encode_wrapper(stage: str):
         batch = _batches[-1] if _batches else None
         if batch is not None:
             batch.calls += 1
-        index, position = _identify(batch, bound.get("prompt"))
+        index, position, source, source_row = _identify(batch, bound.get("prompt"))
         cfg = engine.config()
         if cfg.media_first and "prompt" in bound:
             bound["prompt"] = _media_first(bound["prompt"])
         media = {kind: bound.get(kind + "s") or [] for kind in core.MEDIA_KINDS}
         counts = {kind: len(items) for kind, items in media.items()}
         budget = instance.data_args.cutoff_len
-        sample = _describe(index, position)
+        sample = _describe(index, position, source, source_row)
         row = {
             "stage": stage,
             "index": index,
+            "source_dataset": source,
+            "source_row": source_row,
             "batch_position": position,
             "budget": budget,
             "media": {kind: n for kind, n in counts.items() if n},
@@ -457,6 +466,40 @@ def _reject(handler, instance, batch, cfg, sample, row, reason, exc=None, decide
     return handler.dropped(instance, batch is not None and batch.overlong_drop)
 
 
+_loading: list = []  # stack of [dataset names still to come] while _get_merged_dataset loads them
+
+
+def _merged_wrapper(wrapped, instance, args, kwargs):
+    """loader._get_merged_dataset: tells `_source_wrapper` the name of each dataset it loads, in order."""
+    bound = inspect.signature(wrapped).bind(*args, **kwargs)
+    names = bound.arguments.get("dataset_names")
+    _loading.append(list(names) if isinstance(names, (list, tuple)) else [])
+    try:
+        return wrapped(*args, **kwargs)
+    finally:
+        _loading.pop()
+
+
+def _source_wrapper(wrapped, instance, args, kwargs):
+    """loader.align_dataset (one dataset, after LLaMA-Factory's `num_samples` / `max_samples`
+    selection): adds the dataset's name and each row's number in the user's file, so report rows and
+    errors point at the user's own row even after several datasets were merged or sampled."""
+    bound = inspect.signature(wrapped).bind(*args, **kwargs)
+    a = bound.arguments
+    dataset, data_args = a["dataset"], a.get("data_args")
+    name = _loading[-1].pop(0) if _loading and _loading[-1] else None
+    out = wrapped(*args, **kwargs)
+    if name is None or getattr(data_args, "streaming", False) or not hasattr(out, "add_column") or not hasattr(dataset, "__len__"):
+        return out
+    indices = getattr(dataset, "_indices", None)  # a selection (num_samples) keeps the file's row numbers here
+    rows = indices.column(0).to_pylist() if indices is not None else list(range(len(dataset)))
+    if len(rows) != len(out):
+        return out
+    tag = hashlib.sha256(f"{getattr(out, '_fingerprint', '')}|vlpatch source {name}".encode()).hexdigest()[:16]
+    out = out.add_column(SOURCE_COLUMN, [name] * len(out), new_fingerprint=tag)
+    return out.add_column(ROW_COLUMN, rows, new_fingerprint=tag[::-1])
+
+
 def _run_wrapper(wrapped, instance, args, kwargs):
     """loader._get_preprocessed_dataset: one report run per dataset split."""
     bound = inspect.signature(wrapped).bind(*args, **kwargs)
@@ -494,6 +537,8 @@ def _run_wrapper(wrapped, instance, args, kwargs):
 
 WRAPPERS = {
     "run": _run_wrapper,
+    "merged": _merged_wrapper,
+    "source_rows": _source_wrapper,
     "record_split": _record_split,
     "batch": _batch_wrapper(overlong_drop=False),
     "batch_packed": _batch_wrapper(overlong_drop=True),
