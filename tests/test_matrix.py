@@ -24,10 +24,17 @@ def test_every_tested_version_has_fingerprints_and_one_session():
             assert Version(v) in p.applies, f"{p.id}: tested {v} is outside its own range {p.applies}"
     smoked = [(s["distribution"], str(s["version"])) for s in sessions if s.get("expect") != "refused"]
     assert sorted(smoked) == sorted(tested), "sessions and tested versions differ"
-    assert len({s["env"] for s in sessions}) == len(sessions), "two sessions share an environment"
+    names = [f"{s['distribution']}-{s['version']}" for s in sessions]
+    assert len(set(names)) == len(names), "two sessions share a name (and a nox environment)"
     assert sum(bool(s.get("demo")) for s in sessions) == 1
     for s in sessions:
         assert s["suite"] in data["smoke"]["suites"], s
         if s.get("expect") == "refused":
             v = Version(str(s["version"]))
             assert not any(v in p.applies for p in m.patches if p.distribution == s["distribution"]), s
+
+
+def test_the_start_up_index_equals_the_full_parse():
+    # apply() reads the shipped matrix's lines for (id, distribution, hook); the hooks parse it whole
+    full = [(p.id, p.distribution, p.hook) for p in vmatrix.load(vmatrix.MATRIX_PATH).patches]
+    assert [tuple(e) for e in vmatrix.index(vmatrix.MATRIX_PATH)] == full and len(full) >= 6

@@ -1,0 +1,87 @@
+"""The smoke suite as nox sessions, generated from compat_matrix.yaml (`smoke:`), with uv as the backend.
+
+    nox -l                              one session per tested upstream release, plus the canaries
+    nox -s llamafactory-0.9.2           one session (environment under .nox/, reused)
+    nox -t unsloth_zoo                  every session of one upstream
+    nox -s canary-llamafactory          the newest release from PyPI, whatever the matrix says
+
+`bash scripts/test.sh` runs every default session (the canaries are not default) and prints a table of
+what each took. uv installs each environment from its cache by hard links, the torch stack included
+(`smoke.torch`, or VLPATCH_TORCH_SPEC), so a session costs seconds once the cache holds the wheels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import nox
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts"))
+import sessions as smoke  # noqa: E402  (scripts/sessions.py: the matrix's sessions as data)
+
+os.environ.update({k: os.environ.get(k, v) for k, v in smoke.UV_ENV.items()})
+nox.options.default_venv_backend = "uv"
+nox.options.reuse_venv = "yes"
+nox.options.error_on_missing_interpreters = True
+PYTHON = f"{sys.version_info[0]}.{sys.version_info[1]}"
+SMOKE = smoke.load()["smoke"]
+nox.options.sessions = [smoke.name_of(s) for s in SMOKE["sessions"]]
+
+
+def _install(session, requirements: list) -> None:
+    session.install(*smoke.torch_spec(SMOKE), *requirements, "-e", ".[test]")
+
+
+def _pytest(session, s: dict, args: list) -> None:
+    suite = SMOKE["suites"][s["suite"]]
+    env = {**smoke.TEST_ENV, "VLPATCH_STRICT": suite.get("strict", ""), "VLPATCH_EXPECT": s.get("expect", "")}
+    session.run("python", "-m", "pytest", "-ra", *suite["args"], *args, env=env)
+
+
+def _smoke_session(s: dict):
+    def run(session):
+        start = time.time()
+        result, setup_s = "FAILED", None
+        try:
+            _install(session, smoke.requirements(s))
+            setup_s = time.time() - start
+            session.run("python", "scripts/sessions.py", "versions", s["distribution"])
+            _pytest(session, s, session.posargs)
+            result = "passed: refused as expected" if s.get("expect") == "refused" else "passed"
+        finally:
+            smoke.record(smoke.TIMINGS, [smoke.name_of(s), f"{setup_s:.0f}s" if setup_s is not None else "-",
+                                         f"{time.time() - start - (setup_s or 0):.0f}s", result])
+
+    run.__doc__ = f"{s['distribution']} {s['version']} with {' '.join(s.get('with', [])) or 'its own pins'}" + (
+        f" (expect {s['expect']})" if s.get("expect") else "")
+    return nox.session(name=smoke.name_of(s), python=PYTHON, tags=[s["distribution"]])(run)
+
+
+def _canary_session(c: dict):
+    def run(session):
+        dist = c["distribution"]
+        row = [dist, "-", "-", "-", "SETUP FAILED"]
+        try:
+            session.install(*smoke.torch_spec(SMOKE), "--upgrade", dist, *c.get("with", []), "-e", ".[test]")
+            out = session.run("python", "-c", smoke.CANARY_PROBE, dist, silent=True, env=smoke.TEST_ENV)
+            probe = next((json.loads(x[7:]) for x in out.splitlines() if x.startswith("CANARY ")), None)
+            row = smoke.canary_row(probe, dist)
+            expect = None if row[2] == "tested" else "refused"
+            s = {**c, "version": row[1], "suite": c["suite"] if expect is None else "refused", "expect": expect or ""}
+            row[4] = "FAILED" if expect is None else "FAILED: not refused cleanly"
+            _pytest(session, s, session.posargs)
+            row[4] = "passed" if expect is None else "refused with a warning, upstream untouched"
+        finally:
+            smoke.record(smoke.CANARY, row)
+
+    run.__doc__ = f"the newest {c['distribution']} from PyPI: matrix status, fingerprint drift, smoke"
+    return nox.session(name=f"canary-{c['distribution']}", python=PYTHON, tags=["canary"])(run)
+
+
+for _s in SMOKE["sessions"]:
+    _smoke_session(_s)
+for _c in SMOKE["canary"]:
+    _canary_session(_c)

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One-shot GPU check of vlpatch with the real unsloth (see scripts/gpu_unsloth_check.py): installs the wheels
+# carried in .whl/ (git-ignored, downloaded beforehand for CPython 3.12 manylinux x86_64) into a scratch target
+# directory, then runs the check. torchvision (.whl/opt/) is installed only where it does not import already.
+# Output: stdout, and $OUT (install.txt, log.txt and the files the check writes).
+# unsloth's FastVisionModel needs bitsandbytes even for 16-bit LoRA (43 MB wheel): with the other wheels it
+# exceeds what one device call carries (64 MiB), so on 2026-11-26 it went in a second call on the warm
+# machine (`pip install --target /tmp/site .whl2/bitsandbytes-*.whl`, then the .py again); without it
+# the check falls back to a plain transformers model with peft LoRA (still unsloth's trainer and collator).
+set -u
+cd "$(dirname "$0")/.."
+export OUT="${OUT:-$PWD/out/gpu_unsloth_check}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+WHEELS="${GPU_CHECK_WHEELS:-.whl}"
+SITE="${GPU_CHECK_SITE:-/tmp/site}"
+{
+  echo "== install $(date +%T): $WHEELS -> $SITE ($("$PY" -V 2>&1), $(command -v "$PY"))"
+  wheels=("$WHEELS"/*.whl)
+  if "$PY" -c "import torchvision" 2>/dev/null; then
+    echo "torchvision already importable: $("$PY" -c 'import torchvision; print(torchvision.__version__, torchvision.__file__)' 2>&1)"
+  else
+    echo "torchvision does not import here: adding the carried wheel"
+    wheels+=("$WHEELS"/opt/torchvision-*.whl)
+  fi
+  "$PY" - "${wheels[@]}" <<'EOF'
+import importlib.metadata as md, os, sys
+for w in sys.argv[1:]:
+    name = os.path.basename(w).split("-")[0]
+    try:
+        print(f"  NOTE: carried {os.path.basename(w)} shadows the installed {name} {md.version(name)}")
+    except md.PackageNotFoundError:
+        print(f"  {os.path.basename(w)} ({os.path.getsize(w) // 1024} KiB)")
+EOF
+  if ! "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "${wheels[@]}"; then
+    echo "pip install failed: unpacking the wheels with zipfile instead"
+    "$PY" -c "import sys, zipfile; [zipfile.ZipFile(w).extractall(sys.argv[1]) for w in sys.argv[2:]]" "$SITE" "${wheels[@]}"
+  fi
+  echo "== installed $(date +%T): $(ls "$SITE" | grep -c dist-info) distributions in $SITE"
+} 2>&1 | tee "$OUT/install.txt"
+export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PYTHONUNBUFFERED=1 timeout -k 10 "${GPU_CHECK_TIMEOUT:-450}" "$PY" scripts/gpu_unsloth_check.py 2>&1 | tee "$OUT/log.txt"
