@@ -31,10 +31,13 @@ TEST_ENV = {
     "CUDA_VISIBLE_DEVICES": "",
     "TOKENIZERS_PARALLELISM": "false",
     "VLPATCH": "",  # a suite decides for itself where vlpatch is on
+    "PYTHONDONTWRITEBYTECODE": "",
 }
-# uv: never download a Python, install from its cache by hard links (the torch stack is 4.7 GB), and compile
-# bytecode as pip does (without it every test subprocess compiles torch and transformers again: 3x slower)
-UV_ENV = {"UV_PYTHON_DOWNLOADS": "never", "UV_LINK_MODE": "hardlink", "UV_COMPILE_BYTECODE": "1"}
+# uv: never download a Python, install from its cache by hard links (the torch stack is 4.7 GB). Bytecode:
+# not compiled at install (all of torch: about 25 s a session) but written by the tests' first imports,
+# even where the caller's environment says PYTHONDONTWRITEBYTECODE (without any .pyc every test
+# subprocess compiles transformers and LLaMA-Factory again: 3x slower)
+UV_ENV = {"UV_PYTHON_DOWNLOADS": "never", "UV_LINK_MODE": "hardlink"}
 
 
 def load() -> dict:

@@ -180,3 +180,27 @@ def test_image_size_recommendation_stops_where_an_image_would_vanish(tiny_qwen2v
     sample = vscan.Sample(0, tokens=400, text_tokens=40, media_tokens={"image": [360]}, images=[strip])
     rec = vscan._max_pixels_for([sample], 60, proc, args)
     assert rec["value"] is None and "shrinks to nothing" in rec["why"], rec
+
+
+def test_scan_in_two_workers_equals_one_process_and_names_file_rows(tmp_path, tiny_qwen2vl, data_dir):
+    # the same config scanned by one process and by two forked workers: the same result per sample; rows
+    # name the dataset and file row they came from (plaintext's rows follow longimg's 6 in the merged data)
+    yaml_path = write_train_yaml(str(tmp_path / "train.yaml"), tiny_qwen2vl, data_dir, "longimg,plaintext,bad", str(tmp_path / "out"), 128)
+    one = json.loads(scan(yaml_path, "--json", "--workers", "1"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLPATCH")}
+    proc = subprocess.run([os.path.join(BIN, "vlpatch"), "scan", yaml_path, "--json", "--workers", "2", "--plot", str(tmp_path / "scan.png")],
+                          env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads(proc.stdout)
+    assert one["workers"] == 1 and two["workers"] == 2
+    assert one["samples"] == two["samples"]
+    assert one["recommend"] == two["recommend"]
+    names = [(s["source_dataset"], s["source_row"]) for s in two["samples"]]
+    assert names == [("longimg", i) for i in range(6)] + [("plaintext", 0), ("plaintext", 1)] + [("bad", i) for i in range(4)]
+    # one progress bar over both workers, ending at every pass of every sample
+    passes = len(names) + sum(2 for s in two["samples"] if s["tokens"] and s["tokens"] > 128) + 3
+    assert f"{passes}/{passes}" in proc.stderr.replace("\r", "\n").splitlines()[-1] or f"{passes}/{passes}" in proc.stderr, proc.stderr[-1000:]
+    with open(tmp_path / "scan.png", "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    text = scan(yaml_path, "--workers", "2")
+    assert "2 workers" in text and "  sample bad[1]: error: " in text, text

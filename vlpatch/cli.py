@@ -119,6 +119,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="per-sample results as JSON on stdout")
     p.add_argument("--csv", help="write per-sample results to this CSV file")
     p.add_argument("--limit", type=int, help="scan the first N samples only")
+    p.add_argument("--workers", type=int, help="processes (default: the config's preprocessing_num_workers, else 1)")
+    p.add_argument("--plot", metavar="FILE.png", help="draw the token histogram with the cutoff and the outcomes")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_scan)
     args = parser.parse_args(argv)

@@ -63,14 +63,14 @@ def _media_counts(finder, ids) -> dict:
     return out
 
 
-def scan(config: dict, policy: str = "drop", limit: int | None = None, progress=False) -> dict:
-    """`progress`: False, True (a bar on stderr) or a stream for the bar."""
+def scan(config: dict, policy: str = "drop", limit: int | None = None, progress=False, workers: int | None = None) -> dict:
+    """`progress`: False, True (a bar on stderr) or a stream for the bar. `workers`: processes that
+    share the samples (default: the config's preprocessing_num_workers, else 1)."""
     import vlpatch
     from llamafactory.data import get_template_and_fix_tokenizer
     from llamafactory.data import loader
     from llamafactory.model import load_tokenizer
 
-    from . import report as vreport
     from .integrations import llamafactory as lfint
 
     step = "reading the config"
@@ -95,111 +95,16 @@ def scan(config: dict, policy: str = "drop", limit: int | None = None, progress=
         text = str(exc).strip().splitlines()
         raise ScanSetupError(f"{step}: {type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")) from exc
     cutoff = data_args.cutoff_len
-    columns = list(dataset.column_names)
     n = len(dataset) if limit is None else min(limit, len(dataset))
-    rows = [dataset[i] for i in range(n)]
-    samples = [
-        Sample(i, r.get(lfint.SOURCE_COLUMN), r.get(lfint.ROW_COLUMN), images=list(r.get("_images") or []))
-        for i, r in enumerate(rows)
-    ]
+    workers = max(1, min(workers or getattr(data_args, "preprocessing_num_workers", None) or 1, n or 1))
+    state = _State(dataset, list(dataset.column_names), processor, data_args, template, tokenizer, cutoff, policy)
+    chunks = [range(k * n // workers, (k + 1) * n // workers) for k in range(workers)]
     bar = _progress(n, progress)
-
-    def encode(i, length):
-        data_args.cutoff_len = length
-        try:
-            out = processor.preprocess_dataset({c: [rows[i].get(c)] for c in columns})
-        finally:
-            data_args.cutoff_len = cutoff
-        if bar:
-            bar.update(1)
-        ids = out.get("input_ids") or out.get("chosen_input_ids")  # sft / pt / kto, or rm / dpo pairs
-        return ids[0] if ids else None
-
-    vlpatch.revert()  # apply() publishes each pass's settings; revert() puts the environment back
     try:
-        vlpatch.apply(patches=["llamafactory.header_tokens"])
-        import llamafactory.data.mm_plugin  # noqa: F401  (attach now)
-
-        from . import matrix
-
-        spec = matrix.load().by_id("llamafactory.truncation")
-        table = spec.options.get("media_tokens", {}).get(type(template.mm_plugin).__name__)
-        from .core import finder_from_table
-
-        finder = finder_from_table(table, tokenizer, template.mm_plugin) if table is not None else None
-        long, bad = [], []
-        for s in samples:  # pass 1: the whole sample
-            try:
-                ids = encode(s.index, UNBOUNDED)
-            except Exception as exc:  # vanilla training dies on it; pass 3 asks vlpatch what it does
-                s.vanilla = f"error: {type(exc).__name__}: {exc}"[:300]
-                bad.append(s)
-                continue
-            s.tokens = len(ids)
-            media = _media_counts(finder, ids)
-            s.media_tokens = media
-            s.text_tokens = s.tokens - sum(sum(v) for v in media.values())
-            if s.tokens <= cutoff:
-                s.vanilla = s.vlpatch = "fits"
-            else:
-                long.append(s)
-        if bar:
-            bar.total = n + 2 * len(long) + len(bad)  # over-long samples: two more passes; bad ones: one
-            bar.refresh()
-        for s in long:  # pass 2: vanilla at cutoff_len
-            try:
-                ids = encode(s.index, cutoff)
-                if finder is None:
-                    s.vanilla = "text truncated (media not checked: plugin not covered)"
-                    continue
-                try:
-                    kept = _media_counts(finder, ids)
-                except Exception:  # a cut run may not even parse
-                    kept = {}
-                runs = lambda m: sorted((k, n) for k, v in m.items() for n in v)  # noqa: E731
-                if runs(kept) == runs(s.media_tokens):
-                    s.vanilla = "text truncated"
-                else:
-                    s.vanilla = "crash: media tokens cut"
-                    full = sum(sum(v) for v in s.media_tokens.values())
-                    s.detail = f"vanilla keeps {sum(sum(v) for v in kept.values())} of {full} media tokens in whole runs"
-            except Exception as exc:
-                s.vanilla = f"error: {type(exc).__name__}: {exc}"[:300]
-        vlpatch.revert()
-        path = os.path.join(tempfile.mkdtemp(prefix="vlpatch-scan-"), "report.jsonl")
-        vlpatch.apply(policy=policy, patches=["llamafactory.header_tokens", "llamafactory.truncation"], report=path)
-        import logging
-
-        quiet = logging.getLogger("vlpatch")
-        level = quiet.level
-        quiet.setLevel(logging.ERROR)
-        offset = 0  # rows are appended: read only what each sample added
-
-        def new_rows():
-            nonlocal offset
-            if not os.path.exists(path):
-                return []
-            with open(path, encoding="utf-8") as fh:
-                fh.seek(offset)
-                text = fh.read()
-                offset = fh.tell()
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-        try:
-            for s in long + bad:  # pass 3: vlpatch at cutoff_len (bad input: what training does with it)
-                run = vreport.start_run(lfint.TRAINER, "scan", path)
-                try:
-                    encode(s.index, cutoff)
-                    mine = [r for r in new_rows() if r.get("run_id") == run.run_id]
-                    s.vlpatch = mine[-1]["action"] if mine else ("fits" if s.tokens is not None else "kept")
-                    if mine and mine[-1].get("reason"):
-                        s.detail = (s.detail + "; " if s.detail else "") + str(mine[-1]["reason"])
-                except Exception as exc:
-                    s.vlpatch = f"error: {type(exc).__name__}: {exc}"[:300]
-                finally:
-                    vreport.end_run(run, quiet=True)
-        finally:
-            quiet.setLevel(level)
+        if workers == 1:
+            samples = _scan_chunk(state, chunks[0], _Ticker(bar))
+        else:
+            samples = _in_workers(state, chunks, bar)
     finally:
         vlpatch.revert()
         if bar:
@@ -208,9 +113,192 @@ def scan(config: dict, policy: str = "drop", limit: int | None = None, progress=
         "config": {"dataset": data_args.dataset, "template": data_args.template, "cutoff_len": cutoff, "policy": policy,
                    "image_max_pixels": getattr(model_args, "image_max_pixels", None),
                    "image_min_pixels": getattr(model_args, "image_min_pixels", None)},
+        "workers": workers,
         "samples": [asdict(s) for s in samples],
         "recommend": recommend(samples, cutoff, mm_processor, model_args),
     }
+
+
+@dataclass
+class _State:
+    """What every pass needs; worker processes inherit it (fork) and read rows from the dataset lazily,
+    so memory stays flat in the number of samples."""
+
+    dataset: object
+    columns: list
+    processor: object
+    data_args: object
+    template: object
+    tokenizer: object
+    cutoff: int
+    policy: str
+
+
+class _Ticker:
+    """Progress in passes: a tqdm bar in this process, or counters shared with the parent's bar."""
+
+    def __init__(self, bar=None, done=None, total=None):
+        self.bar, self.done, self.total = bar, done, total
+
+    def tick(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+        if self.done is not None:
+            with self.done.get_lock():
+                self.done.value += 1
+
+    def more(self, k: int) -> None:  # passes found to be needed after pass 1
+        if self.bar is not None:
+            self.bar.total += k
+            self.bar.refresh()
+        if self.total is not None:
+            with self.total.get_lock():
+                self.total.value += k
+
+
+def _scan_chunk(state: _State, indices, ticker: _Ticker) -> list:
+    """The three passes over some samples, in this process: the whole sample, vanilla at cutoff_len,
+    vlpatch at cutoff_len under the policy. Returns their `Sample`s."""
+    import logging
+
+    import vlpatch
+
+    from . import matrix
+    from . import report as vreport
+    from .core import finder_from_table
+    from .integrations import llamafactory as lfint
+
+    cutoff, data_args, columns = state.cutoff, state.data_args, state.columns
+
+    def encode(i, length):
+        row = state.dataset[i]
+        data_args.cutoff_len = length
+        try:
+            out = state.processor.preprocess_dataset({c: [row.get(c)] for c in columns})
+        finally:
+            data_args.cutoff_len = cutoff
+            ticker.tick()  # a pass that raised is done too
+        ids = out.get("input_ids") or out.get("chosen_input_ids")  # sft / pt / kto, or rm / dpo pairs
+        return ids[0] if ids else None
+
+    samples = []
+    for i in indices:
+        row = state.dataset[i]
+        samples.append(Sample(i, row.get(lfint.SOURCE_COLUMN), row.get(lfint.ROW_COLUMN), images=list(row.get("_images") or [])))
+    vlpatch.revert()  # apply() publishes each pass's settings; revert() puts the environment back
+    vlpatch.apply(patches=["llamafactory.header_tokens"])
+    import llamafactory.data.mm_plugin  # noqa: F401  (attach now)
+
+    spec = matrix.load().by_id("llamafactory.truncation")
+    table = spec.options.get("media_tokens", {}).get(type(state.template.mm_plugin).__name__)
+    finder = finder_from_table(table, state.tokenizer, state.template.mm_plugin) if table is not None else None
+    long, bad = [], []
+    for s in samples:  # pass 1: the whole sample
+        try:
+            ids = encode(s.index, UNBOUNDED)
+        except Exception as exc:  # vanilla training dies on it; pass 3 asks vlpatch what it does
+            s.vanilla = f"error: {type(exc).__name__}: {exc}"[:300]
+            bad.append(s)
+            continue
+        s.tokens = len(ids)
+        media = _media_counts(finder, ids)
+        s.media_tokens = media
+        s.text_tokens = s.tokens - sum(sum(v) for v in media.values())
+        if s.tokens <= cutoff:
+            s.vanilla = s.vlpatch = "fits"
+        else:
+            long.append(s)
+    ticker.more(2 * len(long) + len(bad))  # over-long samples: two more passes; bad ones: one
+    for s in long:  # pass 2: vanilla at cutoff_len
+        try:
+            ids = encode(s.index, cutoff)
+            if finder is None:
+                s.vanilla = "text truncated (media not checked: plugin not covered)"
+                continue
+            try:
+                kept = _media_counts(finder, ids)
+            except Exception:  # a cut run may not even parse
+                kept = {}
+            runs = lambda m: sorted((k, n) for k, v in m.items() for n in v)  # noqa: E731
+            if runs(kept) == runs(s.media_tokens):
+                s.vanilla = "text truncated"
+            else:
+                s.vanilla = "crash: media tokens cut"
+                full = sum(sum(v) for v in s.media_tokens.values())
+                s.detail = f"vanilla keeps {sum(sum(v) for v in kept.values())} of {full} media tokens in whole runs"
+        except Exception as exc:
+            s.vanilla = f"error: {type(exc).__name__}: {exc}"[:300]
+    vlpatch.revert()
+    path = os.path.join(tempfile.mkdtemp(prefix="vlpatch-scan-"), "report.jsonl")
+    vlpatch.apply(policy=state.policy, patches=["llamafactory.header_tokens", "llamafactory.truncation"], report=path)
+    quiet = logging.getLogger("vlpatch")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    offset = 0  # rows are appended: read only what each sample added
+
+    def new_rows():
+        nonlocal offset
+        if not os.path.exists(path):
+            return []
+        with open(path, encoding="utf-8") as fh:
+            fh.seek(offset)
+            text = fh.read()
+            offset = fh.tell()
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    try:
+        for s in long + bad:  # pass 3: vlpatch at cutoff_len (bad input: what training does with it)
+            run = vreport.start_run(lfint.TRAINER, "scan", path)
+            try:
+                encode(s.index, cutoff)
+                mine = [r for r in new_rows() if r.get("run_id") == run.run_id]
+                s.vlpatch = mine[-1]["action"] if mine else ("fits" if s.tokens is not None else "kept")
+                if mine and mine[-1].get("reason"):
+                    s.detail = (s.detail + "; " if s.detail else "") + str(mine[-1]["reason"])
+            except Exception as exc:
+                s.vlpatch = f"error: {type(exc).__name__}: {exc}"[:300]
+            finally:
+                vreport.end_run(run, quiet=True)
+    finally:
+        quiet.setLevel(level)
+        vlpatch.revert()
+    return samples
+
+
+_worker_state: _State | None = None
+_worker_ticker: _Ticker | None = None
+
+
+def _worker(indices) -> list:
+    return [asdict(s) for s in _scan_chunk(_worker_state, indices, _worker_ticker)]
+
+
+def _in_workers(state: _State, chunks: list, bar) -> list:
+    """One forked process per chunk (they inherit the loaded tokenizer, processor and dataset, as
+    datasets' own `num_proc` workers do); the parent draws one progress bar over all of them."""
+    import multiprocessing
+    import time
+
+    global _worker_state, _worker_ticker
+    ctx = multiprocessing.get_context("fork")
+    done, total = ctx.Value("q", 0), ctx.Value("q", sum(len(c) for c in chunks))
+    _worker_state, _worker_ticker = state, _Ticker(None, done, total)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the tokenizer was used before the fork
+    try:
+        with ctx.Pool(len(chunks)) as pool:
+            result = pool.map_async(_worker, chunks)
+            while not result.ready():
+                result.wait(0.2)
+                if bar is not None:
+                    bar.total, bar.n = total.value, done.value
+                    bar.refresh()
+            parts = result.get()
+    finally:
+        _worker_state = _worker_ticker = None
+    if bar is not None:
+        bar.total, bar.n = total.value, done.value
+        bar.refresh()
+    return [Sample(**d) for part in parts for d in part]
 
 
 def _progress(total: int, enabled):
@@ -287,7 +375,9 @@ def _max_pixels_for(samples, cutoff: int, mm_processor, model_args) -> dict:
 def summary(result: dict) -> str:
     samples = result["samples"]
     cfg = result["config"]
-    lines = [f"vlpatch scan: {len(samples)} samples of {cfg['dataset']} (template {cfg['template']}, cutoff_len {cfg['cutoff_len']}, policy {cfg['policy']})", ""]
+    workers = result.get("workers", 1)
+    lines = [f"vlpatch scan: {len(samples)} samples of {cfg['dataset']} (template {cfg['template']}, cutoff_len {cfg['cutoff_len']}, "
+             f"policy {cfg['policy']}{f', {workers} workers' if workers > 1 else ''})", ""]
     lines.append("outcome                          without vlpatch   with vlpatch")
     van = Counter(_bucket(s["vanilla"]) for s in samples)
     pat = Counter(_bucket(s["vlpatch"]) for s in samples)
@@ -350,6 +440,38 @@ def _histogram(lengths, cutoff, bins: int = 10, width: int = 40) -> list:
         mark = " <- cutoff_len" if lo <= cutoff <= hi else ""
         out.append(f"  {lo:>7}-{hi:<7} {'#' * round(width * counts.get(b, 0) / peak):<{width}} {counts.get(b, 0)}{mark}")
     return out
+
+
+def plot(result: dict, path: str) -> None:
+    """A PNG: the token histogram with the cutoff line, and the outcome counts without and with vlpatch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    samples, cfg = result["samples"], result["config"]
+    lengths = [s["tokens"] for s in samples if s["tokens"] is not None]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    left.hist(lengths, bins=40, color="#4c72b0")
+    left.axvline(cfg["cutoff_len"], color="#c44e52", linestyle="--", label=f"cutoff_len {cfg['cutoff_len']}")
+    left.set_xlabel("tokens per sample (whole)")
+    left.set_ylabel("samples")
+    left.legend()
+    van = Counter(_bucket(s["vanilla"]) for s in samples)
+    pat = Counter(_bucket(s["vlpatch"]) for s in samples)
+    keys = sorted(set(van) | set(pat), key=lambda k: -(van[k] + pat[k]))
+    xs = range(len(keys))
+    right.bar([x - 0.2 for x in xs], [van[k] for k in keys], width=0.4, label="without vlpatch", color="#8c8c8c")
+    right.bar([x + 0.2 for x in xs], [pat[k] for k in keys], width=0.4, label=f"with vlpatch (policy {cfg['policy']})", color="#55a868")
+    right.set_xticks(list(xs))
+    right.set_xticklabels(keys, rotation=20, ha="right")
+    right.set_ylabel("samples")
+    right.legend()
+    names = ",".join(cfg["dataset"]) if isinstance(cfg["dataset"], list) else cfg["dataset"]
+    fig.suptitle(f"vlpatch scan: {len(samples)} samples of {names} (template {cfg['template']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def write_csv(result: dict, path: str) -> None:
@@ -435,15 +557,20 @@ def main(args) -> int:
     problem = check_policy("--policy" if args.policy else "VLPATCH_POLICY", policy)
     if problem:
         return _fail(problem)
+    if args.workers is not None and args.workers < 1:
+        return _fail(f"--workers={args.workers} is not a number of processes (1 or more)")
     try:
         with upstream_output(verbose=args.verbose) as (console, log):
-            result = scan(config, policy=policy, limit=args.limit, progress=False if args.no_progress else console)
+            result = scan(config, policy=policy, limit=args.limit, progress=False if args.no_progress else console,
+                          workers=args.workers)
     except ScanSetupError as exc:
         return _fail(f"{exc}" + (f" (upstream's log: {log})" if log else ""))
     except SettingsError as exc:
         return _fail(str(exc))
     if args.csv:
         write_csv(result, args.csv)
+    if args.plot:
+        plot(result, args.plot)
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     else:
