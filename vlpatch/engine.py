@@ -3,7 +3,8 @@
 Shape borrowed from OpenTelemetry instrumentors and ddtrace's registry: each patch is data in
 `compat_matrix.yaml` (distribution, version specifier, targets, source fingerprints per tested
 version); the integration module named there only supplies the wrappers. A patch attaches through a
-wrapt post-import hook on its `hook` module (at once if that module is already imported), checks the
+post-import hook on its `hook` module (`vlpatch._hooks`, wrapt's shape; at once if that module is
+already imported), checks the
 installed version and the source fingerprint of every target, and then wraps all targets or none.
 `revert()` puts back the exact original objects. Nothing here imports torch, transformers or a trainer.
 """
@@ -143,7 +144,7 @@ class PatchState:
 _lock = RLock()
 _enabled = False
 _config = Config()
-_hooked: set = set()  # hook modules with a registered wrapt hook (registered once per process)
+_hooked: set = set()  # hook modules with a registered post-import hook (registered once per process)
 _applied: dict = {}  # patch id -> list of (parent, attribute, original, had_own)
 _states: dict = {}
 
