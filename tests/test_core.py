@@ -185,3 +185,63 @@ def test_fit_sequence_either_side(sample, keep, policy):
         kept_text = [p for p in decision.kept[0] if p not in in_runs]
         expect = text[len(text) - len(kept_text):] if keep == "tail" else text[: len(kept_text)]
         assert kept_text == expect, "the text kept is the end (left truncation) or the start (right)"
+
+
+# --------------------------------------------------------------------------- learned spans
+
+TS = [20, 21, 22]  # a timestamp's text tokens ("<0.5 seconds>")
+
+
+def _video(frames, pads=3):
+    """A Qwen3-VL-like video: per frame group a timestamp, then START pads END."""
+    out = []
+    for _ in range(frames):
+        out += TS + [START] + [VID] * pads + [END]
+    return out
+
+
+@given(st.lists(st.sampled_from(TEXT), max_size=8), st.lists(st.sampled_from(TEXT), max_size=8), st.integers(1, 3))
+def test_locate_finds_each_expansion_whole_with_its_text(before, between, frames):
+    marks = frozenset({START, END, VID, IMG})
+    first, second = tuple(_video(frames)), tuple([START] + [IMG] * 4 + [END])
+    ids = before + list(first) + between + list(second) + [11]
+    exps = [core.Expansion((("video", 0),), first, marks), core.Expansion((("image", 0),), second, marks)]
+    runs = core.locate(ids, exps)
+    assert [ids[r.start : r.stop] for r in runs] == [list(first), list(second)]
+    assert [r.keys() for r in runs] == [[("video", 0)], [("image", 0)]]
+    assert core.stray_marks(ids, runs, marks) == 0
+
+
+def test_locate_keeps_only_the_text_that_tokenized_alike():
+    """A leading timestamp merged with the text before it in context: the span starts at the core."""
+    marks = frozenset({START, END, VID})
+    exp = core.Expansion((("video", 0),), tuple(_video(1)), marks)
+    ids = [10, 99, 21, 22] + [START, VID, VID, VID, END]  # 99: "text<0" merged into one token
+    (run,) = core.locate(ids, [exp])
+    assert (run.start, run.stop) == (2, 9)
+
+
+def test_shared_span_and_missing_core():
+    marks = frozenset({START, END, VID, 5})
+    both = core.Expansion((("video", 0), ("audio", 0)), (START, VID, 5, VID, 5, END), marks)
+    (run,) = core.locate([10, START, VID, 5, VID, 5, END], [both])
+    assert run.keys() == [("video", 0), ("audio", 0)]
+    with pytest.raises(ValueError, match="video #0"):
+        core.locate([10, START, VID, END], [both])
+
+
+def test_stray_marks_counts_tokens_no_span_holds():
+    marks = frozenset({START, END, IMG})
+    exp = core.Expansion((("image", 0),), (START, IMG, END), marks)
+    ids = [START, IMG, END, 10, START, IMG, END]  # a second run the plugin wrote outside any placeholder
+    runs = core.locate(ids, [exp])
+    assert core.stray_marks(ids, runs, marks) == 3
+
+
+def test_drop_media_removes_every_item_of_a_shared_span():
+    """A Qwen2.5-Omni video holding its own audio: one span, two items; both leave together."""
+    runs = [core.Run("video", 2, 12, 0, 1, (("video", 0), ("audio", 0))), core.Run("video", 14, 24, 1, 1, (("video", 1), ("audio", 1)))]
+    decision = core.fit_sequence(26, runs, 16, core.get_policy("drop_media"), "s")
+    assert decision.action == "media_dropped"
+    assert sorted(decision.removed) == [("audio", 1), ("video", 1)]
+    assert list(range(2, 12)) == [p for p in decision.kept[0] if 2 <= p < 12]

@@ -47,19 +47,23 @@ class MediaKind:
 
 @dataclass(frozen=True)
 class Run:
-    """A protected span [start, stop) holding `items` media items of one kind, from item `first` on."""
+    """A protected span [start, stop) holding `items` media items of one kind, from item `first` on;
+    or, where `members` is set, exactly those items (a Qwen2.5-Omni video with its own audio inside)."""
 
     kind: str
     start: int
     stop: int
     first: int = 0
     items: int = 1
+    members: tuple = ()
 
     @property
     def length(self) -> int:
         return self.stop - self.start
 
     def keys(self) -> list:
+        if self.members:
+            return list(self.members)
         return [(self.kind, self.first + k) for k in range(self.items)]
 
 
@@ -183,6 +187,83 @@ def finder_from_table(table: Mapping, tokenizer, *owners) -> RunFinder:
             continue
         kinds.append(MediaKind(kind, frozenset(body), start, end, spec.get("item_tokens")))
     return RunFinder(kinds)
+
+
+# --------------------------------------------------------------------------- learned spans
+
+
+@dataclass(frozen=True)
+class Expansion:
+    """What a trainer wrote into the text for some media items, tokenized on its own.
+
+    `keys` are the items ((kind, index), ...) whose tokens it holds; `tokens` its token ids; `marks` the
+    ids that tokenize the same wherever they stand (special and added tokens: `<|vision_start|>`,
+    `<|image_pad|>`). The span of such an expansion in a sequence is found from its marked core (first
+    to last marked token), which must occur exactly; the text around the core (a Qwen3-VL frame's
+    timestamp, Gemma 3's blank lines) belongs to the span as far as it tokenized the same in context.
+    """
+
+    keys: tuple
+    tokens: tuple
+    marks: frozenset
+
+    def core(self) -> tuple[int, int]:
+        """[a, b) of `tokens`: first to last marked token; (0, 0) when nothing is marked."""
+        marked = [i for i, t in enumerate(self.tokens) if t in self.marks]
+        return (marked[0], marked[-1] + 1) if marked else (0, 0)
+
+
+def _find(ids: Sequence[int], needle: Sequence[int], start: int) -> int:
+    n, m = len(ids), len(needle)
+    first = needle[0]
+    i = start
+    while i <= n - m:
+        try:
+            i = ids.index(first, i, n - m + 1)
+        except ValueError:
+            return -1
+        if ids[i : i + m] == needle:
+            return i
+        i += 1
+    return -1
+
+
+def locate(ids: Sequence[int], expansions: Sequence[Expansion], start: int = 0) -> list[Run]:
+    """The runs of `expansions` in `ids`, in their order from `start`: each marked core found exactly,
+    widened by the text tokens around it that match. An expansion without a marked token holds nothing
+    the model counts and gets no run. Raises ValueError (naming the item) when a core is not there."""
+    ids = list(ids)
+    runs: list[Run] = []
+    pos = start
+    for exp in expansions:
+        a, b = exp.core()
+        if a == b:
+            continue
+        core = list(exp.tokens[a:b])
+        at = _find(ids, core, pos)
+        if at < 0:
+            kind, k = exp.keys[0]
+            raise ValueError(f"the tokens written for {kind} #{k} are not in the sequence")
+        lo, hi = at, at + len(core)
+        i = a - 1
+        while i >= 0 and lo - 1 >= pos and ids[lo - 1] == exp.tokens[i]:
+            lo, i = lo - 1, i - 1
+        j = b
+        while j < len(exp.tokens) and hi < len(ids) and ids[hi] == exp.tokens[j]:
+            hi, j = hi + 1, j + 1
+        kind, first = exp.keys[0]
+        runs.append(Run(kind, lo, hi, first, 1, tuple(exp.keys) if len(exp.keys) > 1 else ()))
+        pos = hi
+    return runs
+
+
+def stray_marks(ids: Sequence[int], runs: Iterable[Run], marks: frozenset, skip: int = 0) -> int:
+    """How many media marks of `ids` (after the first `skip` positions) lie outside every run: tokens
+    the model counts that no learned span accounts for. Non-zero means the layout is not understood."""
+    inside = set()
+    for r in runs:
+        inside.update(range(r.start, r.stop))
+    return sum(1 for p in range(skip, len(ids)) if ids[p] in marks and p not in inside)
 
 
 # --------------------------------------------------------------------------- layouts and plans
@@ -386,7 +467,7 @@ class DropMediaPolicy(Policy):
             if not lost:
                 break
             last = max(lost, key=lambda key: _item_position(case.layouts, key))
-            removed.add(last)
+            removed.update(_companions(case.layouts, last))  # items sharing a span leave together
             plans = case.replan(removed)
         return Decision(
             "media_dropped",
@@ -394,6 +475,15 @@ class DropMediaPolicy(Policy):
             removed=sorted(removed),
             reason="media_exceed_budget: " + case.describe(),
         )
+
+
+def _companions(layouts, key) -> set:
+    out = {key}
+    for layout in layouts:
+        for run in layout.runs:
+            if key in run.keys():
+                out.update(run.keys())
+    return out
 
 
 def _item_position(layouts, key) -> int:
