@@ -1,6 +1,8 @@
-"""Each covered LLaMA-Factory mm_plugin, with a real tiny processor of its family: vanilla cuts an image's
-tokens, the patch keeps every image's tokens whole, and the media tokens are exactly those of the
-uncut sample. The media tokens are named here by family, independently of vlpatch's own table."""
+"""Every LLaMA-Factory mm_plugin, with a tiny processor of its family (the real transformers class, or
+a stand-in where the processor is remote code on the hub: `tests/fixtures/tiny_processors.py` says
+which): for each media kind the plugin handles, vanilla cuts into that kind's tokens, the patch keeps
+every item's span whole, and the spans are exactly those of the uncut sample. The media tokens are
+named here by family, independently of how vlpatch learns them."""
 
 import inspect
 from types import SimpleNamespace
@@ -8,23 +10,31 @@ from types import SimpleNamespace
 import pytest
 
 from tests.conftest import require
-from tests.fixtures.tiny_models import long_text, write_image
-from tests.fixtures.tiny_processors import FAMILIES, PREFIX_FAMILIES
+from tests.fixtures.tiny_models import long_text
+from tests.fixtures.tiny_processors import FAMILIES, PREFIX_FAMILIES, Family, _as_family, make_media
 
 pytestmark = pytest.mark.llamafactory
 
+GAP = 12  # media tokens closer than this belong to one item's span (Qwen3-VL frame timestamps)
 
-def build(family, tmp_path):
+
+def build(family, tmp_path) -> tuple:
     require("llamafactory")
     try:
-        tok, proc, template_name, media_tokens = {**FAMILIES, **PREFIX_FAMILIES}[family](str(tmp_path / "tok"))
+        fam: Family = _as_family({**FAMILIES, **PREFIX_FAMILIES}[family](str(tmp_path / "tok")))
     except (ImportError, AttributeError, TypeError) as exc:
         pytest.skip(f"this transformers cannot build a {family} processor: {exc!r}")
     from llamafactory.data import get_template_and_fix_tokenizer
+    from llamafactory.data.template import TEMPLATES
     from llamafactory.hparams import DataArguments, ModelArguments
     from llamafactory.model.patcher import patch_processor
 
-    model_args = ModelArguments(model_name_or_path=str(tmp_path / "tok"), image_max_pixels=112 * 112)
+    if fam.template not in TEMPLATES:
+        pytest.skip(f"this LLaMA-Factory has no {fam.template} template")
+    tok, proc = fam.tok, fam.proc
+    known = {f.name for f in __import__("dataclasses").fields(ModelArguments)}
+    extra = {k: v for k, v in fam.model_args.items() if k in known}
+    model_args = ModelArguments(model_name_or_path=str(tmp_path / "tok"), image_max_pixels=112 * 112, **extra)
     if "config" in inspect.signature(patch_processor).parameters:
         # LLaMA-Factory <= 0.9.2 reads the image sequence length from the model config: the tiny
         # family's vision settings (56 px images, the processor's patch size)
@@ -33,63 +43,194 @@ def build(family, tmp_path):
         patch_processor(proc, config, tok, model_args)
     else:
         patch_processor(proc, tok, model_args)
-    template = get_template_and_fix_tokenizer(tok, DataArguments(template=template_name))
-    return tok, proc, template, {tok.convert_tokens_to_ids(t) for t in media_tokens}
+    template = get_template_and_fix_tokenizer(tok, DataArguments(template=fam.template))
+    media = {tok.convert_tokens_to_ids(t) for t in fam.media}
+    return fam, template, media
 
 
-def encode(tok, proc, template, rows, cutoff):
+def encode(fam, template, rows, cutoff):
     from llamafactory.data.processor import SupervisedDatasetProcessor
     from llamafactory.hparams import DataArguments
 
     data_args = DataArguments(cutoff_len=cutoff)
-    p = SupervisedDatasetProcessor(template=template, tokenizer=tok, processor=proc, data_args=data_args)
+    p = SupervisedDatasetProcessor(template=template, tokenizer=fam.tok, processor=fam.proc, data_args=data_args)
+    cols = {"image": "_images", "video": "_videos", "audio": "_audios"}
     return p.preprocess_dataset(
         {
             "_prompt": [r[0] for r in rows],
             "_response": [r[1] for r in rows],
             "_system": ["" for _ in rows],
             "_tools": ["" for _ in rows],
-            "_images": [r[2] for r in rows],
-            "_videos": [None for _ in rows],
-            "_audios": [None for _ in rows],
+            **{col: [r[2].get(kind) for r in rows] for kind, col in cols.items()},
         }
     )
 
 
+def spans(ids, media) -> list:
+    """The media spans of a sequence, as the test sees them: media tokens less than GAP apart, and
+    everything between them."""
+    at = [i for i, t in enumerate(ids) if t in media]
+    out, start = [], None
+    for k, i in enumerate(at):
+        if start is None:
+            start = i
+        if k + 1 == len(at) or at[k + 1] - i > GAP:
+            out.append(tuple(ids[start : i + 1]))
+            start = None
+    return out
+
+
+def holds(ids, wanted) -> bool:
+    """Whether `ids` holds every span of `wanted` contiguously, in order (text between them may be cut,
+    so kept items can end up next to each other)."""
+    pos = 0
+    for span in wanted:
+        n = len(span)
+        while pos + n <= len(ids) and tuple(ids[pos : pos + n]) != span:
+            pos += 1
+        if pos + n > len(ids):
+            return False
+        pos += n
+    return True
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_family_keeps_every_image_whole(family, tmp_path, patched):
-    tok, proc, template, media = build(family, tmp_path)
-    images = [write_image(str(tmp_path / f"{k}.png"), side=56 + 28 * k, seed=k) for k in range(2)]
-    prompt = [{"role": "user", "content": long_text(60, 1) + " <image> middle words " + long_text(8, 2) + " <image> end"}]
-    rows = [(prompt, [{"role": "assistant", "content": "fine answer"}], images)]
+def test_family_keeps_every_item_whole(family, tmp_path, patched):
+    fam, template, media = build(family, tmp_path)
+    for kind in fam.kinds:
+        _check_kind(fam, template, media, kind, tmp_path / kind, patched)
 
-    full = encode(tok, proc, template, rows, 10**6)
+
+def _check_kind(fam, template, media, kind, where, patched):
+    where.mkdir()
+    items = make_media(fam, kind, 2, str(where))
+    ph = {"image": "<image>", "video": "<video>", "audio": "<audio>"}[kind]
+    if kind == "video" and fam.model_args.get("use_audio_in_video"):
+        ph = "<video><audio>"
+    prompt = [{"role": "user", "content": long_text(60, 1) + f" {ph} middle words " + long_text(8, 2) + f" {ph} end"}]
+    rows = [(prompt, [{"role": "assistant", "content": "fine answer"}], items)]
+
+    full = encode(fam, template, rows, 10**6)
     ids, labels = full["input_ids"][0], full["labels"][0]
-    full_media = [t for t in ids if t in media]
-    assert full_media, f"{family}: no media tokens in the encoded sample"
+    full_spans = spans(ids, media)
+    assert len(full_spans) == 2, f"{fam.template} {kind}: expected two media spans, found {len(full_spans)}"
     target = len(ids) - next(i for i, lab in enumerate(labels) if lab != -100)
-    last_media = max(i for i, t in enumerate(ids) if t in media)
-    cutoff = last_media + target  # upstream's source slice stops just before the last media token
+    at = [i for i, t in enumerate(ids) if t in media]
+    second = [i for i in at if i >= at[-1] - len(full_spans[1]) + 1]
+    # upstream's source slice stops just before the last media token, then in the middle of the second item
+    for stop in (at[-1], second[len(second) // 2]):
+        cutoff = stop + target
+        vanilla = encode(fam, template, rows, cutoff)["input_ids"][0]
+        assert spans(vanilla, media) != full_spans, f"{fam.template} {kind}: vanilla cuts into the media tokens"
 
-    vanilla = encode(tok, proc, template, rows, cutoff)["input_ids"][0]
-    assert len([t for t in vanilla if t in media]) < len(full_media), "vanilla cuts into the media tokens"
+        patched()
+        out = encode(fam, template, rows, cutoff)
+        assert len(out["input_ids"]) == 1, f"{fam.template} {kind}: the sample was dropped"
+        got = out["input_ids"][0]
+        assert len(got) <= cutoff and len(out["labels"][0]) == len(got)
+        assert holds(got, full_spans), f"{fam.template} {kind}: every item's span kept, whole and in order"
+        assert [t for t in got if t in media] == [t for t in ids if t in media], f"{fam.template} {kind}: no other media token"
+        import vlpatch
 
-    patched()
-    out = encode(tok, proc, template, rows, cutoff)
-    assert len(out["input_ids"]) == 1
-    got = out["input_ids"][0]
-    assert len(got) <= cutoff and len(out["labels"][0]) == len(got)
-    assert [t for t in got if t in media] == full_media, "every image's tokens kept, whole and in order"
+        vlpatch.revert()
 
 
 @pytest.mark.parametrize("family", sorted(PREFIX_FAMILIES))
 def test_prefix_family_is_left_as_upstream_has_it(family, tmp_path, patched):
-    tok, proc, template, media = build(family, tmp_path)
-    image = write_image(str(tmp_path / "0.png"), side=56, seed=0)
-    rows = [([{"role": "user", "content": "<image>" + long_text(80, 3)}], [{"role": "assistant", "content": "ok"}], [image])]
-    n_media = len([t for t in encode(tok, proc, template, rows, 10**6)["input_ids"][0] if t in media])
-    vanilla = encode(tok, proc, template, rows, n_media + 20)
+    fam, template, media = build(family, tmp_path)
+    items = make_media(fam, "image", 1, str(tmp_path))
+    rows = [([{"role": "user", "content": "<image>" + long_text(80, 3)}], [{"role": "assistant", "content": "ok"}], items)]
+    n_media = len([t for t in encode(fam, template, rows, 10**6)["input_ids"][0] if t in media])
+    vanilla = encode(fam, template, rows, n_media + 20)
     patched()
-    out = encode(tok, proc, template, rows, n_media + 20)
+    out = encode(fam, template, rows, n_media + 20)
     assert out["input_ids"] == vanilla["input_ids"] and out["labels"] == vanilla["labels"]
     assert len([t for t in out["input_ids"][0] if t in media]) == n_media
+
+
+def test_coverage_table_names_every_plugin_of_this_release(tmp_path):
+    """The matrix's coverage table (the README's table) against the installed LLaMA-Factory: every plugin
+    of this release is in it and every plugin it says this release has is here; every media kind it
+    claims has a test family that exercises it."""
+    require("llamafactory")
+    import importlib.metadata
+
+    from packaging.version import Version
+
+    from llamafactory.data.mm_plugin import PLUGINS
+
+    import vlpatch.matrix as vmatrix
+
+    table = vmatrix.load().by_id("llamafactory.truncation").options["coverage"]
+    installed = Version(importlib.metadata.version("llamafactory"))
+    assert set(PLUGINS) == {name for name, row in table.items() if Version(row["since"]) <= installed}
+    builders = {**FAMILIES, **PREFIX_FAMILIES}
+    for name, row in table.items():
+        families = row.get("families", [name])
+        assert all(f in builders for f in families), f"{name}: no test family {families}"
+        if not families:
+            continue
+        kinds = set()
+        for f in families:
+            try:
+                kinds |= set(_as_family(builders[f](str(tmp_path / f))).kinds)
+            except (ImportError, AttributeError, TypeError):
+                continue  # this transformers cannot build it; the newest session does
+        if kinds:
+            assert kinds == set(row["kinds"]), f"{name}: table says {row['kinds']}, tests cover {sorted(kinds)}"
+
+
+def test_a_plugin_whose_layout_cannot_be_learned_is_refused(tmp_path, patched):
+    """A plugin that writes its tokens away from the placeholder (here: at the start of the message)
+    cannot be read: the sample is dropped and reported, never cut blindly; under `error` it raises."""
+    fam, template, media = build("qwen2_vl", tmp_path)
+    from llamafactory.data import mm_plugin
+
+    import vlpatch
+
+    base = type(template.mm_plugin)
+
+    class Elsewhere(base):
+        def process_messages(self, messages, images, videos, audios, processor):
+            out = super().process_messages(messages, images, videos, audios, processor)
+            for m in out:
+                head, sep, rest = m["content"].partition("<|vision_start|>")
+                if sep:
+                    body, sep2, tail = rest.partition("<|vision_end|>")
+                    m["content"] = sep + body + sep2 + head + tail
+            return out
+
+    plugin = template.mm_plugin
+    template.mm_plugin = Elsewhere(**{f: getattr(plugin, f) for f in plugin.__dataclass_fields__})
+    items = make_media(fam, "image", 1, str(tmp_path))
+    rows = [([{"role": "user", "content": long_text(60, 1) + " <image> end"}], [{"role": "assistant", "content": "ok"}], items)]
+    full = encode(fam, template, rows, 10**6)["input_ids"][0]
+    patched()
+    out = encode(fam, template, rows, len(full) - 10)
+    assert out["input_ids"] == [], "not understood: dropped, not cut"
+    (row,) = vlpatch.report.read_report(str(tmp_path / "vlpatch_report.jsonl"))
+    assert row["action"] == "dropped" and row["reason"].startswith("uncovered_media: Elsewhere")
+    patched(policy="error")
+    with pytest.raises(vlpatch.SampleError, match="uncovered_media"):
+        encode(fam, template, rows, len(full) - 10)
+    assert mm_plugin  # the module stays as upstream has it
+
+
+def test_drop_media_takes_a_video_out_with_its_own_audio(tmp_path, patched):
+    """Qwen2.5-Omni with use_audio_in_video writes one span per video holding its audio: under
+    drop_media the video that does not fit leaves with its audio, and the kept pair stays whole."""
+    fam, template, media = build("qwen2_omni_av", tmp_path)
+    items = make_media(fam, "video", 2, str(tmp_path))
+    prompt = [{"role": "user", "content": "<video><audio> " + long_text(10, 1) + " <video><audio> end"}]
+    rows = [(prompt, [{"role": "assistant", "content": "fine answer"}], items)]
+    ids = encode(fam, template, rows, 10**6)["input_ids"][0]
+    first, second = spans(ids, media)
+    patched(policy="drop_media")
+    out = encode(fam, template, rows, len(first) + len(second) // 2 + 10)  # room for one video, not two
+    got = out["input_ids"][0]
+    assert holds(got, [first]) and [t for t in got if t in media] == list(t for t in first if t in media)
+    assert len(out["videos"][0]) == 1 and len(out["audios"][0]) == 1, "the second video left with its audio"
+    import vlpatch
+
+    (row,) = vlpatch.report.read_report(str(tmp_path / "vlpatch_report.jsonl"))
+    assert row["action"] == "media_dropped" and row["media_removed"] == {"video": [1], "audio": [1]}

@@ -262,11 +262,13 @@ def test_media_first_is_opt_in(lf, patched):
     assert before.endswith("<|im_start|>user\n"), f"the image stands at the start of the user turn: {before!r}"
 
 
-def test_status_lists_covered_and_uncovered_plugins(lf, patched):
+def test_status_lists_every_plugin_as_covered(lf, patched):
+    from llamafactory.data.mm_plugin import PLUGINS
+
     st = lf_status(patched().status())
     assert st["state"] == "applied"
-    assert any(p.startswith("qwen2_vl") for p in st["covered_plugins"])
-    assert "mllama (image)" in st["covered_plugins"]
+    assert "qwen2_vl (image+video)" in st["covered_plugins"] and "mllama (image)" in st["covered_plugins"]
+    assert len(st["covered_plugins"]) == len(PLUGINS) and not st["uncovered_plugins"]
 
 
 def test_drifted_upstream_is_refused_and_left_untouched(lf, tmp_path, monkeypatch):

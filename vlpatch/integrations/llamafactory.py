@@ -12,15 +12,18 @@ Which symbols and versions: `compat_matrix.yaml` (patch `llamafactory.truncation
 * `loader._get_preprocessed_dataset` is wrapped to open a report run (report path, dataset names,
   a `_vlpatch_index` column so rows name the sample) and to log one summary after every worker.
 
-Media token layouts per mm_plugin class are data in the matrix (`options.media_tokens`).
+Media spans are learned from each plugin's own output (see `learn`); the matrix's `options.coverage`
+says which plugins and media kinds the tests prove.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import inspect
 import os
+import re
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -35,10 +38,8 @@ SOURCE_COLUMN = "_vlpatch_source"  # the dataset (its name in dataset_info.json)
 ROW_COLUMN = "_vlpatch_row"  # and its row there, as the user's file numbers it (0-based)
 TRAINER = "llamafactory"
 
-_recording: list = []  # stack of lists of (source_len, target_len) seen by infer_seqlen
+_traces: list = []  # stack of _Trace, one per encode call in progress
 _batches: list = []  # stack of _Batch
-_finders: dict = {}
-_spec = None
 
 
 @dataclass
@@ -63,7 +64,7 @@ class _Handler:
     def lengths(self, full) -> list:
         raise NotImplementedError
 
-    def layouts(self, instance, full, splits, finder, counts, budget, split) -> list:
+    def layouts(self, instance, full, splits, spans, budget, split) -> list:
         raise NotImplementedError
 
     def build(self, full, kept) -> Any:
@@ -84,7 +85,7 @@ class _Supervised(_Handler):
         return [len(full[0])]
 
 
-    def layouts(self, instance, full, splits, finder, counts, budget, split):
+    def layouts(self, instance, full, splits, spans, budget, split):
         ids = full[0]
         eos = 1 if instance.template.efficient_eos else 0
         prefix = len(ids) - sum(s + t for s, t in splits) - eos
@@ -97,8 +98,7 @@ class _Supervised(_Handler):
             pos += s + t
         if reverse:
             ranges.reverse()
-        runs = finder.assign_items(ids, finder.find(ids), counts)
-        return [core.Layout(len(ids), runs, ranges, budget, split, reserved=prefix + eos)]
+        return [core.Layout(len(ids), spans(0, ids), ranges, budget, split, reserved=prefix + eos)]
 
     def build(self, full, kept):
         return _pick(full[0], kept[0]), _pick(full[1], kept[0])
@@ -129,17 +129,17 @@ class _TwoSequences(_Handler):
 class _Pairwise(_TwoSequences):
     """(chosen_ids, chosen_labels, rejected_ids, rejected_labels): a shared prompt, two responses."""
 
-    def layouts(self, instance, full, splits, finder, counts, budget, split):
+    def layouts(self, instance, full, splits, spans, budget, split):
         prompt = splits[0][0]
         out = []
         other_len = {0: len(full[2]) - prompt, 2: len(full[0]) - prompt}
-        for k in (0, 2):
+        for n, k in enumerate((0, 2)):  # chosen, rejected: one process_messages call each
             ids = full[k]
 
             def pair_split(s, t, c, _other=other_len[k]):  # upstream splits with the longer response
                 return split(s, max(t, _other), c)
 
-            runs = finder.assign_items(ids, finder.find(ids), counts)
+            runs = spans(n, ids)
             out.append(core.Layout(len(ids), runs, [(range(0, prompt), range(prompt, len(ids)))], budget, pair_split))
         return out
 
@@ -149,10 +149,10 @@ class _Feedback(_TwoSequences):
 
     rest_when_dropped = (True,)
 
-    def layouts(self, instance, full, splits, finder, counts, budget, split):
+    def layouts(self, instance, full, splits, spans, budget, split):
         out = []
-        for (s, t), ids in zip(splits, (full[0], full[2])):
-            runs = finder.assign_items(ids, finder.find(ids), counts)
+        for n, ((s, t), ids) in enumerate(zip(splits, (full[0], full[2]))):  # the sample, its KL pair
+            runs = spans(n, ids)
             out.append(core.Layout(len(ids), runs, [(range(0, s), range(s, s + t))], budget, split))
         return out
 
@@ -163,11 +163,10 @@ class _Unsupervised(_Handler):
     def lengths(self, full):
         return [len(full[0]) + len(full[1])]
 
-    def layouts(self, instance, full, splits, finder, counts, budget, split):
+    def layouts(self, instance, full, splits, spans, budget, split):
         ids = list(full[0]) + list(full[1])
         n = len(full[0])
-        runs = finder.assign_items(ids, finder.find(ids), counts)
-        return [core.Layout(len(ids), runs, [(range(0, n), range(n, len(ids)))], budget, split)]
+        return [core.Layout(len(ids), spans(0, ids), [(range(0, n), range(n, len(ids)))], budget, split)]
 
     def build(self, full, kept):
         n = len(full[0])
@@ -186,39 +185,212 @@ HANDLERS = {
 }
 
 
-# --------------------------------------------------------------------------- media token layouts
+# --------------------------------------------------------------------------- media spans, learned
+# One mechanism for every mm_plugin: the plugin's own `process_messages` output says what it wrote for
+# each media item. Over-budget samples with media run it once more with each placeholder between two
+# private-use markers; the marked output, markers taken out, must equal the real output (else the
+# plugin reacts to its surroundings and the sample is refused), and what lies between a placeholder's
+# markers is exactly that item's expansion. `core.locate` finds each expansion in the token ids.
+
+_OPEN, _MID, _SHUT, _END = "\ue000", "\ue001", "\ue002", "\ue003"
+_MARKED = re.compile(f"{_OPEN}(\\d+){_MID}(.*?){_SHUT}\\1{_END}", re.S)
 
 
-def _finder(instance) -> core.RunFinder | None:
+@dataclass
+class _Trace:
+    """What one encode call did: upstream's budget splits, and each process_messages /
+    process_token_ids call on the plugin (arguments and result)."""
+
+    splits: list = field(default_factory=list)
+    calls: list = field(default_factory=list)  # (args, kwargs, messages out)
+    prefixes: list = field(default_factory=list)  # (ids in, ids out)
+
+
+class Unreadable(Exception):
+    """The plugin's layout for this sample could not be learned: it is refused, never cut blindly."""
+
+
+def _recorder(plugin):
+    import wrapt
+
+    class Recorder(wrapt.ObjectProxy):
+        def process_messages(self, *args, **kwargs):
+            out = self.__wrapped__.process_messages(*args, **kwargs)
+            if _traces:
+                _traces[-1].calls.append((args, kwargs, out))
+            return out
+
+        def process_token_ids(self, *args, **kwargs):
+            ids = args[0] if args else kwargs.get("input_ids")
+            before = list(ids) if ids is not None else None
+            out = self.__wrapped__.process_token_ids(*args, **kwargs)
+            if _traces:
+                _traces[-1].prefixes.append((before, list(out[0]) if out and out[0] is not None else None))
+            return out
+
+    return Recorder(plugin)
+
+
+def _mark(messages, placeholders: dict):
+    """Messages with every placeholder between markers; [(kind, index, message number)] in marker order."""
+    order, seen, out = [], {kind: 0 for kind in placeholders}, []
+    for m, msg in enumerate(messages):
+        content = msg.get("content") if isinstance(msg, dict) else None
+        if not isinstance(content, str):
+            out.append(msg)
+            continue
+        pieces, i = [], 0
+        while True:
+            hits = [(content.find(ph, i), kind, ph) for kind, ph in placeholders.items()]
+            hits = [h for h in hits if h[0] >= 0]
+            if not hits:
+                break
+            at, kind, ph = min(hits)
+            n = len(order)
+            pieces.append(content[i:at] + f"{_OPEN}{n}{_MID}{ph}{_SHUT}{n}{_END}")
+            order.append((kind, seen[kind], m))
+            seen[kind] += 1
+            i = at + len(ph)
+        pieces.append(content[i:])
+        out.append({**msg, "content": "".join(pieces)})
+    return out, order
+
+
+def _unmark(messages, n: int):
+    """(the expansion between each marker pair, or None where a pair is missing; messages unmarked)."""
+    texts: list = [None] * n
+    out = []
+    for msg in messages:
+        content = msg.get("content") if isinstance(msg, dict) else None
+        if isinstance(content, str):
+
+            def take(match):
+                k = int(match.group(1))
+                if k < n:
+                    texts[k] = match.group(2)
+                return match.group(2)
+
+            content = _MARKED.sub(take, content)
+            msg = {**msg, "content": content}
+        out.append(msg)
+    return texts, out
+
+
+_atomic: dict = {}
+
+
+def _atomic_ids(tokenizer) -> frozenset:
+    """Ids that tokenize the same wherever they stand: special and added tokens."""
+    hit = _atomic.get(id(tokenizer))
+    if hit is None or hit[0] is not tokenizer:
+        ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+        ids.update(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+        hit = _atomic[id(tokenizer)] = (tokenizer, frozenset(ids))
+    return hit[1]
+
+
+@dataclass
+class _Learned:
+    """Per process_messages call: the expansions in text order; the items written into the token prefix."""
+
+    expansions: list
+    prefix: int  # tokens process_token_ids put before the text
+    prefix_keys: tuple
+    marks: frozenset  # the marked tokens of every expansion: what the model counts
+
+    def runs(self, ids) -> list:
+        runs = core.locate(ids, self.expansions, start=self.prefix)
+        if self.prefix and self.prefix_keys:
+            kind, k = self.prefix_keys[0]
+            runs.insert(0, core.Run(kind, 0, self.prefix, k, 1, self.prefix_keys if len(self.prefix_keys) > 1 else ()))
+        stray = core.stray_marks(ids, runs, self.marks, skip=self.prefix)
+        if stray:
+            raise Unreadable(f"{stray} media token(s) lie outside the spans the plugin wrote")
+        return runs
+
+
+def learn(instance, trace: _Trace) -> list:
+    """The expansions of each recorded process_messages call (see the block comment above)."""
     plugin, tokenizer = instance.template.mm_plugin, instance.tokenizer
-    key = (id(plugin), id(tokenizer))
-    hit = _finders.get(key)
-    if hit is None:
-        hit = (plugin, tokenizer, _build_finder(plugin, tokenizer))
-        _finders[key] = hit
-    return hit[2]
+    name = type(plugin).__name__
+    atomic = _atomic_ids(tokenizer)
+    placeholders = _placeholders()
+    sig = _signature(type(plugin).process_messages)
+    prefix = 0
+    for before, after in trace.prefixes:
+        if before is None or after is None or after[len(after) - len(before):] != before:
+            raise Unreadable(f"{name}.process_token_ids changed the tokens in a way vlpatch cannot read")
+        prefix = max(prefix, len(after) - len(before)) if before is not None else prefix
+    out = []
+    for args, kwargs, result in trace.calls:
+        bound = sig.bind(plugin, *args, **kwargs).arguments
+        bound.pop(next(iter(sig.parameters)))
+        marked, order = _mark(bound["messages"], placeholders)
+        if not order:
+            out.append(_Learned([], prefix, (), frozenset()))
+            continue
+        try:
+            got = plugin.process_messages(**{**bound, "messages": marked})
+        except Exception as exc:
+            raise Unreadable(f"{name}.process_messages failed on the marked placeholders: {type(exc).__name__}: {exc}") from exc
+        texts, unmarked = _unmark(got, len(order))
+        if unmarked != list(result):
+            raise Unreadable(f"{name}.process_messages writes differently when its placeholders are marked")
+        expansions, keys_of, prefix_keys, marks = [], [], [], set()
+        last = None  # (message, index into expansions) of the last non-empty expansion
+        for n, (kind, k, m) in enumerate(order):
+            text = texts[n]
+            if text is None:
+                raise Unreadable(f"{name}.process_messages moved or dropped the placeholder of {kind} #{k}")
+            if not text:  # written elsewhere: inside the item just before it (Qwen2.5-Omni audio in video) or the prefix
+                if last is not None and last[0] == m:
+                    keys_of[last[1]].append((kind, k))
+                else:
+                    prefix_keys.append((kind, k))
+                continue
+            tokens = tuple(tokenizer.encode(text, add_special_tokens=False))
+            marks.update(t for t in tokens if t in atomic)
+            expansions.append(tokens)
+            keys_of.append([(kind, k)])
+            last = (m, len(expansions) - 1)
+        # what the model counts: every special token the plugin put into the text, wherever it put it
+        marks.update(_introduced(tokenizer, atomic, bound["messages"], result))
+        exps = [core.Expansion(tuple(keys), tokens, atomic) for keys, tokens in zip(keys_of, expansions)]
+        out.append(_Learned(exps, prefix, tuple(prefix_keys), frozenset(marks)))
+    return out
 
 
-def _build_finder(plugin, tokenizer) -> core.RunFinder | None:
-    table = (_spec.options if _spec else {}).get("media_tokens", {}).get(type(plugin).__name__)
-    return None if table is None else core.finder_from_table(table, tokenizer, plugin)
+def _introduced(tokenizer, atomic, before, after) -> set:
+    """Special tokens in the plugin's output messages that its input did not hold."""
+
+    def found(messages):
+        text = "\n".join(m["content"] for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str))
+        return {t for t in tokenizer.encode(text, add_special_tokens=False) if t in atomic}
+
+    return found(after) - found(before)
+
+
+def _signature(func):
+    sig = _signatures.get(func)
+    if sig is None:
+        sig = _signatures[func] = inspect.signature(func)
+    return sig
 
 
 def details(spec) -> dict:
-    """For status(): which of the installed LLaMA-Factory's mm plugins this patch knows."""
+    """For status(): the installed LLaMA-Factory's mm plugins. Every one is read the same way (its own
+    process_messages output); the matrix's coverage table says which media kinds the tests prove."""
     try:
         from llamafactory.data.mm_plugin import PLUGINS  # already imported with the loader
     except Exception:  # pragma: no cover
         return {}
-    table = spec.options.get("media_tokens", {})
-    covered, uncovered = [], []
-    for name, cls in sorted(PLUGINS.items()):
-        kinds = table.get(cls.__name__)
-        if kinds is None:
-            uncovered.append(name)
-        else:
-            covered.append(f"{name} ({'+'.join(kinds) or 'text'})")
-    return {"covered_plugins": covered, "uncovered_plugins": uncovered}
+    table = spec.options.get("coverage", {})
+    covered = []
+    for name in sorted(PLUGINS):
+        row = table.get(name)
+        kinds = "+".join(row.get("kinds") or []) or "text" if row else "learned, not in the tested table"
+        covered.append(f"{name} ({kinds})")
+    return {"covered_plugins": covered, "uncovered_plugins": []}
 
 
 # --------------------------------------------------------------------------- wrappers
@@ -226,8 +398,8 @@ def details(spec) -> dict:
 
 def _record_split(wrapped, instance, args, kwargs):
     out = wrapped(*args, **kwargs)
-    if _recording:
-        _recording[-1].append(out)
+    if _traces:
+        _traces[-1].splits.append(out)
     return out
 
 
@@ -252,10 +424,7 @@ def _batch_wrapper(overlong_drop: bool):
 
 
 def _bind(func, instance, args, kwargs) -> dict:
-    sig = _signatures.get(func)
-    if sig is None:
-        sig = _signatures[func] = inspect.signature(func)
-    bound = sig.bind(instance, *args, **kwargs)
+    bound = _signature(func).bind(instance, *args, **kwargs)
     return dict(bound.arguments)
 
 
@@ -324,15 +493,43 @@ def _media_first(messages):
     return out
 
 
+def _recording(instance):
+    """A copy of a dataset processor whose plugin calls are recorded into the current trace (see learn)."""
+    clone = copy.copy(instance)
+    clone.template = copy.copy(instance.template)
+    clone.template.mm_plugin = _recorder(instance.template.mm_plugin)
+    return clone
+
+
 def _unbounded(instance, batch: _Batch | None):
     clone = batch.clones.get(id(instance)) if batch else None
     if clone is None:
-        clone = copy.copy(instance)
+        clone = _recording(instance)
         clone.data_args = copy.copy(instance.data_args)
         clone.data_args.cutoff_len = UNBOUNDED
         if batch:
             batch.clones[id(instance)] = clone
     return clone
+
+
+@contextlib.contextmanager
+def tracing(instance):
+    """For `vlpatch scan`: (a recording copy of the dataset processor, its trace); after the copy encoded
+    a sample, `media_runs(instance, trace, ids)` gives the media spans of its first sequence."""
+    trace = _Trace()
+    _traces.append(trace)
+    try:
+        yield _recording(instance), trace
+    finally:
+        _traces.remove(trace)
+
+
+def media_runs(instance, trace: _Trace, ids) -> tuple:
+    """(runs, marks) of the first sequence a traced encode produced; raises Unreadable."""
+    learned = learn(instance, trace)
+    if not learned:
+        return [], frozenset()
+    return learned[0].runs(ids), learned[0].marks
 
 
 def _encode_wrapper(stage: str):
@@ -366,8 +563,8 @@ def _encode_wrapper(stage: str):
         mismatch = _placeholder_mismatch(bound, counts)
         if mismatch:
             return _reject(handler, instance, batch, cfg, sample, row, f"bad_input: {mismatch}")
-        splits: list = []
-        _recording.append(splits)
+        trace = _Trace()
+        _traces.append(trace)
         try:
             full = func(_unbounded(instance, batch), **bound)
         except Exception as exc:
@@ -377,26 +574,27 @@ def _encode_wrapper(stage: str):
                 raise
             return _reject(handler, instance, batch, cfg, sample, row, f"bad_input: {exc}", exc)
         finally:
-            _recording.pop()
+            _traces.pop()
 
         lengths = handler.lengths(full)
         if max(lengths) <= budget:  # upstream would not cut anything: its output as is
             _count(batch, "kept")
             return full
 
-        finder = _finder(instance)
-        if finder is None:  # a plugin without a token table is left to upstream (listed by status())
-            return func(instance, **bound)
-        uncovered = [kind for kind, n in counts.items() if n and kind not in finder.kinds]
-        if uncovered:  # e.g. qwen3_vl videos: their runs cannot be protected, so they are never cut blindly
-            plugin = type(instance.template.mm_plugin).__name__
-            return _reject(handler, instance, batch, cfg, sample, row, f"uncovered_media: {'+'.join(uncovered)} in {plugin}")
         module = sys.modules[type(instance).__module__]
         split = getattr(module.infer_seqlen, "__wrapped__", module.infer_seqlen)
         try:
-            layouts = handler.layouts(instance, full, splits, finder, counts, budget, split)
-        except ValueError as exc:
-            return _reject(handler, instance, batch, cfg, sample, row, f"bad_input: {exc}", exc)
+            learned = learn(instance, trace) if any(counts.values()) else []
+            if len(learned) < len(lengths) and any(counts.values()):
+                raise Unreadable(f"{len(learned)} process_messages call(s) for {len(lengths)} sequence(s)")
+
+            def spans(n, ids):
+                return learned[n].runs(ids) if learned else []
+
+            layouts = handler.layouts(instance, full, trace.splits, spans, budget, split)
+        except (Unreadable, ValueError) as exc:  # never cut what is not understood: refused, reported
+            plugin = type(instance.template.mm_plugin).__name__
+            return _reject(handler, instance, batch, cfg, sample, row, f"uncovered_media: {plugin}: {exc}", exc)
         media_tokens = sum(r.length for r in layouts[0].runs)
         row.update(tokens_before=max(lengths), media_tokens=media_tokens)
         try:
@@ -605,7 +803,4 @@ def selftest(spec) -> tuple:
 
 
 def wrappers(spec, version=None) -> dict:
-    global _spec
-    _spec = spec
-    _finders.clear()
     return WRAPPERS
