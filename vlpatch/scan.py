@@ -55,10 +55,10 @@ def _train_args(config: dict):
     return out[0], out[1], out[2], out[3]
 
 
-def _media_counts(finder, ids) -> dict:
-    """kind -> [tokens of each run] (a run: boundaries and body)."""
+def _media_counts(runs) -> dict:
+    """kind -> [tokens of each item's span]."""
     out: dict = {}
-    for run in finder.find(ids) if finder else []:
+    for run in runs:
         out.setdefault(run.kind, []).append(run.length)
     return out
 
@@ -163,18 +163,16 @@ def _scan_chunk(state: _State, indices, ticker: _Ticker) -> list:
 
     import vlpatch
 
-    from . import matrix
     from . import report as vreport
-    from .core import finder_from_table
     from .integrations import llamafactory as lfint
 
     cutoff, data_args, columns = state.cutoff, state.data_args, state.columns
 
-    def encode(i, length):
+    def encode(i, length, processor=None):
         row = state.dataset[i]
         data_args.cutoff_len = length
         try:
-            out = state.processor.preprocess_dataset({c: [row.get(c)] for c in columns})
+            out = (processor or state.processor).preprocess_dataset({c: [row.get(c)] for c in columns})
         finally:
             data_args.cutoff_len = cutoff
             ticker.tick()  # a pass that raised is done too
@@ -189,43 +187,44 @@ def _scan_chunk(state: _State, indices, ticker: _Ticker) -> list:
     vlpatch.apply(patches=["llamafactory.header_tokens"])
     import llamafactory.data.mm_plugin  # noqa: F401  (attach now)
 
-    spec = matrix.load().by_id("llamafactory.truncation")
-    table = spec.options.get("media_tokens", {}).get(type(state.template.mm_plugin).__name__)
-    finder = finder_from_table(table, state.tokenizer, state.template.mm_plugin) if table is not None else None
     long, bad = [], []
-    for s in samples:  # pass 1: the whole sample
+    marks: dict = {}  # index -> (media tokens the plugin wrote, how many of each) of over-long samples
+    for s in samples:  # pass 1: the whole sample, with each media item's span learned from the plugin
         try:
-            ids = encode(s.index, UNBOUNDED)
+            with lfint.tracing(state.processor) as (recording, trace):
+                ids = encode(s.index, UNBOUNDED, recording)
         except Exception as exc:  # vanilla training dies on it; pass 3 asks vlpatch what it does
             s.vanilla = f"error: {type(exc).__name__}: {exc}"[:300]
             bad.append(s)
             continue
         s.tokens = len(ids)
-        media = _media_counts(finder, ids)
-        s.media_tokens = media
-        s.text_tokens = s.tokens - sum(sum(v) for v in media.values())
+        try:
+            runs, found = lfint.media_runs(state.processor, trace, ids)
+        except (lfint.Unreadable, ValueError) as exc:
+            runs, found = [], None
+            s.detail = f"media spans not readable: {exc}"
+        s.media_tokens = _media_counts(runs)
+        s.text_tokens = s.tokens - sum(r.length for r in runs)
         if s.tokens <= cutoff:
             s.vanilla = s.vlpatch = "fits"
         else:
             long.append(s)
+            if found is not None:
+                marks[s.index] = (found, Counter(t for t in ids if t in found))
     ticker.more(2 * len(long) + len(bad))  # over-long samples: two more passes; bad ones: one
     for s in long:  # pass 2: vanilla at cutoff_len
         try:
             ids = encode(s.index, cutoff)
-            if finder is None:
-                s.vanilla = "text truncated (media not checked: plugin not covered)"
+            if s.index not in marks:
+                s.vanilla = "text truncated (media not checked: spans not readable)"
                 continue
-            try:
-                kept = _media_counts(finder, ids)
-            except Exception:  # a cut run may not even parse
-                kept = {}
-            runs = lambda m: sorted((k, n) for k, v in m.items() for n in v)  # noqa: E731
-            if runs(kept) == runs(s.media_tokens):
+            found, full = marks[s.index]
+            kept = Counter(t for t in ids if t in found)
+            if kept == full:
                 s.vanilla = "text truncated"
-            else:
+            else:  # upstream still hands every media item to the model: a lost media token is a crash
                 s.vanilla = "crash: media tokens cut"
-                full = sum(sum(v) for v in s.media_tokens.values())
-                s.detail = f"vanilla keeps {sum(sum(v) for v in kept.values())} of {full} media tokens in whole runs"
+                s.detail = f"vanilla keeps {sum(kept.values())} of {sum(full.values())} media tokens"
         except Exception as exc:
             s.vanilla = f"error: {type(exc).__name__}: {exc}"[:300]
     vlpatch.revert()
@@ -326,7 +325,43 @@ def recommend(samples, cutoff: int, mm_processor, model_args) -> dict:
         if lengths:
             out["cutoff_len_for_share"][str(share)] = _percentile(lengths, share)
     out["image_max_pixels_for_cutoff"] = _max_pixels_for(samples, cutoff, mm_processor, model_args)
+    out["media"] = _media_levers(samples, model_args)
     return out
+
+
+# the LLaMA-Factory settings that decide how many tokens a media kind takes
+LEVERS = {
+    "image": ("image_max_pixels", "image_min_pixels"),
+    "video": ("video_max_pixels", "video_maxlen", "video_fps"),
+    "audio": (),
+}
+HOW_COUNTED = {
+    "image": "from image headers where the file can vouch (Qwen-VL plugins), else LLaMA-Factory's own processing",
+    "video": "LLaMA-Factory's own processing (frames decoded as in training)",
+    "audio": "LLaMA-Factory's own processing (audio read as in training)",
+}
+
+
+def _media_levers(samples, model_args) -> dict:
+    """Per media kind in the data: items, tokens per item, how they were counted, and the settings
+    that change them (with their values in this config)."""
+    out = {}
+    for kind in ("image", "video", "audio"):
+        sizes = [n for s in samples for n in (s.media_tokens or {}).get(kind, [])]
+        if not sizes:
+            continue
+        out[kind] = {
+            "items": len(sizes),
+            "max_tokens": max(sizes),
+            "counted": HOW_COUNTED[kind],
+            "levers": {name: getattr(model_args, name, None) for name in LEVERS[kind]},
+        }
+    return out
+
+
+def _not_images(s) -> int:
+    """Tokens of a sample's videos and audio: image_max_pixels does not change them."""
+    return sum(sum(v) for kind, v in (s.media_tokens or {}).items() if kind != "image")
 
 
 def _max_pixels_for(samples, cutoff: int, mm_processor, model_args) -> dict:
@@ -335,6 +370,8 @@ def _max_pixels_for(samples, cutoff: int, mm_processor, model_args) -> dict:
     from . import tokens
     from .integrations import lf_header
 
+    if not any(s.images for s in samples if s.tokens is not None):
+        return {"value": None, "why": "no images in these samples"}
     ip = getattr(mm_processor, "image_processor", None)
     geometry = lf_header._geometry(ip) if ip is not None else None
     if geometry is None:
@@ -343,7 +380,7 @@ def _max_pixels_for(samples, cutoff: int, mm_processor, model_args) -> dict:
     vision = tokens.QwenVision(patch, merge, lo, hi)
     current = getattr(model_args, "image_max_pixels", 768 * 768)
     min_pixels = getattr(model_args, "image_min_pixels", 32 * 32)
-    text_only = [s.index for s in samples if s.tokens is not None and s.text_tokens + 2 * len(s.images) > cutoff]
+    text_only = [s.index for s in samples if s.tokens is not None and s.text_tokens + _not_images(s) + 2 * len(s.images) > cutoff]
     skip = set(text_only)
     candidates = [side * side for side in range(int(math.isqrt(current)) // 28 * 28, 27, -28)]
     headers = {}
@@ -361,7 +398,7 @@ def _max_pixels_for(samples, cutoff: int, mm_processor, model_args) -> dict:
             if s.tokens is None or s.index in skip:
                 continue
             try:
-                media = sum(vision.image_tokens(*tokens.lf_preprocess_size(*headers[p], pixels, min_pixels)) + 2 for p in s.images)
+                media = _not_images(s) + sum(vision.image_tokens(*tokens.lf_preprocess_size(*headers[p], pixels, min_pixels)) + 2 for p in s.images)
             except ValueError:  # an extreme strip shrinks to nothing: upstream fails too
                 return {"value": None, "why": f"at image_max_pixels {pixels} an image of sample {s.index} shrinks to nothing "
                         "(LLaMA-Factory fails on it), and no larger value fits",
@@ -403,10 +440,16 @@ def summary(result: dict) -> str:
     mp = rec["image_max_pixels_for_cutoff"]
     if mp.get("value"):
         lines.append(f"image_max_pixels at which every {readable[:-1]} fits cutoff_len {cfg['cutoff_len']}: {mp['value']} ({mp['side']}x{mp['side']})")
-    else:
+    elif mp.get("why") != "no images in these samples":
         lines.append(f"image_max_pixels for cutoff_len {cfg['cutoff_len']}: none ({mp.get('why')})")
+    for kind, info in (rec.get("media") or {}).items():
+        levers = ", ".join(f"{k} (now {v})" for k, v in info["levers"].items())
+        lines.append(f"{kind}s: {info['items']} items, up to {info['max_tokens']} tokens each, counted {info['counted']}; "
+                     + (f"settings that shrink them: {levers}" if levers else
+                        "no LLaMA-Factory setting shrinks them: shorter clips, or a larger cutoff_len"))
     if mp.get("text_alone_too_long"):
-        lines.append(f"  ({len(mp['text_alone_too_long'])} samples exceed cutoff_len with their text alone: no image size helps them)")
+        lines.append(f"  ({len(mp['text_alone_too_long'])} samples exceed cutoff_len with their text, videos and audio alone: "
+                     "no image size helps them)")
     bad = [s for s in samples if s["vanilla"].startswith("error")]
     if bad:
         lines.append(f"bad input (training without vlpatch dies on it; with vlpatch under policy {cfg['policy']}: "
