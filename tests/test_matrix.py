@@ -38,3 +38,13 @@ def test_the_start_up_index_equals_the_full_parse():
     # apply() reads the shipped matrix's lines for (id, distribution, hook); the hooks parse it whole
     full = [(p.id, p.distribution, p.hook) for p in vmatrix.load(vmatrix.MATRIX_PATH).patches]
     assert [tuple(e) for e in vmatrix.index(vmatrix.MATRIX_PATH)] == full and len(full) >= 6
+
+
+def test_readme_coverage_table_is_the_matrix():
+    """The README's plugin coverage table is `vlpatch coverage`'s output, generated from the matrix."""
+    import os
+
+    from vlpatch.cli import coverage_markdown
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    assert coverage_markdown() in readme, "regenerate the table with `vlpatch coverage`"

@@ -79,6 +79,27 @@ def _fingerprint(args) -> int:
     return 0
 
 
+def coverage_markdown() -> str:
+    """The README's coverage table, from the matrix: each LLaMA-Factory mm plugin, the media kinds it
+    writes, the tested releases that have it, and the processor its tests use."""
+    spec = matrix.load().by_id("llamafactory.truncation")
+    tested = spec.tested
+    lines = ["| plugin | media kinds | LLaMA-Factory releases | processor in the tests |", "|---|---|---|---|"]
+    for name, row in sorted(spec.options["coverage"].items()):
+        since = tested.index(row["since"]) if row["since"] in tested else 0
+        releases = tested[since:]
+        span = releases[0] if len(releases) == 1 else f"{releases[0]} - {releases[-1]}"
+        kinds = ", ".join(row["kinds"]) or "text only"
+        proc = {"real": "real (transformers)", "stand-in": "stand-in (remote code on the hub)", "none": "-"}[row["processor"]]
+        lines.append(f"| `{name}` | {kinds} | {span} | {proc} |")
+    return "\n".join(lines)
+
+
+def _coverage(args) -> int:
+    print(coverage_markdown())
+    return 0
+
+
 def _doctor(args) -> int:
     from . import doctor
 
@@ -102,6 +123,8 @@ def main(argv=None) -> int:
     p = sub.add_parser("fingerprint", help="source fingerprints of every target, for compat_matrix.yaml")
     p.add_argument("patch", nargs="*", help="patch ids (default: all)")
     p.set_defaults(func=_fingerprint)
+    p = sub.add_parser("coverage", help="which LLaMA-Factory mm plugins and media kinds the tests prove (markdown)")
+    p.set_defaults(func=_coverage)
     p = sub.add_parser("doctor", help="installed versions, each patch's state and why, a quick self-test")
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-selftest", action="store_true", help="skip the self-test")
