@@ -46,7 +46,8 @@ def lf(request, tiny_qwen2vl, tmp_path_factory):
         from tests.fixtures import tiny_processors
 
         try:
-            tok, proc, _, _ = tiny_processors.qwen3_vl(str(tmp_path_factory.mktemp("qwen3")))
+            fam = tiny_processors.qwen3_vl(str(tmp_path_factory.mktemp("qwen3")))
+            tok, proc = fam.tok, fam.proc
         except AttributeError as exc:  # transformers before Qwen3-VL
             pytest.skip(f"this transformers cannot build a qwen3_vl processor: {exc!r}")
     try:

@@ -4,6 +4,7 @@ which): for each media kind the plugin handles, vanilla cuts into that kind's to
 every item's span whole, and the spans are exactly those of the uncut sample. The media tokens are
 named here by family, independently of how vlpatch learns them."""
 
+import copy
 import inspect
 from types import SimpleNamespace
 
@@ -201,6 +202,7 @@ def test_a_plugin_whose_layout_cannot_be_learned_is_refused(tmp_path, patched):
             return out
 
     plugin = template.mm_plugin
+    template = copy.copy(template)  # LLaMA-Factory's templates are module globals: leave theirs alone
     template.mm_plugin = Elsewhere(**{f: getattr(plugin, f) for f in plugin.__dataclass_fields__})
     items = make_media(fam, "image", 1, str(tmp_path))
     rows = [([{"role": "user", "content": long_text(60, 1) + " <image> end"}], [{"role": "assistant", "content": "ok"}], items)]
