@@ -245,3 +245,36 @@ def test_drop_media_removes_every_item_of_a_shared_span():
     assert decision.action == "media_dropped"
     assert sorted(decision.removed) == [("audio", 1), ("video", 1)]
     assert list(range(2, 12)) == [p for p in decision.kept[0] if 2 <= p < 12]
+
+
+@settings(max_examples=400, deadline=None)
+@given(samples())
+def test_a_sample_is_dropped_only_when_its_first_turns_media_cannot_fit(sample):
+    """Media of later turns leave with the part the budget cuts off (the sample stays, `truncated`, those
+    items removed and named); only the media of the turn budgeted first go to the policy."""
+    ids, layout = sample
+    src, tgt = layout.turns[0]
+    first = sum(r.length for r in layout.runs if r.start in src or r.start in tgt)
+    decision = core.resolve([layout], core.get_policy("drop"), "s[0]")
+    check_invariants(ids, layout, decision)
+    if first <= layout.budget - layout.reserved:
+        assert decision.action != "dropped", decision.reason
+    for kind, k in decision.removed:
+        run = next(r for r in layout.runs if (kind, k) in r.keys())
+        assert not (run.start in src or run.start in tgt), "a first-turn item is never removed under drop"
+        assert "media_left_with_turn" in decision.reason
+
+
+def test_a_later_turns_image_leaves_with_its_turn():
+    """Issue 13's example: turn 1 (with its image) fits, turn 2's image does not fit in what is left."""
+    t1 = [10] * 20 + [START] + [IMG] * 30 + [END] + [11] * 5
+    t2 = [12] * 10 + [START] + [IMG] * 30 + [END] + [13] * 5
+    ids = t1 + t2
+    runs = FINDER.assign_items(ids, FINDER.find(ids), {"image": 2})
+    n1, s1 = len(t1), len(t1) - 5
+    s2 = n1 + len(t2) - 5
+    layout = core.Layout(len(ids), runs, [(range(0, s1), range(s1, n1)), (range(n1, s2), range(s2, len(ids)))], 80, lf_split)
+    decision = core.resolve([layout], core.get_policy("drop"), "s[0]")
+    assert decision.action == "truncated" and decision.removed == [("image", 1)]
+    assert decision.reason.startswith("media_left_with_turn: image#1")
+    assert all(p in decision.kept[0] for p in range(runs[0].start, runs[0].stop))

@@ -297,7 +297,8 @@ class Layout:
 @dataclass
 class Plan:
     kept: list[int]
-    lost: set = field(default_factory=set)  # item keys whose runs did not fit
+    lost: set = field(default_factory=set)  # item keys of the first budgeted turn whose runs did not fit
+    left: set = field(default_factory=set)  # item keys of later turns that leave with the part cut off
 
 
 def _segment(positions: range, runs_by_start: dict, removed: set):
@@ -367,13 +368,17 @@ def plan_layout(layout: Layout, removed: set = frozenset()) -> Plan:
     runs_by_start = {r.start: r for r in layout.runs}
     kept = layout.fixed_positions()
     lost: set = set()
+    left: set = set()
     total = layout.reserved
-    for src, tgt in layout.turns:
+    for index, (src, tgt) in enumerate(layout.turns):
+        # the media of the turn the trainer budgets first must stay (else the policy decides); those of a
+        # later turn leave with the part of it the trainer's own budget cuts off
+        gone = left if index else lost
         s_pos, s_runs = _segment(src, runs_by_start, removed)
         t_pos, t_runs = _segment(tgt, runs_by_start, removed)
         if total >= layout.budget:  # LLaMA-Factory stops adding turns here
             for run in s_runs + t_runs:
-                lost.update(run.keys())
+                gone.update(run.keys())
             continue
         remaining = layout.budget - total
         s_media = sum(r.length for r in s_runs)
@@ -382,12 +387,12 @@ def plan_layout(layout: Layout, removed: set = frozenset()) -> Plan:
         s_keep, s_lost = keep_head(s_pos, s_runs, s)
         t_keep, t_lost = keep_head(t_pos, t_runs, t)
         for run in s_lost + t_lost:
-            lost.update(run.keys())
+            gone.update(run.keys())
         kept.extend(s_keep)
         kept.extend(t_keep)
         total += s + t
     kept.sort()
-    return Plan(kept, lost)
+    return Plan(kept, lost, left)
 
 
 # --------------------------------------------------------------------------- policies
@@ -425,11 +430,14 @@ class Overflow:
         return out
 
     def describe(self) -> str:
-        media = sum(r.length for r in self.layouts[0].runs)
         lost = sorted(self.lost)
+        runs = [r for r in self.layouts[0].runs if set(r.keys()) & set(lost)]
+        first = self.layouts[0].turns[0] if self.layouts[0].turns else (range(0), range(0))
+        need = sum(r.length for r in self.layouts[0].runs if r.start in first[0] or r.start in first[1])
         return (
-            f"media need {media} of {self.layouts[0].budget} tokens; "
+            f"the media that must stay (the first budgeted turn's) need {need} of {self.layouts[0].budget} tokens; "
             f"{len(lost)} item(s) would be cut: " + ", ".join(f"{k}#{i}" for k, i in lost)
+            + (f" ({sum(r.length for r in runs)} tokens)" if runs else "")
         )
 
 
@@ -506,12 +514,30 @@ def get_policy(name: str) -> Policy:
 
 def resolve(layouts: list[Layout], policy: Policy, sample: str) -> Decision:
     """Decide one sample: keep it whole, cut its text, or hand a media overflow to the policy."""
+    left: set = set()
     plans = [plan_layout(lay) for lay in layouts]
+    while True:  # media that leave with their turn leave every layout (one media list serves them all)
+        more = set().union(*(p.left for p in plans)) - left
+        if not more:
+            break
+        left |= more
+        plans = [plan_layout(lay, left) for lay in layouts]
     if not any(p.lost for p in plans):
         cut = any(len(p.kept) < lay.length for p, lay in zip(plans, layouts))
+        if left:
+            return Decision("truncated", [p.kept for p in plans], removed=sorted(left), reason=_left_reason(layouts, left))
         return Decision("truncated" if cut else "kept", [p.kept for p in plans])
-    case = Overflow(sample, layouts, plans, lambda removed: [plan_layout(lay, removed) for lay in layouts])
-    return policy.resolve(case)
+    case = Overflow(sample, layouts, plans, lambda removed: [plan_layout(lay, set(removed) | left) for lay in layouts])
+    decision = policy.resolve(case)
+    if left and decision.kept is not None:
+        decision.removed = sorted(set(decision.removed) | left)
+        decision.reason += "; " + _left_reason(layouts, left)
+    return decision
+
+
+def _left_reason(layouts, left) -> str:
+    names = ", ".join(f"{k}#{i}" for k, i in sorted(left))
+    return f"media_left_with_turn: {names} left with the part of a later turn that the budget cuts off"
 
 
 def single_layout(length: int, runs: list[Run], budget: int) -> Layout:
