@@ -1,10 +1,13 @@
 """The real `unsloth_zoo.vision_utils.UnslothVisionDataCollator` of the installed unsloth_zoo, vanilla
-and patched, on a tiny offline Qwen2-VL (real processor), then a few real optimizer steps.
+and patched, on a tiny offline Qwen2-VL (real processor), then a few real optimizer steps; images of the
+other families' real processors; Qwen2.5-VL and Qwen3-VL videos (each batch also through a tiny real
+model of the family) and Gemma 3n images and audio (tests/fixtures/unsloth_families.py).
 
 Import recipe for CPU machines: tests/fixtures/unsloth_import.py.
 """
 
 import json
+from collections import Counter
 
 import pytest
 
@@ -66,9 +69,11 @@ def uz(request, vu, model, tiny_qwen2vl, tmp_path_factory):
         uz.processor = AutoProcessor.from_pretrained(tiny_qwen2vl)
     else:
         try:
-            _, uz.processor, _, media = getattr(tiny_processors, request.param)(str(tmp_path_factory.mktemp("p")))
+            built = getattr(tiny_processors, request.param)(str(tmp_path_factory.mktemp("p")))
         except (ImportError, AttributeError, TypeError) as exc:
             pytest.skip(f"this transformers cannot build a {request.param} processor: {exc!r}")
+        # a builder returns a Family (processor, media tokens, ...) or the older 4-tuple
+        uz.processor, media = (built.proc, built.media) if hasattr(built, "proc") else (built[1], built[3])
         templates = {"gemma3": GEMMA3_TEMPLATE, "mllama": MLLAMA_TEMPLATE, "pixtral": PIXTRAL_TEMPLATE}
         uz.processor.chat_template = templates.get(request.param, CHAT_TEMPLATE)
         if request.param == "gemma3":
@@ -397,3 +402,558 @@ def test_prompt_completion_truncation_keeps_runs_whole(pc, patched, tmp_path):
     assert (kept[-1] == whole[-1]) if tok.padding_side == "left" else (kept[0] == whole[0])
     (row,) = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
     assert row["action"] == "truncated" and row["index"] == 0 and row["tokens_after"] <= 100
+
+
+# --------------------------------------------------------------------------- videos (Qwen2.5-VL) and audio (Gemma 3n)
+# Upstream hands videos to the processor from 2025.9.14 on (`_extract_images_videos_for_example`: the
+# video parts of the messages, only for examples without an `images` column value), audio from a later
+# release (`_extract_audio_for_example`: the `audio` column, else the audio parts of the messages; not in
+# 2025.11.6, there in 2026.10.9). Earlier releases read a message's video parts and drop them.
+
+
+def _needs(vu, method: str, what: str):
+    if not hasattr(vu.UnslothVisionDataCollator, method):
+        from vlpatch import engine
+
+        pytest.skip(
+            f"unsloth_zoo {engine.installed_version('unsloth_zoo')} never hands {what} to the processor "
+            f"(its collator has no {method})"
+        )
+
+
+class _NS:
+    pass
+
+
+def _report(tmp_path):
+    return [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
+
+
+def _unpadded(batch, i):
+    return batch["input_ids"][i][batch["attention_mask"][i].bool()].tolist()
+
+
+def _runs(row, marks: dict, lengths=None, wrapped=False) -> list:
+    """(kind, start, stop) of every media run of a row, `marks` {kind: (start, body, end) ids}; an
+    AssertionError on a run that is cut or a media token outside any run. `wrapped`: a start token with
+    text after it opens an outer pair that an end token after a run closes (transformers 5.17's Qwen3-VL
+    leaves the template's `<|vision_start|>` ... `<|vision_end|>` around a video's frame groups); every
+    pair must close."""
+    starts = {}
+    for kind, (s, _, _) in marks.items():
+        starts.setdefault(s, []).append(kind)
+    inner = {t for s, b, e in marks.values() for t in (b, e)}
+    out, j, outer = [], 0, 0
+    while j < len(row):
+        if row[j] in starts:
+            k = j + 1
+            kinds = [kind for kind in starts[row[j]] if k < len(row) and row[k] == marks[kind][1]]
+            if wrapped and not kinds and not outer:
+                outer, j = 1, j + 1
+                continue
+            assert len(kinds) == 1, f"media run at {j} has no body"
+            kind = kinds[0]
+            _, body, end = marks[kind]
+            while k < len(row) and row[k] == body:
+                k += 1
+            assert k < len(row) and row[k] == end, f"{kind} run at {j} is cut"
+            if lengths and kind in lengths:
+                assert k - j - 1 == lengths[kind], f"{kind} run at {j}: {k - j - 1} tokens, not {lengths[kind]}"
+            out.append((kind, j, k + 1))
+            j = k + 1
+            if outer and j < len(row) and row[j] == end:
+                outer, j = 0, j + 1
+            continue
+        assert row[j] not in inner, f"media token at {j} outside any run"
+        j += 1
+    assert not outer, "an outer media pair is cut"
+    return out
+
+
+def _premise_cut_inside(row, runs, kind: str, which: int = 0):
+    """A budget that lands in the middle of the `which`-th run of `kind` (upstream cuts there), and is
+    large enough for every media run of the row (so vlpatch keeps them all)."""
+    run = [r for r in runs if r[0] == kind][which]
+    budget = (run[1] + run[2]) // 2
+    media = sum(stop - start for _, start, stop in runs)
+    assert run[1] < budget < run[2] and media <= budget < len(row), (runs, budget, len(row))
+    return budget
+
+
+@pytest.fixture(scope="module")
+def qv(vu, tmp_path_factory):
+    """Qwen2.5-VL with videos: the real collator around a tiny Qwen2.5-VL model, whose forward also checks
+    every batch (its video / image tokens must match the features of its pixel tensors)."""
+    _needs(vu, "_extract_images_videos_for_example", "a message's videos")
+    from tests.fixtures import unsloth_families as F
+
+    try:
+        processor, marks = F.qwen2_5_vl(str(tmp_path_factory.mktemp("q25")))
+        model = F.tiny_qwen2_5_vl_model(processor)
+    except (ImportError, AttributeError, TypeError) as exc:
+        pytest.skip(f"this transformers cannot build a Qwen2.5-VL processor and model: {exc!r}")
+    qv = _NS()
+    qv.processor, qv.model, qv.grouped = processor, model, False
+    tok = processor.tokenizer
+    qv.marks = {kind: tuple(tok.convert_tokens_to_ids(t) for t in m) for kind, m in marks.items()}
+    qv.collator = lambda max_len=None: vu.UnslothVisionDataCollator(model, processor, max_seq_length=max_len, resize="max")
+    return qv
+
+
+def video_example(words_before=5, n_videos=1, n_frames=4, words_after=3, image=True, fps=None, side=56):
+    """A conversation with media embedded in its user turn (no `images` column: upstream then reads the
+    message parts): text, a 56 px image, `n_videos` videos of `n_frames` `side` px frames (Qwen2.5-VL, 56 px: 2 *
+    n_frames tokens each; video k sampled at `fps`, else 2 (k + 1) fps, so their second_per_grid_ts
+    differ), text."""
+    from tests.fixtures.unsloth_families import frames
+
+    size = {"resized_height": 56, "resized_width": 56}
+    vsize = {"resized_height": side, "resized_width": side}
+    content = [{"type": "text", "text": long_text(words_before, 1)}]
+    if image:
+        content.append({"type": "image", "image": frames(1, seed=7)[0], **size})
+    content += [
+        {"type": "video", "video": frames(n_frames, side=side, seed=3 * k), "fps": fps or 2.0 * (k + 1), **vsize}
+        for k in range(n_videos)
+    ]
+    content.append({"type": "text", "text": long_text(words_after, 2)})
+    return {
+        "messages": [
+            {"role": "user", "content": content},
+            {"role": "assistant", "content": [{"type": "text", "text": "a red square"}]},
+        ]
+    }
+
+
+def check_qwen_rows(qv, batch, budget=None):
+    """Every vision run whole and, in batch order, as long as its item's grid says (Qwen3-VL: a video is
+    t runs, one per frame group, of h * w / 4 tokens each); the video tensors (pixel_values_videos,
+    video_grid_thw, Qwen2.5-VL's second_per_grid_ts) consistent with each other; then the real model's
+    forward on the batch."""
+    import torch
+
+    seen = {"image": [], "video": []}
+    for i in range(batch["input_ids"].shape[0]):
+        row = _unpadded(batch, i)
+        if budget is not None:
+            assert len(row) <= budget
+        for kind, start, stop in _runs(row, qv.marks, wrapped=qv.grouped):
+            seen[kind].append(stop - start - 2)
+    for kind, pixels in (("image", "pixel_values"), ("video", "pixel_values_videos")):
+        grid = batch.get(f"{kind}_grid_thw")
+        if grid is None:
+            assert not seen[kind] and pixels not in batch, f"{kind} tokens or pixels without a grid"
+            continue
+        if kind == "video" and qv.grouped:
+            want = [h * w // 4 for t, h, w in grid.tolist() for _ in range(t)]
+        else:
+            want = grid.prod(dim=-1).div(4).long().tolist()
+        assert seen[kind] == want, f"{kind} runs and {kind}_grid_thw differ"
+        assert batch[pixels].shape[0] == int(grid.prod(dim=-1).sum())
+    if "video_grid_thw" in batch and not qv.grouped:
+        assert len(batch["second_per_grid_ts"]) == batch["video_grid_thw"].shape[0]
+    else:
+        assert "second_per_grid_ts" not in batch
+    assert batch["labels"].shape == batch["input_ids"].shape
+    with torch.no_grad():
+        out = qv.model(**batch)
+    assert torch.isfinite(out.loss)
+
+
+def _patches(batch, kind, items):
+    """The pixel rows of the given items (batch-wide indices) of a Qwen batch, concatenated."""
+    import torch
+
+    grid = batch[f"{kind}_grid_thw"].prod(dim=-1).tolist()
+    pixels = batch["pixel_values" if kind == "image" else "pixel_values_videos"]
+    starts = [sum(grid[:k]) for k in range(len(grid) + 1)]
+    return torch.cat([pixels[starts[k] : starts[k + 1]] for k in items])
+
+
+def test_qwen2_5_vl_video_run_kept_whole_where_the_cut_lands_in_it(qv, patched, tmp_path):
+    def batch_in():
+        # one video in the batch: 2025.10.13 cannot collate two (below)
+        return [video_example(words_before=20, n_frames=16, words_after=120), video_example(1, n_videos=0, words_after=1)]
+
+    full = qv.collator()(batch_in())
+    row0 = _unpadded(full, 0)
+    budget = _premise_cut_inside(row0, _runs(row0, qv.marks), "video")
+    with pytest.raises(Exception) as info:  # upstream cuts the video run (the processor or the model refuses)
+        check_qwen_rows(qv, qv.collator(budget)(batch_in()), budget)
+    assert "video" in str(info.value).lower() or isinstance(info.value, AssertionError), repr(info.value)
+
+    patched(report=str(tmp_path / "r.jsonl"))
+    batch = qv.collator(budget)(batch_in())
+    check_qwen_rows(qv, batch, budget)
+    assert batch["video_grid_thw"].tolist() == full["video_grid_thw"].tolist(), "no video lost"
+    assert _unpadded(batch, 1) == _unpadded(full, 1), "the example that fits is untouched"
+    (row,) = _report(tmp_path)
+    assert (row["index"], row["action"], row["media"]) == (0, "truncated", {"image": 1, "video": 1}), row
+    video_tokens = int(full["video_grid_thw"][0].prod()) // 4
+    assert row["media_tokens"] == row["media_tokens_after"] == (4 + 2) + (video_tokens + 2), row
+    assert row["tokens_after"] <= budget
+
+
+def _several_videos(vu):
+    """Skip where upstream itself cannot collate a batch with several videos: 2025.10.13's collapse_fps
+    calls `isclose` without importing it (NameError), whatever vlpatch does."""
+    try:
+        vu.collapse_fps([1.0, 2.0])
+    except NameError as exc:
+        from vlpatch import engine
+
+        pytest.skip(f"unsloth_zoo {engine.installed_version('unsloth_zoo')} cannot collate two videos: collapse_fps raises {exc!r}")
+
+
+def test_qwen2_5_vl_videos_that_do_not_fit_leave_with_their_tensors(vu, qv, patched, tmp_path):
+    from vlpatch.integrations.unsloth import EmptyBatchError, filter_dataset
+
+    _several_videos(vu)
+    budget = 60
+
+    def big():  # an image (6 tokens) and three videos of 34 tokens: 108 media tokens
+        return video_example(words_before=3, n_videos=3, n_frames=16, words_after=3)
+
+    def small(n_videos=1):
+        return video_example(words_before=1, n_videos=n_videos, words_after=1)
+
+    full = qv.collator()([big(), small()])  # no cut: videos 0-2 are example 0's, 3 example 1's
+    assert full["video_grid_thw"].shape[0] == 4
+    assert len(set(full["second_per_grid_ts"].tolist()[:3])) == 3, "the videos are told apart by their rate"
+
+    patched(policy="drop_media", report=str(tmp_path / "r.jsonl"))
+    batch = qv.collator(budget)([big(), small()])
+    check_qwen_rows(qv, batch, budget)
+    assert batch["input_ids"].shape[0] == 2, "no example dropped"
+    # example 0 keeps its image and first video, example 1 all of its own: the trailing videos of example 0
+    # left video_grid_thw, pixel_values_videos and second_per_grid_ts together
+    assert batch["video_grid_thw"].tolist() == full["video_grid_thw"][[0, 3]].tolist()
+    assert batch["second_per_grid_ts"].tolist() == full["second_per_grid_ts"][[0, 3]].tolist()
+    assert batch["pixel_values_videos"].equal(_patches(full, "video", [0, 3]))
+    assert batch["pixel_values"].equal(full["pixel_values"]) and batch["image_grid_thw"].equal(full["image_grid_thw"])
+    (row,) = _report(tmp_path)
+    assert (row["index"], row["action"], row["media_removed"]) == (0, "media_dropped", {"video": [1, 2]}), row
+
+    patched(policy="drop", report=str(tmp_path / "r.jsonl"))
+    batch = qv.collator(budget)([big(), small()])
+    check_qwen_rows(qv, batch, budget)
+    assert batch["input_ids"].shape[0] == 1 and _unpadded(batch, 0) == _unpadded(full, 1)
+    assert batch["video_grid_thw"].tolist() == full["video_grid_thw"][[3]].tolist()
+    assert batch["pixel_values_videos"].equal(_patches(full, "video", [3]))
+    assert batch["pixel_values"].equal(_patches(full, "image", [1]))
+    assert (_report(tmp_path)[-1]["index"], _report(tmp_path)[-1]["action"]) == (0, "dropped")
+    # the only video-carrying example leaves: no video tensor is left behind for the vision tower
+    batch = qv.collator(budget)([big(), small(n_videos=0)])
+    check_qwen_rows(qv, batch, budget)
+    assert "pixel_values_videos" not in batch and "video_grid_thw" not in batch
+    with pytest.raises(EmptyBatchError):
+        qv.collator(budget)([big()])
+    kept = filter_dataset([small(), big(), small()], qv.collator(budget))
+    assert len(kept) == 2
+    last = _report(tmp_path)[-1]
+    assert (last["index"], last["stage"], last["media"]) == (1, "filter_dataset", {"image": 1, "video": 3})
+
+    patched(policy="error")
+    import vlpatch
+
+    with pytest.raises(vlpatch.SampleError, match="batch example 0: media do not fit"):
+        qv.collator(budget)([big(), small()])
+
+
+# Gemma 3n: images from the `images` column, audio clips from the `audio` column (a datasets.Audio dict
+# each); one `\n\n<start_of_X> <X_soft_token> x n <end_of_X>\n\n` run per item (16 image / 20 audio tokens)
+
+
+@pytest.fixture(scope="module")
+def g3n(vu, model, tmp_path_factory):
+    from tests.fixtures import unsloth_families as F
+
+    try:
+        processor, marks = F.gemma3n(str(tmp_path_factory.mktemp("g3n")))
+    except (ImportError, AttributeError, TypeError) as exc:
+        pytest.skip(f"this transformers cannot build a Gemma 3n processor: {exc!r}")
+    g = _NS()
+    g.vu, g.processor = vu, processor
+    tok = processor.tokenizer
+    g.marks = {kind: tuple(tok.convert_tokens_to_ids(t) for t in m) for kind, m in marks.items()}
+    g.lengths = {"image": processor.image_seq_length, "audio": processor.audio_seq_length}
+    # the model is only read for its dtype and sizes by the collator
+    g.collator = lambda max_len=None: vu.UnslothVisionDataCollator(model, processor, max_seq_length=max_len, resize="max")
+    return g
+
+
+@pytest.fixture
+def g3n_audio(g3n):
+    _needs(g3n.vu, "_extract_audio_for_example", "audio")
+    return g3n
+
+
+def gemma3n_example(words_before=5, n_images=1, n_audio=0, words_after=3, audio_first=False, seed=0):
+    """Text, the images and audio clips (audio first where asked), text; `images` and `audio` columns.
+    Clip k lasts 0.2 + 0.1 k s (seed shifts k), so each clip's input_features_mask sum tells it apart."""
+    from tests.fixtures.unsloth_families import clip
+
+    images = [{"type": "image"}] * n_images
+    audio = [{"type": "audio"}] * n_audio
+    content = [{"type": "text", "text": long_text(words_before, 1)}]
+    content += (audio + images) if audio_first else (images + audio)
+    content += [{"type": "text", "text": long_text(words_after, 2)}]
+    out = {
+        "messages": [
+            {"role": "user", "content": [dict(c) for c in content]},
+            {"role": "assistant", "content": [{"type": "text", "text": "a red square"}]},
+        ],
+        "images": [image(56, seed=seed + k) for k in range(n_images)],
+    }
+    if n_audio:
+        out["audio"] = [clip(0.2 + 0.1 * (seed + k), seed=seed + k) for k in range(n_audio)]
+    return out
+
+
+def check_gemma3n_rows(g, batch, budget=None):
+    """Every image / audio run whole and of its fixed length; one pixel_values entry per image run and
+    one input_features / input_features_mask entry per audio run; token_type_ids aligned (1 on image
+    soft tokens, 3 on audio soft tokens, as the processor writes them)."""
+    counts = Counter()
+    for i in range(batch["input_ids"].shape[0]):
+        row = _unpadded(batch, i)
+        if budget is not None:
+            assert len(row) <= budget
+        counts.update(kind for kind, _, _ in _runs(row, g.marks, g.lengths))
+        types = batch["token_type_ids"][i][batch["attention_mask"][i].bool()].tolist()
+        want = [1 if t == g.marks["image"][1] else 3 if t == g.marks["audio"][1] else 0 for t in row]
+        assert types == want, f"row {i}: token_type_ids do not follow the kept tokens"
+    assert counts["image"] == (len(batch["pixel_values"]) if "pixel_values" in batch else 0)
+    n_clips = len(batch["input_features"]) if "input_features" in batch else 0
+    assert counts["audio"] == n_clips == (len(batch["input_features_mask"]) if "input_features_mask" in batch else 0)
+    assert batch["labels"].shape == batch["input_ids"].shape
+
+
+def _clips(batch):
+    """Each remaining clip's valid frame count (input_features_mask), in batch order."""
+    return batch["input_features_mask"].sum(dim=-1).tolist() if "input_features_mask" in batch else []
+
+
+def test_gemma3n_image_runs_kept_whole(g3n, patched, tmp_path):
+    g = g3n
+
+    def batch_in(n_images=1):
+        return [gemma3n_example(words_before=10, n_images=n_images, words_after=150), gemma3n_example(1, words_after=1)]
+
+    patched()
+    full = g.collator()(batch_in(2))
+    row0 = _unpadded(full, 0)
+    budget = _premise_cut_inside(row0, _runs(row0, g.marks, g.lengths), "image", which=1)
+    import vlpatch
+
+    vlpatch.revert()
+    with pytest.raises(Exception) as info:  # upstream cuts the image run (one image: every release takes it)
+        one = g.collator()(batch_in(1))
+        cut = _premise_cut_inside(_unpadded(one, 0), _runs(_unpadded(one, 0), g.marks, g.lengths), "image")
+        check_gemma3n_rows(g, g.collator(cut)(batch_in(1)), cut)
+    assert "image" in str(info.value).lower() or isinstance(info.value, AssertionError), repr(info.value)
+
+    patched(report=str(tmp_path / "r.jsonl"))
+    batch = g.collator(budget)(batch_in(2))
+    check_gemma3n_rows(g, batch, budget)
+    assert batch["pixel_values"].equal(full["pixel_values"]), "every image kept"
+    (row,) = _report(tmp_path)
+    assert (row["index"], row["action"], row["media"]) == (0, "truncated", {"image": 2}), row
+    assert row["media_tokens"] == row["media_tokens_after"] == 2 * (g.lengths["image"] + 2)
+
+    patched(policy="drop_media", report=str(tmp_path / "r.jsonl"))
+    many = [gemma3n_example(words_before=3, n_images=7, words_after=3), gemma3n_example(1, words_after=1, seed=7)]
+    full = g.collator()(many)
+    batch = g.collator(100)(many)
+    check_gemma3n_rows(g, batch, 100)
+    kept = len(batch["pixel_values"]) - 1
+    assert 1 <= kept < 7 and batch["pixel_values"].equal(full["pixel_values"][list(range(kept)) + [7]])
+    assert _report(tmp_path)[-1]["media_removed"] == {"image": list(range(kept, 7))}
+
+
+def test_gemma3n_audio_and_image_runs_kept_whole(g3n_audio, patched, tmp_path):
+    g = g3n_audio
+
+    def batch_in():
+        return [
+            gemma3n_example(words_before=5, n_images=1, n_audio=2, words_after=150),
+            gemma3n_example(1, n_audio=1, words_after=1, seed=5),
+        ]
+
+    full = g.collator()(batch_in())
+    row0 = _unpadded(full, 0)
+    budget = _premise_cut_inside(row0, _runs(row0, g.marks, g.lengths), "audio", which=1)
+    with pytest.raises(Exception) as info:  # upstream refuses its own cut: "cuts into the expanded audio tokens"
+        check_gemma3n_rows(g, g.collator(budget)(batch_in()), budget)
+    assert "audio" in str(info.value).lower() or isinstance(info.value, AssertionError), repr(info.value)
+
+    patched(report=str(tmp_path / "r.jsonl"))
+    batch = g.collator(budget)(batch_in())
+    check_gemma3n_rows(g, batch, budget)
+    assert _clips(batch) == _clips(full) and batch["input_features"].equal(full["input_features"]), "every clip kept"
+    assert batch["pixel_values"].equal(full["pixel_values"])
+    assert _unpadded(batch, 1) == _unpadded(full, 1)
+    (row,) = _report(tmp_path)
+    assert (row["index"], row["action"], row["media"]) == (0, "truncated", {"image": 1, "audio": 2}), row
+    assert row["media_tokens"] == row["media_tokens_after"] == (g.lengths["image"] + 2) + 2 * (g.lengths["audio"] + 2)
+
+
+def test_gemma3n_audio_that_does_not_fit_leaves_with_its_features(g3n_audio, patched, tmp_path):
+    from vlpatch.integrations.unsloth import filter_dataset
+
+    g = g3n_audio
+
+    def big():  # an image (18 tokens) and five clips of 22: 128 media tokens
+        return gemma3n_example(words_before=3, n_images=1, n_audio=5, words_after=3)
+
+    def small(n_audio=1):
+        return gemma3n_example(1, n_audio=n_audio, words_after=1, seed=5)
+
+    full = g.collator()([big(), small()])
+    clips = _clips(full)
+    assert len(clips) == 6 and len(set(clips)) == 6, "each clip told apart by its length"
+
+    patched(policy="drop_media", report=str(tmp_path / "r.jsonl"))
+    batch = g.collator(100)([big(), small()])
+    check_gemma3n_rows(g, batch, 100)
+    kept = len(_clips(batch)) - 1  # example 0's first clips, then example 1's
+    assert 1 <= kept < 5 and _clips(batch) == clips[:kept] + clips[5:]
+    assert batch["input_features"].equal(full["input_features"][list(range(kept)) + [5]])
+    assert batch["pixel_values"].equal(full["pixel_values"])
+    (row,) = _report(tmp_path)
+    assert (row["action"], row["media_removed"]) == ("media_dropped", {"audio": list(range(kept, 5))}), row
+
+    # images trailing audio: the image leaves, the clips stay, though the batch holds as many images as clips
+    trap = [gemma3n_example(3, n_images=2, n_audio=3, words_after=3, audio_first=True), gemma3n_example(1, words_after=1, seed=4)]
+    full = g.collator()(trap)
+    assert len(full["pixel_values"]) == len(full["input_features"]) == 3
+    batch = g.collator(100)(trap)
+    check_gemma3n_rows(g, batch, 100)
+    assert batch["pixel_values"].equal(full["pixel_values"][[0, 2]])
+    assert _clips(batch) == _clips(full) and batch["input_features"].equal(full["input_features"])
+    assert _report(tmp_path)[-1]["media_removed"] == {"image": [1]}
+
+    patched(policy="drop", report=str(tmp_path / "r.jsonl"))
+    full = g.collator()([big(), small()])
+    batch = g.collator(100)([big(), small()])
+    check_gemma3n_rows(g, batch, 100)
+    assert batch["input_ids"].shape[0] == 1 and _unpadded(batch, 0) == _unpadded(full, 1)
+    assert _clips(batch) == clips[5:] and batch["pixel_values"].equal(full["pixel_values"][[1]])
+    last = _report(tmp_path)[-1]
+    assert (last["index"], last["action"], last["media"]) == (0, "dropped", {"image": 1, "audio": 5}), last
+    batch = g.collator(100)([big(), small(n_audio=0)])  # the only clips leave: no audio tensor left behind
+    check_gemma3n_rows(g, batch, 100)
+    assert "input_features" not in batch and "input_features_mask" not in batch
+    assert len(filter_dataset([small(), big(), small()], g.collator(100))) == 2
+
+    patched(policy="error")
+    import vlpatch
+
+    with pytest.raises(vlpatch.SampleError, match="batch example 0: media do not fit"):
+        g.collator(100)([big(), small()])
+
+
+def test_gemma3n_prompt_completion_audio_runs_kept_whole(g3n_audio, patched, tmp_path):
+    """TRL's prompt/completion form with the clips in the prompt (upstream refuses audio in the
+    completion): the cut lands in the second clip's run, which stays whole, clips and all."""
+    g = g3n_audio
+
+    def batch_in():
+        out = []
+        for ex in (gemma3n_example(5, n_images=1, n_audio=2, words_after=150), gemma3n_example(1, n_audio=1, words_after=1, seed=5)):
+            prompt, completion = ex.pop("messages")
+            out.append({"prompt": [prompt], "completion": [completion], **ex})
+        return out
+
+    full = g.collator()(batch_in())
+    row0 = _unpadded(full, 0)
+    budget = _premise_cut_inside(row0, _runs(row0, g.marks, g.lengths), "audio", which=1)
+    with pytest.raises(Exception) as info:  # upstream cuts the prompt/completion row at max_seq_length
+        check_gemma3n_rows(g, g.collator(budget)(batch_in()), budget)
+    print(f"vanilla: {info.value!r}")
+    patched(report=str(tmp_path / "r.jsonl"))
+    batch = g.collator(budget)(batch_in())
+    check_gemma3n_rows(g, batch, budget)
+    assert _clips(batch) == _clips(full) and batch["pixel_values"].equal(full["pixel_values"])
+    (row,) = _report(tmp_path)
+    assert (row["index"], row["action"], row["media"]) == (0, "truncated", {"image": 1, "audio": 2}), row
+
+
+# Qwen3-VL: a video is one `<t seconds><|vision_start|> <|video_pad|> x h*w/4 <|vision_end|>` group per
+# temporal patch; vlpatch keeps or removes a video's groups together (matrix `video_runs: frame_groups`)
+
+
+@pytest.fixture(scope="module")
+def q3(vu, tmp_path_factory):
+    _needs(vu, "_extract_images_videos_for_example", "a message's videos")
+    from tests.fixtures import unsloth_families as F
+
+    try:
+        processor, marks = F.qwen3_vl(str(tmp_path_factory.mktemp("q3")))
+        model = F.tiny_qwen3_vl_model(processor)
+    except (ImportError, AttributeError, TypeError) as exc:
+        pytest.skip(f"this transformers cannot build a Qwen3-VL processor and model: {exc!r}")
+    q3 = _NS()
+    q3.processor, q3.model, q3.grouped = processor, model, True
+    tok = processor.tokenizer
+    q3.marks = {kind: tuple(tok.convert_tokens_to_ids(t) for t in m) for kind, m in marks.items()}
+    q3.collator = lambda max_len=None: vu.UnslothVisionDataCollator(model, processor, max_seq_length=max_len, resize="max")
+    return q3
+
+
+def test_qwen3_vl_video_frame_groups_kept_together_where_the_cut_lands_in_them(q3, patched, tmp_path):
+    def batch_in():  # one video in the batch (2025.10.13 cannot collate two); every video at the same rate
+        return [video_example(60, n_frames=16, words_after=120, fps=2.0), video_example(1, n_videos=0, words_after=1)]
+
+    full = q3.collator()(batch_in())
+    row0 = _unpadded(full, 0)
+    groups = [r for r in _runs(row0, q3.marks, wrapped=True) if r[0] == "video"]
+    assert len(groups) >= 2, groups
+    # a cut in the middle group's run: upstream leaves part of the video, which the model refuses
+    budget = (groups[len(groups) // 2][1] + groups[len(groups) // 2][2]) // 2
+    lo, hi = groups[0][1], groups[-1][2]  # the video: its groups and the timestamps between them
+    if row0[hi] == q3.marks["video"][2]:  # and an outer pair with the first timestamp (transformers 5.17)
+        lo, hi = max(p for p in range(lo) if row0[p] == q3.marks["video"][0]), hi + 1
+    media = hi - lo + sum(b - a for k, a, b in _runs(row0, q3.marks, wrapped=True) if k == "image")
+    assert media <= budget, (media, budget)
+    with pytest.raises(Exception) as info:
+        check_qwen_rows(q3, q3.collator(budget)(batch_in()), budget)
+    assert "video" in str(info.value).lower() or isinstance(info.value, AssertionError), repr(info.value)
+
+    patched(report=str(tmp_path / "r.jsonl"))
+    batch = q3.collator(budget)(batch_in())
+    check_qwen_rows(q3, batch, budget)
+    assert batch["video_grid_thw"].tolist() == full["video_grid_thw"].tolist(), "no video lost"
+    kept = _unpadded(batch, 0)
+    first = kept.index(q3.marks["video"][1]) - 1 - (groups[0][1] - lo)  # where the video's run starts
+    assert kept[first : first + hi - lo] == row0[lo:hi], "the video kept as it was, timestamps and all"
+    (row,) = _report(tmp_path)
+    assert (row["index"], row["action"], row["media"]) == (0, "truncated", {"image": 1, "video": 1}), row
+    assert row["media_tokens"] == row["media_tokens_after"] == media, row
+
+
+def test_qwen3_vl_videos_that_do_not_fit_leave_whole(vu, q3, patched, tmp_path):
+    _several_videos(vu)
+    budget = 100
+
+    def big():  # five videos of 8 frames: each fits alone, all together do not
+        return video_example(3, n_videos=5, n_frames=8, words_after=3, fps=2.0)
+
+    def small():
+        return video_example(1, n_videos=1, n_frames=4, words_after=1, fps=2.0)
+
+    full = q3.collator()([big(), small()])
+    assert full["video_grid_thw"].shape[0] == 6
+    patched(policy="drop_media", report=str(tmp_path / "r.jsonl"))
+    batch = q3.collator(budget)([big(), small()])
+    check_qwen_rows(q3, batch, budget)
+    n = batch["video_grid_thw"].shape[0] - 1  # example 0's first videos, then example 1's
+    assert 1 <= n < 5 and batch["video_grid_thw"].tolist() == full["video_grid_thw"][list(range(n)) + [5]].tolist()
+    assert batch["pixel_values_videos"].equal(_patches(full, "video", list(range(n)) + [5]))
+    (row,) = [r for r in _report(tmp_path) if r["index"] == 0]
+    assert (row["action"], row["media_removed"]) == ("media_dropped", {"video": list(range(n, 5))}), row
+
+    patched(policy="drop", report=str(tmp_path / "r.jsonl"))
+    batch = q3.collator(budget)([big(), small()])
+    check_qwen_rows(q3, batch, budget)
+    assert batch["input_ids"].shape[0] == 1 and batch["video_grid_thw"].tolist() == full["video_grid_thw"][[5]].tolist()
