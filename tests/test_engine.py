@@ -258,7 +258,26 @@ BAD_SETTINGS = [
     ({}, "patches=['fake.doubel']", ["apply(patches=...)='fake.doubel'", "did you mean 'fake.double'"]),
     ({}, "exclude='fake.doubel'", ["apply(exclude=...)='fake.doubel'"]),
     ({}, "force='yes'", ["apply(force=...): 'yes' is not True or False"]),
+    ({"VLPATCH_MAX_BAD": "lots"}, "", ["VLPATCH_MAX_BAD='lots' is not a share between 0 and 1"]),
+    ({"VLPATCH_MAX_BAD": "150%"}, "", ["VLPATCH_MAX_BAD='150%' is not a share between 0 and 1"]),
+    ({}, "max_bad=2", ["apply(max_bad=...)=2 is not a share between 0 and 1"]),
 ]
+
+
+def test_max_bad_reads_a_share_and_reaches_workers(monkeypatch):
+    import vlpatch
+    from vlpatch import engine
+
+    monkeypatch.setenv("VLPATCH_MAX_BAD", "10%")
+    assert engine.Config.from_env().max_bad == 0.1
+    monkeypatch.delenv("VLPATCH_MAX_BAD")
+    assert engine.Config.from_env().max_bad == 0.05, "the documented default"
+    try:
+        vlpatch.apply(max_bad="0.5", patches=[])
+        assert engine.config().max_bad == 0.5 and os.environ["VLPATCH_MAX_BAD"] == "0.5", "spawned workers read it"
+    finally:
+        vlpatch.revert()
+    assert "VLPATCH_MAX_BAD" not in os.environ
 
 
 @pytest.mark.parametrize("env,args,expected", BAD_SETTINGS)

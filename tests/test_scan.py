@@ -4,6 +4,7 @@ summary, recommendations, JSON / CSV, and bad input as per-sample entries (never
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -116,6 +117,8 @@ def test_scan_bad_input_gets_entries_not_a_crash(tiny_qwen2vl, data_dir):
     assert "the figures below cover the 1 of 4 samples that could be read; 3 with bad input are left out" in text, text
     assert "cutoff_len keeping 100% of readable samples whole" in text
     assert "with vlpatch under policy drop: 3 dropped" in text, text
+    assert out["bad_input"] == {"samples": 3, "of": 4, "max_bad": 0.05, "training_stops": True}, out["bad_input"]
+    assert "training with vlpatch stops before it starts: 3 of 4 samples (75%) have bad input, more than VLPATCH_MAX_BAD (5%)" in text
 
 
 @pytest.mark.slow
@@ -131,7 +134,8 @@ def test_scan_and_training_classify_bad_input_alike(tmp_path, tiny_qwen2vl, data
     yaml_path = write_train_yaml(str(tmp_path / "train.yaml"), tiny_qwen2vl, data_dir, "bad", str(tmp_path / "out"), 400,
                                  per_device_train_batch_size=1, max_steps=1)
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLPATCH")}
-    env.update(HF_HUB_OFFLINE="1", VLPATCH="1", VLPATCH_POLICY=policy, PATH=BIN + os.pathsep + env.get("PATH", ""))
+    # 3 of 4 samples are bad: above VLPATCH_MAX_BAD training stops (below); here each is compared
+    env.update(HF_HUB_OFFLINE="1", VLPATCH="1", VLPATCH_POLICY=policy, VLPATCH_MAX_BAD="1", PATH=BIN + os.pathsep + env.get("PATH", ""))
     proc = subprocess.run([os.path.join(BIN, "llamafactory-cli"), "train", yaml_path], env=env, capture_output=True, text=True,
                           timeout=600, cwd=str(tmp_path))
     report = tmp_path / "out" / "vlpatch_report.jsonl"
@@ -144,6 +148,16 @@ def test_scan_and_training_classify_bad_input_alike(tmp_path, tiny_qwen2vl, data
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
         assert actual == {i: predicted[i] for i in (1, 2, 3)} == {1: "dropped", 2: "dropped", 3: "dropped"}, (actual, predicted)
         assert predicted[0] == "fits"
+    if policy == "drop":  # the default VLPATCH_MAX_BAD (5%): training stops before it starts, as scan said
+        assert out["bad_input"]["training_stops"]
+        del env["VLPATCH_MAX_BAD"]
+        shutil.rmtree(tmp_path / "out", ignore_errors=True)
+        proc = subprocess.run([os.path.join(BIN, "llamafactory-cli"), "train", yaml_path], env=env, capture_output=True,
+                              text=True, timeout=600, cwd=str(tmp_path))
+        log = proc.stdout + proc.stderr
+        assert proc.returncode != 0 and "train_runtime" not in log, log[-3000:]
+        assert "vlpatch: 3 of 4 samples (75%) of train bad have bad input, more than VLPATCH_MAX_BAD (5%)" in log, log[-3000:]
+        assert "First: bad[1]: bad_input" in log, log[-3000:]
 
 
 def test_scan_missing_files_are_one_clear_line(tmp_path, tiny_qwen2vl, data_dir):

@@ -11,6 +11,8 @@ from collections import Counter
 
 import pytest
 
+import vlpatch
+
 from tests.conftest import require
 from tests.fixtures.tiny_models import long_text
 
@@ -957,3 +959,23 @@ def test_qwen3_vl_videos_that_do_not_fit_leave_whole(vu, q3, patched, tmp_path):
     batch = q3.collator(budget)([big(), small()])
     check_qwen_rows(q3, batch, budget)
     assert batch["input_ids"].shape[0] == 1 and batch["video_grid_thw"].tolist() == full["video_grid_thw"][[5]].tolist()
+
+
+def test_filter_dataset_removes_bad_input_up_to_max_bad(uz, patched, tmp_path):
+    """Bad input (placeholders and images that differ in number) is removed and reported by
+    filter_dataset; above VLPATCH_MAX_BAD of the examples it stops, naming the count and the first."""
+    from vlpatch.integrations.unsloth import filter_dataset
+
+    good = [example(1, words_before=1, words_after=1) for _ in range(9)]
+    bad = example(1, words_before=1, words_after=1, n_placeholders=2)
+    patched(report=str(tmp_path / "r.jsonl"), max_bad=0.2)
+    kept = filter_dataset([*good[:4], bad, *good[4:]], uz.collator(1000))
+    assert len(kept) == 9
+    rows = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert [(r["index"], r["action"]) for r in rows] == [(4, "dropped")] and rows[0]["reason"].startswith("bad_input: image placeholders")
+    patched(report=str(tmp_path / "r.jsonl"))  # the default 5%: 1 of 10 is too many
+    with pytest.raises(vlpatch.VLPatchError, match=r"1 of 10 examples \(10%\) have bad input, more than VLPATCH_MAX_BAD \(5%\)"):
+        filter_dataset([*good[:4], bad, *good[4:]], uz.collator(1000))
+    patched(report=str(tmp_path / "r.jsonl"), policy="error")
+    with pytest.raises(vlpatch.SampleError, match="placeholders"):
+        filter_dataset([bad], uz.collator(1000))

@@ -45,8 +45,9 @@ logger = _Logger()
 
 
 class Config:
-    def __init__(self, policy="drop", media_first=False, force=False, report=None, log_level=None):
+    def __init__(self, policy="drop", media_first=False, force=False, report=None, log_level=None, max_bad=_settings.DEFAULT_MAX_BAD):
         self.policy: str = policy
+        self.max_bad: float = max_bad  # above this share of bad input, preprocessing stops
         self.media_first: bool = media_first
         self.force: bool = force
         self.report: str | None = report
@@ -69,9 +70,11 @@ class Config:
             force=_settings.switch(env, "VLPATCH_FORCE"),
             report=env.get("VLPATCH_REPORT", "").strip() or None,
             log_level=env.get("VLPATCH_LOG_LEVEL", "").strip().upper() or None,
+            max_bad=_settings.parse_share(env.get("VLPATCH_MAX_BAD", "").strip() or _settings.DEFAULT_MAX_BAD) or 0.0,
         )
         for name, var in (("policy", "VLPATCH_POLICY"), ("report", "VLPATCH_REPORT"), ("force", "VLPATCH_FORCE"),
-                          ("media_first", "VLPATCH_MEDIA_FIRST"), ("patches", "VLPATCH_PATCHES"), ("exclude", "VLPATCH_EXCLUDE")):
+                          ("media_first", "VLPATCH_MEDIA_FIRST"), ("patches", "VLPATCH_PATCHES"), ("exclude", "VLPATCH_EXCLUDE"),
+                          ("max_bad", "VLPATCH_MAX_BAD")):
             if env.get(var, "").strip():
                 cfg.sources[name] = var
         if env.get("VLPATCH_PATCHES", "").strip():
@@ -94,6 +97,12 @@ class Config:
             elif key == "report":
                 problems += filter(None, [_settings.check_report(source, value)])
                 value = os.fspath(value) if isinstance(value, os.PathLike) else value
+            elif key == "max_bad":
+                problem = _settings.check_share(source, value)
+                if problem:
+                    problems.append(problem)
+                    continue
+                value = _settings.parse_share(value)
             elif not isinstance(value, bool):
                 problems.append(f"{source}: {value!r} is not True or False")
                 continue
@@ -181,6 +190,7 @@ def apply(
     force: bool | None = None,
     media_first: bool | None = None,
     report: str | None = None,
+    max_bad=None,
 ) -> list:
     """Enable vlpatch in this process; arguments override the VLPATCH_* environment.
 
@@ -191,7 +201,8 @@ def apply(
     global _enabled, _config, _refusal
     with _lock:
         new = Config.from_env(
-            policy=policy, patches=patches, exclude=exclude, force=force, media_first=media_first, report=report
+            policy=policy, patches=patches, exclude=exclude, force=force, media_first=media_first, report=report,
+            max_bad=max_bad,
         )
         old, was_enabled = _config, _enabled
         _config, _enabled, _refusal = new, True, None
@@ -293,7 +304,7 @@ def _announce(patch_id: str) -> None:
     logger.info("vlpatch: %s: %s %s (%s)", process_tag(), patch_id, st.state, st.reason)
 
 
-_PUBLISHED = ("VLPATCH_POLICY", "VLPATCH_MEDIA_FIRST", "VLPATCH_REPORT")
+_PUBLISHED = ("VLPATCH_POLICY", "VLPATCH_MEDIA_FIRST", "VLPATCH_REPORT", "VLPATCH_MAX_BAD")
 _saved_env: dict | None = None
 
 
@@ -309,6 +320,7 @@ def _publish_config() -> None:
         "VLPATCH_POLICY": _config.policy,
         "VLPATCH_MEDIA_FIRST": "1" if _config.media_first else None,
         "VLPATCH_REPORT": _config.report,
+        "VLPATCH_MAX_BAD": None if _config.max_bad == _settings.DEFAULT_MAX_BAD else repr(_config.max_bad),
     }
     for key, value in values.items():
         if value is None:

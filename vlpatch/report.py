@@ -76,7 +76,8 @@ def current_run() -> Run | None:
 
 
 def end_run(run: Run, quiet: bool = False) -> Counter:
-    """Collect every process's tallies, log the summary, clean up. Returns the counts."""
+    """Collect every process's tallies, log the summary, clean up. Returns the counts (the reasons
+    are left on `run.reasons`)."""
     global _current
     counts: Counter = Counter()
     reasons: Counter = Counter()
@@ -90,6 +91,7 @@ def end_run(run: Run, quiet: bool = False) -> Counter:
                     counts.update(row.get("counts", {}))
                     reasons.update(row.get("reasons", {}))
         shutil.rmtree(run.stats_dir, ignore_errors=True)
+    run.reasons = reasons
     if os.environ.get(_RUN_ENV) == run.to_env():
         del os.environ[_RUN_ENV]
     if _current is run or (_current is not None and _current.run_id == run.run_id):
@@ -175,6 +177,23 @@ def _append(path: str, text: str) -> None:
         os.write(fd, text.encode("utf-8"))
     finally:
         os.close(fd)
+
+
+def run_rows(run: Run, limit: int | None = None, where=None) -> list[dict]:
+    """The rows this run wrote (read back from its report file), those `where` accepts, at most `limit`."""
+    out = []
+    if not run.report_path or not os.path.exists(run.report_path):
+        return out
+    with open(run.report_path, encoding="utf-8") as fh:
+        for line in fh:
+            if run.run_id not in line:
+                continue
+            row = json.loads(line)
+            if row.get("run_id") == run.run_id and (where is None or where(row)):
+                out.append(row)
+                if limit is not None and len(out) >= limit:
+                    break
+    return out
 
 
 def read_report(path: str) -> list[dict]:

@@ -109,7 +109,14 @@ def scan(config: dict, policy: str = "drop", limit: int | None = None, progress=
         vlpatch.revert()
         if bar:
             bar.close()
+    from .engine import Config
+
+    max_bad = Config.from_env().max_bad
+    bad = sum(1 for s in samples if "bad_input" in f"{s.vlpatch} {s.detail}")
     return {
+        # training stops before it starts when bad input exceeds VLPATCH_MAX_BAD (policies drop / drop_media)
+        "bad_input": {"samples": bad, "of": len(samples), "max_bad": max_bad,
+                      "training_stops": policy != "error" and bad > max_bad * len(samples)},
         "config": {"dataset": data_args.dataset, "template": data_args.template, "cutoff_len": cutoff, "policy": policy,
                    "image_max_pixels": getattr(model_args, "image_max_pixels", None),
                    "image_min_pixels": getattr(model_args, "image_min_pixels", None)},
@@ -458,6 +465,11 @@ def summary(result: dict) -> str:
         lines.append(f"  sample {_name(s)}: {s['vanilla']} -> vlpatch: {_bucket(s['vlpatch'])}")
     if len(bad) > 10:
         lines.append(f"  ... {len(bad) - 10} more errors (see --json / --csv)")
+    info = result.get("bad_input") or {}
+    if info.get("training_stops"):
+        lines.append(f"training with vlpatch stops before it starts: {info['samples']} of {info['of']} samples "
+                     f"({info['samples'] / info['of']:.0%}) have bad input, more than VLPATCH_MAX_BAD ({info['max_bad']:.0%}); "
+                     "fix the data (media_dir? dataset paths?) or raise VLPATCH_MAX_BAD")
     return "\n".join(lines)
 
 

@@ -34,7 +34,7 @@ class Setting:
 
     def __init__(self, name: str, kind: str, meaning: str):
         self.name = name
-        self.kind = kind  # switch | policy | ids | report | matrix | level | tooling | internal
+        self.kind = kind  # switch | policy | ids | report | matrix | level | share | tooling | internal
         self.meaning = meaning
 
 
@@ -48,6 +48,7 @@ SETTINGS = {
         Setting("VLPATCH_EXCLUDE", "ids", "patch ids to leave off"),
         Setting("VLPATCH_FORCE", "switch", "apply patches to upstream versions the matrix does not list"),
         Setting("VLPATCH_MEDIA_FIRST", "switch", "move media placeholders before the text of their message"),
+        Setting("VLPATCH_MAX_BAD", "share", "the largest share of samples with bad input that is dropped and reported; above it preprocessing stops (default 5%)"),
         Setting("VLPATCH_MATRIX", "matrix", "read another compat matrix file"),
         Setting("VLPATCH_LOG_LEVEL", "level", "a stderr handler for the vlpatch logger"),
         Setting("VLPATCH_RUN", "internal", "set by vlpatch itself: the report run of this process tree"),
@@ -108,6 +109,30 @@ def check_level(source: str, value: str) -> str | None:
     return None if v in LOG_LEVELS or v.isdigit() else _bad(source, value, LOG_LEVELS, "a log level")
 
 
+DEFAULT_MAX_BAD = 0.05
+
+
+def parse_share(value) -> float | None:
+    """0.05, "0.05", "5%" -> 0.05; None when it is not a share between 0 and 1."""
+    try:
+        if isinstance(value, str):
+            text = value.strip()
+            share = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            share = float(value)
+        else:
+            return None
+    except ValueError:
+        return None
+    return share if 0.0 <= share <= 1.0 else None
+
+
+def check_share(source: str, value) -> str | None:
+    if parse_share(value) is not None:
+        return None
+    return f"{source}={value!r} is not a share between 0 and 1 (e.g. 0.05 or 5%)"
+
+
 def check_env(env, known_ids) -> list:
     """Every problem with the `VLPATCH*` variables of `env` (empty values count as unset)."""
     problems = []
@@ -133,6 +158,8 @@ def check_env(env, known_ids) -> list:
             problem = check_report(name, value)
         elif setting.kind == "matrix":
             problem = check_matrix(name, value)
+        elif setting.kind == "share":
+            problem = check_share(name, value)
         else:
             problem = check_level(name, value)
         if problem:

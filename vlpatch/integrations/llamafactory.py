@@ -727,10 +727,35 @@ def _run_wrapper(wrapped, instance, args, kwargs):
         a["dataset"] = dataset.add_column(
             INDEX_COLUMN, list(range(len(dataset))), new_fingerprint=hashlib.sha256(tag.encode()).hexdigest()[:16]
         )
+    quiet = getattr(training_args, "local_process_index", 0) != 0
     try:
-        return wrapped(*bound.args, **bound.kwargs)
-    finally:
-        report.end_run(run, quiet=getattr(training_args, "local_process_index", 0) != 0)
+        out = wrapped(*bound.args, **bound.kwargs)
+    except BaseException:
+        report.end_run(run, quiet=quiet)
+        raise
+    counts = report.end_run(run, quiet=quiet)
+    too_much_bad_input(run, counts, cfg.max_bad, f"{split} {','.join(names)}")
+    return out
+
+
+def too_much_bad_input(run, counts, max_bad: float, where: str) -> None:
+    """Bad input is dropped and reported one sample at a time, but a wrong media_dir or dataset path
+    makes much of a dataset bad: above `max_bad` (VLPATCH_MAX_BAD) of the samples, stop before training,
+    with the count and the first few samples."""
+    bad = getattr(run, "reasons", {}).get("bad_input", 0)
+    total = sum(counts.values())
+    if not total or bad <= max_bad * total:
+        return
+    first = report.run_rows(run, limit=3, where=lambda r: str(r.get("reason", "")).startswith("bad_input"))
+    named = "; ".join(
+        f"{_describe(r.get('index'), r.get('batch_position'), r.get('source_dataset'), r.get('source_row'))}: {r['reason'][:160]}"
+        for r in first
+    )
+    raise core.VLPatchError(
+        f"vlpatch: {bad} of {total} samples ({bad / total:.0%}) of {where} have bad input, more than "
+        f"VLPATCH_MAX_BAD ({max_bad:.0%}): a wrong media_dir or dataset path? First: {named}. Every one is in "
+        f"{run.report_path}. Fix the data, or raise VLPATCH_MAX_BAD to drop them and train anyway"
+    )
 
 
 WRAPPERS = {

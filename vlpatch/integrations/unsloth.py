@@ -317,6 +317,12 @@ def _collate(wrapped, instance, args, kwargs):
     budget = getattr(instance, "max_seq_length", None)
     _batches.append(examples)
     try:
+        if getattr(instance, "formatting_func", None) is None:  # bad input named here, in every era
+            for example in examples if isinstance(examples, (list, tuple)) else ():
+                if isinstance(example, dict) and example.get("images") is not None:
+                    key = "messages" if "messages" in example else "conversations" if "conversations" in example else None
+                    if key is not None:
+                        _checked(example, example["images"], example[key])
         if "truncation" not in _active or not budget or _finder(instance.processor) is None:
             # an uncovered processor is left to upstream entirely (listed by status(); warned once)
             if "truncation" in _active and budget and type(instance.processor).__name__ not in _warned:
@@ -600,17 +606,29 @@ def filter_dataset(dataset, collator):
     Run it before training so that no batch ends up empty. Works on a `datasets.Dataset` (returns a
     filtered Dataset) or a list (returns a list). Each removed example gets a report row naming its
     dataset index (`"stage": "filter_dataset"`); examples that fit after a cut are kept and reported
-    when training cuts them.
+    when training cuts them. Bad input (image placeholders and images that differ in number, an
+    unreadable image) is removed and reported too (`bad_input`), unless the policy is `error` (raises)
+    or it exceeds VLPATCH_MAX_BAD of the examples: then it raises, naming the count and the first ones.
     """
     removed: list = []
+    seen = [0]
+    cfg = engine.config()
 
     def fits(example, index) -> bool:
         _filtering[:] = [index, []]
+        seen[0] += 1
         try:
             collator([example])
             return True
         except EmptyBatchError:
             removed.extend({**row, "index": index, "stage": "filter_dataset"} for row in _filtering[1])
+            return False
+        except Exception as exc:  # bad input: a placeholder count that differs, an unreadable image
+            if not _is_bad_input(exc) or cfg.policy == "error":
+                raise
+            why = exc.reason + (f" ({exc.detail})" if exc.detail else "") if isinstance(exc, core.SampleError) else f"{type(exc).__name__}: {exc}"
+            removed.append({"trainer": TRAINER, "index": index, "stage": "filter_dataset", "action": "dropped",
+                            "reason": f"bad_input: {why}"[:500]})
             return False
         finally:
             _filtering.clear()
@@ -620,8 +638,22 @@ def filter_dataset(dataset, collator):
     else:
         out = [ex for i, ex in enumerate(dataset) if fits(ex, i)]
     report.write_rows(removed, DEFAULT_REPORT)
-    report.tally(Counter({"dropped": len(removed)}), Counter(r["reason"].split(":")[0] for r in removed))
+    reasons = Counter(r["reason"].split(":")[0] for r in removed)
+    report.tally(Counter({"dropped": len(removed)}), reasons)
+    bad = reasons.get("bad_input", 0)
+    if seen[0] and bad > cfg.max_bad * seen[0]:  # a wrong path loses much of a dataset: stop, do not filter it away
+        first = "; ".join(f"example {r['index']}: {r['reason'][:160]}" for r in removed if r["reason"].startswith("bad_input"))
+        raise core.VLPatchError(
+            f"vlpatch: {bad} of {seen[0]} examples ({bad / seen[0]:.0%}) have bad input, more than VLPATCH_MAX_BAD "
+            f"({cfg.max_bad:.0%}). First: {first[:600]}. Fix the data, or raise VLPATCH_MAX_BAD to drop them"
+        )
     return out
+
+
+def _is_bad_input(exc: BaseException) -> bool:
+    if isinstance(exc, core.SampleError):
+        return "placeholders" in exc.reason
+    return isinstance(exc, OSError) or type(exc).__name__ in ("UnidentifiedImageError", "DecompressionBombError")
 
 
 def details(spec) -> dict:

@@ -1,0 +1,343 @@
+"""The real `llamafactory.data.get_dataset` (as training calls it) on a generated multi-turn corpus.
+
+The corpus: N sharegpt samples of 1-4 user / assistant turn pairs with 0-6 images in all, each
+`<image>` placed anywhere in a random user turn, user and assistant texts from a few words to ~150,
+and images (one PNG file each) of 8 sizes, so that image runs are 6 to 258 tokens long. Samples with
+images are one dataset, text-only samples another (LLaMA-Factory 0.9.2 fails on empty image lists);
+training merges them, so the merged order is the image samples, then the text-only ones.
+
+Each case preprocesses the whole corpus with vlpatch applied at one cutoff_len, `mask_history` off or
+on, policy `drop`; one case runs `drop_media`. The reference is vanilla `get_dataset` (vlpatch
+reverted) at an unbounded cutoff_len with the same `mask_history`: the uncut encoding of every sample,
+from which the test computes, on its own, the tokens of each image run and which samples must be
+dropped: only those whose first-budgeted turn (the first turn; the last one under `mask_history`)
+holds more image tokens than the cutoff. Per sample, from the output rows and the report rows:
+
+* dropped exactly when the first-budgeted turn's media do not fit; all of that turn's images kept
+  otherwise; images that leave come from later turns and are named (`media_left_with_turn`);
+* rows at most cutoff_len long, labels and attention mask as long as input_ids, every
+  `<|vision_start|> <|image_pad|>* <|vision_end|>` run whole, as many runs as images, each run as long
+  as the uncut run of the image it stands for, the (input_id, label) pairs a subsequence of the uncut
+  ones, the images list the sample's own minus exactly the reported items;
+* samples within the cutoff exactly as vanilla's, with no report row; every other sample one row.
+
+One vanilla run at the middle cutoff also checks that a sample whose image runs upstream keeps whole
+comes out token for token as upstream's. Every case runs on every tested LLaMA-Factory release (one
+vanilla pass costs ~3-12 s for 500 samples; a patched pass ~2 s with the header-token patch).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+
+import pytest
+
+from tests.conftest import require
+from tests.fixtures.tiny_models import _register, long_text
+
+pytestmark = pytest.mark.llamafactory
+
+N = 500
+# (width, height) -> tokens of the run: (w/28) * (h/28) merged patches + <|vision_start|> + <|vision_end|>
+SIZES = [(56, 56), (112, 84), (112, 112), (224, 112), (224, 224), (336, 224), (448, 336), (448, 448)]
+SIZE_WEIGHTS = [5, 5, 5, 4, 4, 3, 1, 1]
+MAX_PIXELS = 448 * 448
+CUTOFFS = (160, 320, 640)
+UNBOUNDED = 1 << 20
+IGNORE = -100
+
+
+def run_tokens(size) -> int:
+    w, h = size
+    return (w // 28) * (h // 28) + 2
+
+
+@dataclass
+class Sample:
+    index: int  # position in the merged dataset
+    dataset: str
+    row: int  # row in its dataset's file
+    messages: list
+    images: list  # file paths as LLaMA-Factory resolves them
+    sizes: list
+    turn_of: list  # the user turn (0-based) of each image, in image order
+    turns: int = 0
+
+
+@dataclass
+class Corpus:
+    data_dir: str
+    samples: list = field(default_factory=list)
+
+
+def build_corpus(directory: str, n: int = N, seed: int = 1234) -> Corpus:
+    from PIL import Image
+
+    rng = random.Random(seed)
+    with_images, text_only = [], []
+    for i in range(n):
+        turns = rng.randint(1, 4)
+        count = rng.choice([0, 1, 1, 2, 2, 3, 3, 4, 5, 6])
+        turn_of = sorted(rng.randrange(turns) for _ in range(count))
+        messages, files, sizes = [], [], []
+        for t in range(turns):
+            n_words = rng.choice([rng.randint(0, 12), rng.randint(10, 60), rng.randint(60, 150)])
+            words = long_text(n_words, seed=rng.randrange(1 << 30)).split() if n_words else []
+            for _ in range(turn_of.count(t)):
+                size = rng.choices(SIZES, SIZE_WEIGHTS)[0]
+                name = f"s{i:04d}_{len(files)}.png"
+                Image.new("RGB", size, (i % 251, 40 * len(files) % 251, 150)).save(os.path.join(directory, name))
+                files.append(name)
+                sizes.append(size)
+                words.insert(rng.randint(0, len(words)), "<image>")
+            messages.append({"role": "user", "content": " ".join(words) or "hi"})
+            messages.append({"role": "assistant", "content": long_text(rng.choice([rng.randint(1, 8), rng.randint(8, 80)]), seed=rng.randrange(1 << 30))})
+        entry = (messages, files, sizes, turn_of, turns)
+        (with_images if files else text_only).append(entry)
+    _register(directory, "corpus_img", [{"messages": m, "images": f} for m, f, *_ in with_images],
+              {"messages": "messages", "images": "images"})
+    _register(directory, "corpus_text", [{"messages": m} for m, *_ in text_only], {"messages": "messages"})
+    corpus = Corpus(directory)
+    for name, group in (("corpus_img", with_images), ("corpus_text", text_only)):
+        for row, (messages, files, sizes, turn_of, turns) in enumerate(group):
+            paths = [os.path.join(directory, f) for f in files]
+            corpus.samples.append(Sample(len(corpus.samples), name, row, messages, paths, sizes, turn_of, turns))
+    return corpus
+
+
+@pytest.fixture(scope="module")
+def lf(tiny_qwen2vl, tmp_path_factory):
+    """get_dataset on the corpus: `lf.run(cutoff, mask_history, policy)`; policy None is vanilla."""
+    require("llamafactory")
+    import vlpatch
+    from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
+    from llamafactory.hparams import DataArguments, ModelArguments
+    from llamafactory.model import load_tokenizer
+    from transformers import Seq2SeqTrainingArguments
+
+    data_dir = str(tmp_path_factory.mktemp("corpus"))
+    corpus = build_corpus(data_dir)
+    work = tmp_path_factory.mktemp("runs")
+    model_args = ModelArguments(model_name_or_path=tiny_qwen2vl, image_max_pixels=MAX_PIXELS)
+    tokenizer_module = load_tokenizer(model_args)
+    tok = tokenizer_module["tokenizer"]
+    cache: dict = {}
+
+    def run(cutoff: int, mask_history: bool, policy: str | None):
+        key = (cutoff, mask_history, policy)
+        if key in cache:
+            return cache[key]
+        report_path = str(work / f"report_{cutoff}_{mask_history}_{policy}.jsonl")
+        vlpatch.revert()
+        if policy:
+            vlpatch.apply(policy=policy, report=report_path)
+        try:
+            data_args = DataArguments(template="qwen2_vl", dataset="corpus_img,corpus_text", dataset_dir=data_dir,
+                                      cutoff_len=cutoff, mask_history=mask_history, overwrite_cache=True)
+            training_args = Seq2SeqTrainingArguments(output_dir=str(work / "out"), report_to="none", use_cpu=True)
+            template = get_template_and_fix_tokenizer(tok, data_args)
+            dataset = get_dataset(template, model_args, data_args, training_args, "sft", **tokenizer_module)["train_dataset"]
+            rows = [dataset[i] for i in range(len(dataset))]
+        finally:
+            vlpatch.revert()
+        report = []
+        if os.path.exists(report_path):
+            with open(report_path, encoding="utf-8") as fh:
+                report = [json.loads(line) for line in fh if line.strip()]
+        cache[key] = rows, report
+        return cache[key]
+
+    class LF:
+        pass
+
+    out = LF()
+    out.run, out.corpus, out.tok = run, corpus, tok
+    out.start, out.pad, out.end = (tok.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>"))
+    yield out
+    vlpatch.revert()
+
+
+def image_runs(lf, ids) -> list:
+    """Lengths of the image runs of `ids`; fails on a split run or a stray vision token."""
+    runs, i, n = [], 0, len(ids)
+    while i < n:
+        tok = ids[i]
+        if tok == lf.start:
+            j = i + 1
+            while j < n and ids[j] == lf.pad:
+                j += 1
+            assert j > i + 1 and j < n and ids[j] == lf.end, f"image run at {i} is not whole: {ids[i:j + 1][-5:]}"
+            runs.append(j + 1 - i)
+            i = j + 1
+        else:
+            assert tok not in (lf.pad, lf.end), f"stray vision token {tok} at {i}"
+            i += 1
+    return runs
+
+
+def is_subsequence(part, whole) -> bool:
+    it = iter(whole)
+    return all(any(x == y for y in it) for x in part)
+
+
+def first_budgeted(sample: Sample, mask_history: bool) -> int:
+    return sample.turns - 1 if mask_history else 0
+
+
+@dataclass
+class Reference:
+    """What the uncut vanilla encoding says about one sample."""
+
+    ids: list
+    labels: list
+    runs: list  # tokens of each image's run, in image order
+    first_media: int  # image tokens of the first-budgeted turn
+
+
+def reference(lf, mask_history: bool) -> list:
+    rows, report = lf.run(UNBOUNDED, mask_history, None)
+    assert not report and len(rows) == len(lf.corpus.samples)
+    out = []
+    for s, row in zip(lf.corpus.samples, rows):
+        runs = image_runs(lf, row["input_ids"])
+        assert runs == [run_tokens(size) for size in s.sizes], (s.index, runs, s.sizes)
+        assert (row["images"] or []) == s.images
+        first = first_budgeted(s, mask_history)
+        out.append(Reference(row["input_ids"], row["labels"], runs, sum(r for r, t in zip(runs, s.turn_of) if t == first)))
+    return out
+
+
+def check_case(lf, cutoff: int, mask_history: bool, policy: str) -> Counter:
+    samples = lf.corpus.samples
+    ref = reference(lf, mask_history)
+    rows, report = lf.run(cutoff, mask_history, policy)
+    by_index = {}
+    for r in report:
+        assert r["index"] not in by_index, f"two report rows for sample {r['index']}"
+        s = samples[r["index"]]
+        assert (r["source_dataset"], r["source_row"]) == (s.dataset, s.row), r
+        by_index[r["index"]] = r
+    over = {s.index for s in samples if len(ref[s.index].ids) > cutoff}
+    assert set(by_index) == over, "one report row for every sample over the cutoff, none for the others"
+    must_go = {s.index for s in samples if ref[s.index].first_media > cutoff}
+    dropped = {i for i, r in by_index.items() if r["action"] == "dropped"}
+    if policy == "drop":
+        wrong = sorted(dropped - must_go)
+        assert not wrong, f"dropped though their first-budgeted turn's media fit: {[(i, by_index[i]['reason']) for i in wrong[:5]]}"
+        missing = sorted(must_go - dropped)
+        assert not missing, f"kept though their first-budgeted turn's media do not fit: {missing[:10]}"
+        for i in dropped:
+            assert by_index[i]["reason"].startswith("media_exceed_budget"), by_index[i]
+    else:
+        assert not dropped, [by_index[i] for i in sorted(dropped)[:3]]
+    kept = [s for s in samples if s.index not in dropped]
+    assert len(rows) == len(kept), (len(rows), len(kept))
+    counts = Counter()
+    for s, row in zip(kept, rows):
+        r, u = by_index.get(s.index), ref[s.index]
+        where = f"sample {s.index} ({s.dataset}[{s.row}]) at cutoff_len {cutoff}, mask_history {mask_history}, {policy}"
+        ids, labels, images = row["input_ids"], row["labels"], row["images"] or []
+        assert len(ids) <= cutoff, where
+        assert len(labels) == len(ids) == len(row["attention_mask"]), where
+        runs = image_runs(lf, ids)
+        assert len(runs) == len(images), (where, runs, images)
+        assert is_subsequence(images, s.images), (where, images)
+        kept_items = [k for k, path in enumerate(s.images) if path in images]
+        removed = [k for k in range(len(s.images)) if k not in kept_items]
+        assert runs == [u.runs[k] for k in kept_items], (where, runs, u.runs, removed)
+        assert is_subsequence(list(zip(ids, labels)), list(zip(u.ids, u.labels))), where
+        first = first_budgeted(s, mask_history)
+        if r is None:
+            assert (ids, labels, images) == (u.ids, u.labels, s.images), where
+            counts["kept whole"] += 1
+            continue
+        assert r["tokens_before"] == len(u.ids) and r["tokens_after"] == len(ids), (where, r)
+        assert r["media_removed"].get("image", []) == removed and len(removed) == len(s.images) - len(images), (where, r)
+        if s.index in must_go:  # drop_media: the first-budgeted turn's trailing runs go until the rest fits
+            assert r["action"] == "media_dropped" and r["reason"].startswith("media_exceed_budget"), (where, r)
+            turn_items = [k for k, t in enumerate(s.turn_of) if t == first]
+            stay, total = [], 0
+            for k in turn_items:
+                if total + u.runs[k] > cutoff:
+                    break
+                stay.append(k)
+                total += u.runs[k]
+            assert [k for k in kept_items if k in turn_items] == stay, (where, r, turn_items, u.runs)
+            counts["media_dropped"] += 1
+            continue
+        assert r["action"] == "truncated", (where, r)
+        assert all(s.turn_of[k] != first for k in removed), f"{where}: an image of the first-budgeted turn left: {r}"
+        if removed:
+            assert r["reason"].startswith("media_left_with_turn"), (where, r)
+            counts["truncated, media_left_with_turn"] += 1
+        else:
+            assert r["reason"] == "text_over_budget", (where, r)
+            counts["truncated, text only"] += 1
+    counts["dropped"] = len(dropped)
+    return counts
+
+
+def test_the_corpus_covers_every_case(lf):
+    samples = lf.corpus.samples
+    assert len(samples) >= 500
+    assert {s.turns for s in samples} == {1, 2, 3, 4}
+    assert {len(s.images) for s in samples} == set(range(7))
+    assert {size for s in samples for size in s.sizes} == set(SIZES)
+    assert {t for s in samples for t in s.turn_of} == {0, 1, 2, 3}
+    for mask_history in (False, True):
+        ref = reference(lf, mask_history)
+        for cutoff in CUTOFFS:
+            fit = sum(len(u.ids) <= cutoff for u in ref)
+            go = sum(u.first_media > cutoff for u in ref)
+            later = sum(len(u.ids) > cutoff and u.first_media < sum(u.runs) for u in ref)
+            assert fit >= 10 and len(ref) - fit >= 50 and go >= 1 and later >= 20, (cutoff, mask_history, fit, go, later)
+
+
+@pytest.mark.parametrize("mask_history", [False, True], ids=["turn_order", "mask_history"])
+@pytest.mark.parametrize("cutoff", CUTOFFS)
+def test_drop(lf, cutoff, mask_history):
+    counts = check_case(lf, cutoff, mask_history, "drop")
+    print(f"cutoff_len {cutoff} mask_history {mask_history} drop: {dict(counts)}")
+    assert counts["truncated, media_left_with_turn"] and counts["truncated, text only"] and counts["kept whole"]
+    assert counts["dropped"]
+
+
+def test_drop_media(lf):
+    counts = check_case(lf, CUTOFFS[0], False, "drop_media")
+    print(f"cutoff_len {CUTOFFS[0]} mask_history False drop_media: {dict(counts)}")
+    assert counts["media_dropped"] and not counts["dropped"]
+    # every sample whose first-budgeted turn fits comes out as under drop
+    drop_rows, drop_report = lf.run(CUTOFFS[0], False, "drop")
+    media_rows, media_report = lf.run(CUTOFFS[0], False, "drop_media")
+    dropped = {r["index"] for r in drop_report if r["action"] == "dropped"}
+    kept = [s.index for s in lf.corpus.samples]
+    by_index = dict(zip([i for i in kept if i not in dropped], drop_rows))
+    for i, row in zip(kept, media_rows):
+        if i in by_index:
+            assert row == by_index[i], f"sample {i}"
+
+
+def test_upstream_cut_that_keeps_runs_whole_is_unchanged(lf):
+    """Where vanilla's own cut keeps every image run whole (and every image), vlpatch's row is vanilla's."""
+    cutoff = CUTOFFS[1]
+    vanilla, _ = lf.run(cutoff, False, None)
+    patched, report = lf.run(cutoff, False, "drop")
+    dropped = {r["index"] for r in report if r["action"] == "dropped"}
+    ours = dict(zip([s.index for s in lf.corpus.samples if s.index not in dropped], patched))
+    same = 0
+    for s, row in zip(lf.corpus.samples, vanilla):
+        try:
+            runs = image_runs(lf, row["input_ids"])
+        except AssertionError:
+            continue  # upstream cut a run
+        if len(runs) != len(s.images):
+            continue  # upstream cut an image away
+        assert s.index in ours, f"sample {s.index} dropped though upstream keeps its media whole"
+        mine = ours[s.index]
+        assert (mine["input_ids"], mine["labels"], mine["images"]) == (row["input_ids"], row["labels"], row["images"]), f"sample {s.index}"
+        same += 1
+    assert same >= 100, same
