@@ -54,6 +54,7 @@ class PatchSpec:
     summary: str = ""
     options: dict = field(default_factory=dict)
     parts: list = field(default_factory=list)
+    absent: object = None  # SpecifierSet or None: releases without the code the patch is for (nothing to patch)
 
     def targets_for(self, version) -> list:
         """The targets that exist in this upstream version (a target with its own `applies` may not)."""
@@ -93,6 +94,7 @@ def parse(data: dict) -> Matrix:
                 applies=_specifier(raw["applies"]),
                 tested=[str(v) for v in raw.get("tested", [])],
                 native=_specifier(raw["native"]) if raw.get("native") else None,
+                absent=_specifier(raw["absent"]) if raw.get("absent") else None,
                 targets=targets,
                 fingerprints={str(k): dict(v) for k, v in (raw.get("fingerprints") or {}).items()},
                 summary=raw.get("summary", ""),

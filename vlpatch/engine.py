@@ -411,6 +411,11 @@ def _attach(spec) -> None:
         v = Version(version)
     except InvalidVersion:
         return _skip(spec.id, version, f"cannot read the version {version!r} of {spec.distribution}")
+    if spec.absent and v in spec.absent:  # e.g. a trainer release before the collator the patch wraps existed
+        _states[spec.id] = PatchState(
+            spec.id, "native", f"{spec.distribution} {version} has no code for this patch to fix ({spec.absent}): nothing to patch", version
+        )
+        return _announce(spec.id)
     if spec.native and v in spec.native:
         _states[spec.id] = PatchState(
             spec.id, "native", f"{spec.distribution} {version} fixes this itself ({spec.native})", version

@@ -37,8 +37,9 @@ class Sample:
     media_tokens: dict = field(default_factory=dict)  # kind -> tokens per item, in order
     images: list = field(default_factory=list)
     vanilla: str = ""  # fits | text truncated | crash: ... | error: ...
-    vlpatch: str = ""  # fits | truncated | media_dropped | dropped | error: ...
+    vlpatch: str = ""  # fits | truncated | media_dropped | dropped | error: ...  (under the scan's policy)
     detail: str = ""
+    policies: dict = field(default_factory=dict)  # the outcome under each policy: drop, drop_media, error
 
 
 def _train_args(config: dict):
@@ -164,10 +165,8 @@ class _Ticker:
 
 
 def _scan_chunk(state: _State, indices, ticker: _Ticker) -> list:
-    """The three passes over some samples, in this process: the whole sample, vanilla at cutoff_len,
-    vlpatch at cutoff_len under the policy. Returns their `Sample`s."""
-    import logging
-
+    """The passes over some samples, in this process: the whole sample, vanilla at cutoff_len, vlpatch
+    at cutoff_len under the policy (and under the others, for the per-policy table). Returns their `Sample`s."""
     import vlpatch
 
     from . import report as vreport
@@ -235,8 +234,34 @@ def _scan_chunk(state: _State, indices, ticker: _Ticker) -> list:
         except Exception as exc:
             s.vanilla = f"error: {type(exc).__name__}: {exc}"[:300]
     vlpatch.revert()
+    # pass 3, under the policy training will use, then under the other policies for the side-by-side table
+    # (`error` stops training where `drop` drops: its outcome follows from drop's)
+    outcomes = {}
+    for policy in dict.fromkeys([state.policy, "drop", "drop_media"]):
+        if policy != state.policy:
+            ticker.more(len(long) + len(bad))
+        outcomes[policy] = _policy_pass(state, long + bad, policy, encode, lfint, vreport)
+    for s in samples:
+        if s.index not in outcomes[state.policy]:
+            s.policies = {p: "fits" for p in ("drop", "drop_media", "error")}
+            continue
+        s.vlpatch, reason = outcomes[state.policy][s.index]
+        if reason:
+            s.detail = (s.detail + "; " if s.detail else "") + reason
+        drop = outcomes["drop"][s.index][0]
+        s.policies = {"drop": drop, "drop_media": outcomes["drop_media"][s.index][0],
+                      "error": "error" if drop == "dropped" else drop}
+    return samples
+
+
+def _policy_pass(state, todo, policy, encode, lfint, vreport) -> dict:
+    """index -> (vlpatch's outcome at cutoff_len under `policy`, its reason) for the samples `todo`."""
+    import logging
+
+    import vlpatch
+
     path = os.path.join(tempfile.mkdtemp(prefix="vlpatch-scan-"), "report.jsonl")
-    vlpatch.apply(policy=state.policy, patches=["llamafactory.header_tokens", "llamafactory.truncation"], report=path)
+    vlpatch.apply(policy=policy, patches=["llamafactory.header_tokens", "llamafactory.truncation"], report=path)
     quiet = logging.getLogger("vlpatch")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
@@ -252,23 +277,23 @@ def _scan_chunk(state: _State, indices, ticker: _Ticker) -> list:
             offset = fh.tell()
         return [json.loads(line) for line in text.splitlines() if line.strip()]
 
+    out = {}
     try:
-        for s in long + bad:  # pass 3: vlpatch at cutoff_len (bad input: what training does with it)
+        for s in todo:  # vlpatch at cutoff_len (bad input: what training does with it)
             run = vreport.start_run(lfint.TRAINER, "scan", path)
             try:
-                encode(s.index, cutoff)
+                encode(s.index, state.cutoff)
                 mine = [r for r in new_rows() if r.get("run_id") == run.run_id]
-                s.vlpatch = mine[-1]["action"] if mine else ("fits" if s.tokens is not None else "kept")
-                if mine and mine[-1].get("reason"):
-                    s.detail = (s.detail + "; " if s.detail else "") + str(mine[-1]["reason"])
+                outcome = mine[-1]["action"] if mine else ("fits" if s.tokens is not None else "kept")
+                out[s.index] = (outcome, str(mine[-1]["reason"]) if mine and mine[-1].get("reason") else "")
             except Exception as exc:
-                s.vlpatch = f"error: {type(exc).__name__}: {exc}"[:300]
+                out[s.index] = (f"error: {type(exc).__name__}: {exc}"[:300], "")
             finally:
                 vreport.end_run(run, quiet=True)
     finally:
         quiet.setLevel(level)
         vlpatch.revert()
-    return samples
+    return out
 
 
 _worker_state: _State | None = None
@@ -427,6 +452,12 @@ def summary(result: dict) -> str:
     pat = Counter(_bucket(s["vlpatch"]) for s in samples)
     for key in sorted(set(van) | set(pat), key=lambda k: -(van[k] + pat[k])):
         lines.append(f"  {key:31} {van.get(key, 0):>15}   {pat.get(key, 0):>12}")
+    per = {p: Counter(_bucket((s.get("policies") or {}).get(p, "")) for s in samples) for p in ("drop", "drop_media", "error")}
+    keys = sorted({k for c in per.values() for k in c if k}, key=lambda k: -sum(c[k] for c in per.values()))
+    if keys:
+        lines += ["", "with vlpatch, per policy             drop   drop_media   error"]
+        for key in keys:
+            lines.append(f"  {key:31} {per['drop'][key]:>6}   {per['drop_media'][key]:>10}   {per['error'][key]:>5}")
     lengths = sorted(s["tokens"] for s in samples if s["tokens"] is not None)
     if lengths:
         p = {q: _percentile(lengths, q) for q in (0.5, 0.9, 0.99)}
@@ -532,10 +563,12 @@ def plot(result: dict, path: str) -> None:
 def write_csv(result: dict, path: str) -> None:
     with open(path, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
-        w.writerow(["index", "source_dataset", "source_row", "tokens", "text_tokens", "media_tokens", "vanilla", "vlpatch", "detail"])
+        w.writerow(["index", "source_dataset", "source_row", "tokens", "text_tokens", "media_tokens", "vanilla", "vlpatch", "detail",
+                    "drop", "drop_media", "error"])
         for s in result["samples"]:
+            per = s.get("policies") or {}
             w.writerow([s["index"], s["source_dataset"], s["source_row"], s["tokens"], s["text_tokens"], json.dumps(s["media_tokens"]),
-                        s["vanilla"], s["vlpatch"], s["detail"]])
+                        s["vanilla"], s["vlpatch"], s["detail"], per.get("drop"), per.get("drop_media"), per.get("error")])
 
 
 def dataset_from_file(path: str) -> tuple:

@@ -57,6 +57,7 @@ SETTINGS = {
         Setting("VLPATCH_SESSIONS", "tooling", "scripts/sessions.py: sessions to run"),
         Setting("VLPATCH_STRICT", "tooling", "tests: upstream packages a session must have"),
         Setting("VLPATCH_EXPECT", "tooling", "tests: what a session expects of its upstream"),
+        Setting("VLPATCH_CORPUS_FILES", "tooling", "tests: image files in the header-token corpus"),
     )
 }
 

@@ -1,0 +1,474 @@
+"""What the collator integrations share: media runs found from the matrix's token table, a collated batch
+cut row by row with whole media runs (`core.fit_sequence`; preference pairs together with
+`core.resolve`), and the batch tensors rebuilt without the dropped rows and removed media.
+
+Trainer-independent: `vlpatch.integrations.unsloth` (UnslothVisionDataCollator) and
+`vlpatch.integrations.trl` (TRL's vision collators) each hold a `Site`: the trainer name for the report,
+the matrix options of their patch (`media_tokens`, `pixel_layout`, `video_runs`, `audio_tensors`), the
+finder cache, the name of the length setting and the error for a batch left empty.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from .. import core, engine, report
+
+DEFAULT_REPORT = "vlpatch_report.jsonl"  # in the working directory: a collator does not know output_dir
+
+
+class Site:
+    """One integration's state: set `spec` when the engine attaches its patch (`wrappers`)."""
+
+    def __init__(self, trainer: str, empty_error: type, budget_name: str, filter_hint: str, report_path: str = DEFAULT_REPORT):
+        self.trainer = trainer
+        self.empty_error = empty_error
+        self.budget_name = budget_name  # max_seq_length (Unsloth), max_length (TRL)
+        self.filter_hint = filter_hint
+        self.report = report_path
+        self.spec = None
+        self.finders: dict = {}
+        self.filtering: list = []  # filter_dataset: [dataset index, rows of that one-example batch]
+
+    @property
+    def options(self) -> dict:
+        return self.spec.options if self.spec is not None else {}
+
+    def attach(self, spec) -> None:
+        self.spec = spec
+        self.finders.clear()
+
+    def finder(self, processor):
+        """The RunFinder of this processor class (None: not in the matrix's table, left to upstream)."""
+        return _finder(self, processor)
+
+
+def _finder(site, processor) -> core.RunFinder | None:
+    key = id(processor)
+    hit = site.finders.get(key)
+    if hit is None:
+        hit = (processor, _build_finder(site, processor))
+        site.finders[key] = hit
+    return hit[1]
+
+
+def _pixel_layout(site, processor) -> str:
+    """How a processor's pixel tensors hold images (matrix `options.pixel_layout`): grid / per_image / per_row."""
+    return site.options.get("pixel_layout", {}).get(type(processor).__name__, "grid")
+
+
+def _audio_tensors(site, processor) -> list:
+    """The batch keys holding one entry per audio clip (matrix `options.audio_tensors`; Gemma 3n:
+    input_features, input_features_mask), the first one counting the clips; [] where none is known."""
+    return list(site.options.get("audio_tensors", {}).get(type(processor).__name__, []))
+
+
+# media tensors that are never per-token, whatever their shape: input_features_mask [clips, frames] can
+# match [batch, sequence] by chance (upstream's _truncate_sequence_tensors has the same warning)
+_VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+_MEDIA_KEYS = frozenset(
+    ("pixel_values", "image_grid_thw", "image_sizes", "aspect_ratio_ids", "aspect_ratio_mask", *_VIDEO_KEYS)
+)
+
+
+def _frame_groups(site, batch, processor):
+    """For a processor whose videos are one run per frame group (matrix `options.video_runs`:
+    `frame_groups`, Qwen3-VL: `<t seconds><|vision_start|> <|video_pad|> x h*w/merge^2 <|vision_end|>` for
+    each of the video's t temporal patches): (groups, body tokens per group) per video of the batch, in
+    order, from video_grid_thw. None for every other processor."""
+    kind = site.options.get("video_runs", {}).get(type(processor).__name__)
+    if kind != "frame_groups":
+        return None
+    grid = batch.get("video_grid_thw")
+    if grid is None:
+        return []
+    merge = getattr(getattr(processor, "video_processor", None), "merge_size", None) or 2
+    return [(int(t), int(h) * int(w) // (merge * merge)) for t, h, w in grid.tolist()]
+
+
+def _merge_frame_groups(site, row, runs: list, groups: list, video: int, finder, processor) -> tuple:
+    """A row's runs with each video's frame-group runs merged into one run (the timestamps between them
+    inside it), so that a video is kept or removed whole. Where the processor leaves the template's own
+    `<|vision_start|>` ... `<|vision_end|>` around the groups (transformers 5.17 expands the video token
+    alone), the run takes that pair and the first timestamp too. `video`: the batch-wide index of the row's
+    first video; returns (runs, index of the next row's first video). A row whose frame groups do not
+    match video_grid_thw is refused (VLPatchError): never cut blindly."""
+    spec = finder.kinds["video"]
+    out, k = [], 0
+    while k < len(runs):
+        run = runs[k]
+        if run.kind != "video":
+            out.append(run)
+            k += 1
+            continue
+        members = runs[k : k + groups[video][0]] if video < len(groups) else []
+        if (
+            not members
+            or len(members) != groups[video][0]
+            or any(r.kind != "video" or r.length != groups[video][1] + 2 for r in members)
+        ):
+            import importlib.metadata
+
+            raise core.VLPatchError(
+                f"vlpatch: {type(processor).__name__} (transformers {importlib.metadata.version('transformers')}) "
+                f"writes video #{video} in a way the compat matrix does not describe (its frame-group runs do not "
+                "match video_grid_thw). vlpatch will not cut it blindly; exclude the patch (VLPATCH_EXCLUDE) or "
+                "upgrade vlpatch, and please report it"
+            )
+        start, stop = members[0].start, members[-1].stop
+        if stop < len(row) and row[stop] == spec.end and spec.start is not None:
+            # an outer pair: the nearest start token before the first group, text (the timestamp) between
+            floor = out[-1].stop if out else 0
+            opener = next((p for p in range(start - 1, floor - 1, -1) if row[p] == spec.start), None)
+            if opener is not None:
+                start, stop = opener, stop + 1
+        out.append(core.Run("video", start, stop))
+        video += 1
+        k += len(members)
+    return out, video
+
+
+def _removable(site, kind: str, layout: str, processor) -> bool:
+    """Whether items of `kind` can be taken out of this processor's batch tensors."""
+    if kind == "image":
+        return True
+    if kind == "video":
+        return layout == "grid"  # Qwen-VL: flat patches in pixel_values_videos, one video_grid_thw row each
+    if kind == "audio":
+        return bool(_audio_tensors(site, processor))
+    return False
+
+
+def _build_finder(site, processor) -> core.RunFinder | None:
+    table = site.options.get("media_tokens", {}).get(type(processor).__name__)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    return None if table is None else core.finder_from_table(table, tokenizer, processor, tokenizer)
+
+
+def fit(site, collator, batch, budget: int, keep: str = "head", pairs: bool = False, pad_side: str | None = None):
+    """Cut each row of a collated batch longer than `budget` with whole media runs (`core.fit_sequence`,
+    keeping the head or the tail), then rebuild the batch tensors without the dropped rows and removed
+    media. `pairs`: the batch is [chosen rows..., rejected rows...] (TRL's preference collator): rows i
+    and i + B/2 are one sample, decided together (`core.resolve` over both layouts), so a pair is kept,
+    cut, loses the same media or is dropped as one. `pad_side`: where the rebuilt rows are padded (None:
+    the tokenizer's padding_side)."""
+    import torch
+
+    ids, mask = batch["input_ids"], batch.get("attention_mask")
+    if ids.dim() != 2 or ids.shape[1] <= budget:
+        if not site.filtering:
+            report.tally(Counter({"kept": ids.shape[0] // (2 if pairs else 1)}), Counter())
+        return batch
+    processor = collator.processor
+    finder = _finder(site, processor)
+    cfg = engine.config()
+    policy = core.get_policy(cfg.policy)
+    layout = _pixel_layout(site, processor)
+    B, L = ids.shape
+    groups = _frame_groups(site, batch, processor)  # Qwen3-VL: a video is one run per frame group
+    video = 0  # batch-wide index of the next video
+    parsed = []  # per row: its unpadded positions, token ids, media runs and items per kind
+    for i in range(B):
+        pos = (mask[i] != 0).nonzero().flatten().tolist() if mask is not None else list(range(L))
+        row = ids[i, pos].tolist()
+        runs = finder.find(row)
+        if groups is not None:
+            runs, video = _merge_frame_groups(site, row, runs, groups, video, finder, processor)
+        parsed.append((pos, row, runs, finder.count_items(row, runs)))
+    _check_table(site, parsed, batch, layout, processor)
+    half = B // 2 if pairs else B
+    samples = [(i, i + half) for i in range(half)] if pairs else [(i,) for i in range(B)]
+    decided: dict = {}  # row -> (decision, index of the row's layout in it, sample index)
+    runs_of: dict = {}
+    rows, counts, reasons = [], Counter(), Counter()
+    for s, members in enumerate(samples):
+        if all(len(parsed[i][1]) <= budget for i in members):
+            counts["kept"] += 1
+            continue
+        sample = f"dataset[{site.filtering[0]}]" if site.filtering else f"batch example {s}"
+        if pairs:
+            sample += " (chosen and rejected)"
+        for i in members:
+            runs_of[i] = finder.assign_items(parsed[i][1], parsed[i][2], parsed[i][3])
+        err = {"trainer": site.trainer, "index": s, "action": "error", "budget": budget}
+        if site.filtering:
+            err = {**err, "index": site.filtering[0], "stage": "filter_dataset"}
+        try:
+            if pairs:
+                layouts = [core.single_layout(len(parsed[i][1]), runs_of[i], budget) for i in members]
+                decision = core.resolve(layouts, policy, sample)
+            else:
+                (i,) = members
+                decision = core.fit_sequence(len(parsed[i][1]), runs_of[i], budget, policy, sample, keep=keep)
+            if decision.removed and layout == "per_row":  # one image cannot leave a row's pixel slots
+                why = f"{decision.reason}; {type(processor).__name__} keeps images per row: example dropped"
+                decision = core.Decision("dropped", None, reason=why)
+        except core.SampleError:
+            report.write_rows([{**err, "reason": "media_exceed_budget"}], site.report)
+            raise
+        for k, i in enumerate(members):
+            decided[i] = (decision, k, s)
+        counts[decision.action] += 1
+        reasons[(decision.reason or "text_over_budget").split(":")[0]] += 1
+    rows_kept = []
+    removed: dict = {}  # kind -> batch-wide indices of the items that leave
+    base: Counter = Counter()  # kind -> batch-wide index of this row's first item
+    for i, (pos, row, runs, items) in enumerate(parsed):
+        if i not in decided:
+            rows_kept.append((i, pos))
+            base.update(items)
+            continue
+        decision, k, s = decided[i]
+        runs = runs_of[i]
+        media = sum(r.length for r in runs)
+        err = {"trainer": site.trainer, "index": s, "action": "error", "budget": budget}
+        if site.filtering:
+            err = {**err, "index": site.filtering[0], "stage": "filter_dataset"}
+        part = {"part": "chosen" if i < half else "rejected"} if pairs else {}
+        entry = {
+            "trainer": site.trainer, "index": s, **part, "budget": budget, "tokens_before": len(row),
+            "media": {"image": items["image"], **{k: n for k, n in sorted(items.items()) if n and k != "image"}},
+        }
+        # the kinds this decision takes out: every item of the row when it is dropped, else those removed
+        leaving = {kind for kind, n in items.items() if n} if decision.action == "dropped" else {k for k, _ in decision.removed}
+        if decision.action == "dropped" and layout == "per_row":
+            leaving = set()  # per-row tensors leave with their row
+        stuck = sorted(kind for kind in leaving if not _removable(site, kind, layout, processor))
+        if stuck:  # kept whole when text is cut, but this processor's tensors for them cannot be taken apart
+            what = ", ".join(f"{kind}s" for kind in stuck)
+            why = f"{type(processor).__name__} {what} cannot be taken out of its batch tensors ({decision.reason})"
+            report.write_rows([{**err, "reason": "media_not_removable: " + why}], site.report)
+            raise core.SampleError(
+                f"batch example {s}" if not site.filtering else f"dataset[{site.filtering[0]}]",
+                f"a sample with {what} does not fit {site.budget_name}", why + "; filter the dataset first",
+            )
+        if decision.action == "dropped":
+            for kind in leaving:
+                removed.setdefault(kind, []).extend(range(base[kind], base[kind] + items[kind]))
+            rows.append({**entry, "action": "dropped", "reason": decision.reason})
+        else:
+            kept = decision.kept[k]
+            gone: dict = {}
+            for kind, n in sorted(decision.removed):
+                gone.setdefault(kind, []).append(n)
+                removed.setdefault(kind, []).append(base[kind] + n)
+            rows_kept.append((i, [pos[p] for p in kept]))
+            if pairs and len(kept) == len(row):
+                base.update(items)
+                continue  # the other row of the pair was cut: this one is whole (no report row)
+            kept_media = sum(r.length for r in runs if not set(r.keys()) & set(decision.removed))
+            rows.append(
+                {
+                    **entry,
+                    "action": decision.action,
+                    "reason": decision.reason or "text_over_budget",
+                    "tokens_after": len(kept),
+                    "media_tokens": media,
+                    "media_tokens_after": kept_media,
+                    "media_removed": gone,
+                }
+            )
+        base.update(items)
+    if site.filtering:  # filter_dataset reports what it removes; training reports its own cuts
+        site.filtering[1].extend(rows)
+    else:
+        report.write_rows(rows, site.report)
+        report.tally(counts, reasons)
+    if not rows_kept:
+        names = ", ".join(dict.fromkeys(f"example {r['index']}" for r in rows))
+        raise site.empty_error(
+            f"vlpatch: every example of this batch was dropped ({names}: media do not fit "
+            f"{site.budget_name}={budget}); filter the dataset first with {site.filter_hint}"
+        )
+    return _rebuild(site, collator, batch, rows_kept, removed, base, layout, torch, pad_side)
+
+
+def _expected_items(site, batch, layout: str, processor=None) -> dict:
+    """Items per kind the processor produced for this batch, as its tensors tell (None: cannot tell)."""
+    out = {}
+    if layout == "grid":
+        for kind, key in (("image", "image_grid_thw"), ("video", "video_grid_thw")):
+            value = batch.get(key)
+            out[kind] = 0 if value is None else int(value.shape[0])
+    elif layout == "per_image":
+        value = batch.get("pixel_values")
+        out["image"] = 0 if value is None else len(value)
+    elif layout == "per_row" and batch.get("aspect_ratio_ids") is not None:
+        out["image"] = int((batch["aspect_ratio_ids"] != 0).sum())
+    audio = _audio_tensors(site, processor)
+    if audio:
+        value = batch.get(audio[0])
+        out["audio"] = 0 if value is None else len(value)
+    return out
+
+
+def _check_table(site, parsed, batch, layout, processor) -> None:
+    """Before cutting anything: the media runs the matrix's token table finds in input_ids must be the
+    media the processor produced. A processor release that writes its media otherwise (transformers
+    5.17 renamed Gemma3Processor.image_token) would otherwise be cut blindly: refuse, loudly."""
+    found: Counter = Counter()
+    for _, _, _, items in parsed:
+        found.update(items)
+    for kind, expected in _expected_items(site, batch, layout, processor).items():
+        if found.get(kind, 0) != expected:
+            import importlib.metadata
+
+            version = importlib.metadata.version("transformers")
+            raise core.VLPatchError(
+                f"vlpatch: {type(processor).__name__} (transformers {version}) writes its {kind}s in a way the "
+                f"compat matrix does not describe: {found.get(kind, 0)} {kind} run(s) in this batch's input_ids, "
+                f"{expected} {kind}(s) in its {'audio' if kind == 'audio' else 'pixel'} tensors. vlpatch will not "
+                "cut it blindly; exclude the patch (VLPATCH_EXCLUDE) or upgrade vlpatch, and please report it"
+            )
+
+
+def _rebuild(site, collator, batch, rows_kept, removed: dict, totals: Counter, layout, torch, pad_side=None):
+    """The batch at the kept positions of the kept rows, without the removed media items.
+
+    `removed`: kind -> batch-wide indices of the items that leave; `totals`: items per kind in the batch."""
+    processor = collator.processor
+    tokenizer = getattr(processor, "tokenizer", processor)
+    B, L = batch["input_ids"].shape
+    new_len = max(len(p) for _, p in rows_kept)
+    multiple = getattr(collator, "pad_to_multiple_of", None)
+    if multiple and multiple > 1:  # as upstream pads
+        new_len = -(-new_len // multiple) * multiple
+    left = (pad_side or getattr(tokenizer, "padding_side", "right")) == "left"
+    pad_values = {"input_ids": tokenizer.pad_token_id or 0, "labels": getattr(collator, "ignore_index", -100)}
+    audio_keys = _audio_tensors(site, processor)
+    media_keys = _MEDIA_KEYS | set(audio_keys)
+    per_token = set()
+    for key, value in list(batch.items()):
+        if key in media_keys:
+            continue
+        if torch.is_tensor(value) and value.dim() >= 2 and value.shape[0] == B and value.shape[1] == L:
+            out = value.new_full((len(rows_kept), new_len, *value.shape[2:]), pad_values.get(key, 0))
+            for j, (i, pos) in enumerate(rows_kept):
+                index = torch.tensor(pos, dtype=torch.long, device=value.device)
+                start = new_len - len(pos) if left else 0
+                out[j, start : start + len(pos)] = value[i].index_select(0, index)
+            batch[key] = out
+            per_token.add(key)
+    if layout == "per_row" and len(rows_kept) != B:  # pixel_values, aspect ratios ...: one entry per row
+        keep_rows = [i for i, _ in rows_kept]
+        for key, value in list(batch.items()):
+            if key not in per_token and torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == B:
+                batch[key] = value[keep_rows]
+    elif removed.get("image"):
+        skip = per_token | set(audio_keys) | set(_VIDEO_KEYS)
+        _drop_images(site, batch, sorted(set(removed["image"])), totals["image"], layout, skip, torch)
+    if removed.get("video"):
+        _drop_grid(batch, sorted(set(removed["video"])), "pixel_values_videos", "video_grid_thw", ("second_per_grid_ts",))
+    if removed.get("audio"):
+        _drop_entries(site, batch, sorted(set(removed["audio"])), totals["audio"], audio_keys, processor)
+    return batch
+
+
+def _drop_grid(batch, removed: list, pixel_key: str, grid_key: str, companions: tuple = ()):
+    """Qwen-VL: flat patches in `pixel_key`, one `grid_key` row (t, h, w) per item, and companions with
+    one entry per item (Qwen2.5-VL's second_per_grid_ts). Nothing left of the kind: its keys leave too."""
+    gone = set(removed)
+    grid = batch[grid_key]
+    per_item = grid.prod(dim=-1).tolist()
+    if batch[pixel_key].shape[0] != sum(per_item):
+        raise core.VLPatchError(
+            f"vlpatch: {pixel_key} holds {batch[pixel_key].shape[0]} patches, {grid_key} says {sum(per_item)}: "
+            "cannot take items out"
+        )
+    keep = [k for k in range(len(per_item)) if k not in gone]
+    if not keep:
+        for key in (pixel_key, grid_key, *companions):
+            batch.pop(key, None)
+        return
+    starts = [0]
+    for n in per_item:
+        starts.append(starts[-1] + n)
+    batch[pixel_key] = batch[pixel_key][[r for k in keep for r in range(starts[k], starts[k + 1])]]
+    batch[grid_key] = grid[keep]
+    for key in companions:
+        value = batch.get(key)
+        if value is not None and len(value) == len(per_item):
+            batch[key] = value[keep] if hasattr(value, "index_select") else type(value)(value[k] for k in keep)
+
+
+def _drop_images(site, batch, removed: list, n_images: int, layout: str, skip: set, torch):
+    """Take removed images out of the pixel tensors: Qwen-VL's flat patches with one image_grid_thw row
+    per image (`grid`), or one entry per image in pixel_values and its companions (`per_image`: Gemma 3,
+    Pixtral's image_sizes; never the per-token, video or audio tensors in `skip`)."""
+    gone = set(removed)
+    pixels = batch["pixel_values"]
+    if layout == "grid":
+        _drop_grid(batch, removed, "pixel_values", "image_grid_thw")
+    elif layout == "per_image" and pixels.shape[0] == n_images:
+        keep = [k for k in range(n_images) if k not in gone]
+        for key, value in list(batch.items()):  # pixel_values and its companions (Pixtral's image_sizes)
+            if key not in skip and torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == n_images:
+                if keep:
+                    batch[key] = value[keep]
+                else:  # no image left in the batch: no empty pixel tensor for the vision tower
+                    del batch[key]
+    else:
+        raise core.VLPatchError(f"vlpatch: cannot take images out of pixel_values laid out {layout!r}")
+
+
+def _drop_entries(site, batch, removed: list, n_items: int, keys: list, processor):
+    """Take removed audio clips out of the tensors that hold one entry per clip (Gemma 3n's
+    input_features and input_features_mask, padded to the longest clip: the padding stays, masked)."""
+    gone = set(removed)
+    present = [key for key in keys if batch.get(key) is not None]
+    for key in present:
+        if len(batch[key]) != n_items:
+            raise core.VLPatchError(
+                f"vlpatch: {type(processor).__name__}'s {key} holds {len(batch[key])} entries for {n_items} audio "
+                "clip(s): cannot take clips out"
+            )
+    keep = [k for k in range(n_items) if k not in gone]
+    for key in present:
+        if keep:
+            batch[key] = batch[key][keep]
+        else:  # no clip left in the batch: the audio tower gets nothing, as for a text-only batch
+            del batch[key]
+
+
+def filter_dataset(site, dataset, collator, is_bad_input, prepare=None):
+    """Keep the examples the patched collator would not drop (same arithmetic, one example at a time);
+    see `vlpatch.integrations.unsloth.filter_dataset`. `prepare(example)`: what the collator is handed
+    (a copy, where the collator changes its examples in place)."""
+    removed: list = []
+    seen = [0]
+    cfg = engine.config()
+
+    def fits(example, index) -> bool:
+        site.filtering[:] = [index, []]
+        seen[0] += 1
+        try:
+            collator([prepare(example) if prepare else example])
+            return True
+        except site.empty_error:
+            removed.extend({**row, "index": index, "stage": "filter_dataset"} for row in site.filtering[1])
+            return False
+        except Exception as exc:  # bad input: a placeholder count that differs, an unreadable image
+            if not is_bad_input(exc) or cfg.policy == "error":
+                raise
+            why = exc.reason + (f" ({exc.detail})" if exc.detail else "") if isinstance(exc, core.SampleError) else f"{type(exc).__name__}: {exc}"
+            removed.append({"trainer": site.trainer, "index": index, "stage": "filter_dataset", "action": "dropped",
+                            "reason": f"bad_input: {why}"[:500]})
+            return False
+        finally:
+            site.filtering.clear()
+
+    if hasattr(dataset, "filter"):
+        out = dataset.filter(fits, with_indices=True)
+    else:
+        out = [ex for i, ex in enumerate(dataset) if fits(ex, i)]
+    report.write_rows(removed, site.report)
+    reasons = Counter(r["reason"].split(":")[0] for r in removed)
+    report.tally(Counter({"dropped": len(removed)}), reasons)
+    bad = reasons.get("bad_input", 0)
+    if seen[0] and bad > cfg.max_bad * seen[0]:  # a wrong path loses much of a dataset: stop, do not filter it away
+        first = "; ".join(f"example {r['index']}: {r['reason'][:160]}" for r in removed if r["reason"].startswith("bad_input"))
+        raise core.VLPatchError(
+            f"vlpatch: {bad} of {seen[0]} examples ({bad / seen[0]:.0%}) have bad input, more than VLPATCH_MAX_BAD "
+            f"({cfg.max_bad:.0%}). First: {first[:600]}. Fix the data, or raise VLPATCH_MAX_BAD to drop them"
+        )
+    return out

@@ -1,0 +1,116 @@
+"""TRL: `DataCollatorForVisionLanguageModeling` (SFTTrainer) and `DataCollatorForVisionPreference`
+(DPOTrainer), whole media runs.
+
+Which symbols and versions: `compat_matrix.yaml` (patches `trl.sft_collator`, `trl.dpo_collator`).
+Upstream cuts image tokens: the messages / text path calls the processor with `truncation=True,
+max_length=self.max_length`; the prompt/completion path (and the preference collator, for prompt +
+chosen and prompt + rejected) concatenates the left-padded prompt and the completion, flushes left and
+slices `[:, :max_length]`. Either way the kept text is the head of each row (the tokenizer's
+`truncation_side` on the messages path).
+
+The wrappers run upstream's `torch_call` with `max_length` unset, so the processor expands every image
+and nothing is cut; then each row longer than `max_length` is cut by `core.fit_sequence` on the same
+side with whole media runs, and the batch tensors are rebuilt (vlpatch/integrations/_collator.py, shared
+with the Unsloth integration): input_ids, attention_mask, labels, completion_mask, token_type_ids,
+mm_token_type_ids at the kept positions, padded on the right as upstream pads them; dropped examples and
+removed images leave pixel_values / image_grid_thw. Preference pairs are decided together: the chosen
+and rejected rows of one example are kept, cut, lose the same media, or are dropped as one.
+
+TRL's own refusal of `truncation_mode="keep_end"` for vision datasets stays as it is (its check is in
+the trainers' `__init__`, untouched). Media token layouts per processor class: the matrix
+(`options.media_tokens`); any other processor is left to upstream (warned once).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .. import core
+from . import _collator
+
+TRAINER = "trl"
+logger = logging.getLogger("vlpatch")
+
+
+class EmptyBatchError(core.VLPatchError):
+    """Every example of a batch was dropped: filter the dataset before training."""
+
+
+SITE = _collator.Site(TRAINER, EmptyBatchError, "max_length", "vlpatch.integrations.trl.filter_dataset(dataset, collator)")
+_warned: set = set()
+
+
+def _uncovered(instance) -> bool:
+    """No budget, or a processor the matrix has no token table for (left to upstream, warned once)."""
+    if not getattr(instance, "max_length", None):
+        return True
+    if SITE.finder(instance.processor) is None:
+        name = type(instance.processor).__name__
+        if name not in _warned:
+            _warned.add(name)
+            logger.warning("vlpatch: %s is not covered: TRL truncates it as upstream does", name)
+        return True
+    return False
+
+
+def _uncut(wrapped, instance, args, kwargs):
+    budget = instance.max_length
+    instance.max_length = None
+    try:
+        return wrapped(*args, **kwargs), budget
+    finally:
+        instance.max_length = budget
+
+
+def _collate_sft(wrapped, instance, args, kwargs):
+    """`DataCollatorForVisionLanguageModeling.torch_call`."""
+    examples = args[0] if args else kwargs["examples"]
+    if _uncovered(instance) or not examples:
+        return wrapped(*args, **kwargs)
+    first = examples[0]
+    language_modeling = "messages" in first or getattr(instance, "dataset_text_field", "text") in first
+    batch, budget = _uncut(wrapped, instance, args, kwargs)
+    keep = "head"
+    if language_modeling:  # the processor cut on the tokenizer's truncation side; prompt/completion: the head
+        tokenizer = getattr(instance.processor, "tokenizer", instance.processor)
+        keep = "tail" if getattr(tokenizer, "truncation_side", "right") == "left" else "head"
+    return _collator.fit(SITE, instance, batch, budget, keep=keep, pad_side="right")
+
+
+def _collate_dpo(wrapped, instance, args, kwargs):
+    """`DataCollatorForVisionPreference.torch_call`: rows [chosen..., rejected...], one pair per example."""
+    examples = args[0] if args else kwargs["examples"]
+    if _uncovered(instance) or not examples:
+        return wrapped(*args, **kwargs)
+    batch, budget = _uncut(wrapped, instance, args, kwargs)
+    return _collator.fit(SITE, instance, batch, budget, keep="head", pairs=True, pad_side="right")
+
+
+def _copy(example):
+    import copy
+
+    return copy.deepcopy(example)  # TRL's collators change their examples in place (messages, `image`)
+
+
+def filter_dataset(dataset, collator):
+    """Keep the examples the patched TRL collator would not drop (same arithmetic, one example at a
+    time), so that no batch ends up empty; each removed example gets a report row naming its dataset
+    index (`"stage": "filter_dataset"`). Works on a `datasets.Dataset` or a list. Bad input (an
+    unreadable image) is removed and reported too, up to VLPATCH_MAX_BAD of the examples."""
+    return _collator.filter_dataset(SITE, dataset, collator, _is_bad_input, prepare=_copy)
+
+
+def _is_bad_input(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) or type(exc).__name__ in ("UnidentifiedImageError", "DecompressionBombError")
+
+
+def details(spec) -> dict:
+    return {"covered_processors": sorted(spec.options.get("media_tokens", {}))}
+
+
+WRAPPERS = {"collate_sft": _collate_sft, "collate_dpo": _collate_dpo}
+
+
+def wrappers(spec, version=None) -> dict:
+    SITE.attach(spec)
+    return WRAPPERS
