@@ -137,7 +137,11 @@ def report(distributions=None, selftest: bool = True, accept_forced: bool = Fals
         ]
         out["problems"] = problems(out)
         return out
-    for hook in sorted({s.hook for s in specs if engine.installed_version(s.distribution)}):
+    def _absent(spec) -> bool:  # the installed release has no code for this patch (`absent`): its hook is not needed
+        version = engine.installed_version(spec.distribution)
+        return bool(version) and spec.absent is not None and Version(version) in spec.absent
+
+    for hook in sorted({s.hook for s in specs if engine.installed_version(s.distribution) and not _absent(s)}):
         err = _import_hook(hook)
         if err:
             out["import_errors"][hook] = err
@@ -152,7 +156,7 @@ def report(distributions=None, selftest: bool = True, accept_forced: bool = Fals
             "tested": list(spec.tested),
             "in_applies": bool(version) and Version(version) in spec.applies,
         }
-        if version and spec.hook not in out["import_errors"]:
+        if version and spec.hook not in out["import_errors"] and not _absent(spec):  # absent: no code to compare
             row["drift"] = drift(spec, version)
         if selftest and row["state"] == "applied":
             row["selftest"] = [{"check": c, "ok": ok, "detail": d} for c, ok, d in _selftest(spec)]

@@ -1,0 +1,355 @@
+"""TRL's real vision collators and trainers, vanilla and patched, on a tiny offline Qwen2-VL (real
+processor, CPU): `SFTTrainer(...).train()` on the messages and the prompt/completion paths,
+`DPOTrainer(...).train()` on a vision preference dataset (TRL 1.0 on), and the collators called directly
+for the policies. Every batch the patched trainers see is checked: each image run whole and equal to
+its `image_grid_thw` entry, rows within `max_length`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tests.conftest import STRICT, require
+from tests.fixtures.tiny_models import long_text
+
+pytestmark = pytest.mark.trl
+
+BUDGET = 96  # the long examples: ~60 words of text before one 224 px image (66 tokens): the cut lands in its run
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def trl():
+    require("trl")
+    if STRICT and "trl" not in STRICT:
+        pytest.skip("runs in the trl sessions (the TRL collators are the patched code there)")
+    import importlib.metadata
+
+    import trl
+    from packaging.version import Version
+
+    trl.installed = Version(importlib.metadata.version("trl"))  # trl.__version__ reads "unknown" on some releases
+    if trl.installed < Version("0.22.0"):
+        pytest.skip(f"trl {trl.installed} has no vision collator")
+    return trl
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_qwen2vl):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(tiny_qwen2vl)
+
+
+def image(side=224, seed=0):
+    from PIL import Image
+
+    return Image.new("RGB", (side, side), (40 * seed % 255, 100, 150))
+
+
+def user(words, seed, side=224):
+    return [{"type": "text", "text": long_text(words, seed)}, {"type": "image"}, {"type": "text", "text": "what is it"}]
+
+
+def messages_rows(n=4, big=False):
+    """Even rows: long text before the image (over BUDGET); odd rows fit. `big`: row 0's image alone is
+    258 tokens (448 px), more than BUDGET."""
+    rows = []
+    for i in range(n):
+        side = 448 if big and i == 0 else 224
+        rows.append({
+            "messages": [
+                {"role": "user", "content": user(60 if i % 2 == 0 else 5, i)},
+                {"role": "assistant", "content": [{"type": "text", "text": "a red square"}]},
+            ],
+            "images": [image(side, i)],
+        })
+    return rows
+
+
+def pc_rows(n=4):
+    """Conversational prompt/completion: the image closes a long prompt (even rows)."""
+    rows = []
+    for i in range(n):
+        rows.append({
+            "prompt": [{"role": "user", "content": [{"type": "text", "text": long_text(60 if i % 2 == 0 else 5, i)},
+                                                    {"type": "image"}]}],
+            "completion": [{"role": "assistant", "content": [{"type": "text", "text": "a red square " + long_text(8, 9)}]}],
+            "images": [image(224, i)],
+        })
+    return rows
+
+
+def preference_rows(n=4, big=False):
+    rows = []
+    for i in range(n):
+        side = 448 if big and i == 0 else 224
+        rows.append({
+            "prompt": [{"role": "user", "content": [{"type": "text", "text": long_text(60 if i % 2 == 0 else 5, i)},
+                                                    {"type": "image"}]}],
+            "chosen": [{"role": "assistant", "content": [{"type": "text", "text": "a red square " + long_text(6, 3)}]}],
+            "rejected": [{"role": "assistant", "content": [{"type": "text", "text": "a blue circle " + long_text(9, 4)}]}],
+            "images": [image(side, i)],
+        })
+    return rows
+
+
+def check_batch(processor, batch, budget=BUDGET):
+    """Every row within budget; every image run whole, in order, equal to its image_grid_thw entry."""
+    tok = processor.tokenizer
+    start, pad, end = (tok.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>"))
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert ids.shape[1] <= budget, ids.shape
+    grids = batch["image_grid_thw"].prod(dim=-1).div(4).long().tolist() if "image_grid_thw" in batch else []
+    g = 0
+    for i in range(ids.shape[0]):
+        row = ids[i][mask[i].bool()].tolist()
+        j = 0
+        while j < len(row):
+            if row[j] == start:
+                k = j + 1
+                while k < len(row) and row[k] == pad:
+                    k += 1
+                assert k < len(row) and row[k] == end, f"row {i}: image run at {j} is cut"
+                assert k - j - 1 == grids[g], f"row {i}: {k - j - 1} image tokens for a grid of {grids[g]}"
+                g, j = g + 1, k
+            j += 1
+    assert g == len(grids), f"{g} image runs, {len(grids)} images in the pixel tensors"
+    if grids:
+        assert batch["pixel_values"].shape[0] == sum(grids) * 4
+    for key in ("labels", "completion_mask", "token_type_ids", "mm_token_type_ids"):
+        if key in batch:
+            assert batch[key].shape == ids.shape, key
+
+
+class Recording:
+    """The trainer's own collator, each batch checked."""
+
+    def __init__(self, inner, processor):
+        self.inner, self.processor, self.batches = inner, processor, 0
+
+    def __call__(self, examples):
+        batch = self.inner(examples)
+        check_batch(self.processor, batch)
+        self.batches += 1
+        return batch
+
+
+def sft_trainer(trl, model_dir, processor, rows, tmp_path, **cfg):
+    import datasets
+    from transformers import Qwen2VLForConditionalGeneration
+
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path / "out"), max_length=BUDGET, per_device_train_batch_size=2, max_steps=2,
+        report_to="none", save_strategy="no", use_cpu=True, logging_steps=1, dataloader_num_workers=0, bf16=False,
+        **cfg,
+    )
+    model = Qwen2VLForConditionalGeneration.from_pretrained(model_dir)
+    return trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=processor)
+
+
+def report_rows(path):
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+# vanilla: the processor's own check (messages path) or the forward pass (prompt/completion; TRL 1.x
+# wraps the latter in its "`max_length` is too short" message)
+VANILLA_ERRORS = (
+    "Mismatch in `image` token count between text and `input_ids`",
+    "Image features and image tokens do not match",
+    "is too short and causes image placeholder tokens in `input_ids` to be truncated",
+)
+
+
+@pytest.mark.parametrize("path", ["messages", "prompt_completion"])
+def test_sft_vanilla_dies_and_patched_trains(trl, tiny_qwen2vl, processor, path, patched, tmp_path):
+    import vlpatch
+
+    rows = messages_rows if path == "messages" else pc_rows
+    vlpatch.revert()
+    trainer = sft_trainer(trl, tiny_qwen2vl, processor, rows(), tmp_path)
+    with pytest.raises(ValueError) as info:
+        trainer.train()
+    assert any(e in str(info.value) for e in VANILLA_ERRORS), repr(info.value)
+    print(f"vanilla trl {trl.installed} {path}: {type(info.value).__name__}: {info.value}")
+
+    report = tmp_path / "report.jsonl"
+    vp = patched(report=str(report))
+    state = {r["id"]: r for r in vp.status()}["trl.sft_collator"]
+    assert state["state"] == "applied", state
+    trainer = sft_trainer(trl, tiny_qwen2vl, processor, rows(), tmp_path)
+    trainer.data_collator = recording = Recording(trainer.data_collator, processor)
+    trainer.train()
+    assert trainer.state.global_step == 2 and recording.batches >= 2
+    out = report_rows(report)
+    assert out and all(r["trainer"] == "trl" and r["action"] == "truncated" for r in out), out
+    assert all(r["tokens_after"] <= BUDGET and r["media_tokens_after"] == r["media_tokens"] == 66 for r in out), out
+    assert all(isinstance(r["index"], int) for r in out)
+
+
+def test_env_var_alone_makes_sft_train(trl, tiny_qwen2vl, tmp_path):
+    """`VLPATCH=1` and no code change: the same script that dies without it trains."""
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {ROOT!r})
+        import datasets, trl
+        from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+        from tests.test_trl_collator import messages_rows, BUDGET
+        args = trl.SFTConfig(output_dir={str(tmp_path / 'out')!r}, max_length=BUDGET, per_device_train_batch_size=2,
+                             max_steps=2, report_to="none", save_strategy="no", use_cpu=True, dataloader_num_workers=0,
+                             bf16=False)
+        trainer = trl.SFTTrainer(model=Qwen2VLForConditionalGeneration.from_pretrained({tiny_qwen2vl!r}), args=args,
+                                 train_dataset=datasets.Dataset.from_list(messages_rows()),
+                                 processing_class=AutoProcessor.from_pretrained({tiny_qwen2vl!r}))
+        trainer.train()
+        print("TRAINED", trainer.state.global_step)
+    """))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLPATCH")}
+    env.update(VLPATCH="1", VLPATCH_REPORT=str(tmp_path / "report.jsonl"), HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    assert "TRAINED 2" in proc.stdout, proc.stderr[-3000:]
+    out = report_rows(tmp_path / "report.jsonl")
+    assert out and {r["action"] for r in out} == {"truncated"} and {r["trainer"] for r in out} == {"trl"}
+
+
+def sft_collator(trl, processor):
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+    return DataCollatorForVisionLanguageModeling(processor, max_length=BUDGET)
+
+
+@pytest.mark.parametrize("policy", ["drop", "drop_media", "error"])
+def test_sft_policies_name_each_sample(trl, processor, policy, patched, tmp_path):
+    import vlpatch
+
+    report = tmp_path / "report.jsonl"
+    patched(policy=policy, report=str(report))
+    collator = sft_collator(trl, processor)
+    rows = messages_rows(3, big=True)  # 0: image alone over budget, 1: fits, 2: text cut
+    if policy == "error":
+        with pytest.raises(vlpatch.SampleError, match="batch example 0"):
+            collator(rows)
+        return
+    batch = collator(rows)
+    check_batch(processor, batch)
+    out = {r["index"]: r for r in report_rows(report)}
+    assert set(out) == {0, 2}, out
+    assert out[2]["action"] == "truncated" and out[2]["media_tokens_after"] == 66
+    if policy == "drop":
+        assert out[0]["action"] == "dropped" and out[0]["reason"].startswith("media_exceed_budget")
+        assert batch["input_ids"].shape[0] == 2 and batch["image_grid_thw"].shape[0] == 2
+    else:
+        assert out[0]["action"] == "media_dropped" and out[0]["media_removed"] == {"image": [0]}
+        assert batch["input_ids"].shape[0] == 3 and batch["image_grid_thw"].shape[0] == 2
+
+
+def test_sft_fitting_batch_is_upstreams_own(trl, processor, patched):
+    """A batch within max_length comes out exactly as vanilla's."""
+    import vlpatch
+
+    rows = [messages_rows(2)[1], messages_rows(4)[3]]
+    vlpatch.revert()
+    vanilla = sft_collator(trl, processor)([dict(r) for r in rows])
+    patched()
+    ours = sft_collator(trl, processor)([dict(r) for r in rows])
+    assert set(vanilla) == set(ours)
+    for key in vanilla:
+        assert (vanilla[key] == ours[key]).all(), key
+
+
+def test_keep_end_stays_refused_for_vision(trl, tiny_qwen2vl, processor, patched, tmp_path):
+    from packaging.version import Version
+
+    if trl.installed < Version("1.0.0"):
+        pytest.skip(f"trl {trl.installed} does not refuse truncation_mode='keep_end' for vision datasets")
+    patched()
+    with pytest.raises(ValueError, match="keep_end"):
+        sft_trainer(trl, tiny_qwen2vl, processor, messages_rows(), tmp_path, truncation_mode="keep_end")
+
+
+# --------------------------------------------------------------------------- DPO (TRL 1.0 on)
+
+
+@pytest.fixture
+def dpo(trl):
+    from packaging.version import Version
+
+    if trl.installed < Version("1.0.0"):
+        pytest.skip(f"trl {trl.installed}: DataCollatorForVisionPreference does not truncate before 1.0.0")
+    return trl
+
+
+def dpo_trainer(trl, model_dir, processor, rows, tmp_path):
+    import datasets
+    from transformers import Qwen2VLForConditionalGeneration
+
+    args = trl.DPOConfig(
+        output_dir=str(tmp_path / "out"), max_length=BUDGET, per_device_train_batch_size=2, max_steps=2,
+        report_to="none", save_strategy="no", use_cpu=True, logging_steps=1, dataloader_num_workers=0, bf16=False,
+    )
+    model = Qwen2VLForConditionalGeneration.from_pretrained(model_dir)
+    ref = Qwen2VLForConditionalGeneration.from_pretrained(model_dir)
+    return trl.DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                          processing_class=processor)
+
+
+def test_dpo_vanilla_dies_and_patched_trains(dpo, tiny_qwen2vl, processor, patched, tmp_path):
+    import vlpatch
+
+    vlpatch.revert()
+    trainer = dpo_trainer(dpo, tiny_qwen2vl, processor, preference_rows(), tmp_path)
+    with pytest.raises(ValueError) as info:
+        trainer.train()
+    assert any(e in str(info.value) for e in VANILLA_ERRORS), repr(info.value)
+    print(f"vanilla trl {dpo.installed} dpo: {type(info.value).__name__}: {info.value}")
+
+    report = tmp_path / "report.jsonl"
+    vp = patched(report=str(report))
+    state = {r["id"]: r for r in vp.status()}["trl.dpo_collator"]
+    assert state["state"] == "applied", state
+    trainer = dpo_trainer(dpo, tiny_qwen2vl, processor, preference_rows(), tmp_path)
+    trainer.data_collator = recording = Recording(trainer.data_collator, processor)
+    trainer.train()
+    assert trainer.state.global_step == 2 and recording.batches >= 2
+    out = report_rows(report)
+    assert out and all(r["trainer"] == "trl" and r["action"] == "truncated" for r in out), out
+    assert {r["part"] for r in out} == {"chosen", "rejected"}
+    assert all(r["media_tokens_after"] == 66 and r["tokens_after"] <= BUDGET for r in out)
+
+
+@pytest.mark.parametrize("policy", ["drop", "drop_media", "error"])
+def test_dpo_pair_is_handled_as_one(dpo, processor, policy, patched, tmp_path):
+    import vlpatch
+    from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
+
+    report = tmp_path / "report.jsonl"
+    patched(policy=policy, report=str(report))
+    collator = DataCollatorForVisionPreference(processor, max_length=BUDGET)
+    rows = preference_rows(3, big=True)  # example 0: its image alone is over budget, in both rows
+    if policy == "error":
+        with pytest.raises(vlpatch.SampleError, match="batch example 0"):
+            collator(rows)
+        return
+    batch = collator(rows)
+    check_batch(processor, batch)
+    out = report_rows(report)
+    zero = [r for r in out if r["index"] == 0]
+    assert sorted(r["part"] for r in zero) == ["chosen", "rejected"], out
+    if policy == "drop":
+        assert {r["action"] for r in zero} == {"dropped"}
+        assert batch["input_ids"].shape[0] == 4 and batch["image_grid_thw"].shape[0] == 4  # two pairs left
+    else:
+        assert {r["action"] for r in zero} == {"media_dropped"} and all(r["media_removed"] == {"image": [0]} for r in zero)
+        assert batch["input_ids"].shape[0] == 6 and batch["image_grid_thw"].shape[0] == 4
+    # chosen rows first, then rejected, pair by pair: the same prompt image in both rows of a pair
+    half = batch["input_ids"].shape[0] // 2
+    grids = batch["image_grid_thw"].tolist()
+    assert grids[: len(grids) // 2] == grids[len(grids) // 2 :] and half * 2 == batch["input_ids"].shape[0]
