@@ -425,3 +425,17 @@ def test_vlpatch_1_that_fails_inside_refuses_trainer_imports(tmp_path):
     if importlib.util.find_spec("llamafactory") is not None:
         trainer = subprocess.run([sys.executable, "-c", "import llamafactory.data.loader"], env=env, capture_output=True, text=True)
         assert trainer.returncode != 0 and "rather than run unprotected" in trainer.stderr, trainer.stderr[-2000:]
+
+
+def test_a_finished_report_run_leaves_no_trace_in_the_environment(tmp_path):
+    """end_run() takes the run out of the environment (VLPATCH_RUN), also after it recorded the reasons:
+    a run left behind would collect the next run's rows."""
+    from collections import Counter
+
+    from vlpatch import report
+
+    run = report.start_run("t", "x", str(tmp_path / "r.jsonl"))
+    report.tally(Counter({"dropped": 1}), Counter({"bad_input": 1}))
+    report.end_run(run, quiet=True)
+    assert run.reasons == Counter({"bad_input": 1})
+    assert "VLPATCH_RUN" not in os.environ and report.current_run() is None

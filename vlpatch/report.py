@@ -38,7 +38,7 @@ class Run:
     meta: dict = field(default_factory=dict)  # copied into every row (dataset, split, stage ...)
 
     def to_env(self) -> str:
-        return json.dumps(self.__dict__)
+        return json.dumps({f: getattr(self, f) for f in self.__dataclass_fields__})
 
     @classmethod
     def from_env(cls) -> "Run | None":
