@@ -2,7 +2,8 @@
 processor, CPU): `SFTTrainer(...).train()` on the messages and the prompt/completion paths,
 `DPOTrainer(...).train()` on a vision preference dataset (TRL 1.0 on), and the collators called directly
 for the policies. Every batch the patched trainers see is checked: each image run whole and equal to
-its `image_grid_thw` entry, rows within `max_length`.
+its `image_grid_thw` entry, rows within `max_length`. Gemma 3, Llama-3.2-Vision (Mllama) and Pixtral:
+tiny real processors through the real `DataCollatorForVisionLanguageModeling`, collator only.
 """
 
 from __future__ import annotations
@@ -353,3 +354,155 @@ def test_dpo_pair_is_handled_as_one(dpo, processor, policy, patched, tmp_path):
     half = batch["input_ids"].shape[0] // 2
     grids = batch["image_grid_thw"].tolist()
     assert grids[: len(grids) // 2] == grids[len(grids) // 2 :] and half * 2 == batch["input_ids"].shape[0]
+
+
+# --------------------------------------------------------------------------- other families, collator only
+# Gemma 3, Llama-3.2-Vision (Mllama) and Pixtral: tiny real processors (tests/fixtures/tiny_processors.py),
+# TRL's real DataCollatorForVisionLanguageModeling called directly on messages examples with images.
+
+FAMILY_TEMPLATES = {
+    "gemma3": (
+        "{% for message in messages %}<start_of_turn>{{ message['role'] }}\n{% for c in message['content'] %}"
+        "{% if c['type'] == 'image' %}<start_of_image>{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+        "{% endfor %}<end_of_turn>\n{% endfor %}"
+    ),
+    "mllama": (
+        "{% for message in messages %}{{ message['role'] }}: {% for c in message['content'] %}"
+        "{% if c['type'] == 'image' %}<|image|>{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}\n{% endfor %}"
+    ),
+}
+FAMILY_TEMPLATES["pixtral"] = FAMILY_TEMPLATES["mllama"].replace("<|image|>", "[IMG]")
+
+
+@pytest.fixture(scope="module", params=["gemma3", "mllama", "pixtral"])
+def fam(request, trl, tmp_path_factory):
+    """A family's tiny real processor and the ids of its image tokens (named here, not read from vlpatch)."""
+    from tests.fixtures import tiny_processors
+
+    try:
+        built = getattr(tiny_processors, request.param)(str(tmp_path_factory.mktemp("p")))
+    except (ImportError, AttributeError, TypeError) as exc:
+        pytest.skip(f"this transformers cannot build a {request.param} processor: {exc!r}")
+    proc, media = (built.proc, built.media) if hasattr(built, "proc") else (built[1], built[3])
+    proc.chat_template = FAMILY_TEMPLATES[request.param]
+
+    class Fam:
+        pass
+
+    f = Fam()
+    f.name, f.processor = request.param, proc
+    ids = [proc.tokenizer.convert_tokens_to_ids(t) for t in media]
+    if f.name == "gemma3":  # boi, eoi, soft token
+        f.start, f.end, f.body = ids[0], ids[1], {ids[2]}
+    elif f.name == "mllama":  # one <|image|> per image
+        f.start, f.end, f.body = None, None, {ids[0]}
+    else:  # pixtral: [IMG] rows closed by [IMG_BREAK], the last by [IMG_END]
+        f.start, f.end, f.body = None, ids[2], {ids[0], ids[1]}
+    return f
+
+
+def family_rows(n=4):
+    """Even rows: ~60 words of text before one image (over the budget); odd rows fit."""
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": user(60 if i % 2 == 0 else 3, i)},
+                {"role": "assistant", "content": [{"type": "text", "text": "a red square"}]},
+            ],
+            "images": [image(64, i)],
+        }
+        for i in range(n)
+    ]
+
+
+def family_runs(f, row):
+    """(first, length) of each image run of a row, or raises AssertionError naming a cut run."""
+    runs, j = [], 0
+    while j < len(row):
+        if f.name == "mllama":
+            if row[j] in f.body:
+                runs.append((j, 1))
+        elif f.name == "gemma3" and row[j] == f.start:
+            k = j + 1
+            while k < len(row) and row[k] in f.body:
+                k += 1
+            assert k < len(row) and row[k] == f.end, f"image run at {j} is cut"
+            runs.append((j, k - j + 1))
+            j = k
+        elif f.name == "pixtral" and row[j] in f.body:
+            k = j
+            while k < len(row) and row[k] in f.body:
+                k += 1
+            assert k < len(row) and row[k] == f.end, f"image run at {j} is cut"
+            runs.append((j, k - j + 1))
+            j = k
+        elif row[j] in f.body or row[j] == f.end:
+            raise AssertionError(f"image token at {j} outside a run: the run is cut")
+        j += 1
+    return runs
+
+
+def family_image_tokens(f, batch, i=None):
+    """Body tokens per image, from the pixel tensors (Gemma 3: 16 soft tokens; Pixtral: rows x (columns + 1);
+    Mllama: one token per filled slot of the row's aspect_ratio_ids)."""
+    if f.name == "gemma3":
+        return [16] * batch["pixel_values"].shape[0]
+    if f.name == "pixtral":
+        return [int(h) // 16 * (int(w) // 16 + 1) for h, w in batch["image_sizes"].tolist()]
+    return [1] * int((batch["aspect_ratio_ids"][i] != 0).sum())
+
+
+def check_family_batch(f, batch, budget):
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert ids.shape[1] <= budget, ids.shape
+    g, sizes = 0, ([] if f.name == "mllama" else family_image_tokens(f, batch))
+    for i in range(ids.shape[0]):
+        row = ids[i][mask[i].bool()].tolist()
+        runs = family_runs(f, row)
+        if f.name == "mllama":
+            assert len(runs) == len(family_image_tokens(f, batch, i)), f"row {i}: image tokens and pixel slots differ"
+            continue
+        for _, length in runs:
+            body = length - (2 if f.name == "gemma3" else 0)
+            assert body == sizes[g], f"row {i}: {body} image tokens for an image of {sizes[g]}"
+            g += 1
+    assert f.name == "mllama" or g == len(sizes), f"{g} image runs, {len(sizes)} images in the pixel tensors"
+    for key in ("labels", "token_type_ids", "mm_token_type_ids"):
+        if key in batch:
+            assert batch[key].shape == ids.shape, key
+
+
+def test_family_vanilla_cuts_the_run_and_patched_keeps_it_whole(trl, fam, patched, tmp_path):
+    import vlpatch
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+    vlpatch.revert()
+    full = DataCollatorForVisionLanguageModeling(fam.processor)(family_rows())  # no max_length: nothing cut
+    row = full["input_ids"][0][full["attention_mask"][0].bool()].tolist()
+    (first, length), = family_runs(fam, row)
+    budget = first + max(length // 2, 0)  # the cut lands inside row 0's image run (Mllama: on its one token)
+    assert budget < len(row)
+
+    try:
+        vanilla = DataCollatorForVisionLanguageModeling(fam.processor, max_length=budget)(family_rows())
+        check_family_batch(fam, vanilla, budget)
+    except (ValueError, AssertionError, IndexError, RuntimeError) as exc:
+        assert isinstance(exc, AssertionError) or "image" in str(exc).lower(), repr(exc)
+        print(f"vanilla trl {trl.installed} {fam.name} (max_length {budget}, row 0 {len(row)} tokens, image run at "
+              f"{first}..{first + length}): {type(exc).__name__}: {exc}")
+    else:
+        pytest.fail(f"vanilla {fam.name}: max_length {budget} left every image run whole")
+
+    report = tmp_path / "report.jsonl"
+    vp = patched(report=str(report))
+    state = {r["id"]: r for r in vp.status()}["trl.sft_collator"]
+    assert state["state"] == "applied", state
+    batch = DataCollatorForVisionLanguageModeling(fam.processor, max_length=budget)(family_rows())
+    check_family_batch(fam, batch, budget)
+    assert batch["input_ids"].shape[0] == 4
+    out = report_rows(report)
+    assert out and {r["index"] for r in out} == {0, 2}, out
+    assert all(r["trainer"] == "trl" and r["action"] == "truncated" for r in out), out
+    assert all(r["tokens_after"] <= budget and r["media_tokens_after"] == r["media_tokens"] for r in out), out
+    print(f"patched trl {trl.installed} {fam.name}: {len(out)} report rows: "
+          + "; ".join(f"#{r['index']} {r['action']} tokens_after={r['tokens_after']} media={r['media_tokens_after']}" for r in out))
