@@ -278,3 +278,76 @@ def test_a_later_turns_image_leaves_with_its_turn():
     assert decision.action == "truncated" and decision.removed == [("image", 1)]
     assert decision.reason.startswith("media_left_with_turn: image#1")
     assert all(p in decision.kept[0] for p in range(runs[0].start, runs[0].stop))
+
+
+# ----------------------------------------------------------------------------- policy shrink
+
+
+class FakeImages:
+    """A sample whose one image has `tokens(scale)` body tokens: what an integration's reencode gives."""
+
+    def __init__(self, text_before, text_after, tokens, budget, floor_scale=0.0):
+        self.text_before, self.text_after, self.tokens, self.budget = text_before, text_after, tokens, budget
+        self.floor_scale = floor_scale
+        self.calls = []
+
+    def layout(self, scale=1.0):
+        n = self.tokens(scale)
+        ids = [10] * self.text_before + [START] + [IMG] * n + [END] + [11] * self.text_after
+        runs = FINDER.assign_items(ids, FINDER.find(ids), {"image": 1})
+        return core.Layout(len(ids), runs, [(range(0, len(ids) - self.text_after), range(len(ids) - self.text_after, len(ids)))],
+                           self.budget, lf_split)
+
+    def reencode(self, scale):
+        self.calls.append(scale)
+        scale = max(scale, self.floor_scale)
+        return core.Resized(scale, [self.layout(scale)], [(("image", 0), (100, 100), (int(100 * scale ** 0.5),) * 2)],
+                            scale <= self.floor_scale)
+
+
+def test_shrink_finds_the_largest_scale_that_fits():
+    # tokens follow the area in steps of 4 (a processor's rounding); 400 tokens at full size, budget 100
+    fake = FakeImages(30, 5, lambda s: max(4, int(400 * s) // 4 * 4), 100)
+    decision = core.resolve([fake.layout()], core.get_policy("shrink"), "s[0]", fake.reencode)
+    assert decision.action == "shrunk" and decision.reason.startswith("media_shrunk: "), decision
+    assert len(decision.kept[0]) <= 100
+    fits = [s for s in fake.calls if fake.tokens(s) + 2 <= 100]
+    chosen = decision.resized.scale
+    assert chosen == max(fits)
+    assert fake.tokens(chosen * core.SHRINK_PRECISION ** 2) + 2 > 100 or fake.tokens(chosen * core.SHRINK_PRECISION ** 2) == fake.tokens(chosen), (
+        "within the search's precision of the largest size that fits")
+    assert len(fake.calls) <= core.SHRINK_STEPS
+    layout = decision.resized.layouts[0]
+    check_invariants(None, layout, decision)
+
+
+def test_shrink_below_the_floor_falls_back():
+    fake = FakeImages(30, 5, lambda s: max(4, int(400 * s)), 100, floor_scale=0.5)
+    decision = core.resolve([fake.layout()], core.get_policy("shrink"), "s[0]", fake.reencode)
+    assert decision.action == "dropped" and "shrink_failed: below the shrink floor" in decision.reason
+    decision = core.resolve([fake.layout()], core.get_policy("shrink", "drop_media"), "s[0]", fake.reencode)
+    assert decision.action == "media_dropped" and decision.removed == [("image", 0)]
+    with pytest.raises(core.SampleError, match="media do not fit"):
+        core.resolve([fake.layout()], core.get_policy("shrink", "error"), "s[0]", fake.reencode)
+
+
+def test_shrink_without_reencode_falls_back_and_says_why():
+    fake = FakeImages(30, 5, lambda s: 400, 100)
+    decision = core.resolve([fake.layout()], core.get_policy("shrink"), "s[0]")
+    assert decision.action == "dropped" and "shrink_unavailable" in decision.reason
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, 60), st.integers(0, 20), st.integers(20, 900), st.integers(30, 200), st.sampled_from([1, 4, 16]))
+def test_shrink_invariants(before, after, full, budget, step):
+    fake = FakeImages(before, after, lambda s: max(step, int(full * s) // step * step), budget, floor_scale=0.01)
+    layout = fake.layout()
+    decision = core.resolve([layout], core.get_policy("shrink"), "s[0]", fake.reencode)
+    if decision.action == "shrunk":
+        check_invariants(None, decision.resized.layouts[0], decision)
+        assert fake.tokens(decision.resized.scale) <= full
+    elif decision.action == "dropped":
+        assert fake.tokens(0.01) + 2 > budget or len(fake.calls) == core.SHRINK_STEPS, (fake.calls, decision.reason)
+    else:
+        assert decision.action in ("kept", "truncated") and fake.calls == []
+        check_invariants(None, layout, decision)

@@ -213,7 +213,7 @@ def test_unknown_policy_fails_at_apply():
     proc = subprocess.run(
         [sys.executable, "-c", "import vlpatch; vlpatch.apply(policy='nope')"], capture_output=True, text=True
     )
-    assert proc.returncode != 0 and "apply(policy=...)='nope' is not a policy (valid: drop, drop_media, error)" in proc.stderr
+    assert proc.returncode != 0 and "apply(policy=...)='nope' is not a policy (valid: drop, drop_media, error, shrink)" in proc.stderr
 
 
 HEAVY = ("torch", "transformers", "llamafactory", "unsloth", "unsloth_zoo", "datasets", "trl")
@@ -261,7 +261,30 @@ BAD_SETTINGS = [
     ({"VLPATCH_MAX_BAD": "lots"}, "", ["VLPATCH_MAX_BAD='lots' is not a share between 0 and 1"]),
     ({"VLPATCH_MAX_BAD": "150%"}, "", ["VLPATCH_MAX_BAD='150%' is not a share between 0 and 1"]),
     ({}, "max_bad=2", ["apply(max_bad=...)=2 is not a share between 0 and 1"]),
+    ({"VLPATCH_SHRINK_MIN_PIXELS": "big"}, "", ["VLPATCH_SHRINK_MIN_PIXELS='big' is not a pixel count"]),
+    ({"VLPATCH_SHRINK_FALLBACK": "shrink"}, "", ["VLPATCH_SHRINK_FALLBACK='shrink' is not a fallback policy for shrink"]),
+    ({"VLPATCH_SHRINK_FALLBACK": "drop_medai"}, "", ["did you mean 'drop_media'"]),
+    ({}, "shrink_min_pixels=0", ["apply(shrink_min_pixels=...)=0 is not a pixel count"]),
+    ({}, "shrink_dir=fakeup.__file__", ["is a file, not a directory"]),
 ]
+
+
+def test_shrink_settings_read_and_reach_workers(monkeypatch, tmp_path):
+    import vlpatch
+    from vlpatch import engine
+
+    cfg = engine.Config.from_env({})
+    assert (cfg.shrink_min_pixels, cfg.shrink_fallback, cfg.shrink_dir) == (65536, "drop", None), "the documented defaults"
+    cfg = engine.Config.from_env({"VLPATCH_POLICY": "shrink", "VLPATCH_SHRINK_MIN_PIXELS": "128x128", "VLPATCH_SHRINK_FALLBACK": "drop_media"})
+    assert (cfg.policy, cfg.shrink_min_pixels, cfg.shrink_fallback) == ("shrink", 16384, "drop_media")
+    try:
+        vlpatch.apply(policy="shrink", shrink_min_pixels=4096, shrink_fallback="error", shrink_dir=tmp_path, patches=[])
+        assert engine.config().shrink_dir == str(tmp_path)
+        assert (os.environ["VLPATCH_POLICY"], os.environ["VLPATCH_SHRINK_MIN_PIXELS"], os.environ["VLPATCH_SHRINK_FALLBACK"],
+                os.environ["VLPATCH_SHRINK_DIR"]) == ("shrink", "4096", "error", str(tmp_path)), "spawned workers read them"
+    finally:
+        vlpatch.revert()
+    assert "VLPATCH_SHRINK_DIR" not in os.environ
 
 
 def test_max_bad_reads_a_share_and_reaches_workers(monkeypatch):

@@ -402,18 +402,20 @@ def plan_layout(layout: Layout, removed: set = frozenset()) -> Plan:
 class Decision:
     """What happens to one sample. `kept[i]` are the positions kept of layout i (None when dropped)."""
 
-    action: str  # "kept" | "truncated" | "dropped" | "media_dropped"
+    action: str  # "kept" | "truncated" | "dropped" | "media_dropped" | "shrunk"
     kept: list | None
     removed: list = field(default_factory=list)  # item keys removed (drop_media)
     reason: str = ""
+    resized: "Resized | None" = None  # shrink: the re-encoded sample that `kept` indexes
 
 
 @dataclass
 class Overflow:
     """Handed to a policy when a sample's media cannot all stay whole within the budget.
 
-    `replan(removed)` plans every layout again with the given media items taken out. A future `shrink`
-    policy re-encodes the sample with smaller media through `reencode`, which integrations may provide.
+    `replan(removed)` plans every layout again with the given media items taken out. The `shrink`
+    policy re-encodes the sample with smaller media through `reencode(scale)` (an integration provides
+    it; see `Resized`), and `settle(layouts)` plans a re-encoded sample as `resolve` would.
     """
 
     sample: str
@@ -421,6 +423,11 @@ class Overflow:
     plans: list
     replan: Callable
     reencode: Callable | None = None
+    settle: Callable | None = None
+
+    def must_stay(self) -> list:
+        """Keys of the media in the turn each layout budgets first: what a policy must make fit."""
+        return _first_turn_keys(self.layouts)
 
     @property
     def lost(self) -> set:
@@ -485,6 +492,113 @@ class DropMediaPolicy(Policy):
         )
 
 
+@dataclass
+class Resized:
+    """A sample re-encoded with smaller media, from an integration's `reencode(scale)`.
+
+    `scale` is the share of each shrinkable item's pixels asked for (1.0: as it came); `sizes` lists
+    (key, (w, h) before, (w, h) after) for every item whose size changed; `floor` is True when every
+    shrinkable item is at its floor (a smaller scale changes nothing); `payload` is the integration's.
+    """
+
+    scale: float
+    layouts: list
+    sizes: list
+    floor: bool
+    payload: object = None
+
+
+SHRINK_STEPS = 8  # re-encodes one sample may take (the first estimate usually fits)
+SHRINK_PRECISION = 1.04  # stop refining once the fitting scale is within 4% of one that does not fit
+
+
+class ShrinkPolicy(Policy):
+    """Keep the sample by downsizing the media that must stay, to the largest scale at which it fits.
+
+    Token counts follow the pixel count (every known processor tiles or patches the resized image), so
+    the first scale tried is the share of the budget the media may take; each re-encode measures the real
+    count and refines. Below the floor (`Resized.floor`), `fallback` decides.
+    """
+
+    name = "shrink"
+
+    def __init__(self, fallback: Policy | None = None):
+        self.fallback = fallback or DropPolicy()
+
+    def resolve(self, case: Overflow) -> Decision:
+        if case.reencode is None or case.settle is None:
+            return self._fall(case, "shrink_unavailable: this trainer cannot re-encode the sample")
+        keys = set(case.must_stay())
+        layout = case.layouts[0]
+        avail = max(1, layout.budget - layout.reserved)
+        tokens = _tokens_of(layout, keys)
+        lo = hi = None  # (scale, resized, plans) that fits; the smallest scale known not to fit
+        hi = 1.0
+        scale = min(1.0, avail / max(1, tokens)) * 0.97
+        floor_hit = None
+        for _ in range(SHRINK_STEPS):
+            resized = case.reencode(scale)
+            if resized is None:
+                break
+            plans = case.settle(resized.layouts)
+            if plans is not None:
+                lo = (scale, resized, plans)
+                if hi / scale <= SHRINK_PRECISION:
+                    break
+                scale = (scale * hi) ** 0.5  # bisect upwards (geometric: tokens follow the area)
+                continue
+            hi = scale
+            if resized.floor:
+                floor_hit = resized
+                if lo is not None:
+                    scale = (lo[0] * hi) ** 0.5
+                    continue
+                break
+            if lo is not None:
+                if hi / lo[0] <= SHRINK_PRECISION:
+                    break
+                scale = (lo[0] * hi) ** 0.5
+                continue
+            now = _tokens_of(resized.layouts[0], keys)
+            scale = scale * min(0.9, avail / max(1, now) * 0.97)
+        if lo is None:
+            why = "below the shrink floor" if floor_hit is not None else f"no fitting size in {SHRINK_STEPS} tries"
+            return self._fall(case, f"shrink_failed: {why}")
+        scale, resized, plans = lo
+        changes = ", ".join(
+            f"{k}#{i} {b[0]}x{b[1]} -> {a[0]}x{a[1]}" for (k, i), b, a in resized.sizes
+        )
+        before, after = _tokens_of(case.layouts[0], keys), _tokens_of(resized.layouts[0], keys)
+        return Decision(
+            "shrunk",
+            [p.kept for p in plans],
+            removed=sorted(set().union(*(p.left for p in plans))),
+            reason=f"media_shrunk: {case.describe()}; shrunk to {scale:.0%} of the pixels: {changes} ({before} -> {after} tokens)",
+            resized=resized,
+        )
+
+    def _fall(self, case: Overflow, why: str) -> Decision:
+        decision = self.fallback.resolve(case)
+        decision.reason = f"{decision.reason}; {why}" if decision.reason else why
+        return decision
+
+
+def _first_turn_keys(layouts) -> list:
+    keys = []
+    for layout in layouts:
+        if not layout.turns:
+            continue
+        src, tgt = layout.turns[0]
+        for run in layout.runs:
+            if (run.start in src or run.start in tgt) and run.keys()[0] not in keys:
+                keys.extend(k for k in run.keys() if k not in keys)
+    return keys
+
+
+def _tokens_of(layout, keys) -> int:
+    return sum(r.length for r in layout.runs if set(r.keys()) & set(keys))
+
+
 def _companions(layouts, key) -> set:
     out = {key}
     for layout in layouts:
@@ -501,34 +615,62 @@ def _item_position(layouts, key) -> int:
     return -1
 
 
-POLICIES: dict = {p.name: p for p in (DropPolicy(), DropMediaPolicy(), ErrorPolicy())}
+POLICIES: dict = {p.name: p for p in (DropPolicy(), DropMediaPolicy(), ErrorPolicy(), ShrinkPolicy())}
 assert tuple(POLICIES) == POLICY_NAMES, "errors.POLICY_NAMES lists the policies for the start-up path"
+_SHRINKS: dict = {}
 
 
-def get_policy(name: str) -> Policy:
+def get_policy(name: str, fallback: str | None = None) -> Policy:
+    """The policy `name`; for `shrink`, the one whose fallback (below the floor) is `fallback`."""
     try:
-        return POLICIES[name]
+        policy = POLICIES[name]
     except KeyError:
         raise VLPatchError(f"unknown policy {name!r}; known: {', '.join(sorted(POLICIES))}") from None
+    if name == "shrink" and fallback and fallback != "drop":
+        if fallback not in POLICIES or fallback == "shrink":
+            raise VLPatchError(f"unknown shrink fallback {fallback!r}; known: drop, drop_media, error")
+        policy = _SHRINKS.setdefault(fallback, ShrinkPolicy(POLICIES[fallback]))
+    return policy
 
 
-def resolve(layouts: list[Layout], policy: Policy, sample: str) -> Decision:
-    """Decide one sample: keep it whole, cut its text, or hand a media overflow to the policy."""
+def settle(layouts: list[Layout]) -> tuple:
+    """(plans, left): every layout planned, with the media that leave with a later turn taken out of
+    every layout (one media list serves them all)."""
     left: set = set()
     plans = [plan_layout(lay) for lay in layouts]
-    while True:  # media that leave with their turn leave every layout (one media list serves them all)
+    while True:
         more = set().union(*(p.left for p in plans)) - left
         if not more:
-            break
+            return plans, left
         left |= more
         plans = [plan_layout(lay, left) for lay in layouts]
+
+
+def _fits(layouts: list[Layout]):
+    """Plans (each with `.left` set to what leaves) when nothing that must stay is lost, else None."""
+    plans, left = settle(layouts)
+    if any(p.lost for p in plans):
+        return None
+    for p in plans:
+        p.left = set(left)
+    return plans
+
+
+def resolve(layouts: list[Layout], policy: Policy, sample: str, reencode: Callable | None = None) -> Decision:
+    """Decide one sample: keep it whole, cut its text, or hand a media overflow to the policy.
+    `reencode(scale)`: the sample encoded again with smaller media (see `Resized`), for `shrink`."""
+    plans, left = settle(layouts)
     if not any(p.lost for p in plans):
         cut = any(len(p.kept) < lay.length for p, lay in zip(plans, layouts))
         if left:
             return Decision("truncated", [p.kept for p in plans], removed=sorted(left), reason=_left_reason(layouts, left))
         return Decision("truncated" if cut else "kept", [p.kept for p in plans])
-    case = Overflow(sample, layouts, plans, lambda removed: [plan_layout(lay, set(removed) | left) for lay in layouts])
+    case = Overflow(sample, layouts, plans, lambda removed: [plan_layout(lay, set(removed) | left) for lay in layouts], reencode, _fits)
     decision = policy.resolve(case)
+    if decision.resized is not None:
+        if decision.removed:
+            decision.reason += "; " + _left_reason(decision.resized.layouts, set(decision.removed))
+        return decision
     if left and decision.kept is not None:
         decision.removed = sorted(set(decision.removed) | left)
         decision.reason += "; " + _left_reason(layouts, left)

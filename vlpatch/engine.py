@@ -45,9 +45,13 @@ logger = _Logger()
 
 
 class Config:
-    def __init__(self, policy="drop", media_first=False, force=False, report=None, log_level=None, max_bad=_settings.DEFAULT_MAX_BAD):
+    def __init__(self, policy="drop", media_first=False, force=False, report=None, log_level=None, max_bad=_settings.DEFAULT_MAX_BAD,
+                 shrink_min_pixels=_settings.DEFAULT_SHRINK_MIN_PIXELS, shrink_fallback="drop", shrink_dir=None):
         self.policy: str = policy
         self.max_bad: float = max_bad  # above this share of bad input, preprocessing stops
+        self.shrink_min_pixels: int = shrink_min_pixels  # policy shrink: the floor
+        self.shrink_fallback: str = shrink_fallback  # policy shrink: below the floor
+        self.shrink_dir: str | None = shrink_dir  # policy shrink: LLaMA-Factory's downsized images
         self.media_first: bool = media_first
         self.force: bool = force
         self.report: str | None = report
@@ -71,10 +75,15 @@ class Config:
             report=env.get("VLPATCH_REPORT", "").strip() or None,
             log_level=env.get("VLPATCH_LOG_LEVEL", "").strip().upper() or None,
             max_bad=_settings.parse_share(env.get("VLPATCH_MAX_BAD", "").strip() or _settings.DEFAULT_MAX_BAD) or 0.0,
+            shrink_min_pixels=_settings.parse_pixels(env.get("VLPATCH_SHRINK_MIN_PIXELS", "").strip() or _settings.DEFAULT_SHRINK_MIN_PIXELS)
+            or _settings.DEFAULT_SHRINK_MIN_PIXELS,
+            shrink_fallback=env.get("VLPATCH_SHRINK_FALLBACK", "").strip() or "drop",
+            shrink_dir=env.get("VLPATCH_SHRINK_DIR", "").strip() or None,
         )
         for name, var in (("policy", "VLPATCH_POLICY"), ("report", "VLPATCH_REPORT"), ("force", "VLPATCH_FORCE"),
                           ("media_first", "VLPATCH_MEDIA_FIRST"), ("patches", "VLPATCH_PATCHES"), ("exclude", "VLPATCH_EXCLUDE"),
-                          ("max_bad", "VLPATCH_MAX_BAD")):
+                          ("max_bad", "VLPATCH_MAX_BAD"), ("shrink_min_pixels", "VLPATCH_SHRINK_MIN_PIXELS"),
+                          ("shrink_fallback", "VLPATCH_SHRINK_FALLBACK"), ("shrink_dir", "VLPATCH_SHRINK_DIR")):
             if env.get(var, "").strip():
                 cfg.sources[name] = var
         if env.get("VLPATCH_PATCHES", "").strip():
@@ -103,6 +112,17 @@ class Config:
                     problems.append(problem)
                     continue
                 value = _settings.parse_share(value)
+            elif key == "shrink_min_pixels":
+                problem = _settings.check_pixels(source, value)
+                if problem:
+                    problems.append(problem)
+                    continue
+                value = _settings.parse_pixels(value)
+            elif key == "shrink_fallback":
+                problems += filter(None, [_settings.check_fallback(source, value)])
+            elif key == "shrink_dir":
+                problems += filter(None, [_settings.check_dir(source, value)])
+                value = os.fspath(value) if isinstance(value, os.PathLike) else value
             elif not isinstance(value, bool):
                 problems.append(f"{source}: {value!r} is not True or False")
                 continue
@@ -191,6 +211,9 @@ def apply(
     media_first: bool | None = None,
     report: str | None = None,
     max_bad=None,
+    shrink_min_pixels=None,
+    shrink_fallback: str | None = None,
+    shrink_dir=None,
 ) -> list:
     """Enable vlpatch in this process; arguments override the VLPATCH_* environment.
 
@@ -202,7 +225,7 @@ def apply(
     with _lock:
         new = Config.from_env(
             policy=policy, patches=patches, exclude=exclude, force=force, media_first=media_first, report=report,
-            max_bad=max_bad,
+            max_bad=max_bad, shrink_min_pixels=shrink_min_pixels, shrink_fallback=shrink_fallback, shrink_dir=shrink_dir,
         )
         old, was_enabled = _config, _enabled
         _config, _enabled, _refusal = new, True, None
@@ -304,7 +327,8 @@ def _announce(patch_id: str) -> None:
     logger.info("vlpatch: %s: %s %s (%s)", process_tag(), patch_id, st.state, st.reason)
 
 
-_PUBLISHED = ("VLPATCH_POLICY", "VLPATCH_MEDIA_FIRST", "VLPATCH_REPORT", "VLPATCH_MAX_BAD")
+_PUBLISHED = ("VLPATCH_POLICY", "VLPATCH_MEDIA_FIRST", "VLPATCH_REPORT", "VLPATCH_MAX_BAD", "VLPATCH_SHRINK_MIN_PIXELS",
+              "VLPATCH_SHRINK_FALLBACK", "VLPATCH_SHRINK_DIR")
 _saved_env: dict | None = None
 
 
@@ -321,6 +345,9 @@ def _publish_config() -> None:
         "VLPATCH_MEDIA_FIRST": "1" if _config.media_first else None,
         "VLPATCH_REPORT": _config.report,
         "VLPATCH_MAX_BAD": None if _config.max_bad == _settings.DEFAULT_MAX_BAD else repr(_config.max_bad),
+        "VLPATCH_SHRINK_MIN_PIXELS": None if _config.shrink_min_pixels == _settings.DEFAULT_SHRINK_MIN_PIXELS else str(_config.shrink_min_pixels),
+        "VLPATCH_SHRINK_FALLBACK": None if _config.shrink_fallback == "drop" else _config.shrink_fallback,
+        "VLPATCH_SHRINK_DIR": _config.shrink_dir,
     }
     for key, value in values.items():
         if value is None:

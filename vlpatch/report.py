@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 logger = logging.getLogger("vlpatch")
 
-ACTIONS = ("kept", "truncated", "media_dropped", "dropped")
+ACTIONS = ("kept", "truncated", "shrunk", "media_dropped", "dropped")
 _RUN_ENV = "VLPATCH_RUN"
 
 
@@ -109,7 +109,7 @@ def end_run(run: Run, quiet: bool = False) -> Counter:
 
 
 def format_summary(counts: Counter, reasons: Counter, report_path: str | None) -> str:
-    parts = [f"{counts.get(a, 0)} {a}" for a in ACTIONS]
+    parts = [f"{counts.get(a, 0)} {a}" for a in ACTIONS if a != "shrunk" or counts.get(a)]  # shrunk: policy shrink only
     text = "samples: " + ", ".join(parts)
     if reasons:
         text += "; reasons: " + ", ".join(f"{r} x{n}" for r, n in reasons.most_common())

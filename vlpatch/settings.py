@@ -34,7 +34,7 @@ class Setting:
 
     def __init__(self, name: str, kind: str, meaning: str):
         self.name = name
-        self.kind = kind  # switch | policy | ids | report | matrix | level | share | tooling | internal
+        self.kind = kind  # switch | policy | ids | report | matrix | level | share | pixels | fallback | dir | tooling | internal
         self.meaning = meaning
 
 
@@ -49,6 +49,9 @@ SETTINGS = {
         Setting("VLPATCH_FORCE", "switch", "apply patches to upstream versions the matrix does not list"),
         Setting("VLPATCH_MEDIA_FIRST", "switch", "move media placeholders before the text of their message"),
         Setting("VLPATCH_MAX_BAD", "share", "the largest share of samples with bad input that is dropped and reported; above it preprocessing stops (default 5%)"),
+        Setting("VLPATCH_SHRINK_MIN_PIXELS", "pixels", "policy shrink: no image is made smaller than this many pixels (default 65536, 256x256)"),
+        Setting("VLPATCH_SHRINK_FALLBACK", "fallback", "policy shrink: what happens when the media do not fit even at the floor (default drop)"),
+        Setting("VLPATCH_SHRINK_DIR", "dir", "policy shrink: where LLaMA-Factory's downsized images are written (default: vlpatch_media in output_dir)"),
         Setting("VLPATCH_MATRIX", "matrix", "read another compat matrix file"),
         Setting("VLPATCH_LOG_LEVEL", "level", "a stderr handler for the vlpatch logger"),
         Setting("VLPATCH_RUN", "internal", "set by vlpatch itself: the report run of this process tree"),
@@ -86,6 +89,49 @@ def check_policy(source: str, value) -> str | None:
     if isinstance(value, str) and value in POLICY_NAMES:
         return None
     return _bad(source, value, sorted(POLICY_NAMES), "a policy")
+
+
+DEFAULT_SHRINK_MIN_PIXELS = 256 * 256
+FALLBACKS = tuple(p for p in POLICY_NAMES if p != "shrink")
+
+
+def check_fallback(source: str, value) -> str | None:
+    if isinstance(value, str) and value in FALLBACKS:
+        return None
+    return _bad(source, value, FALLBACKS, "a fallback policy for shrink")
+
+
+def parse_pixels(value) -> int | None:
+    """65536, "65536", "256x256" -> 65536; None when it is not a positive pixel count."""
+    try:
+        if isinstance(value, str):
+            text = value.strip().lower().replace("*", "x")
+            if "x" in text:
+                w, h = text.split("x", 1)
+                n = int(w) * int(h)
+            else:
+                n = int(text)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            n = value
+        else:
+            return None
+    except ValueError:
+        return None
+    return n if n > 0 else None
+
+
+def check_pixels(source: str, value) -> str | None:
+    if parse_pixels(value) is not None:
+        return None
+    return f"{source}={value!r} is not a pixel count (e.g. 65536 or 256x256)"
+
+
+def check_dir(source: str, value) -> str | None:
+    if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
+        return f"{source}={value!r} is not a directory path"
+    if os.path.exists(value) and not os.path.isdir(value):
+        return f"{source}={str(value)!r} is a file, not a directory"
+    return None
 
 
 def check_ids(source: str, ids, known) -> list:
@@ -161,6 +207,12 @@ def check_env(env, known_ids) -> list:
             problem = check_matrix(name, value)
         elif setting.kind == "share":
             problem = check_share(name, value)
+        elif setting.kind == "pixels":
+            problem = check_pixels(name, value)
+        elif setting.kind == "fallback":
+            problem = check_fallback(name, value)
+        elif setting.kind == "dir":
+            problem = check_dir(name, value)
         else:
             problem = check_level(name, value)
         if problem:

@@ -597,13 +597,35 @@ def _encode_wrapper(stage: str):
             return _reject(handler, instance, batch, cfg, sample, row, f"uncovered_media: {plugin}: {exc}", exc)
         media_tokens = sum(r.length for r in layouts[0].runs)
         row.update(tokens_before=max(lengths), media_tokens=media_tokens)
+        shrinker = None
+        if cfg.policy == "shrink":
+
+            def encode(new_media):
+                trace = _Trace()
+                _traces.append(trace)
+                try:
+                    again = func(_unbounded(instance, batch), **{**bound, **{k + "s": v for k, v in new_media.items() if k + "s" in bound}})
+                finally:
+                    _traces.pop()
+                got = learn(instance, trace)
+
+                def spans(n, ids):
+                    return got[n].runs(ids) if got else []
+
+                return again, handler.layouts(instance, again, trace.splits, spans, budget, split)
+
+            shrinker = _Shrinker(instance, media, layouts, cfg, encode)
         try:
-            decision = core.resolve(layouts, core.get_policy(cfg.policy), sample)
+            decision = core.resolve(layouts, core.get_policy(cfg.policy, cfg.shrink_fallback), sample, shrinker and shrinker.reencode)
+            if decision.resized is not None:
+                decision, full, layouts = shrinker.commit(decision, sample)
         except core.SampleError:
             _emit(batch, {**row, "action": "error", "reason": "media_exceed_budget"})
             raise
         if decision.action == "dropped":
             return _reject(handler, instance, batch, cfg, sample, row, decision.reason, decided=True)
+        if decision.resized is not None:
+            row["media_resized"] = shrinker.resized_rows(decision.resized)
         if decision.removed:
             for kind, k in sorted(decision.removed, reverse=True):
                 del media[kind][k]
@@ -627,6 +649,152 @@ def _encode_wrapper(stage: str):
         return out
 
     return wrapper
+
+
+class _Shrinker:
+    """Policy `shrink` for one sample: `reencode(scale)` encodes it again through upstream's own code with
+    blank stand-ins of the smaller sizes (token counts depend on an image's size only, and the header
+    path counts them without pixels); `commit` writes the chosen sizes as real downsized files, encodes
+    the sample once more with them, and puts their paths into the sample's media list. LLaMA-Factory's
+    collator re-reads media from the dataset rows at training time (in every worker and rank, and after a
+    cached `tokenized_path` is reloaded), so the rows must name the downsized files: then what it reads
+    is what was counted here."""
+
+    def __init__(self, instance, media, layouts, cfg, encode):
+        self.media, self.encode, self.layouts = media, encode, layouts
+        processor = getattr(instance, "processor", None)
+        cap = getattr(processor, "image_max_pixels", None)
+        self.floor = max(int(cfg.shrink_min_pixels), int(getattr(processor, "image_min_pixels", 0) or 0))
+        self.sizes = {}  # key -> (w, h) as upstream would see it (after its image_max_pixels cap)
+        for kind, k in core._first_turn_keys(layouts):
+            if kind != "image" or k >= len(media["image"]):
+                continue
+            size = _image_size(media["image"][k])
+            if size is None:
+                continue
+            w, h = size
+            if cap and w * h > cap:
+                f = (cap / (w * h)) ** 0.5
+                w, h = int(w * f), int(h * f)
+            self.sizes[(kind, k)] = (w, h)
+
+    def reencode(self, scale: float):
+        if not self.sizes:
+            return None
+        from PIL import Image
+
+        images = list(self.media["image"])
+        changed, floor = [], True
+        for key, (w, h) in self.sizes.items():
+            target = max(self.floor, w * h * scale)
+            if target >= w * h:
+                continue
+            f = (target / (w * h)) ** 0.5
+            size = (max(1, int(w * f)), max(1, int(h * f)))
+            floor = floor and target <= self.floor
+            images[key[1]] = Image.new("RGB", size)
+            changed.append((key, (w, h), size))
+        if not changed:  # every image is at or below the floor already
+            return core.Resized(scale, self.layouts, [], True)
+        full, layouts = self.encode({**self.media, "image": images})
+        return core.Resized(scale, layouts, changed, floor, full)
+
+    def commit(self, decision, sample):
+        """(decision, full, layouts) with the real downsized files in the sample's media list."""
+        images = list(self.media["image"])
+        for (kind, k), _before, size in decision.resized.sizes:
+            images[k] = _write_shrunk(images[k], size)
+        full, layouts = self.encode({**self.media, "image": images})
+        plans = core._fits(layouts)
+        want = [r.length for r in decision.resized.layouts[0].runs]
+        if plans is None or [r.length for r in layouts[0].runs] != want:
+            raise core.SampleError(sample, "shrink: the downsized files encode differently from their sizes", str(decision.resized.sizes))
+        self.media["image"][:] = images  # the rows name the downsized files: the collator reads those
+        decision.kept = [p.kept for p in plans]
+        decision.removed = sorted(plans[0].left)
+        self.final = layouts
+        return decision, full, layouts
+
+    def resized_rows(self, resized) -> list:
+        def tokens(layouts, key):
+            return sum(r.length for r in layouts[0].runs if key in r.keys())
+
+        return [
+            {"item": f"{kind}#{k}", "before": list(b), "after": list(a),
+             "tokens_before": tokens(self.layouts, (kind, k)), "tokens_after": tokens(self.final, (kind, k)),
+             "file": self.media[kind][k] if isinstance(self.media[kind][k], str) else None}
+            for (kind, k), b, a in resized.sizes
+        ]
+
+
+def _image_size(item):
+    """(width, height) of a media-list entry without decoding its pixels, or None."""
+    try:
+        from PIL import Image
+
+        if isinstance(item, Image.Image):
+            return item.size
+        if isinstance(item, dict):
+            item = item.get("bytes") or item.get("path")
+        if isinstance(item, (bytes, bytearray)):
+            import io
+
+            item = io.BytesIO(item)
+        with Image.open(item) as im:
+            return im.size
+    except Exception:
+        return None
+
+
+def _shrink_dir() -> str:
+    run = report.current_run()
+    where = (run.meta.get("shrink_dir") if run else None) or engine.config().shrink_dir
+    if not where:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        where = os.path.join(base, "vlpatch", "media")
+    return where
+
+
+def _write_shrunk(item, size):
+    """The entry for `item` downsized to `size`: a PNG file in the shrink directory, named by the
+    original and the size (the same file from every worker and rank), in the entry's own form."""
+    import io
+
+    from PIL import Image
+
+    source, ident = item, None
+    if isinstance(item, dict):
+        source = item.get("bytes") or item.get("path")
+    if isinstance(source, str):
+        st = os.stat(source)
+        ident = f"{os.path.abspath(source)}|{st.st_size}|{st.st_mtime_ns}"
+        stem = os.path.splitext(os.path.basename(source))[0][:40]
+    elif isinstance(source, (bytes, bytearray)):
+        ident = hashlib.sha256(source).hexdigest()
+        source, stem = io.BytesIO(source), "image"
+    else:
+        ident, stem = hashlib.sha256(source.tobytes()).hexdigest(), "image"
+    with (Image.open(source) if not isinstance(source, Image.Image) else contextlib.nullcontext(source)) as im:
+        im.load()
+        if im.mode not in ("RGB", "RGBA", "L", "LA", "P", "I", "I;16", "1"):
+            im = im.convert("RGB")
+        small = im.resize(size, Image.BICUBIC)
+    if isinstance(item, Image.Image):
+        return small
+    digest = hashlib.sha256(f"{ident}|{size[0]}x{size[1]}".encode()).hexdigest()[:16]
+    folder = _shrink_dir()
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{stem}_{size[0]}x{size[1]}_{digest}.png")
+    if not os.path.exists(path):
+        tmp = f"{path}.{os.getpid()}.tmp"
+        small.save(tmp, format="PNG")
+        os.replace(tmp, path)  # atomic: a rank reading it never sees half a file
+    if isinstance(item, dict):
+        return {**item, "bytes": None, "path": path}
+    if isinstance(item, (bytes, bytearray)):
+        with open(path, "rb") as fh:
+            return fh.read()
+    return path
 
 
 def _removed(keys) -> dict:
@@ -712,6 +880,9 @@ def _run_wrapper(wrapped, instance, args, kwargs):
     cfg = engine.config()
     path = cfg.report or os.path.join(getattr(training_args, "output_dir", None) or ".", "vlpatch_report.jsonl")
     split = "eval" if is_eval else "train"
+    meta = {}
+    if cfg.policy == "shrink":
+        meta["shrink_dir"] = os.path.abspath(cfg.shrink_dir or os.path.join(getattr(training_args, "output_dir", None) or ".", "vlpatch_media"))
     run = report.start_run(
         TRAINER,
         f"{split} {','.join(names)} (stage {a['stage']})",
@@ -720,10 +891,13 @@ def _run_wrapper(wrapped, instance, args, kwargs):
         split=split,
         cutoff_len=data_args.cutoff_len,
         policy=cfg.policy,
+        **meta,
     )
     if not getattr(data_args, "streaming", False) and hasattr(dataset, "add_column") and hasattr(dataset, "__len__"):
         old = getattr(dataset, "_fingerprint", "") or ""
         tag = f"{old}|vlpatch {__version__}|{cfg.policy}|{cfg.media_first}"
+        if cfg.policy == "shrink":
+            tag += f"|{cfg.shrink_min_pixels}|{cfg.shrink_fallback}|{meta['shrink_dir']}"
         a["dataset"] = dataset.add_column(
             INDEX_COLUMN, list(range(len(dataset))), new_fingerprint=hashlib.sha256(tag.encode()).hexdigest()[:16]
         )

@@ -1,0 +1,229 @@
+"""Policy `shrink` on LLaMA-Factory's real dataset processors and its real collator.
+
+A sample whose image alone exceeds `cutoff_len` is kept by downsizing the image until the sample fits;
+the row then names a downsized PNG file, and LLaMA-Factory's own collator, which re-reads the media from
+the rows at training time, must produce exactly as many image features as the row has image tokens.
+"""
+
+import json
+import os
+
+import pytest
+
+from tests.conftest import require
+from tests.fixtures.tiny_models import long_text
+
+pytestmark = pytest.mark.llamafactory
+CUTOFF = 128
+
+
+@pytest.fixture(scope="module")
+def lf(tiny_qwen2vl, tmp_path_factory):
+    require("llamafactory")
+    from llamafactory.data import get_template_and_fix_tokenizer
+    from llamafactory.hparams import DataArguments, ModelArguments
+    from llamafactory.model import load_tokenizer
+
+    model_args = ModelArguments(model_name_or_path=tiny_qwen2vl, image_max_pixels=1024 * 1024, image_min_pixels=28 * 28)
+    loaded = load_tokenizer(model_args)
+    tok, proc = loaded["tokenizer"], loaded["processor"]
+    template = get_template_and_fix_tokenizer(tok, DataArguments(template="qwen2_vl", cutoff_len=CUTOFF))
+    d = tmp_path_factory.mktemp("photos")
+
+    class LF:
+        pass
+
+    lf = LF()
+    lf.tok, lf.proc, lf.template, lf.dir = tok, proc, template, d
+    lf.pad = tok.convert_tokens_to_ids("<|image_pad|>")
+    lf.start = tok.convert_tokens_to_ids("<|vision_start|>")
+    lf.end = tok.convert_tokens_to_ids("<|vision_end|>")
+
+    def processor(cls_name, **data_kwargs):
+        import llamafactory.data.processor as P
+
+        data_args = DataArguments(template="qwen2_vl", cutoff_len=data_kwargs.pop("cutoff_len", CUTOFF), **data_kwargs)
+        return getattr(P, cls_name)(template=template, tokenizer=tok, processor=proc, data_args=data_args)
+
+    lf.processor = processor
+    return lf
+
+
+def _photo(lf, w, h, seed=0):
+    from PIL import Image
+
+    path = str(lf.dir / f"p{w}x{h}_{seed}.jpg")
+    if not os.path.exists(path):
+        img = Image.new("RGB", (w, h), (40 * seed % 255, 100, 150))
+        for x in range(0, w, max(1, w // 16)):  # some structure, so resizing is not trivial
+            img.paste((200, 30 * seed % 255, 20), (x, 0, min(w, x + max(1, w // 64)), h))
+        img.save(path, quality=92)
+    return path
+
+
+def batch(rows):
+    return {
+        "_prompt": [r[0] for r in rows],
+        "_response": [r[1] for r in rows],
+        "_system": ["" for _ in rows],
+        "_tools": ["" for _ in rows],
+        "_images": [list(r[2]) or None for r in rows],
+        "_videos": [None for _ in rows],
+        "_audios": [None for _ in rows],
+    }
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+def runs(lf, ids):
+    """Lengths of the image-pad runs, each checked whole (start, pads, end)."""
+    out, i = [], 0
+    while i < len(ids):
+        if ids[i] == lf.start:
+            j = i + 1
+            while j < len(ids) and ids[j] == lf.pad:
+                j += 1
+            assert j < len(ids) and ids[j] == lf.end, f"run at {i} cut"
+            out.append(j - i - 1)
+            i = j
+        elif ids[i] == lf.pad:
+            raise AssertionError(f"stray image token at {i}")
+        i += 1
+    return out
+
+
+def collate(lf, out, rows):
+    """LLaMA-Factory's own collator on the processed rows: image features per row (grid / merge^2)."""
+    from llamafactory.data import SFTDataCollatorWith4DAttentionMask
+
+    collator = SFTDataCollatorWith4DAttentionMask(template=lf.template, processor=lf.proc, tokenizer=lf.tok, label_pad_token_id=-100)
+    feats = []
+    for k in rows:
+        feats.append({
+            "input_ids": out["input_ids"][k], "attention_mask": out["attention_mask"][k], "labels": out["labels"][k],
+            "images": out["images"][k] or [], "videos": [], "audios": [],
+        })
+    got = collator(feats)
+    merge = lf.proc.image_processor.merge_size ** 2
+    return [int(g.prod()) // merge for g in got["image_grid_thw"]], got["input_ids"]
+
+
+def report_rows(path):
+    return [json.loads(x) for x in open(path, encoding="utf-8").read().splitlines()]
+
+
+def test_shrink_keeps_a_sample_whose_image_alone_is_over_budget(lf, patched, tmp_path):
+    big = _photo(lf, 1200, 900)
+    rows = [
+        ([user(long_text(40, 1) + " <image>")], [assistant("a red square")], [big]),
+        ([user("<image> " + long_text(30, 2))], [assistant("fits? no")], [_photo(lf, 640, 640, 3)]),
+        ([user("<image> short")], [assistant("fits")], [_photo(lf, 112, 112, 4)]),
+    ]
+    # vanilla: the 1200x900 photo is 1,386 image tokens, ten times the budget
+    report_path = tmp_path / "r.jsonl"
+    patched(report=str(report_path), policy="shrink", shrink_dir=str(tmp_path / "media"), shrink_min_pixels=56 * 56)
+    data = batch(rows)
+    originals = [list(x) for x in data["_images"]]
+    out = lf.processor("SupervisedDatasetProcessor").preprocess_dataset(data)
+    assert len(out["input_ids"]) == 3, "nothing is dropped"
+    got = report_rows(report_path)
+    shrunk = [r for r in got if r["action"] == "shrunk"]
+    assert len(shrunk) == 2, got
+    for r in shrunk:
+        assert r["reason"].startswith("media_shrunk: "), r
+        (item,) = r["media_resized"]
+        assert item["item"] == "image#0" and item["tokens_after"] < item["tokens_before"], item
+        assert item["after"][0] * item["after"][1] < item["before"][0] * item["before"][1]
+        assert os.path.dirname(item["file"]) == str(tmp_path / "media")
+        assert r["tokens_after"] <= CUTOFF
+    for k in range(3):
+        ids = out["input_ids"][k]
+        assert len(ids) <= CUTOFF and len(out["labels"][k]) == len(ids)
+        assert len(runs(lf, ids)) == 1
+    # the rows name the downsized files (the originals are untouched), sized as reported
+    from PIL import Image
+
+    for r in shrunk:
+        k = r["batch_position"]
+        (path,) = out["images"][k]
+        assert path != originals[k][0] and path.endswith(".png")
+        assert list(Image.open(path).size) == r["media_resized"][0]["after"]
+    assert out["images"][2] == originals[2]
+    # LLaMA-Factory's own collator re-reads the rows' media: features == tokens for every row
+    features, _ = collate(lf, out, [0, 1, 2])
+    assert features == [runs(lf, out["input_ids"][k])[0] for k in range(3)]
+
+
+def test_shrink_is_the_largest_size_that_fits(lf, patched, tmp_path):
+    """A larger image than the one chosen would not fit: shrink does not throw away more than it must."""
+    big = _photo(lf, 1000, 750, 5)
+    rows = [([user(long_text(10, 1) + " <image>")], [assistant("ok")], [big])]
+    report_path = tmp_path / "r.jsonl"
+    patched(report=str(report_path), policy="shrink", shrink_dir=str(tmp_path / "media"), shrink_min_pixels=56 * 56)
+    out = lf.processor("SupervisedDatasetProcessor").preprocess_dataset(batch(rows))
+    (row,) = report_rows(report_path)
+    (item,) = row["media_resized"]
+    w, h = item["after"]
+    assert len(out["input_ids"][0]) <= CUTOFF
+    # the same sample with the image 5% larger (each side) than chosen: dropped under policy drop, or
+    # it encodes to the same tokens (the processor's rounding step)
+    from PIL import Image
+
+    bigger = str(tmp_path / "bigger.png")
+    Image.open(big).resize((int(w * 1.05) + 1, int(h * 1.05) + 1)).save(bigger)
+    patched(report=str(tmp_path / "drop.jsonl"), policy="drop")
+    again = lf.processor("SupervisedDatasetProcessor").preprocess_dataset(batch([(rows[0][0], rows[0][1], [bigger])]))
+    if again["input_ids"]:
+        assert runs(lf, again["input_ids"][0]) == [item["tokens_after"] - 2], item
+    else:
+        assert report_rows(tmp_path / "drop.jsonl")[0]["action"] == "dropped"
+
+
+def test_below_the_floor_the_fallback_decides(lf, patched, tmp_path):
+    big = _photo(lf, 1200, 900)
+    rows = [([user(long_text(40, 1) + " <image>")], [assistant("a red square")], [big])]
+    report_path = tmp_path / "r.jsonl"
+    patched(report=str(report_path), policy="shrink", shrink_dir=str(tmp_path / "media"), shrink_min_pixels=448 * 448)
+    out = lf.processor("SupervisedDatasetProcessor").preprocess_dataset(batch(rows))
+    assert out["input_ids"] == []
+    (row,) = report_rows(report_path)
+    assert row["action"] == "dropped" and "shrink_failed: below the shrink floor" in row["reason"], row
+    patched(report=str(report_path), policy="shrink", shrink_fallback="error", shrink_min_pixels=448 * 448)
+    import vlpatch
+
+    with pytest.raises(vlpatch.SampleError, match="media do not fit"):
+        lf.processor("SupervisedDatasetProcessor").preprocess_dataset(batch(rows))
+
+
+@pytest.mark.parametrize("stage", ["PairwiseDatasetProcessor", "FeedbackDatasetProcessor", "UnsupervisedDatasetProcessor", "PackedSupervisedDatasetProcessor"])
+def test_shrink_in_every_stage(lf, patched, tmp_path, stage):
+    big = _photo(lf, 1200, 900)
+    prompt = [user(long_text(20, 1) + " <image>")]
+    if stage == "PairwiseDatasetProcessor":
+        rows = [(prompt, [assistant("chosen one"), assistant("rejected")], [big])]
+    elif stage == "FeedbackDatasetProcessor":
+        rows = [(prompt, [assistant("yes"), assistant("")], [big]), ([user("<image> kl")], [assistant(""), assistant("no")], [_photo(lf, 112, 112, 2)])]
+    else:
+        rows = [(prompt, [assistant("a red square")], [big])]
+    data = batch(rows)
+    report_path = tmp_path / "r.jsonl"
+    patched(report=str(report_path), policy="shrink", shrink_dir=str(tmp_path / "media"), shrink_min_pixels=56 * 56)
+    out = lf.processor(stage).preprocess_dataset(data)
+    got = report_rows(report_path)
+    assert [r["action"] for r in got if r["batch_position"] == 0] == ["shrunk"], got
+    first = next(k for k in out if k.endswith("input_ids"))
+    limit = CUTOFF + 1 if stage.startswith("Packed") else CUTOFF  # packed rows are cutoff_len + 1 upstream
+    for key in [k for k in out if k.endswith("input_ids")]:
+        for k, ids in enumerate(out[key]):
+            extra = len(out["labels"][k]) if stage.startswith("Unsupervised") else 0
+            assert len(ids) + extra <= limit
+            assert len(runs(lf, ids)) == 1
+    assert out[first], "the sample is kept"
+    (path,) = out["images"][0]
+    assert path.endswith(".png")
