@@ -57,6 +57,7 @@ SIZES = [(56, 56), (112, 84), (112, 112), (224, 112), (224, 224), (336, 224), (4
 SIZE_WEIGHTS = [5, 5, 5, 4, 4, 3, 1, 1]
 MAX_PIXELS = 448 * 448
 CUTOFFS = (128, 256, 384)
+SHRINK_FLOOR = 56 * 56  # policy shrink: at this floor every image is at most 10 tokens, six of them fit in 128
 UNBOUNDED = 1 << 20
 
 
@@ -150,7 +151,9 @@ def lf(tiny_qwen2vl, tmp_path_factory):
             return cache[key]
         report_path = str(work / f"report_{cutoff}_{mask_history}_{policy}.jsonl")
         vlpatch.revert()
-        if policy:
+        if policy == "shrink":
+            vlpatch.apply(policy=policy, report=report_path, shrink_min_pixels=SHRINK_FLOOR, shrink_dir=str(work / f"media_{cutoff}_{mask_history}"))
+        elif policy:
             vlpatch.apply(policy=policy, report=report_path)
         try:
             data_args = DataArguments(template="qwen2_vl", dataset="corpus_img,corpus_text", dataset_dir=data_dir,
@@ -173,6 +176,8 @@ def lf(tiny_qwen2vl, tmp_path_factory):
 
     out = LF()
     out.run, out.corpus, out.tok, out.references = run, corpus, tok, {}
+    out.template = get_template_and_fix_tokenizer(tok, DataArguments(template="qwen2_vl"))
+    out.processor = tokenizer_module["processor"]
     out.start, out.pad, out.end = (tok.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>"))
     yield out
     vlpatch.revert()
@@ -345,6 +350,77 @@ def test_drop_media(lf):
     for i, row in zip(indices, media_rows):
         if i in by_index:
             assert row == by_index[i], f"sample {i}"
+
+
+def collated_image_tokens(lf, rows) -> list:
+    """LLaMA-Factory's own collator on the rows, as training runs it (it re-reads every image from the
+    row's `images`): the image tokens of each image (grid / merge^2), in order."""
+    from llamafactory.data import SFTDataCollatorWith4DAttentionMask
+
+    collator = SFTDataCollatorWith4DAttentionMask(template=lf.template, processor=lf.processor, tokenizer=lf.tok, label_pad_token_id=-100)
+    merge = lf.processor.image_processor.merge_size ** 2
+    out = []
+    for k in range(0, len(rows), 16):
+        feats = [{**{key: row[key] for key in ("input_ids", "attention_mask", "labels")}, "images": row["images"] or [],
+                  "videos": [], "audios": []} for row in rows[k:k + 16]]
+        got = collator(feats)
+        out += [int(g.prod()) // merge for g in got["image_grid_thw"]]
+    return out
+
+
+@pytest.mark.parametrize("cutoff,mask_history", [(128, False), (256, True)], ids=["128-turn_order", "256-mask_history"])
+def test_shrink(lf, cutoff, mask_history):
+    """Policy shrink: nothing is dropped (at the floor every first-budgeted turn fits), the samples that
+    drop loses are shrunk, every other sample comes out as under drop, and LLaMA-Factory's own collator,
+    reading the downsized files the rows name, gives every image exactly the tokens its run holds."""
+    from PIL import Image
+
+    samples = lf.corpus.samples
+    ref = reference(lf, mask_history)
+    rows, report = lf.run(cutoff, mask_history, "shrink")
+    drop_rows, drop_report = lf.run(cutoff, mask_history, "drop")
+    by_index = {r["index"]: r for r in report}
+    dropped_by_drop = {r["index"] for r in drop_report if r["action"] == "dropped"}
+    must_go = {s.index for s in samples if ref[s.index].first_media > cutoff}
+    assert dropped_by_drop == must_go and must_go
+    assert not [r for r in report if r["action"] == "dropped"], "nothing is dropped: at the floor every sample fits"
+    assert len(rows) == len(samples)
+    shrunk = {i for i, r in by_index.items() if r["action"] == "shrunk"}
+    assert shrunk == must_go, (sorted(shrunk - must_go)[:5], sorted(must_go - shrunk)[:5])
+    under_drop = dict(zip([s.index for s in samples if s.index not in dropped_by_drop], drop_rows))
+    checked = []
+    for s, row in zip(samples, rows):
+        where = f"sample {s.index} at cutoff_len {cutoff}, mask_history {mask_history}, shrink"
+        if s.index not in shrunk:
+            assert row == under_drop[s.index], where
+            continue
+        r = by_index[s.index]
+        ids, images = row["input_ids"], row["images"] or []
+        assert len(ids) <= cutoff and len(row["labels"]) == len(ids), where
+        runs = image_runs(lf, ids)
+        assert len(runs) == len(images) and r["tokens_after"] == len(ids), (where, r)
+        assert r["reason"].startswith("media_shrunk: "), (where, r)
+        resized = {int(x["item"].split("#")[1]): x for x in r["media_resized"]}
+        first = first_budgeted(s, mask_history)
+        removed = r["media_removed"].get("image", [])
+        kept_items = [k for k in range(len(s.images)) if k not in removed]
+        assert all(s.turn_of[k] != first for k in removed), (where, r)
+        assert set(resized) <= {k for k in kept_items if s.turn_of[k] == first}, (where, r)
+        for j, k in enumerate(kept_items):
+            if k in resized:
+                x = resized[k]
+                assert images[j] != s.images[k] and os.path.basename(images[j]).endswith(".png"), (where, images[j])
+                assert list(Image.open(images[j]).size) == x["after"] and x["before"] == list(s.sizes[k]), (where, x)
+                assert x["after"][0] * x["after"][1] >= min(SHRINK_FLOOR, s.sizes[k][0] * s.sizes[k][1]) - x["after"][0] - x["after"][1]
+                assert runs[j] == x["tokens_after"] < x["tokens_before"] == run_tokens(s.sizes[k]), (where, x, runs)
+            else:
+                assert images[j] == s.images[k] and runs[j] == run_tokens(s.sizes[k]), (where, j, k)
+        checked.append((row, runs))
+    # the real collator on every shrunk row: features == tokens, image by image
+    got = collated_image_tokens(lf, [row for row, _ in checked])
+    assert got == [n - 2 for _, runs in checked for n in runs]
+    print(f"cutoff_len {cutoff} mask_history {mask_history} shrink: {len(shrunk)} shrunk (drop loses them), 0 dropped, "
+          f"{sum(len(runs) for _, runs in checked)} images through the real collator")
 
 
 @pytest.mark.parametrize("mask_history", [False, True], ids=["turn_order", "mask_history"])

@@ -565,6 +565,11 @@ class ShrinkPolicy(Policy):
             why = "below the shrink floor" if floor_hit is not None else f"no fitting size in {SHRINK_STEPS} tries"
             return self._fall(case, f"shrink_failed: {why}")
         scale, resized, plans = lo
+        # an item whose tokens did not change (the processor's rounding) stays as it came
+        resized.sizes = [
+            (key, b, a) for key, b, a in resized.sizes
+            if _tokens_of(case.layouts[0], {key}) != _tokens_of(resized.layouts[0], {key})
+        ]
         changes = ", ".join(
             f"{k}#{i} {b[0]}x{b[1]} -> {a[0]}x{a[1]}" for (k, i), b, a in resized.sizes
         )

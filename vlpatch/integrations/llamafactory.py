@@ -666,13 +666,14 @@ class _Shrinker:
         cap = getattr(processor, "image_max_pixels", None)
         self.floor = max(int(cfg.shrink_min_pixels), int(getattr(processor, "image_min_pixels", 0) or 0))
         self.sizes = {}  # key -> (w, h) as upstream would see it (after its image_max_pixels cap)
+        self.files = {}  # key -> (w, h) of the file (what the report calls "before")
         for kind, k in core._first_turn_keys(layouts):
             if kind != "image" or k >= len(media["image"]):
                 continue
             size = _image_size(media["image"][k])
             if size is None:
                 continue
-            w, h = size
+            w, h = self.files[(kind, k)] = size
             if cap and w * h > cap:
                 f = (cap / (w * h)) ** 0.5
                 w, h = int(w * f), int(h * f)
@@ -693,7 +694,7 @@ class _Shrinker:
             size = (max(1, int(w * f)), max(1, int(h * f)))
             floor = floor and target <= self.floor
             images[key[1]] = Image.new("RGB", size)
-            changed.append((key, (w, h), size))
+            changed.append((key, self.files[key], size))
         if not changed:  # every image is at or below the floor already
             return core.Resized(scale, self.layouts, [], True)
         full, layouts = self.encode({**self.media, "image": images})
