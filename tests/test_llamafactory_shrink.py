@@ -193,7 +193,7 @@ def test_below_the_floor_the_fallback_decides(lf, patched, tmp_path):
     out = lf.processor("SupervisedDatasetProcessor").preprocess_dataset(batch(rows))
     assert out["input_ids"] == []
     (row,) = report_rows(report_path)
-    assert row["action"] == "dropped" and "shrink_failed: below the shrink floor" in row["reason"], row
+    assert row["action"] == "dropped" and "shrink_failed: it does not fit even with its images at the floor" in row["reason"], row
     patched(report=str(report_path), policy="shrink", shrink_fallback="error", shrink_min_pixels=448 * 448)
     import vlpatch
 

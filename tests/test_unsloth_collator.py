@@ -315,6 +315,50 @@ def test_a_few_optimizer_steps_on_patched_batches(uz, model, patched):
     assert all(torch.isfinite(torch.tensor(losses))), losses
 
 
+def test_shrink_downsizes_the_images_until_the_example_fits(uz, model, patched, tmp_path):
+    """Policy shrink: an example whose images alone exceed max_seq_length is collated again with its
+    images downsized until it fits; the pixel tensors are the processor's own for the downsized images
+    (runs == tensors), the caller's example is untouched, the report gives each image's sizes and tokens.
+    Gemma 3 (a fixed 256 tokens per image) and Mllama (one token per image) cannot gain from a smaller
+    image: the fallback (drop) decides, and the reason says so."""
+    import torch
+
+    report_path = tmp_path / "r.jsonl"
+    patched(policy="shrink", shrink_min_pixels=28 * 28, report=str(report_path))
+    big, short = example(**uz.big), example(1, words_before=1, words_after=1)
+    sizes = [im.size for im in big["images"]]
+    batch = uz.collator(100)([big, short])
+    rows = [json.loads(x) for x in report_path.read_text().splitlines()]
+    assert [im.size for im in big["images"]] == sizes, "the caller's example is untouched"
+    inline = unsloth_status(vlpatch.status())["id"] == "unsloth.collator_inline"
+    if uz.family in ("gemma3", "mllama") or (uz.family == "pixtral" and inline):
+        # Pixtral in the releases that inline the image: upstream's fetch_image makes every image at
+        # least 56x56 (its MIN_PIXELS), where Pixtral's six images still need 120 tokens
+        assert [(r["index"], r["action"]) for r in rows] == [(0, "dropped")], rows
+        assert "shrink_failed" in rows[0]["reason"], rows[0]
+        return
+    assert batch["input_ids"].shape[0] == 2, "nothing dropped"
+    check_rows(uz, batch, budget=100)
+    (row,) = rows
+    assert row["action"] == "shrunk" and row["reason"].startswith("media_shrunk: "), row
+    assert row["tokens_before"] > 100 >= row["tokens_after"]
+    assert len(row["media_resized"]) == uz.big["n_images"]
+    for item in row["media_resized"]:
+        assert item["before"] == list(sizes[0]) and item["tokens_after"] < item["tokens_before"], item
+    if uz.family == "qwen2_vl":  # the tiny model trains on shrunk batches
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        collator = uz.collator(100)
+        for step in range(2):
+            batch = collator([example(**uz.big), example(1, words_before=80)])
+            check_rows(uz, batch, budget=100)
+            out = model(**batch)
+            assert torch.isfinite(out.loss)
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad()
+
+
 def test_uncovered_processor_is_left_to_upstream(vu, model, patched, tmp_path):
     """A processor vlpatch has no token table for (LLaVA here) gets upstream's own collation, unchanged."""
     import torch

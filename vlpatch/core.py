@@ -508,7 +508,7 @@ class Resized:
     payload: object = None
 
 
-SHRINK_STEPS = 8  # re-encodes one sample may take (the first estimate usually fits)
+SHRINK_STEPS = 10  # re-encodes one sample may take (the first estimate usually fits)
 SHRINK_PRECISION = 1.04  # stop refining once the fitting scale is within 4% of one that does not fit
 
 
@@ -535,7 +535,7 @@ class ShrinkPolicy(Policy):
         lo = hi = None  # (scale, resized, plans) that fits; the smallest scale known not to fit
         hi = 1.0
         scale = min(1.0, avail / max(1, tokens)) * 0.97
-        floor_hit = None
+        floor_hit, last = None, tokens
         for _ in range(SHRINK_STEPS):
             resized = case.reencode(scale)
             if resized is None:
@@ -560,9 +560,11 @@ class ShrinkPolicy(Policy):
                 scale = (lo[0] * hi) ** 0.5
                 continue
             now = _tokens_of(resized.layouts[0], keys)
-            scale = scale * min(0.9, avail / max(1, now) * 0.97)
+            # no progress: the processor caps the size below this scale (Pixtral's longest edge): jump
+            scale = scale * (0.35 if now >= last else min(0.9, avail / max(1, now) * 0.97))
+            last = now
         if lo is None:
-            why = "below the shrink floor" if floor_hit is not None else f"no fitting size in {SHRINK_STEPS} tries"
+            why = "it does not fit even with its images at the floor (VLPATCH_SHRINK_MIN_PIXELS)" if floor_hit is not None else f"no fitting size in {SHRINK_STEPS} tries"
             return self._fall(case, f"shrink_failed: {why}")
         scale, resized, plans = lo
         # an item whose tokens did not change (the processor's rounding) stays as it came
@@ -694,12 +696,36 @@ def single_layout(length: int, runs: list[Run], budget: int) -> Layout:
 
 def fit_sequence(length: int, runs: list[Run], budget: int, policy: Policy, sample: str, keep: str = "head") -> Decision:
     """One flat sequence (a collator row): keep the head (right truncation) or the tail (left)."""
-    if keep == "head":
-        return resolve([single_layout(length, runs, budget)], policy, sample)
-    mirrored = [Run(r.kind, length - r.stop, length - r.start, r.first, r.items) for r in runs]
-    decision = resolve([single_layout(length, mirrored, budget)], policy, sample)
-    if decision.kept is not None:
-        decision.kept = [sorted(length - 1 - p for p in kept) for kept in decision.kept]
+    return fit_rows([(length, runs)], budget, policy, sample, keep)
+
+
+def _mirror(length: int, runs: list[Run]) -> list[Run]:
+    return [Run(r.kind, length - r.stop, length - r.start, r.first, r.items, r.members) for r in runs]
+
+
+def fit_rows(rows: list, budget: int, policy: Policy, sample: str, keep: str = "head", reencode: Callable | None = None) -> Decision:
+    """The flat rows of one sample ([(length, runs)]: a collator row, or a preference pair's chosen and
+    rejected rows, decided as one), each kept at its head (right truncation) or tail (left).
+    `reencode(scale)`: (rows, sizes, floor, payload) of the sample collated again with its media at
+    `scale` of their pixels (see `Resized`), or None; for policy `shrink`."""
+
+    def layouts(rows_):
+        return [single_layout(n, runs if keep == "head" else _mirror(n, runs), budget) for n, runs in rows_]
+
+    again = None
+    if reencode is not None:
+
+        def again(scale):
+            got = reencode(scale)
+            if got is None:
+                return None
+            rows_, sizes, floor, payload = got
+            return Resized(scale, layouts(rows_), sizes, floor, payload)
+
+    decision = resolve(layouts(rows), policy, sample, again)
+    if decision.kept is not None and keep != "head":
+        lengths = [lay.length for lay in (decision.resized.layouts if decision.resized else layouts(rows))]
+        decision.kept = [sorted(n - 1 - p for p in kept) for n, kept in zip(lengths, decision.kept)]
     return decision
 
 

@@ -145,29 +145,13 @@ def _build_finder(site, processor) -> core.RunFinder | None:
     return None if table is None else core.finder_from_table(table, tokenizer, processor, tokenizer)
 
 
-def fit(site, collator, batch, budget: int, keep: str = "head", pairs: bool = False, pad_side: str | None = None):
-    """Cut each row of a collated batch longer than `budget` with whole media runs (`core.fit_sequence`,
-    keeping the head or the tail), then rebuild the batch tensors without the dropped rows and removed
-    media. `pairs`: the batch is [chosen rows..., rejected rows...] (TRL's preference collator): rows i
-    and i + B/2 are one sample, decided together (`core.resolve` over both layouts), so a pair is kept,
-    cut, loses the same media or is dropped as one. `pad_side`: where the rebuilt rows are padded (None:
-    the tokenizer's padding_side)."""
-    import torch
-
+def _parse(site, batch, finder, processor) -> list:
+    """Per row of a collated batch: its unpadded positions, token ids, media runs and items per kind."""
     ids, mask = batch["input_ids"], batch.get("attention_mask")
-    if ids.dim() != 2 or ids.shape[1] <= budget:
-        if not site.filtering:
-            report.tally(Counter({"kept": ids.shape[0] // (2 if pairs else 1)}), Counter())
-        return batch
-    processor = collator.processor
-    finder = _finder(site, processor)
-    cfg = engine.config()
-    policy = core.get_policy(cfg.policy)
-    layout = _pixel_layout(site, processor)
     B, L = ids.shape
     groups = _frame_groups(site, batch, processor)  # Qwen3-VL: a video is one run per frame group
     video = 0  # batch-wide index of the next video
-    parsed = []  # per row: its unpadded positions, token ids, media runs and items per kind
+    parsed = []
     for i in range(B):
         pos = (mask[i] != 0).nonzero().flatten().tolist() if mask is not None else list(range(L))
         row = ids[i, pos].tolist()
@@ -175,14 +159,58 @@ def fit(site, collator, batch, budget: int, keep: str = "head", pairs: bool = Fa
         if groups is not None:
             runs, video = _merge_frame_groups(site, row, runs, groups, video, finder, processor)
         parsed.append((pos, row, runs, finder.count_items(row, runs)))
+    return parsed
+
+
+def fit(site, collator, batch, budget: int, keep: str = "head", pairs: bool = False, pad_side: str | None = None,
+        examples=None, recollate=None, shrunk: dict | None = None):
+    """Cut each row of a collated batch longer than `budget` with whole media runs (`core.fit_rows`,
+    keeping the head or the tail), then rebuild the batch tensors without the dropped rows and removed
+    media. `pairs`: the batch is [chosen rows..., rejected rows...] (TRL's preference collator): rows i
+    and i + B/2 are one sample, decided together, so a pair is kept, cut, loses the same media or is
+    dropped as one. `pad_side`: where the rebuilt rows are padded (None: the tokenizer's padding_side).
+
+    Policy `shrink` needs `examples` (as upstream was handed them, untouched) and `recollate(examples)`
+    (upstream's collator, uncut): a sample whose media do not fit is collated again alone with smaller
+    images until it fits (`core.ShrinkPolicy`); then the batch is collated again with the downsized
+    images, so the pixel tensors are the processor's own for them, and cut once more (`shrunk`: the
+    shrink decisions of the first pass, reported with their sizes)."""
+    import torch
+
+    ids = batch["input_ids"]
+    if ids.dim() != 2 or (ids.shape[1] <= budget and not shrunk):
+        if not site.filtering:
+            report.tally(Counter({"kept": ids.shape[0] // (2 if pairs else 1)}), Counter())
+        return batch
+    processor = collator.processor
+    finder = _finder(site, processor)
+    cfg = engine.config()
+    if shrunk is not None:  # the second pass: what still does not fit goes to the fallback
+        policy = core.get_policy(cfg.shrink_fallback)
+    else:
+        policy = core.get_policy(cfg.policy, cfg.shrink_fallback)
+    can_shrink = cfg.policy == "shrink" and shrunk is None and examples is not None and recollate is not None
+    layout = _pixel_layout(site, processor)
+    B, L = ids.shape
+    parsed = _parse(site, batch, finder, processor)
     _check_table(site, parsed, batch, layout, processor)
     half = B // 2 if pairs else B
     samples = [(i, i + half) for i in range(half)] if pairs else [(i,) for i in range(B)]
     decided: dict = {}  # row -> (decision, index of the row's layout in it, sample index)
     runs_of: dict = {}
+    to_shrink: dict = {}  # sample -> its shrink decision (first pass)
     rows, counts, reasons = [], Counter(), Counter()
     for s, members in enumerate(samples):
+        for i in members:
+            runs_of[i] = None
         if all(len(parsed[i][1]) <= budget for i in members):
+            if shrunk and s in shrunk:  # shrunk, and now whole
+                for k, i in enumerate(members):
+                    runs_of[i] = finder.assign_items(parsed[i][1], parsed[i][2], parsed[i][3])
+                    decided[i] = (core.Decision("shrunk", [list(range(len(parsed[j][1]))) for j in members], reason=shrunk[s]["reason"]), k, s)
+                counts["shrunk"] += 1
+                reasons["media_shrunk"] += 1
+                continue
             counts["kept"] += 1
             continue
         sample = f"dataset[{site.filtering[0]}]" if site.filtering else f"batch example {s}"
@@ -194,12 +222,15 @@ def fit(site, collator, batch, budget: int, keep: str = "head", pairs: bool = Fa
         if site.filtering:
             err = {**err, "index": site.filtering[0], "stage": "filter_dataset"}
         try:
-            if pairs:
-                layouts = [core.single_layout(len(parsed[i][1]), runs_of[i], budget) for i in members]
-                decision = core.resolve(layouts, policy, sample)
-            else:
-                (i,) = members
-                decision = core.fit_sequence(len(parsed[i][1]), runs_of[i], budget, policy, sample, keep=keep)
+            rows_of = [(len(parsed[i][1]), runs_of[i]) for i in members]
+            again = _shrinker(site, examples[s], rows_of, recollate, finder, processor, cfg) if can_shrink else None
+            decision = core.fit_rows(rows_of, budget, policy, sample, keep="head" if pairs else keep, reencode=again)
+            if decision.action == "shrunk":
+                to_shrink[s] = _shrink_info(decision, rows_of)
+                continue
+            if shrunk and s in shrunk and decision.action in ("kept", "truncated"):
+                decision.action = "shrunk"
+                decision.reason = shrunk[s]["reason"] + ("; " + decision.reason if decision.reason else "")
             if decision.removed and layout == "per_row":  # one image cannot leave a row's pixel slots
                 why = f"{decision.reason}; {type(processor).__name__} keeps images per row: example dropped"
                 decision = core.Decision("dropped", None, reason=why)
@@ -210,6 +241,11 @@ def fit(site, collator, batch, budget: int, keep: str = "head", pairs: bool = Fa
             decided[i] = (decision, k, s)
         counts[decision.action] += 1
         reasons[(decision.reason or "text_over_budget").split(":")[0]] += 1
+    if to_shrink:  # collate again with the downsized images: the processor's own tensors for them
+        again_examples = list(examples)
+        for s, info in to_shrink.items():
+            again_examples[s] = _with_images(examples[s], {k: _resize(img, size) for k, (img, size) in info["images"](examples[s]).items()})
+        return fit(site, collator, recollate(again_examples), budget, keep, pairs, pad_side, again_examples, recollate, shrunk=to_shrink)
     rows_kept = []
     removed: dict = {}  # kind -> batch-wide indices of the items that leave
     base: Counter = Counter()  # kind -> batch-wide index of this row's first item
@@ -253,10 +289,14 @@ def fit(site, collator, batch, budget: int, keep: str = "head", pairs: bool = Fa
                 gone.setdefault(kind, []).append(n)
                 removed.setdefault(kind, []).append(base[kind] + n)
             rows_kept.append((i, [pos[p] for p in kept]))
-            if pairs and len(kept) == len(row):
+            if pairs and len(kept) == len(row) and decision.action != "shrunk":
                 base.update(items)
                 continue  # the other row of the pair was cut: this one is whole (no report row)
             kept_media = sum(r.length for r in runs if not set(r.keys()) & set(decision.removed))
+            extra = {}
+            if decision.action == "shrunk":
+                info = shrunk[s]
+                extra = {"tokens_before": info["tokens_before"][k], "media_tokens": info["media_tokens"][k], "media_resized": info["resized"]}
             rows.append(
                 {
                     **entry,
@@ -266,6 +306,7 @@ def fit(site, collator, batch, budget: int, keep: str = "head", pairs: bool = Fa
                     "media_tokens": media,
                     "media_tokens_after": kept_media,
                     "media_removed": gone,
+                    **extra,
                 }
             )
         base.update(items)
@@ -281,6 +322,148 @@ def fit(site, collator, batch, budget: int, keep: str = "head", pairs: bool = Fa
             f"{site.budget_name}={budget}); filter the dataset first with {site.filter_hint}"
         )
     return _rebuild(site, collator, batch, rows_kept, removed, base, layout, torch, pad_side)
+
+
+# --------------------------------------------------------------------------- policy shrink
+
+
+def pristine(examples, always: bool = False):
+    """Deep copies of the examples under policy `shrink` (upstream's collators may change their
+    examples in place, and shrink hands some of them to upstream again); else None."""
+    if not always and engine.config().policy != "shrink":
+        return None
+    import copy
+
+    return [copy.deepcopy(e) for e in examples] if isinstance(examples, (list, tuple)) else None
+
+
+def _image_slots(example) -> list:
+    """Where an example's images are, in the order the collators hand them to the processor: the
+    `images` column (or TRL's single `image`), else the `{"type": "image", "image": ...}` parts of its
+    messages. Each slot: (path of keys and indices, the image)."""
+    if not isinstance(example, dict):
+        return []
+    column = example.get("images")
+    if isinstance(column, (list, tuple)):
+        return [(("images", k), img) for k, img in enumerate(column)]
+    if column is not None:
+        return [(("images",), column)]
+    if example.get("image") is not None:
+        return [(("image",), example["image"])]
+    slots = []
+    for key in ("messages", "conversations", "prompt", "completion", "chosen", "rejected"):
+        messages = example.get(key)
+        if not isinstance(messages, (list, tuple)):
+            continue
+        for m, message in enumerate(messages):
+            content = message.get("content") if isinstance(message, dict) else None
+            if isinstance(content, (list, tuple)):
+                for c, part in enumerate(content):
+                    if isinstance(part, dict) and part.get("type") == "image" and part.get("image") is not None:
+                        slots.append(((key, m, "content", c, "image"), part["image"]))
+    return slots
+
+
+def _with_images(example, new: dict):
+    """A copy of `example` with image k replaced by `new[k]` (the containers on the way copied, the rest
+    shared); a message part that names its size (`resized_width` / `resized_height`) gets the new one."""
+    import copy
+
+    out = copy.copy(example)
+    slots = _image_slots(example)
+    for k, image in new.items():
+        path = slots[k][0]
+        node, parent = out, None
+        for step in path[:-1]:
+            child = node[step]
+            child = list(child) if isinstance(child, tuple) else copy.copy(child)
+            node[step] = child
+            parent, node = node, child
+        node[path[-1]] = image
+        if isinstance(node, dict) and "resized_width" in node and hasattr(image, "size"):
+            node["resized_width"], node["resized_height"] = image.size
+    return out
+
+
+def _open(image):
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, dict):
+        image = image.get("bytes") or image.get("path")
+    if isinstance(image, (bytes, bytearray)):
+        import io
+
+        image = io.BytesIO(image)
+    return Image.open(image)
+
+
+def _resize(image, size):
+    from PIL import Image
+
+    im = _open(image)
+    return im.resize(size, Image.BICUBIC)
+
+
+def _shrinker(site, example, rows, recollate, finder, processor, cfg):
+    """`reencode(scale)` for `core.fit_rows`: the example collated alone by upstream, its images replaced
+    by blank stand-ins of the smaller sizes (token counts depend on an image's size only)."""
+    slots = _image_slots(example)
+    sizes = []
+    for _, image in slots:
+        try:
+            sizes.append(_open(image).size)
+        except Exception:
+            return None
+    if not sizes:
+        return None
+    floor_px = int(cfg.shrink_min_pixels)
+
+    def reencode(scale):
+        from PIL import Image
+
+        new, changed, floor = {}, [], True
+        for k, (w, h) in enumerate(sizes):
+            target = max(floor_px, w * h * scale)
+            if target >= w * h:
+                continue
+            f = (target / (w * h)) ** 0.5
+            size = (max(1, int(w * f)), max(1, int(h * f)))
+            floor = floor and target <= floor_px
+            new[k] = Image.new("RGB", size)
+            changed.append((("image", k), (w, h), size))
+        if not changed:
+            return rows, [], True, None
+        batch = recollate([_with_images(example, new)])
+        parsed = _parse(site, batch, finder, processor)
+        out = [(len(row), finder.assign_items(row, runs, items)) for _, row, runs, items in parsed]
+        return out, changed, floor, None
+
+    return reencode
+
+
+def _shrink_info(decision, rows_before) -> dict:
+    """What the second pass needs of a first-pass shrink decision: the images' new sizes (as a function
+    of the example), the reason, and for the report each row's tokens and each item's tokens before."""
+    sizes = {key[1]: after for key, _before, after in decision.resized.sizes}
+    runs_before = rows_before[0][1]
+
+    def tokens(runs, key):
+        return sum(r.length for r in runs if key in r.keys())
+
+    after_runs = decision.resized.layouts[0].runs
+    return {
+        "images": lambda example: {k: (img, sizes[k]) for k, (_, img) in enumerate(_image_slots(example)) if k in sizes},
+        "reason": decision.reason,
+        "tokens_before": [n for n, _ in rows_before],
+        "media_tokens": [sum(r.length for r in runs) for _, runs in rows_before],
+        "resized": [
+            {"item": f"{kind}#{k}", "before": list(b), "after": list(a),
+             "tokens_before": tokens(runs_before, (kind, k)), "tokens_after": tokens(after_runs, (kind, k))}
+            for (kind, k), b, a in decision.resized.sizes
+        ],
+    }
 
 
 def _expected_items(site, batch, layout: str, processor=None) -> dict:

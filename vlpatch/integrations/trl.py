@@ -54,10 +54,21 @@ def _uncovered(instance) -> bool:
 
 
 def _uncut(wrapped, instance, args, kwargs):
+    """(upstream's batch with nothing cut, the budget, the pristine examples or None, `recollate`)."""
+    examples = args[0] if args else kwargs["examples"]
+    pristine = _collator.pristine(examples)  # policy shrink collates some examples again
     budget = instance.max_length
+
+    def recollate(batch_examples):
+        instance.max_length = None
+        try:
+            return wrapped(_collator.pristine(batch_examples, always=True))
+        finally:
+            instance.max_length = budget
+
     instance.max_length = None
     try:
-        return wrapped(*args, **kwargs), budget
+        return wrapped(*args, **kwargs), budget, pristine, recollate
     finally:
         instance.max_length = budget
 
@@ -69,12 +80,12 @@ def _collate_sft(wrapped, instance, args, kwargs):
         return wrapped(*args, **kwargs)
     first = examples[0]
     language_modeling = "messages" in first or getattr(instance, "dataset_text_field", "text") in first
-    batch, budget = _uncut(wrapped, instance, args, kwargs)
+    batch, budget, pristine, recollate = _uncut(wrapped, instance, args, kwargs)
     keep = "head"
     if language_modeling:  # the processor cut on the tokenizer's truncation side; prompt/completion: the head
         tokenizer = getattr(instance.processor, "tokenizer", instance.processor)
         keep = "tail" if getattr(tokenizer, "truncation_side", "right") == "left" else "head"
-    return _collator.fit(SITE, instance, batch, budget, keep=keep, pad_side="right")
+    return _collator.fit(SITE, instance, batch, budget, keep=keep, pad_side="right", examples=pristine, recollate=recollate)
 
 
 def _collate_dpo(wrapped, instance, args, kwargs):
@@ -82,8 +93,8 @@ def _collate_dpo(wrapped, instance, args, kwargs):
     examples = args[0] if args else kwargs["examples"]
     if _uncovered(instance) or not examples:
         return wrapped(*args, **kwargs)
-    batch, budget = _uncut(wrapped, instance, args, kwargs)
-    return _collator.fit(SITE, instance, batch, budget, keep="head", pairs=True, pad_side="right")
+    batch, budget, pristine, recollate = _uncut(wrapped, instance, args, kwargs)
+    return _collator.fit(SITE, instance, batch, budget, keep="head", pairs=True, pad_side="right", examples=pristine, recollate=recollate)
 
 
 def _copy(example):

@@ -232,26 +232,31 @@ def _collate(wrapped, instance, args, kwargs):
                 _warned.add(type(instance.processor).__name__)
                 logger.warning("vlpatch: %s is not covered: Unsloth truncates it as upstream does", type(instance.processor).__name__)
             return wrapped(*args, **kwargs)
-        saved = instance.max_seq_length, instance.truncation
-        instance.max_seq_length, instance.truncation = None, False
-        try:
-            batch = wrapped(*args, **kwargs)
-        finally:
-            instance.max_seq_length, instance.truncation = saved
+        pristine = _collator.pristine(examples)  # policy shrink collates some examples again
+
+        def uncut(batch_examples=None):
+            saved = instance.max_seq_length, instance.truncation
+            instance.max_seq_length, instance.truncation = None, False
+            try:
+                return wrapped(*args, **kwargs) if batch_examples is None else wrapped(_collator.pristine(batch_examples, always=True))
+            finally:
+                instance.max_seq_length, instance.truncation = saved
+
+        batch = uncut()
         # prompt/completion batches (upstream's own test, after formatting_func): upstream cuts them on
         # the padding side (left padding keeps the tail), the messages path on the truncation side
         formatting = getattr(instance, "formatting_func", None)
         first = formatting(examples[0]) if formatting is not None and examples else (examples[0] if examples else {})
         side = "padding_side" if isinstance(first, dict) and "prompt" in first and "completion" in first else "truncation_side"
-        return _fit(instance, batch, budget, side)
+        return _fit(instance, batch, budget, side, pristine, uncut)
     finally:
         _batches.pop()
 
 
-def _fit(collator, batch, budget: int, side: str = "truncation_side"):
+def _fit(collator, batch, budget: int, side: str = "truncation_side", examples=None, recollate=None):
     tokenizer = getattr(collator.processor, "tokenizer", collator.processor)
     keep = "tail" if getattr(tokenizer, side, "right") == "left" else "head"
-    return _collator.fit(SITE, collator, batch, budget, keep=keep)
+    return _collator.fit(SITE, collator, batch, budget, keep=keep, examples=examples, recollate=recollate)
 
 
 # --------------------------------------------------------------------------- pre-filter
