@@ -95,16 +95,18 @@ def test_scan_policy_drop_media_and_image_size_recommendation(tiny_qwen2vl, data
     newest_only("llamafactory", "scan's own options")
     # cutoff 60: the 66-token image alone does not fit; drop_media keeps the text, and smaller images would fit
     out = json.loads(scan("--dataset", "longimg", "--dataset-dir", data_dir, "--template", "qwen2_vl", "--model", tiny_qwen2vl,
-                          "--cutoff-len", "60", "--image-max-pixels", str(224 * 224), "--policy", "drop_media", "--json"))
+                          "--cutoff-len", "60", "--image-max-pixels", str(224 * 224), "--policy", "drop_media", "--json",
+                          VLPATCH_SHRINK_MIN_PIXELS="56x56"))  # 224x224 is below shrink's default floor (256x256)
     odd = [s for s in out["samples"] if s["index"] % 2 == 1]
     assert {s["vlpatch"] for s in odd} == {"media_dropped"}, odd
     # side by side: what each policy would do with the same samples
-    assert all(s["policies"] == {"drop": "dropped", "drop_media": "media_dropped", "error": "error"} for s in odd), odd
+    assert all(s["policies"] == {"drop": "dropped", "drop_media": "media_dropped", "shrink": "shrunk", "error": "error"} for s in odd), odd
     from vlpatch.scan import summary
 
     text = summary(out)
-    assert "with vlpatch, per policy             drop   drop_media   error" in text, text
-    assert "  dropped                              6            0       0" in text, text
+    assert "with vlpatch, per policy             drop   drop_media   shrink   error" in text, text
+    assert "  dropped                              6            0        0       0" in text, text
+    assert "  shrunk                               0            0        6       0" in text, text
     rec = out["recommend"]["image_max_pixels_for_cutoff"]
     assert rec["value"] and rec["value"] < 224 * 224 and rec["text_alone_too_long"] == [0, 2, 4]
 
@@ -219,8 +221,8 @@ def test_scan_in_two_workers_equals_one_process_and_names_file_rows(tmp_path, ti
     names = [(s["source_dataset"], s["source_row"]) for s in two["samples"]]
     assert names == [("longimg", i) for i in range(6)] + [("plaintext", 0), ("plaintext", 1)] + [("bad", i) for i in range(4)]
     # one progress bar over both workers, ending at every pass of every sample
-    # (over-long samples: vanilla, vlpatch under drop and under drop_media; bad ones: the two policies)
-    passes = len(names) + sum(3 for s in two["samples"] if s["tokens"] and s["tokens"] > 128) + 3 * 2
+    # (over-long samples: vanilla, vlpatch under drop, drop_media and shrink; bad ones: the three policies)
+    passes = len(names) + sum(4 for s in two["samples"] if s["tokens"] and s["tokens"] > 128) + 3 * 3
     assert f"{passes}/{passes}" in proc.stderr.replace("\r", "\n").splitlines()[-1] or f"{passes}/{passes}" in proc.stderr, proc.stderr[-1000:]
     with open(tmp_path / "scan.png", "rb") as fh:
         assert fh.read(8) == b"\x89PNG\r\n\x1a\n"

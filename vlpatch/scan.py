@@ -27,6 +27,8 @@ class ScanSetupError(Exception):
 KEEP_SHARES = (0.9, 0.95, 0.99, 1.0)
 
 
+POLICIES = ("drop", "drop_media", "shrink", "error")  # the side-by-side table: outcome under each
+
 @dataclass
 class Sample:
     index: int
@@ -39,7 +41,7 @@ class Sample:
     vanilla: str = ""  # fits | text truncated | crash: ... | error: ...
     vlpatch: str = ""  # fits | truncated | media_dropped | dropped | error: ...  (under the scan's policy)
     detail: str = ""
-    policies: dict = field(default_factory=dict)  # the outcome under each policy: drop, drop_media, error
+    policies: dict = field(default_factory=dict)  # the outcome under each policy: drop, drop_media, shrink, error
 
 
 def _train_args(config: dict):
@@ -237,20 +239,20 @@ def _scan_chunk(state: _State, indices, ticker: _Ticker) -> list:
     # pass 3, under the policy training will use, then under the other policies for the side-by-side table
     # (`error` stops training where `drop` drops: its outcome follows from drop's)
     outcomes = {}
-    for policy in dict.fromkeys([state.policy, "drop", "drop_media"]):
+    for policy in dict.fromkeys([state.policy, "drop", "drop_media", "shrink"]):
         if policy != state.policy:
             ticker.more(len(long) + len(bad))
         outcomes[policy] = _policy_pass(state, long + bad, policy, encode, lfint, vreport)
     for s in samples:
         if s.index not in outcomes[state.policy]:
-            s.policies = {p: "fits" for p in ("drop", "drop_media", "error")}
+            s.policies = {p: "fits" for p in POLICIES}
             continue
         s.vlpatch, reason = outcomes[state.policy][s.index]
         if reason:
             s.detail = (s.detail + "; " if s.detail else "") + reason
         drop = outcomes["drop"][s.index][0]
         s.policies = {"drop": drop, "drop_media": outcomes["drop_media"][s.index][0],
-                      "error": "error" if drop == "dropped" else drop}
+                      "shrink": outcomes["shrink"][s.index][0], "error": "error" if drop == "dropped" else drop}
     return samples
 
 
@@ -260,8 +262,11 @@ def _policy_pass(state, todo, policy, encode, lfint, vreport) -> dict:
 
     import vlpatch
 
-    path = os.path.join(tempfile.mkdtemp(prefix="vlpatch-scan-"), "report.jsonl")
-    vlpatch.apply(policy=policy, patches=["llamafactory.header_tokens", "llamafactory.truncation"], report=path)
+    scratch = tempfile.mkdtemp(prefix="vlpatch-scan-")
+    path = os.path.join(scratch, "report.jsonl")
+    # shrink writes its downsized images into a scratch directory: the scan changes nothing of the user's
+    vlpatch.apply(policy=policy, patches=["llamafactory.header_tokens", "llamafactory.truncation"], report=path,
+                  shrink_dir=os.path.join(scratch, "media"))
     quiet = logging.getLogger("vlpatch")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
@@ -293,6 +298,9 @@ def _policy_pass(state, todo, policy, encode, lfint, vreport) -> dict:
     finally:
         quiet.setLevel(level)
         vlpatch.revert()
+        import shutil
+
+        shutil.rmtree(scratch, ignore_errors=True)
     return out
 
 
@@ -452,12 +460,12 @@ def summary(result: dict) -> str:
     pat = Counter(_bucket(s["vlpatch"]) for s in samples)
     for key in sorted(set(van) | set(pat), key=lambda k: -(van[k] + pat[k])):
         lines.append(f"  {key:31} {van.get(key, 0):>15}   {pat.get(key, 0):>12}")
-    per = {p: Counter(_bucket((s.get("policies") or {}).get(p, "")) for s in samples) for p in ("drop", "drop_media", "error")}
+    per = {p: Counter(_bucket((s.get("policies") or {}).get(p, "")) for s in samples) for p in POLICIES}
     keys = sorted({k for c in per.values() for k in c if k}, key=lambda k: -sum(c[k] for c in per.values()))
     if keys:
-        lines += ["", "with vlpatch, per policy             drop   drop_media   error"]
+        lines += ["", "with vlpatch, per policy             drop   drop_media   shrink   error"]
         for key in keys:
-            lines.append(f"  {key:31} {per['drop'][key]:>6}   {per['drop_media'][key]:>10}   {per['error'][key]:>5}")
+            lines.append(f"  {key:31} {per['drop'][key]:>6}   {per['drop_media'][key]:>10}   {per['shrink'][key]:>6}   {per['error'][key]:>5}")
     lengths = sorted(s["tokens"] for s in samples if s["tokens"] is not None)
     if lengths:
         p = {q: _percentile(lengths, q) for q in (0.5, 0.9, 0.99)}
@@ -564,11 +572,11 @@ def write_csv(result: dict, path: str) -> None:
     with open(path, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(["index", "source_dataset", "source_row", "tokens", "text_tokens", "media_tokens", "vanilla", "vlpatch", "detail",
-                    "drop", "drop_media", "error"])
+                    *POLICIES])
         for s in result["samples"]:
             per = s.get("policies") or {}
             w.writerow([s["index"], s["source_dataset"], s["source_row"], s["tokens"], s["text_tokens"], json.dumps(s["media_tokens"]),
-                        s["vanilla"], s["vlpatch"], s["detail"], per.get("drop"), per.get("drop_media"), per.get("error")])
+                        s["vanilla"], s["vlpatch"], s["detail"], *(per.get(p) for p in POLICIES)])
 
 
 def dataset_from_file(path: str) -> tuple:
