@@ -227,3 +227,18 @@ def test_shrink_in_every_stage(lf, patched, tmp_path, stage):
     assert out[first], "the sample is kept"
     (path,) = out["images"][0]
     assert path.endswith(".png")
+
+
+def test_shrink_keeps_the_entry_form_of_hub_datasets(lf, patched, tmp_path):
+    """Datasets loaded from the hub hold images as {"bytes", "path"} dicts: the downsized entry stays a
+    dict (naming the written file), and the collator reads it."""
+    big = _photo(lf, 1200, 900, 7)
+    with open(big, "rb") as fh:
+        entry = {"bytes": fh.read(), "path": None}
+    rows = [([user(long_text(40, 1) + " <image>")], [assistant("a red square")], [entry])]
+    patched(report=str(tmp_path / "r.jsonl"), policy="shrink", shrink_dir=str(tmp_path / "media"), shrink_min_pixels=56 * 56)
+    out = lf.processor("SupervisedDatasetProcessor").preprocess_dataset(batch(rows))
+    (got,) = out["images"][0]
+    assert isinstance(got, dict) and got["bytes"] is None and got["path"].startswith(str(tmp_path / "media")), got
+    features, _ = collate(lf, out, [0])
+    assert features == runs(lf, out["input_ids"][0])

@@ -758,37 +758,39 @@ def _shrink_dir() -> str:
 
 def _write_shrunk(item, size):
     """The entry for `item` downsized to `size`: a PNG file in the shrink directory, named by the
-    original and the size (the same file from every worker and rank), in the entry's own form."""
+    original and the size (the same file from every worker and rank, written once), in the entry's own
+    form (a path, a {"bytes", "path"} dict, bytes; an in-memory image stays one)."""
     import io
 
     from PIL import Image
 
-    source, ident = item, None
-    if isinstance(item, dict):
-        source = item.get("bytes") or item.get("path")
+    source = item.get("bytes") or item.get("path") if isinstance(item, dict) else item
     if isinstance(source, str):
         st = os.stat(source)
         ident = f"{os.path.abspath(source)}|{st.st_size}|{st.st_mtime_ns}"
         stem = os.path.splitext(os.path.basename(source))[0][:40]
     elif isinstance(source, (bytes, bytearray)):
-        ident = hashlib.sha256(source).hexdigest()
-        source, stem = io.BytesIO(source), "image"
+        ident, stem = hashlib.sha256(source).hexdigest(), "image"
+        source = io.BytesIO(source)
     else:
-        ident, stem = hashlib.sha256(source.tobytes()).hexdigest(), "image"
-    with (Image.open(source) if not isinstance(source, Image.Image) else contextlib.nullcontext(source)) as im:
-        im.load()
-        if im.mode not in ("RGB", "RGBA", "L", "LA", "P", "I", "I;16", "1"):
-            im = im.convert("RGB")
-        small = im.resize(size, Image.BICUBIC)
-    if isinstance(item, Image.Image):
-        return small
+        ident, stem = None, "image"
+
+    def small():
+        with (contextlib.nullcontext(source) if isinstance(source, Image.Image) else Image.open(source)) as im:
+            im.load()
+            if im.mode not in ("RGB", "RGBA", "L", "LA", "P", "I", "I;16", "1"):
+                im = im.convert("RGB")
+            return im.resize(size, Image.BICUBIC)
+
+    if ident is None:  # an in-memory image: the row holds the image itself
+        return small()
     digest = hashlib.sha256(f"{ident}|{size[0]}x{size[1]}".encode()).hexdigest()[:16]
     folder = _shrink_dir()
-    os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"{stem}_{size[0]}x{size[1]}_{digest}.png")
     if not os.path.exists(path):
+        os.makedirs(folder, exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
-        small.save(tmp, format="PNG")
+        small().save(tmp, format="PNG")
         os.replace(tmp, path)  # atomic: a rank reading it never sees half a file
     if isinstance(item, dict):
         return {**item, "bytes": None, "path": path}
