@@ -13,7 +13,7 @@ a tiny random model of the family (tests/fixtures/tiny_vlm_models.py), on CPU.
 - the policies (drop, drop_media, error) on that collator (messages), each kept batch through the model;
 - the real `DataCollatorForVisionPreference` (TRL 1.0 on) under each policy: pairs cut and decided
   together, chosen and rejected rows equal up to their completions, the batch through the model (not
-  Mllama's, for its cross_attention_mask).
+  Mllama's, for its cross_attention_mask); the real `DPOTrainer(...).train()` with Gemma 3 (newest TRL).
 
 The budget of each test is computed from the family's own unbounded batch: the cut lands inside the first
 long example's image run (Mllama: on its one image token), so vanilla cuts it whatever the family's
@@ -482,3 +482,43 @@ def test_dpo_collator_pairs(trl, fam, policy, patched, tmp_path):
         assert a[:last] == b[:last], i
     if fam.name != "mllama":
         forward(fam, batch)
+
+
+def test_dpo_trainer_gemma3(trl, fam, patched, tmp_path):
+    """The real `DPOTrainer(...).train()` with a non-Qwen family (Gemma 3, newest TRL): vanilla dies on
+    the cut run, patched trains 2 optimizer steps with every batch's runs whole."""
+    import datasets
+
+    import vlpatch
+
+    newest_only("trl", "the trainer runs")
+    if fam.name != "gemma3":
+        pytest.skip("Gemma 3 only (Qwen2-VL: tests/test_trl_collator.py)")
+    from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
+
+    vlpatch.revert()
+    budget = cut_budget(fam, DataCollatorForVisionPreference, preference_rows(fam))
+
+    def trainer():
+        args = trl.DPOConfig(
+            output_dir=str(tmp_path / "out"), max_length=budget, per_device_train_batch_size=2, max_steps=2,
+            report_to="none", save_strategy="no", use_cpu=True, logging_steps=1, dataloader_num_workers=0, bf16=False,
+        )
+        return trl.DPOTrainer(model=fam.model(), ref_model=fam.model(), args=args, processing_class=fam.processor,
+                              train_dataset=datasets.Dataset.from_list(preference_rows(fam)))
+
+    with pytest.raises(ValueError) as info:
+        trainer().train()
+    assert any(e in str(info.value) for e in VANILLA_ERRORS), repr(info.value)
+    print(f"vanilla trl {trl.installed} {fam.name} DPOTrainer (max_length {budget}): {type(info.value).__name__}: {info.value}")
+
+    report = tmp_path / "report.jsonl"
+    vp = patched(report=str(report))
+    assert {r["id"]: r for r in vp.status()}["trl.dpo_collator"]["state"] == "applied"
+    t = trainer()
+    t.data_collator = recording = Recording(t.data_collator, fam, budget)
+    t.train()
+    assert t.state.global_step == 2 and recording.batches >= 2
+    out = report_rows(report)
+    assert out and {r["part"] for r in out} == {"chosen", "rejected"}, out
+    assert all(r["action"] == "truncated" and r["media_tokens_after"] == r["media_tokens"] == 18 for r in out), out
