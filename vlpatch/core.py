@@ -545,7 +545,12 @@ class ShrinkPolicy(Policy):
                 lo = (scale, resized, plans)
                 if hi / scale <= SHRINK_PRECISION:
                     break
-                scale = (scale * hi) ** 0.5  # bisect upwards (geometric: tokens follow the area)
+                # aim at the budget from here (tokens follow the area); within the precision: done
+                now = _tokens_of(resized.layouts[0], keys)
+                aim = scale * avail / max(1, now)
+                if aim <= scale * SHRINK_PRECISION:
+                    break
+                scale = min(aim, (scale * hi) ** 0.5) if aim < hi else (scale * hi) ** 0.5
                 continue
             hi = scale
             if resized.floor:

@@ -17,6 +17,7 @@ Which symbols and versions: `compat_matrix.yaml` (patch `llamafactory.header_tok
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 
 from .. import tokens
@@ -74,7 +75,7 @@ def grids(images, processor) -> list | None:
         return None
     out = []
     for image in images:
-        size = tokens.image_header(image)
+        size = _size(image)
         if size is None:
             return None
         try:
@@ -84,6 +85,17 @@ def grids(images, processor) -> list | None:
             return None  # upstream fails on this image too, in its own words
         out.append([1, rh // patch, rw // patch])
     return out
+
+
+def _size(image):
+    """(width, height): a file's from its header, an in-memory image's own (policy shrink's stand-ins, a
+    dataset of decoded images); None where upstream must look."""
+    if isinstance(image, str):
+        return tokens.image_header(image)
+    pil = sys.modules.get("PIL.Image")
+    if pil is not None and isinstance(image, pil.Image) and image.mode in tokens.HEADER_MODES:
+        return image.size
+    return None
 
 
 def _messages(wrapped, instance, args, kwargs):
