@@ -356,6 +356,46 @@ def test_dpo_pair_is_handled_as_one(dpo, processor, policy, patched, tmp_path):
     assert grids[: len(grids) // 2] == grids[len(grids) // 2 :] and half * 2 == batch["input_ids"].shape[0]
 
 
+# --------------------------------------------------------------------------- policy shrink
+
+
+def test_sft_shrink_downsizes_the_image_until_the_example_fits(trl, tiny_qwen2vl, processor, patched, tmp_path):
+    """Row 0's 448 px image alone is 258 tokens, over max_length 96: under shrink it is collated again
+    with the image downsized until the example fits; the batch's pixel tensors are the processor's own
+    for it; the caller's rows are untouched; then the real SFTTrainer trains on such rows."""
+    report = tmp_path / "report.jsonl"
+    patched(policy="shrink", shrink_min_pixels=28 * 28, report=str(report))
+    collator = sft_collator(trl, processor)
+    rows = messages_rows(3, big=True)
+    batch = collator(rows)
+    assert rows[0]["images"][0].size == (448, 448), "the caller's example is untouched"
+    check_batch(processor, batch)
+    assert batch["input_ids"].shape[0] == 3 and batch["image_grid_thw"].shape[0] == 3, "nothing dropped"
+    out = {r["index"]: r for r in report_rows(report)}
+    assert out[0]["action"] == "shrunk" and out[0]["reason"].startswith("media_shrunk: "), out[0]
+    (item,) = out[0]["media_resized"]
+    assert item["before"] == [448, 448] and item["tokens_after"] < item["tokens_before"] == 258, item
+    assert out[2]["action"] == "truncated"
+    trainer = sft_trainer(trl, tiny_qwen2vl, processor, messages_rows(4, big=True), tmp_path)
+    trainer.data_collator = recording = Recording(trainer.data_collator, processor)
+    trainer.train()
+    assert trainer.state.global_step == 2 and recording.batches >= 2
+
+
+def test_dpo_shrink_keeps_the_pair(dpo, processor, patched, tmp_path):
+    from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
+
+    report = tmp_path / "report.jsonl"
+    patched(policy="shrink", shrink_min_pixels=28 * 28, report=str(report))
+    batch = DataCollatorForVisionPreference(processor, max_length=BUDGET)(preference_rows(3, big=True))
+    check_batch(processor, batch)
+    assert batch["input_ids"].shape[0] == 6, "the pair is kept"
+    zero = [r for r in report_rows(report) if r["index"] == 0]
+    assert sorted(r["part"] for r in zero) == ["chosen", "rejected"] and {r["action"] for r in zero} == {"shrunk"}, zero
+    grids = batch["image_grid_thw"].tolist()
+    assert grids[:3] == grids[3:], "both rows of a pair hold the same downsized image"
+
+
 # --------------------------------------------------------------------------- other families, collator only
 # Gemma 3, Llama-3.2-Vision (Mllama) and Pixtral: tiny real processors (tests/fixtures/tiny_processors.py),
 # TRL's real DataCollatorForVisionLanguageModeling called directly on messages examples with images.
