@@ -356,6 +356,24 @@ def test_dpo_pair_is_handled_as_one(dpo, processor, policy, patched, tmp_path):
     assert grids[: len(grids) // 2] == grids[len(grids) // 2 :] and half * 2 == batch["input_ids"].shape[0]
 
 
+def test_sft_a_later_turns_image_leaves_with_the_cut(trl, processor, patched, tmp_path):
+    """Two turns with a 66-token image each, max_length 96: the second turn's image leaves with the part
+    the cut removes (kept, truncated, reported), the first turn's stays."""
+    report = tmp_path / "report.jsonl"
+    patched(report=str(report))
+    turns = []
+    for k in range(2):
+        turns += [{"role": "user", "content": [{"type": "text", "text": long_text(5, k)}, {"type": "image"}]},
+                  {"role": "assistant", "content": [{"type": "text", "text": "a red square"}]}]
+    rows = [{"messages": turns, "images": [image(224, 1), image(224, 2)]}, messages_rows(2)[1]]
+    batch = sft_collator(trl, processor)(rows)
+    check_batch(processor, batch)
+    assert batch["input_ids"].shape[0] == 2 and batch["image_grid_thw"].shape[0] == 2
+    (row,) = report_rows(report)
+    assert (row["index"], row["action"], row["media_removed"]) == (0, "truncated", {"image": [1]}), row
+    assert row["reason"].startswith("media_left_with_turn: image#1"), row
+
+
 # --------------------------------------------------------------------------- policy shrink
 
 

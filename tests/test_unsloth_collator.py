@@ -359,6 +359,40 @@ def test_shrink_downsizes_the_images_until_the_example_fits(uz, model, patched, 
             opt.zero_grad()
 
 
+def two_turns(words_first=5, words_second=60):
+    """A conversation of two turns, one image in each user turn (`images` column, in order)."""
+    def user(words, seed):
+        return {"role": "user", "content": [{"type": "text", "text": long_text(words, seed)}, {"type": "image"}]}
+
+    def assistant(text):
+        return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+    return {"messages": [user(words_first, 1), assistant("a red square"), user(words_second, 2), assistant("a blue one")],
+            "images": [image(224, seed=1), image(224, seed=2)]}
+
+
+def test_a_later_turns_image_leaves_with_the_cut(uz, patched, tmp_path):
+    """Two turns, one 66-token image each, max_seq_length 100: the first turn's image fits, the second
+    cannot: it leaves with the part of the row the cut removes (the example is kept, truncated, and the
+    report names the image), as LLaMA-Factory's turn budget does, instead of the policy dropping it."""
+    if uz.family != "qwen2_vl":
+        pytest.skip("the arithmetic of this example is the tiny Qwen2-VL's (66 tokens per image)")
+    report_path = tmp_path / "r.jsonl"
+    patched(report=str(report_path))
+    batch = uz.collator(100)([two_turns(), example(1, words_before=1, words_after=1)])
+    assert batch["input_ids"].shape[0] == 2, "nothing dropped"
+    check_rows(uz, batch, budget=100)
+    assert len(image_tokens(batch)) == 2, "row 0 keeps its first turn's image, row 1 its own"
+    (row,) = [json.loads(x) for x in report_path.read_text().splitlines()]
+    assert (row["index"], row["action"], row["media_removed"]) == (0, "truncated", {"image": [1]}), row
+    assert row["reason"].startswith("media_left_with_turn: image#1"), row
+    # the first turn's own media still go to the policy: two images in the first turn do not fit
+    first_heavy = example(2, words_before=5)
+    batch = uz.collator(100)([first_heavy, example(1, words_before=1, words_after=1)])
+    last = json.loads(report_path.read_text().splitlines()[-1])
+    assert last["action"] == "dropped" and last["reason"].startswith("media_exceed_budget"), last
+
+
 def test_uncovered_processor_is_left_to_upstream(vu, model, patched, tmp_path):
     """A processor vlpatch has no token table for (LLaVA here) gets upstream's own collation, unchanged."""
     import torch

@@ -694,9 +694,26 @@ def _left_reason(layouts, left) -> str:
     return f"media_left_with_turn: {names} left with the part of a later turn that the budget cuts off"
 
 
-def single_layout(length: int, runs: list[Run], budget: int) -> Layout:
-    """A layout with one turn whose source is the whole sequence: cut text from the end."""
-    return Layout(length, runs, [(range(0, length), range(length, length))], budget, lambda s, t, c: (min(s, c), 0))
+def single_layout(length: int, runs: list[Run], budget: int, first: int | None = None) -> Layout:
+    """A layout with one turn whose source is the whole sequence: cut text from the end.
+
+    `first`: how many media items (in run order) belong to the row's first turn: the row becomes two
+    turns, the first ending after those items' runs, so that the media after them leave with the part
+    the cut removes (as LLaMA-Factory's turn budget does) and only the first turn's go to the policy."""
+
+    def split(s, t, c):
+        return min(s, c), 0
+
+    if first is None:
+        return Layout(length, runs, [(range(0, length), range(length, length))], budget, split)
+    cut, seen = 0, 0
+    for run in sorted(runs, key=lambda r: r.start):
+        if seen >= first:
+            break
+        seen += len(run.keys())
+        cut = run.stop
+    turns = [(range(0, cut), range(cut, cut)), (range(cut, length), range(length, length))]
+    return Layout(length, runs, turns, budget, split)
 
 
 def fit_sequence(length: int, runs: list[Run], budget: int, policy: Policy, sample: str, keep: str = "head") -> Decision:
@@ -708,14 +725,17 @@ def _mirror(length: int, runs: list[Run]) -> list[Run]:
     return [Run(r.kind, length - r.stop, length - r.start, r.first, r.items, r.members) for r in runs]
 
 
-def fit_rows(rows: list, budget: int, policy: Policy, sample: str, keep: str = "head", reencode: Callable | None = None) -> Decision:
+def fit_rows(rows: list, budget: int, policy: Policy, sample: str, keep: str = "head", reencode: Callable | None = None,
+             first: int | None = None) -> Decision:
     """The flat rows of one sample ([(length, runs)]: a collator row, or a preference pair's chosen and
     rejected rows, decided as one), each kept at its head (right truncation) or tail (left).
     `reencode(scale)`: (rows, sizes, floor, payload) of the sample collated again with its media at
-    `scale` of their pixels (see `Resized`), or None; for policy `shrink`."""
+    `scale` of their pixels (see `Resized`), or None; for policy `shrink`. `first`: the media items of
+    the first turn (head only; see `single_layout`): later ones leave with the part the cut removes."""
+    first = first if keep == "head" else None
 
     def layouts(rows_):
-        return [single_layout(n, runs if keep == "head" else _mirror(n, runs), budget) for n, runs in rows_]
+        return [single_layout(n, runs if keep == "head" else _mirror(n, runs), budget, first) for n, runs in rows_]
 
     again = None
     if reencode is not None:

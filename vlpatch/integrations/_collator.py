@@ -162,8 +162,29 @@ def _parse(site, batch, finder, processor) -> list:
     return parsed
 
 
+def first_turn_items(example) -> int | None:
+    """Media items of an example's first user turn (its messages before the first assistant message),
+    or None where that is not known (no messages with typed parts, no assistant message)."""
+    if not isinstance(example, dict):
+        return None
+    messages = example.get("messages", example.get("conversations"))
+    if not isinstance(messages, (list, tuple)):
+        return None
+    n = 0
+    for message in messages:
+        if not isinstance(message, dict):
+            return None
+        if (message.get("role") or message.get("from")) in ("assistant", "gpt", "model"):
+            return n
+        content = message.get("content")
+        if not isinstance(content, (list, tuple)):
+            return None  # a plain string: where its media sit is up to the template
+        n += sum(1 for part in content if isinstance(part, dict) and part.get("type") in ("image", "video", "audio"))
+    return None
+
+
 def fit(site, collator, batch, budget: int, keep: str = "head", pairs: bool = False, pad_side: str | None = None,
-        examples=None, recollate=None, shrunk: dict | None = None):
+        examples=None, recollate=None, shrunk: dict | None = None, firsts: list | None = None):
     """Cut each row of a collated batch longer than `budget` with whole media runs (`core.fit_rows`,
     keeping the head or the tail), then rebuild the batch tensors without the dropped rows and removed
     media. `pairs`: the batch is [chosen rows..., rejected rows...] (TRL's preference collator): rows i
@@ -174,7 +195,11 @@ def fit(site, collator, batch, budget: int, keep: str = "head", pairs: bool = Fa
     (upstream's collator, uncut): a sample whose media do not fit is collated again alone with smaller
     images until it fits (`core.ShrinkPolicy`); then the batch is collated again with the downsized
     images, so the pixel tensors are the processor's own for them, and cut once more (`shrunk`: the
-    shrink decisions of the first pass, reported with their sizes)."""
+    shrink decisions of the first pass, reported with their sizes).
+
+    `firsts`: per example, the media items of its first turn (`first_turn_items`), where known: media
+    after them leave with the part of the row the cut removes (`media_left_with_turn`), as LLaMA-Factory's
+    turn budget does; only the first turn's media go to the policy."""
     import torch
 
     ids = batch["input_ids"]
@@ -224,7 +249,8 @@ def fit(site, collator, batch, budget: int, keep: str = "head", pairs: bool = Fa
         try:
             rows_of = [(len(parsed[i][1]), runs_of[i]) for i in members]
             again = _shrinker(site, examples[s], rows_of, recollate, finder, processor, cfg) if can_shrink else None
-            decision = core.fit_rows(rows_of, budget, policy, sample, keep="head" if pairs else keep, reencode=again)
+            first = firsts[s] if firsts and not pairs and s < len(firsts) else None
+            decision = core.fit_rows(rows_of, budget, policy, sample, keep="head" if pairs else keep, reencode=again, first=first)
             if decision.action == "shrunk":
                 to_shrink[s] = _shrink_info(decision, rows_of)
                 continue
@@ -245,7 +271,8 @@ def fit(site, collator, batch, budget: int, keep: str = "head", pairs: bool = Fa
         again_examples = list(examples)
         for s, info in to_shrink.items():
             again_examples[s] = _with_images(examples[s], {k: _resize(img, size) for k, (img, size) in info["images"](examples[s]).items()})
-        return fit(site, collator, recollate(again_examples), budget, keep, pairs, pad_side, again_examples, recollate, shrunk=to_shrink)
+        return fit(site, collator, recollate(again_examples), budget, keep, pairs, pad_side, again_examples, recollate,
+                   shrunk=to_shrink, firsts=firsts)
     rows_kept = []
     removed: dict = {}  # kind -> batch-wide indices of the items that leave
     base: Counter = Counter()  # kind -> batch-wide index of this row's first item

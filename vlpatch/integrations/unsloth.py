@@ -248,15 +248,17 @@ def _collate(wrapped, instance, args, kwargs):
         formatting = getattr(instance, "formatting_func", None)
         first = formatting(examples[0]) if formatting is not None and examples else (examples[0] if examples else {})
         side = "padding_side" if isinstance(first, dict) and "prompt" in first and "completion" in first else "truncation_side"
-        return _fit(instance, batch, budget, side, pristine, uncut)
+        # media of a later turn leave with the part the cut removes (where the messages tell the turns)
+        firsts = [_collator.first_turn_items(e) for e in examples] if formatting is None else None
+        return _fit(instance, batch, budget, side, pristine, uncut, firsts)
     finally:
         _batches.pop()
 
 
-def _fit(collator, batch, budget: int, side: str = "truncation_side", examples=None, recollate=None):
+def _fit(collator, batch, budget: int, side: str = "truncation_side", examples=None, recollate=None, firsts=None):
     tokenizer = getattr(collator.processor, "tokenizer", collator.processor)
     keep = "tail" if getattr(tokenizer, side, "right") == "left" else "head"
-    return _collator.fit(SITE, collator, batch, budget, keep=keep, examples=examples, recollate=recollate)
+    return _collator.fit(SITE, collator, batch, budget, keep=keep, examples=examples, recollate=recollate, firsts=firsts)
 
 
 # --------------------------------------------------------------------------- pre-filter
