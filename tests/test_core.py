@@ -351,3 +351,25 @@ def test_shrink_invariants(before, after, full, budget, step):
     else:
         assert decision.action in ("kept", "truncated") and fake.calls == []
         check_invariants(None, layout, decision)
+
+
+@settings(max_examples=300, deadline=None)
+@given(segments(), st.integers(0, 4), st.integers(5, 80))
+def test_a_row_keeps_its_first_turns_media_and_later_ones_leave_with_the_cut(ids, first, budget):
+    """A collator row (`fit_rows(first=...)`): dropped only when the first turn's media alone exceed the
+    budget; every removed item comes after the first turn's; kept rows within budget, runs whole."""
+    runs = FINDER.find(ids)
+    counts = {"image": sum(r.kind == "image" for r in runs), "video": sum(r.kind == "video" for r in runs)}
+    runs = FINDER.assign_items(ids, runs, counts)
+    first = min(first, len(runs))
+    decision = core.fit_rows([(len(ids), runs)], budget, core.get_policy("drop"), "row 0", first=first)
+    order = sorted(runs, key=lambda r: r.start)
+    first_keys = {k for r in order[:first] for k in r.keys()}
+    need = sum(r.length for r in order[:first])
+    if decision.action == "dropped":
+        assert need > budget, (need, budget)
+        return
+    assert need <= budget or not first
+    layout = core.single_layout(len(ids), runs, budget, first)
+    check_invariants(ids, layout, decision)
+    assert not set(decision.removed) & first_keys, decision
