@@ -44,6 +44,21 @@ class _Logger:
 logger = _Logger()
 
 
+def _path(value):
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
+# apply()'s valued arguments: (check, parse), the same checks as their VLPATCH_* variables
+_ARGUMENTS = {
+    "policy": (_settings.check_policy, lambda v: v),
+    "report": (_settings.check_report, _path),
+    "max_bad": (_settings.check_share, _settings.parse_share),
+    "shrink_min_pixels": (_settings.check_pixels, _settings.parse_pixels),
+    "shrink_fallback": (_settings.check_fallback, lambda v: v),
+    "shrink_dir": (_settings.check_dir, _path),
+}
+
+
 class Config:
     def __init__(self, policy="drop", media_first=False, force=False, report=None, log_level=None, max_bad=_settings.DEFAULT_MAX_BAD,
                  shrink_min_pixels=_settings.DEFAULT_SHRINK_MIN_PIXELS, shrink_fallback="drop", shrink_dir=None):
@@ -101,28 +116,13 @@ class Config:
                     problems.append(f"{source}: {value!r} is not a list of patch ids")
                     continue
                 problems += _settings.check_ids(source, sorted(value, key=str), _known_ids())
-            elif key == "policy":
-                problems += filter(None, [_settings.check_policy(source, value)])
-            elif key == "report":
-                problems += filter(None, [_settings.check_report(source, value)])
-                value = os.fspath(value) if isinstance(value, os.PathLike) else value
-            elif key == "max_bad":
-                problem = _settings.check_share(source, value)
+            elif key in _ARGUMENTS:
+                check, parse = _ARGUMENTS[key]
+                problem = check(source, value)
                 if problem:
                     problems.append(problem)
                     continue
-                value = _settings.parse_share(value)
-            elif key == "shrink_min_pixels":
-                problem = _settings.check_pixels(source, value)
-                if problem:
-                    problems.append(problem)
-                    continue
-                value = _settings.parse_pixels(value)
-            elif key == "shrink_fallback":
-                problems += filter(None, [_settings.check_fallback(source, value)])
-            elif key == "shrink_dir":
-                problems += filter(None, [_settings.check_dir(source, value)])
-                value = os.fspath(value) if isinstance(value, os.PathLike) else value
+                value = parse(value)
             elif not isinstance(value, bool):
                 problems.append(f"{source}: {value!r} is not True or False")
                 continue

@@ -15,3 +15,9 @@ class SampleError(VLPatchError):
         self.reason = reason
         self.detail = detail
         super().__init__(f"vlpatch: sample {sample}: {reason}" + (f" ({detail})" if detail else ""))
+
+
+def unreadable_media(exc: BaseException) -> bool:
+    """A media file that cannot be read (missing, truncated, not an image, a decompression bomb): bad
+    input, dropped and reported (or an error under policy `error`), never a crash deep in the model."""
+    return isinstance(exc, OSError) or type(exc).__name__ in ("UnidentifiedImageError", "DecompressionBombError")

@@ -180,6 +180,20 @@ def check_share(source: str, value) -> str | None:
     return f"{source}={value!r} is not a share between 0 and 1 (e.g. 0.05 or 5%)"
 
 
+# one check per kind of setting (`ids` needs the matrix's patch ids: check_env calls check_ids itself)
+CHECKS = {
+    "switch": check_switch,
+    "policy": check_policy,
+    "report": check_report,
+    "matrix": check_matrix,
+    "level": check_level,
+    "share": check_share,
+    "pixels": check_pixels,
+    "fallback": check_fallback,
+    "dir": check_dir,
+}
+
+
 def check_env(env, known_ids) -> list:
     """Every problem with the `VLPATCH*` variables of `env` (empty values count as unset)."""
     problems = []
@@ -194,27 +208,10 @@ def check_env(env, known_ids) -> list:
         if not raw.strip() or setting.kind in ("internal", "tooling"):
             continue
         value = raw.strip()
-        if setting.kind == "switch":
-            problem = check_switch(name, raw)
-        elif setting.kind == "policy":
-            problem = check_policy(name, value)
-        elif setting.kind == "ids":
+        if setting.kind == "ids":
             problems += check_ids(name, split_ids(value), known_ids())
             continue
-        elif setting.kind == "report":
-            problem = check_report(name, value)
-        elif setting.kind == "matrix":
-            problem = check_matrix(name, value)
-        elif setting.kind == "share":
-            problem = check_share(name, value)
-        elif setting.kind == "pixels":
-            problem = check_pixels(name, value)
-        elif setting.kind == "fallback":
-            problem = check_fallback(name, value)
-        elif setting.kind == "dir":
-            problem = check_dir(name, value)
-        else:
-            problem = check_level(name, value)
+        problem = CHECKS[setting.kind](name, raw if setting.kind == "switch" else value)
         if problem:
             problems.append(problem)
     return problems

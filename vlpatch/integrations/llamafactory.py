@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import __version__, core, engine, report
+from ..errors import unreadable_media
 
 IGNORE_INDEX = -100
 UNBOUNDED = 1 << 40
@@ -458,9 +459,8 @@ def _describe(index, position, source=None, row=None) -> str:
 
 
 def _is_bad_input(exc: BaseException) -> bool:
-    if isinstance(exc, OSError) or type(exc).__name__ in ("DecompressionBombError", "UnidentifiedImageError"):
-        return True
-    return isinstance(exc, ValueError) and "does not match the number of" in str(exc)
+    """An unreadable media file, or LLaMA-Factory's own placeholder / media count check."""
+    return unreadable_media(exc) or (isinstance(exc, ValueError) and "does not match the number of" in str(exc))
 
 
 def _placeholders() -> dict:
@@ -842,7 +842,7 @@ _loading: list = []  # stack of [dataset names still to come] while _get_merged_
 
 def _merged_wrapper(wrapped, instance, args, kwargs):
     """loader._get_merged_dataset: tells `_source_wrapper` the name of each dataset it loads, in order."""
-    bound = inspect.signature(wrapped).bind(*args, **kwargs)
+    bound = _signature(wrapped).bind(*args, **kwargs)
     names = bound.arguments.get("dataset_names")
     _loading.append(list(names) if isinstance(names, (list, tuple)) else [])
     try:
@@ -855,7 +855,7 @@ def _source_wrapper(wrapped, instance, args, kwargs):
     """loader.align_dataset (one dataset, after LLaMA-Factory's `num_samples` / `max_samples`
     selection): adds the dataset's name and each row's number in the user's file, so report rows and
     errors point at the user's own row even after several datasets were merged or sampled."""
-    bound = inspect.signature(wrapped).bind(*args, **kwargs)
+    bound = _signature(wrapped).bind(*args, **kwargs)
     a = bound.arguments
     dataset, data_args = a["dataset"], a.get("data_args")
     name = _loading[-1].pop(0) if _loading and _loading[-1] else None
@@ -873,7 +873,7 @@ def _source_wrapper(wrapped, instance, args, kwargs):
 
 def _run_wrapper(wrapped, instance, args, kwargs):
     """loader._get_preprocessed_dataset: one report run per dataset split."""
-    bound = inspect.signature(wrapped).bind(*args, **kwargs)
+    bound = _signature(wrapped).bind(*args, **kwargs)
     bound.apply_defaults()
     a = bound.arguments
     dataset, data_args, training_args = a["dataset"], a["data_args"], a["training_args"]

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 
 from .. import core
+from ..errors import unreadable_media
 from . import _collator
 
 TRAINER = "trl"
@@ -111,11 +112,7 @@ def filter_dataset(dataset, collator):
     time), so that no batch ends up empty; each removed example gets a report row naming its dataset
     index (`"stage": "filter_dataset"`). Works on a `datasets.Dataset` or a list. Bad input (an
     unreadable image) is removed and reported too, up to VLPATCH_MAX_BAD of the examples."""
-    return _collator.filter_dataset(SITE, dataset, collator, _is_bad_input, prepare=_copy)
-
-
-def _is_bad_input(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) or type(exc).__name__ in ("UnidentifiedImageError", "DecompressionBombError")
+    return _collator.filter_dataset(SITE, dataset, collator, unreadable_media, prepare=_copy)
 
 
 def details(spec) -> dict:

@@ -29,6 +29,7 @@ import logging
 from collections import Counter
 
 from .. import core
+from ..errors import unreadable_media
 from . import _collator
 from ._collator import DEFAULT_REPORT  # noqa: F401  (re-exported)
 
@@ -280,7 +281,7 @@ def filter_dataset(dataset, collator):
 def _is_bad_input(exc: BaseException) -> bool:
     if isinstance(exc, core.SampleError):
         return "placeholders" in exc.reason
-    return isinstance(exc, OSError) or type(exc).__name__ in ("UnidentifiedImageError", "DecompressionBombError")
+    return unreadable_media(exc)
 
 
 def details(spec) -> dict:
