@@ -427,7 +427,7 @@ class Overflow:
 
     def must_stay(self) -> list:
         """Keys of the media in the turn each layout budgets first: what a policy must make fit."""
-        return _first_turn_keys(self.layouts)
+        return first_turn_keys(self.layouts)
 
     @property
     def lost(self) -> set:
@@ -532,8 +532,7 @@ class ShrinkPolicy(Policy):
         layout = case.layouts[0]
         avail = max(1, layout.budget - layout.reserved)
         tokens = _tokens_of(layout, keys)
-        lo = hi = None  # (scale, resized, plans) that fits; the smallest scale known not to fit
-        hi = 1.0
+        lo, hi = None, 1.0  # (scale, resized, plans) that fits; the smallest scale known not to fit
         scale = min(1.0, avail / max(1, tokens)) * 0.97
         floor_hit, last = None, tokens
         for _ in range(SHRINK_STEPS):
@@ -553,17 +552,14 @@ class ShrinkPolicy(Policy):
                 scale = min(aim, (scale * hi) ** 0.5) if aim < hi else (scale * hi) ** 0.5
                 continue
             hi = scale
-            if resized.floor:
-                floor_hit = resized
-                if lo is not None:
-                    scale = (lo[0] * hi) ** 0.5
-                    continue
-                break
-            if lo is not None:
+            if lo is not None:  # bisect between what fits and what does not
                 if hi / lo[0] <= SHRINK_PRECISION:
                     break
                 scale = (lo[0] * hi) ** 0.5
                 continue
+            if resized.floor:
+                floor_hit = resized
+                break
             now = _tokens_of(resized.layouts[0], keys)
             # no progress: the processor caps the size below this scale (Pixtral's longest edge): jump
             scale = scale * (0.35 if now >= last else min(0.9, avail / max(1, now) * 0.97))
@@ -595,7 +591,8 @@ class ShrinkPolicy(Policy):
         return decision
 
 
-def _first_turn_keys(layouts) -> list:
+def first_turn_keys(layouts) -> list:
+    """Keys of the media in the turn each layout budgets first."""
     keys = []
     for layout in layouts:
         if not layout.turns:
@@ -658,7 +655,7 @@ def settle(layouts: list[Layout]) -> tuple:
         plans = [plan_layout(lay, left) for lay in layouts]
 
 
-def _fits(layouts: list[Layout]):
+def fits(layouts: list[Layout]):
     """Plans (each with `.left` set to what leaves) when nothing that must stay is lost, else None."""
     plans, left = settle(layouts)
     if any(p.lost for p in plans):
@@ -677,7 +674,7 @@ def resolve(layouts: list[Layout], policy: Policy, sample: str, reencode: Callab
         if left:
             return Decision("truncated", [p.kept for p in plans], removed=sorted(left), reason=_left_reason(layouts, left))
         return Decision("truncated" if cut else "kept", [p.kept for p in plans])
-    case = Overflow(sample, layouts, plans, lambda removed: [plan_layout(lay, set(removed) | left) for lay in layouts], reencode, _fits)
+    case = Overflow(sample, layouts, plans, lambda removed: [plan_layout(lay, set(removed) | left) for lay in layouts], reencode, fits)
     decision = policy.resolve(case)
     if decision.resized is not None:
         if decision.removed:

@@ -226,8 +226,6 @@ def fit(site, collator, batch, budget: int, keep: str = "head", pairs: bool = Fa
     to_shrink: dict = {}  # sample -> its shrink decision (first pass)
     rows, counts, reasons = [], Counter(), Counter()
     for s, members in enumerate(samples):
-        for i in members:
-            runs_of[i] = None
         if all(len(parsed[i][1]) <= budget for i in members):
             if shrunk and s in shrunk:  # shrunk, and now whole
                 for k, i in enumerate(members):
@@ -400,12 +398,12 @@ def _with_images(example, new: dict):
     slots = _image_slots(example)
     for k, image in new.items():
         path = slots[k][0]
-        node, parent = out, None
+        node = out
         for step in path[:-1]:
             child = node[step]
             child = list(child) if isinstance(child, tuple) else copy.copy(child)
             node[step] = child
-            parent, node = node, child
+            node = child
         node[path[-1]] = image
         if isinstance(node, dict) and "resized_width" in node and hasattr(image, "size"):
             node["resized_width"], node["resized_height"] = image.size

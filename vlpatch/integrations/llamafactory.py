@@ -667,7 +667,7 @@ class _Shrinker:
         self.floor = max(int(cfg.shrink_min_pixels), int(getattr(processor, "image_min_pixels", 0) or 0))
         self.sizes = {}  # key -> (w, h) as upstream would see it (after its image_max_pixels cap)
         self.files = {}  # key -> (w, h) of the file (what the report calls "before")
-        for kind, k in core._first_turn_keys(layouts):
+        for kind, k in core.first_turn_keys(layouts):
             if kind != "image" or k >= len(media["image"]):
                 continue
             size = _image_size(media["image"][k])
@@ -706,7 +706,7 @@ class _Shrinker:
         for (kind, k), _before, size in decision.resized.sizes:
             images[k] = _write_shrunk(images[k], size)
         full, layouts = self.encode({**self.media, "image": images})
-        plans = core._fits(layouts)
+        plans = core.fits(layouts)
         want = [r.length for r in decision.resized.layouts[0].runs]
         if plans is None or [r.length for r in layouts[0].runs] != want:
             raise core.SampleError(sample, "shrink: the downsized files encode differently from their sizes", str(decision.resized.sizes))
