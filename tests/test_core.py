@@ -324,7 +324,7 @@ def test_shrink_finds_the_largest_scale_that_fits():
 def test_shrink_below_the_floor_falls_back():
     fake = FakeImages(30, 5, lambda s: max(4, int(400 * s)), 100, floor_scale=0.5)
     decision = core.resolve([fake.layout()], core.get_policy("shrink"), "s[0]", fake.reencode)
-    assert decision.action == "dropped" and "shrink_failed: it does not fit even with its images at the floor" in decision.reason
+    assert decision.action == "dropped" and "shrink_failed: it does not fit even with its media at the floor" in decision.reason
     decision = core.resolve([fake.layout()], core.get_policy("shrink", "drop_media"), "s[0]", fake.reencode)
     assert decision.action == "media_dropped" and decision.removed == [("image", 0)]
     with pytest.raises(core.SampleError, match="media do not fit"):

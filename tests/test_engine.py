@@ -265,6 +265,8 @@ BAD_SETTINGS = [
     ({"VLPATCH_SHRINK_FALLBACK": "shrink"}, "", ["VLPATCH_SHRINK_FALLBACK='shrink' is not a fallback policy for shrink"]),
     ({"VLPATCH_SHRINK_FALLBACK": "drop_medai"}, "", ["did you mean 'drop_media'"]),
     ({}, "shrink_min_pixels=0", ["apply(shrink_min_pixels=...)=0 is not a pixel count"]),
+    ({"VLPATCH_SHRINK_MIN_FRAMES": "few"}, "", ["VLPATCH_SHRINK_MIN_FRAMES='few' is not a frame count"]),
+    ({}, "shrink_min_frames=0", ["apply(shrink_min_frames=...)=0 is not a frame count"]),
     ({}, "shrink_dir=fakeup.__file__", ["is a file, not a directory"]),
 ]
 
@@ -274,14 +276,15 @@ def test_shrink_settings_read_and_reach_workers(monkeypatch, tmp_path):
     from vlpatch import engine
 
     cfg = engine.Config.from_env({})
-    assert (cfg.shrink_min_pixels, cfg.shrink_fallback, cfg.shrink_dir) == (65536, "drop", None), "the documented defaults"
-    cfg = engine.Config.from_env({"VLPATCH_POLICY": "shrink", "VLPATCH_SHRINK_MIN_PIXELS": "128x128", "VLPATCH_SHRINK_FALLBACK": "drop_media"})
-    assert (cfg.policy, cfg.shrink_min_pixels, cfg.shrink_fallback) == ("shrink", 16384, "drop_media")
+    assert (cfg.shrink_min_pixels, cfg.shrink_min_frames, cfg.shrink_fallback, cfg.shrink_dir) == (65536, 4, "drop", None), "the documented defaults"
+    cfg = engine.Config.from_env({"VLPATCH_POLICY": "shrink", "VLPATCH_SHRINK_MIN_PIXELS": "128x128", "VLPATCH_SHRINK_FALLBACK": "drop_media",
+                                  "VLPATCH_SHRINK_MIN_FRAMES": " 8 "})
+    assert (cfg.policy, cfg.shrink_min_pixels, cfg.shrink_min_frames, cfg.shrink_fallback) == ("shrink", 16384, 8, "drop_media")
     try:
-        vlpatch.apply(policy="shrink", shrink_min_pixels=4096, shrink_fallback="error", shrink_dir=tmp_path, patches=[])
+        vlpatch.apply(policy="shrink", shrink_min_pixels=4096, shrink_min_frames=2, shrink_fallback="error", shrink_dir=tmp_path, patches=[])
         assert engine.config().shrink_dir == str(tmp_path)
-        assert (os.environ["VLPATCH_POLICY"], os.environ["VLPATCH_SHRINK_MIN_PIXELS"], os.environ["VLPATCH_SHRINK_FALLBACK"],
-                os.environ["VLPATCH_SHRINK_DIR"]) == ("shrink", "4096", "error", str(tmp_path)), "spawned workers read them"
+        assert (os.environ["VLPATCH_POLICY"], os.environ["VLPATCH_SHRINK_MIN_PIXELS"], os.environ["VLPATCH_SHRINK_MIN_FRAMES"],
+                os.environ["VLPATCH_SHRINK_FALLBACK"], os.environ["VLPATCH_SHRINK_DIR"]) == ("shrink", "4096", "2", "error", str(tmp_path)), "spawned workers read them"
     finally:
         vlpatch.revert()
     assert "VLPATCH_SHRINK_DIR" not in os.environ

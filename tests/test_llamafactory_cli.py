@@ -119,10 +119,12 @@ def test_media_that_alone_exceed_cutoff(tmp_path, tiny_qwen2vl, data_dir, policy
 
 def build_photo_dataset(directory: str, name: str = "photos") -> str:
     """4 samples with camera-sized photos (JPEG): even ones 1600x1200 after ~60 words, odd ones 900x1400
-    after 5. With image_max_pixels 1024^2 every photo is 1,000+ image tokens: far beyond cutoff_len 128."""
+    after 5. With image_max_pixels 1024^2 every photo is 1,000+ image tokens: far beyond cutoff_len
+    CUT. And a fifth with a 16-frame video (8 s of 224x224): 1,154 video tokens at video_fps 2."""
     from PIL import Image
 
     from tests.fixtures.tiny_models import _register, long_text
+    from tests.fixtures.tiny_qwen3vl import write_video
 
     rows = []
     for i in range(4):
@@ -133,34 +135,43 @@ def build_photo_dataset(directory: str, name: str = "photos") -> str:
         img.save(os.path.join(directory, f"photo{i}.jpg"), quality=90)
         text = long_text(60 if i % 2 == 0 else 5, seed=40 + i)
         rows.append({"messages": [{"role": "user", "content": f"{text} <image>"}, {"role": "assistant", "content": "stripes"}],
-                     "images": [f"photo{i}.jpg"]})
-    return _register(directory, name, rows, {"messages": "messages", "images": "images"})
+                     "images": [f"photo{i}.jpg"], "videos": []})
+    write_video(os.path.join(directory, "clip.mp4"), frames=16, fps=2, side=224)
+    rows.append({"messages": [{"role": "user", "content": f"{long_text(20, seed=50)} <video>"}, {"role": "assistant", "content": "a square"}],
+                 "images": [], "videos": ["clip.mp4"]})
+    return _register(directory, name, rows, {"messages": "messages", "images": "images", "videos": "videos"})
 
 
-def test_shrink_trains_on_large_photos_and_after_a_tokenized_reload(tmp_path, tiny_qwen2vl, tmp_path_factory):
-    """VLPATCH_POLICY=shrink: every photo is downsized until its sample fits; the rows name the downsized
-    files, so the collator (in dataloader worker processes) reads what was counted, also when a second run
-    reloads the tokenized dataset from `tokenized_path` (no preprocessing, no vlpatch planning)."""
+def test_shrink_trains_on_large_photos_and_a_video_and_after_a_tokenized_reload(tmp_path, tiny_qwen2vl, tmp_path_factory):
+    """VLPATCH_POLICY=shrink: every photo is downsized, and the video loses frames, until its sample fits;
+    the rows name the downsized files, so the collator (in dataloader worker processes) reads what was
+    counted, also when a second run reloads the tokenized dataset from `tokenized_path` (no
+    preprocessing, no vlpatch planning)."""
     newest_only("llamafactory", "the processor and corpus tests run policy shrink on every release")
     d = str(tmp_path_factory.mktemp("photos"))
     build_photo_dataset(d)
-    big = {"image_max_pixels": 1024 * 1024, "cutoff_len": 128, "datasets": "photos"}
+    cut = 400  # a frame pair of the tiny Qwen2-VL's video processor is at least 144 tokens
+    big = {"image_max_pixels": 1024 * 1024, "cutoff_len": cut, "datasets": "photos"}
     for sub in ("vanilla", "first", "second"):
         (tmp_path / sub).mkdir()
     proc, rows = train(tmp_path / "vanilla", tiny_qwen2vl, d, **big)
     assert proc.returncode != 0 and any(m in proc.stdout + proc.stderr for m in MISMATCH), (proc.stdout + proc.stderr)[-3000:]
     tokenized = str(tmp_path / "tokenized")
-    env = {"VLPATCH": "1", "VLPATCH_POLICY": "shrink"}
+    env = {"VLPATCH": "1", "VLPATCH_POLICY": "shrink", "VLPATCH_SHRINK_MIN_FRAMES": "2"}
     first = tmp_path / "first"
     proc, rows = train(first, tiny_qwen2vl, d, env=env, tokenized_path=tokenized, preprocessing_num_workers=2, **big)
     log = proc.stdout + proc.stderr
     assert trained(proc), log[-3000:]
-    assert "samples: 0 kept, 0 truncated, 4 shrunk, 0 media_dropped, 0 dropped" in log, log[-3000:]
-    assert sorted(r["source_row"] for r in rows) == [0, 1, 2, 3] and {r["action"] for r in rows} == {"shrunk"}
+    assert "samples: 0 kept, 0 truncated, 5 shrunk, 0 media_dropped, 0 dropped" in log, log[-3000:]
+    assert sorted(r["source_row"] for r in rows) == [0, 1, 2, 3, 4] and {r["action"] for r in rows} == {"shrunk"}
     for r in rows:
         (item,) = r["media_resized"]
-        assert item["before"] in ([1600, 1200], [900, 1400]) and item["tokens_after"] < item["tokens_before"], r
-        assert r["tokens_after"] <= 128 and os.path.isfile(item["file"]), r
+        if r["source_row"] == 4:
+            assert item["item"] == "video#0" and item["frames_before"] == 16 and 2 <= item["frames_after"] < 16, r
+        else:
+            assert item["before"] in ([1600, 1200], [900, 1400]), r
+        assert item["tokens_after"] < item["tokens_before"], r
+        assert r["tokens_after"] <= cut and os.path.isfile(item["file"]), r
         assert os.path.dirname(item["file"]) == str(first / "out" / "vlpatch_media")
     # a second run from the saved tokenized dataset, two dataloader workers re-reading the rows' files
     second = tmp_path / "second"

@@ -193,7 +193,7 @@ def test_below_the_floor_the_fallback_decides(lf, patched, tmp_path):
     out = lf.processor("SupervisedDatasetProcessor").preprocess_dataset(batch(rows))
     assert out["input_ids"] == []
     (row,) = report_rows(report_path)
-    assert row["action"] == "dropped" and "shrink_failed: it does not fit even with its images at the floor" in row["reason"], row
+    assert row["action"] == "dropped" and "shrink_failed: it does not fit even with its media at the floor" in row["reason"], row
     patched(report=str(report_path), policy="shrink", shrink_fallback="error", shrink_min_pixels=448 * 448)
     import vlpatch
 
@@ -242,3 +242,103 @@ def test_shrink_keeps_the_entry_form_of_hub_datasets(lf, patched, tmp_path):
     assert isinstance(got, dict) and got["bytes"] is None and got["path"].startswith(str(tmp_path / "media")), got
     features, _ = collate(lf, out, [0])
     assert features == runs(lf, out["input_ids"][0])
+
+
+# --- videos: pixels, then frames ------------------------------------------------------------------
+
+VIDEO_SIDE, VIDEO_FRAMES = 224, 16  # 8 s at 2 fps: LLaMA-Factory samples all 16 frames (video_fps 2)
+
+
+def _video(lf, name="clip.mp4", seed=0):
+    from tests.fixtures.tiny_qwen3vl import write_video
+
+    path = str(lf.dir / name)
+    if not os.path.exists(path):
+        write_video(path, frames=VIDEO_FRAMES, fps=2, side=VIDEO_SIDE, seed=seed)
+    return path
+
+
+def video_batch(rows):
+    data = batch([(p, r, []) for p, r, _ in rows])
+    data["_videos"] = [list(r[2]) for r in rows]
+    return data
+
+
+def video_runs(lf, ids):
+    pad, out, n = lf.tok.convert_tokens_to_ids("<|video_pad|>"), [], 0
+    for t in ids:
+        if t == pad:
+            n += 1
+        elif n:
+            out.append(n)
+            n = 0
+    return out
+
+
+def collate_videos(lf, out, k):
+    """LLaMA-Factory's own collator on a processed row with a video: video features (grid / merge^2)."""
+    from llamafactory.data import SFTDataCollatorWith4DAttentionMask
+
+    collator = SFTDataCollatorWith4DAttentionMask(template=lf.template, processor=lf.proc, tokenizer=lf.tok, label_pad_token_id=-100)
+    got = collator([{
+        "input_ids": out["input_ids"][k], "attention_mask": out["attention_mask"][k], "labels": out["labels"][k],
+        "images": [], "videos": out["videos"][k] or [], "audios": [],
+    }])
+    merge = lf.proc.image_processor.merge_size ** 2
+    return [int(g.prod()) // merge for g in got["video_grid_thw"]]
+
+
+def _shrunk_video(lf, patched, tmp_path, **settings):
+    clip = _video(lf)
+    rows = [([user(long_text(20, 1) + " <video>")], [assistant("a moving square")], [clip])]
+    patched(report=str(tmp_path / "v.jsonl"), policy="drop")
+    assert lf.processor("SupervisedDatasetProcessor", cutoff_len=400).preprocess_dataset(video_batch(rows))["input_ids"] == [], "too long as it comes"
+    report_path = tmp_path / "r.jsonl"
+    patched(report=str(report_path), policy="shrink", shrink_dir=str(tmp_path / "media"), **settings)
+    out = lf.processor("SupervisedDatasetProcessor", cutoff_len=400).preprocess_dataset(video_batch(rows))
+    return out, report_rows(report_path)
+
+
+def check_video_row(lf, out, row):
+    """The row names the new MPEG-4 file, its tokens are the report's, and LLaMA-Factory's own collator,
+    reading the file, gives the video exactly as many features as the row has video tokens."""
+    assert row["action"] == "shrunk" and row["tokens_after"] <= 400 and " frames" in row["reason"], row
+    (item,) = row["media_resized"]
+    assert item["item"] == "video#0" and item["frames_before"] == VIDEO_FRAMES and item["before"] == [VIDEO_SIDE, VIDEO_SIDE], item
+    (path,) = out["videos"][0]
+    assert path == item["file"] and path.endswith(".mp4") and os.path.dirname(path) == str(os.path.dirname(path))
+    ids = out["input_ids"][0]
+    assert len(ids) <= 400 and len(out["labels"][0]) == len(ids)
+    got = video_runs(lf, ids)
+    assert sum(got) + 2 * len(got) == item["tokens_after"] < item["tokens_before"], (got, item)
+    assert collate_videos(lf, out, 0) == got
+    return item
+
+
+def test_shrink_drops_frames_of_a_video_at_its_pixels_floor(lf, patched, tmp_path):
+    """With the frames at the pixels floor already, the video loses frames (spread over its length)
+    until the sample fits, and no more: two frames more (one temporal patch) would not fit."""
+    out, (row,) = _shrunk_video(lf, patched, tmp_path, shrink_min_pixels=VIDEO_SIDE * VIDEO_SIDE, shrink_min_frames=2)
+    item = check_video_row(lf, out, row)
+    assert item["after"] == [VIDEO_SIDE, VIDEO_SIDE] and 2 <= item["frames_after"] < VIDEO_FRAMES, item
+    per_pair = item["tokens_after"] // ((item["frames_after"] + 1) // 2)
+    assert row["tokens_after"] + per_pair > 400, "the largest frame count that fits"
+
+
+def test_shrink_takes_video_pixels_before_frames(lf, patched, tmp_path):
+    """Pixels first, then frames: a video keeps all its frames while smaller frames still gain tokens;
+    where the processor has a minimum frame size (Qwen2-VL's video processor on transformers 4.52 on
+    upscales small frames), smaller frames gain nothing and the video keeps its pixels and loses frames."""
+    out, (row,) = _shrunk_video(lf, patched, tmp_path, shrink_min_pixels=56 * 56, shrink_min_frames=2)
+    item = check_video_row(lf, out, row)
+    if item["frames_after"] < VIDEO_FRAMES:
+        assert item["after"] == [VIDEO_SIDE, VIDEO_SIDE] or item["after"][0] * item["after"][1] <= 58 * 58, item
+    else:
+        assert item["after"][0] < VIDEO_SIDE, item
+
+
+def test_shrink_videos_below_the_frames_floor_fall_back(lf, patched, tmp_path):
+    out, (row,) = _shrunk_video(lf, patched, tmp_path, shrink_min_pixels=VIDEO_SIDE * VIDEO_SIDE, shrink_min_frames=VIDEO_FRAMES)
+    assert out["input_ids"] == []
+    assert row["action"] == "dropped" and "VLPATCH_SHRINK_MIN_FRAMES" in row["reason"], row
+    assert not os.path.exists(tmp_path / "media") or not os.listdir(tmp_path / "media"), "nothing written for a dropped sample"

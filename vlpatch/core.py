@@ -496,8 +496,9 @@ class DropMediaPolicy(Policy):
 class Resized:
     """A sample re-encoded with smaller media, from an integration's `reencode(scale)`.
 
-    `scale` is the share of each shrinkable item's pixels asked for (1.0: as it came); `sizes` lists
-    (key, (w, h) before, (w, h) after) for every item whose size changed; `floor` is True when every
+    `scale` is the share of each shrinkable item's pixels asked for (1.0: as it came; a video's pixels
+    times its frames); `sizes` lists (key, before, after) for every item whose size changed, each a
+    (w, h), or (w, h, frames) for a video; `floor` is True when every
     shrinkable item is at its floor (a smaller scale changes nothing); `payload` is the integration's.
     """
 
@@ -565,7 +566,7 @@ class ShrinkPolicy(Policy):
             scale = scale * (0.35 if now >= last else min(0.9, avail / max(1, now) * 0.97))
             last = now
         if lo is None:
-            why = "it does not fit even with its images at the floor (VLPATCH_SHRINK_MIN_PIXELS)" if floor_hit is not None else f"no fitting size in {SHRINK_STEPS} tries"
+            why = "it does not fit even with its media at the floor (VLPATCH_SHRINK_MIN_PIXELS, VLPATCH_SHRINK_MIN_FRAMES)" if floor_hit is not None else f"no fitting size in {SHRINK_STEPS} tries"
             return self._fall(case, f"shrink_failed: {why}")
         scale, resized, plans = lo
         # an item whose tokens did not change (the processor's rounding) stays as it came
@@ -573,15 +574,13 @@ class ShrinkPolicy(Policy):
             (key, b, a) for key, b, a in resized.sizes
             if _tokens_of(case.layouts[0], {key}) != _tokens_of(resized.layouts[0], {key})
         ]
-        changes = ", ".join(
-            f"{k}#{i} {b[0]}x{b[1]} -> {a[0]}x{a[1]}" for (k, i), b, a in resized.sizes
-        )
+        changes = ", ".join(f"{k}#{i} {_size_text(b)} -> {_size_text(a)}" for (k, i), b, a in resized.sizes)
         before, after = _tokens_of(case.layouts[0], keys), _tokens_of(resized.layouts[0], keys)
         return Decision(
             "shrunk",
             [p.kept for p in plans],
             removed=sorted(set().union(*(p.left for p in plans))),
-            reason=f"media_shrunk: {case.describe()}; shrunk to {scale:.0%} of the pixels: {changes} ({before} -> {after} tokens)",
+            reason=f"media_shrunk: {case.describe()}; shrunk: {changes} ({before} -> {after} tokens)",
             resized=resized,
         )
 
@@ -589,6 +588,12 @@ class ShrinkPolicy(Policy):
         decision = self.fallback.resolve(case)
         decision.reason = f"{decision.reason}; {why}" if decision.reason else why
         return decision
+
+
+def _size_text(size) -> str:
+    """(w, h) -> "WxH"; a video's (w, h, frames) -> "WxH x F frames"."""
+    text = f"{size[0]}x{size[1]}"
+    return f"{text} x {size[2]} frames" if len(size) > 2 else text
 
 
 def first_turn_keys(layouts) -> list:

@@ -54,6 +54,7 @@ _ARGUMENTS = {
     "report": (_settings.check_report, _path),
     "max_bad": (_settings.check_share, _settings.parse_share),
     "shrink_min_pixels": (_settings.check_pixels, _settings.parse_pixels),
+    "shrink_min_frames": (_settings.check_frames, _settings.parse_frames),
     "shrink_fallback": (_settings.check_fallback, lambda v: v),
     "shrink_dir": (_settings.check_dir, _path),
 }
@@ -61,10 +62,12 @@ _ARGUMENTS = {
 
 class Config:
     def __init__(self, policy="drop", media_first=False, force=False, report=None, log_level=None, max_bad=_settings.DEFAULT_MAX_BAD,
-                 shrink_min_pixels=_settings.DEFAULT_SHRINK_MIN_PIXELS, shrink_fallback="drop", shrink_dir=None):
+                 shrink_min_pixels=_settings.DEFAULT_SHRINK_MIN_PIXELS, shrink_min_frames=_settings.DEFAULT_SHRINK_MIN_FRAMES,
+                 shrink_fallback="drop", shrink_dir=None):
         self.policy: str = policy
         self.max_bad: float = max_bad  # above this share of bad input, preprocessing stops
         self.shrink_min_pixels: int = shrink_min_pixels  # policy shrink: the floor
+        self.shrink_min_frames: int = shrink_min_frames  # policy shrink: a video's frames floor
         self.shrink_fallback: str = shrink_fallback  # policy shrink: below the floor
         self.shrink_dir: str | None = shrink_dir  # policy shrink: LLaMA-Factory's downsized images
         self.media_first: bool = media_first
@@ -92,13 +95,15 @@ class Config:
             max_bad=_settings.parse_share(env.get("VLPATCH_MAX_BAD", "").strip() or _settings.DEFAULT_MAX_BAD) or 0.0,
             shrink_min_pixels=_settings.parse_pixels(env.get("VLPATCH_SHRINK_MIN_PIXELS", "").strip() or _settings.DEFAULT_SHRINK_MIN_PIXELS)
             or _settings.DEFAULT_SHRINK_MIN_PIXELS,
+            shrink_min_frames=_settings.parse_frames(env.get("VLPATCH_SHRINK_MIN_FRAMES", "").strip() or _settings.DEFAULT_SHRINK_MIN_FRAMES)
+            or _settings.DEFAULT_SHRINK_MIN_FRAMES,
             shrink_fallback=env.get("VLPATCH_SHRINK_FALLBACK", "").strip() or "drop",
             shrink_dir=env.get("VLPATCH_SHRINK_DIR", "").strip() or None,
         )
         for name, var in (("policy", "VLPATCH_POLICY"), ("report", "VLPATCH_REPORT"), ("force", "VLPATCH_FORCE"),
                           ("media_first", "VLPATCH_MEDIA_FIRST"), ("patches", "VLPATCH_PATCHES"), ("exclude", "VLPATCH_EXCLUDE"),
                           ("max_bad", "VLPATCH_MAX_BAD"), ("shrink_min_pixels", "VLPATCH_SHRINK_MIN_PIXELS"),
-                          ("shrink_fallback", "VLPATCH_SHRINK_FALLBACK"), ("shrink_dir", "VLPATCH_SHRINK_DIR")):
+                          ("shrink_min_frames", "VLPATCH_SHRINK_MIN_FRAMES"), ("shrink_fallback", "VLPATCH_SHRINK_FALLBACK"), ("shrink_dir", "VLPATCH_SHRINK_DIR")):
             if env.get(var, "").strip():
                 cfg.sources[name] = var
         if env.get("VLPATCH_PATCHES", "").strip():
@@ -212,6 +217,7 @@ def apply(
     report: str | None = None,
     max_bad=None,
     shrink_min_pixels=None,
+    shrink_min_frames=None,
     shrink_fallback: str | None = None,
     shrink_dir=None,
 ) -> list:
@@ -225,7 +231,8 @@ def apply(
     with _lock:
         new = Config.from_env(
             policy=policy, patches=patches, exclude=exclude, force=force, media_first=media_first, report=report,
-            max_bad=max_bad, shrink_min_pixels=shrink_min_pixels, shrink_fallback=shrink_fallback, shrink_dir=shrink_dir,
+            max_bad=max_bad, shrink_min_pixels=shrink_min_pixels, shrink_min_frames=shrink_min_frames,
+            shrink_fallback=shrink_fallback, shrink_dir=shrink_dir,
         )
         old, was_enabled = _config, _enabled
         _config, _enabled, _refusal = new, True, None
@@ -328,7 +335,7 @@ def _announce(patch_id: str) -> None:
 
 
 _PUBLISHED = ("VLPATCH_POLICY", "VLPATCH_MEDIA_FIRST", "VLPATCH_REPORT", "VLPATCH_MAX_BAD", "VLPATCH_SHRINK_MIN_PIXELS",
-              "VLPATCH_SHRINK_FALLBACK", "VLPATCH_SHRINK_DIR")
+              "VLPATCH_SHRINK_MIN_FRAMES", "VLPATCH_SHRINK_FALLBACK", "VLPATCH_SHRINK_DIR")
 _saved_env: dict | None = None
 
 
@@ -346,6 +353,7 @@ def _publish_config() -> None:
         "VLPATCH_REPORT": _config.report,
         "VLPATCH_MAX_BAD": None if _config.max_bad == _settings.DEFAULT_MAX_BAD else repr(_config.max_bad),
         "VLPATCH_SHRINK_MIN_PIXELS": None if _config.shrink_min_pixels == _settings.DEFAULT_SHRINK_MIN_PIXELS else str(_config.shrink_min_pixels),
+        "VLPATCH_SHRINK_MIN_FRAMES": None if _config.shrink_min_frames == _settings.DEFAULT_SHRINK_MIN_FRAMES else str(_config.shrink_min_frames),
         "VLPATCH_SHRINK_FALLBACK": None if _config.shrink_fallback == "drop" else _config.shrink_fallback,
         "VLPATCH_SHRINK_DIR": _config.shrink_dir,
     }

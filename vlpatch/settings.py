@@ -50,6 +50,7 @@ SETTINGS = {
         Setting("VLPATCH_MEDIA_FIRST", "switch", "move media placeholders before the text of their message"),
         Setting("VLPATCH_MAX_BAD", "share", "the largest share of samples with bad input that is dropped and reported; above it preprocessing stops (default 5%)"),
         Setting("VLPATCH_SHRINK_MIN_PIXELS", "pixels", "policy shrink: no image is made smaller than this many pixels (default 65536, 256x256)"),
+        Setting("VLPATCH_SHRINK_MIN_FRAMES", "frames", "policy shrink: a video keeps at least this many of the frames the trainer samples (default 4); its frames shrink to VLPATCH_SHRINK_MIN_PIXELS first"),
         Setting("VLPATCH_SHRINK_FALLBACK", "fallback", "policy shrink: what happens when the media do not fit even at the floor (default drop)"),
         Setting("VLPATCH_SHRINK_DIR", "dir", "policy shrink: where LLaMA-Factory's downsized images are written (default: vlpatch_media in output_dir)"),
         Setting("VLPATCH_MATRIX", "matrix", "read another compat matrix file"),
@@ -126,6 +127,26 @@ def check_pixels(source: str, value) -> str | None:
     return f"{source}={value!r} is not a pixel count (e.g. 65536 or 256x256)"
 
 
+DEFAULT_SHRINK_MIN_FRAMES = 4
+
+
+def parse_frames(value) -> int | None:
+    """4, "4" -> 4; None when it is not a positive whole number."""
+    if isinstance(value, bool):
+        return None
+    try:
+        n = int(value.strip()) if isinstance(value, str) else value if isinstance(value, int) else None
+    except ValueError:
+        return None
+    return n if n is not None and n > 0 else None
+
+
+def check_frames(source: str, value) -> str | None:
+    if parse_frames(value) is not None:
+        return None
+    return f"{source}={value!r} is not a frame count (a whole number, 1 or more)"
+
+
 def check_dir(source: str, value) -> str | None:
     if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
         return f"{source}={value!r} is not a directory path"
@@ -189,6 +210,7 @@ CHECKS = {
     "level": check_level,
     "share": check_share,
     "pixels": check_pixels,
+    "frames": check_frames,
     "fallback": check_fallback,
     "dir": check_dir,
 }

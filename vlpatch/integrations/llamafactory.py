@@ -31,6 +31,7 @@ from typing import Any
 
 from .. import __version__, core, engine, report
 from ..errors import unreadable_media
+from . import _media
 
 IGNORE_INDEX = -100
 UNBOUNDED = 1 << 40
@@ -622,6 +623,9 @@ def _encode_wrapper(stage: str):
         except core.SampleError:
             _emit(batch, {**row, "action": "error", "reason": "media_exceed_budget"})
             raise
+        finally:
+            if shrinker is not None:
+                shrinker.close()
         if decision.action == "dropped":
             return _reject(handler, instance, batch, cfg, sample, row, decision.reason, decided=True)
         if decision.resized is not None:
@@ -651,100 +655,164 @@ def _encode_wrapper(stage: str):
     return wrapper
 
 
+@dataclass
+class _Item:
+    """One medium the shrink search may downsize: its size as upstream sees it (after its max-pixels
+    cap), as the file has it, its pixels floor; for a video also the frames upstream samples and their
+    floor."""
+
+    seen: tuple
+    file: tuple
+    floor: int
+    video: Any = None  # _media.Video
+    min_frames: int = 0
+
+    def candidate(self, scale: float):
+        """(size, frames or None, at the floor) for `scale`, the share of the item's pixels (times its
+        frames for a video) asked for; None when that changes nothing. A video loses pixels down to the
+        floor, then frames."""
+        w, h = self.seen
+        want = w * h * scale
+        px = min(w * h, max(self.floor, want))
+        frames = None
+        if self.video is not None:
+            n = self.video.frames
+            frames = max(self.min_frames, min(n, int(n * want / px)))
+        if px >= w * h and (frames is None or frames >= self.video.frames):
+            return None
+        f = (px / (w * h)) ** 0.5
+        size = (max(1, int(w * f)), max(1, int(h * f)))
+        if self.video is not None:  # MPEG-4 frames have even sides
+            size = (max(2, size[0] // 2 * 2), max(2, size[1] // 2 * 2))
+        return size, frames, want <= self.floor and (frames is None or frames <= self.min_frames)
+
+    def before(self) -> tuple:
+        return self.file if self.video is None else (*self.file, self.video.frames)
+
+    def even_seen(self) -> tuple:
+        return (max(2, self.seen[0] // 2 * 2), max(2, self.seen[1] // 2 * 2))
+
+
 class _Shrinker:
     """Policy `shrink` for one sample: `reencode(scale)` encodes it again through upstream's own code with
-    blank stand-ins of the smaller sizes (token counts depend on an image's size only, and the header
-    path counts them without pixels); `commit` writes the chosen sizes as real downsized files, encodes
-    the sample once more with them, and puts their paths into the sample's media list. LLaMA-Factory's
-    collator re-reads media from the dataset rows at training time (in every worker and rank, and after a
-    cached `tokenized_path` is reloaded), so the rows must name the downsized files: then what it reads
-    is what was counted here."""
+    stand-ins of the smaller sizes (blank images: token counts depend on an image's size only, and the
+    header path counts them without pixels; blank video files with the candidate's size, frames and
+    rate, as upstream reads videos from files); `commit` writes the chosen sizes as real downsized
+    files (`_media`), encodes the sample once more with them, and puts them into the sample's media
+    list. LLaMA-Factory's collator re-reads media from the dataset rows at training time (in every worker
+    and rank, and after a cached `tokenized_path` is reloaded), so the rows must name the downsized
+    files: then what it reads is what was counted here."""
 
     def __init__(self, instance, media, layouts, cfg, encode):
         self.media, self.encode, self.layouts = media, encode, layouts
+        self.scratch = None  # the search's stand-in videos
         processor = getattr(instance, "processor", None)
-        cap = getattr(processor, "image_max_pixels", None)
-        self.floor = max(int(cfg.shrink_min_pixels), int(getattr(processor, "image_min_pixels", 0) or 0))
-        self.sizes = {}  # key -> (w, h) as upstream would see it (after its image_max_pixels cap)
-        self.files = {}  # key -> (w, h) of the file (what the report calls "before")
+        plugin = instance.template.mm_plugin
+        self.fps = float(getattr(processor, "video_fps", 2.0) or 2.0)
+        maxlen = int(getattr(processor, "video_maxlen", 128) or 128)
+        pixels = {
+            "image": ("image_max_pixels", "image_min_pixels"),
+            "video": ("video_max_pixels", "video_min_pixels"),
+        }
+        self.items = {}
         for kind, k in core.first_turn_keys(layouts):
-            if kind != "image" or k >= len(media["image"]):
+            if kind not in pixels or k >= len(media[kind]):
                 continue
-            size = _image_size(media["image"][k])
-            if size is None:
+            video = None
+            if kind == "image":
+                size = _media.image_size(media["image"][k])
+            else:
+                video = _media.probe_video(
+                    media["video"][k], lambda st: plugin._get_video_sample_indices(st, video_fps=self.fps, video_maxlen=maxlen), self.fps
+                )
+                size = video and (video.width, video.height)
+            if size is None:  # not something this can downsize (frames given as a list of images): stays
                 continue
-            w, h = self.files[(kind, k)] = size
+            cap, low = (getattr(processor, name, None) for name in pixels[kind])
+            w, h = size
             if cap and w * h > cap:
                 f = (cap / (w * h)) ** 0.5
                 w, h = int(w * f), int(h * f)
-            self.sizes[(kind, k)] = (w, h)
+            self.items[(kind, k)] = _Item(
+                (w, h), size, max(int(cfg.shrink_min_pixels), int(low or 0)), video,
+                min(video.frames, int(cfg.shrink_min_frames)) if video else 0,
+            )
 
     def reencode(self, scale: float):
-        if not self.sizes:
+        if not self.items:
             return None
+        changed, floor = [], True
+        for key, item in self.items.items():
+            got = item.candidate(scale)
+            if got is None:
+                continue
+            size, frames, at_floor = got
+            floor = floor and at_floor
+            changed.append((key, item.before(), size if frames is None else (*size, frames)))
+        if not changed:  # every item is at or below the floor already
+            return core.Resized(scale, self.layouts, [], True)
+        # a video that loses frames keeps its pixels where the sample fits so: a processor with a minimum
+        # size (Qwen2-VL's video processor upscales small frames) gains nothing from smaller frames
+        sharp = [(key, b, (*self.items[key].even_seen(), a[2])) if key[0] == "video" and a[2] < b[2] else (key, b, a) for key, b, a in changed]
+        if sharp != changed:
+            got = self._try(scale, [x for x in sharp if x[2] != x[1]], floor)
+            if core.fits(got.layouts) is not None:
+                return got
+        return self._try(scale, changed, floor)
+
+    def _try(self, scale, changed, floor):
         from PIL import Image
 
-        images = list(self.media["image"])
-        changed, floor = [], True
-        for key, (w, h) in self.sizes.items():
-            target = max(self.floor, w * h * scale)
-            if target >= w * h:
-                continue
-            f = (target / (w * h)) ** 0.5
-            size = (max(1, int(w * f)), max(1, int(h * f)))
-            floor = floor and target <= self.floor
-            images[key[1]] = Image.new("RGB", size)
-            changed.append((key, self.files[key], size))
-        if not changed:  # every image is at or below the floor already
-            return core.Resized(scale, self.layouts, [], True)
-        full, layouts = self.encode({**self.media, "image": images})
+        new = {kind: list(items) for kind, items in self.media.items()}
+        for (kind, k), _before, after in changed:
+            if kind == "image":
+                new[kind][k] = Image.new("RGB", after)
+            else:
+                self.scratch = self.scratch or _media.scratch()
+                new[kind][k] = _media.blank_video(self.items[(kind, k)].video, after[:2], after[2], self.fps, self.scratch)
+        full, layouts = self.encode(new)
         return core.Resized(scale, layouts, changed, floor, full)
 
     def commit(self, decision, sample):
         """(decision, full, layouts) with the real downsized files in the sample's media list."""
-        images = list(self.media["image"])
-        for (kind, k), _before, size in decision.resized.sizes:
-            images[k] = _write_shrunk(images[k], size)
-        full, layouts = self.encode({**self.media, "image": images})
+        folder = _shrink_dir()
+        new = {kind: list(items) for kind, items in self.media.items()}
+        for (kind, k), _before, after in decision.resized.sizes:
+            item = self.items[(kind, k)]
+            if item.video is None:
+                new[kind][k] = _media.write_image(new[kind][k], after, folder)
+            else:
+                new[kind][k] = _media.write_video(item.video, after[:2], after[2], self.fps, folder)
+        full, layouts = self.encode(new)
         plans = core.fits(layouts)
         want = [r.length for r in decision.resized.layouts[0].runs]
         if plans is None or [r.length for r in layouts[0].runs] != want:
             raise core.SampleError(sample, "shrink: the downsized files encode differently from their sizes", str(decision.resized.sizes))
-        self.media["image"][:] = images  # the rows name the downsized files: the collator reads those
+        for kind, items in new.items():  # the rows name the downsized files: the collator reads those
+            self.media[kind][:] = items
         decision.kept = [p.kept for p in plans]
         decision.removed = sorted(plans[0].left)
         self.final = layouts
         return decision, full, layouts
 
+    def close(self) -> None:
+        _media.remove(self.scratch)
+        self.scratch = None
+
     def resized_rows(self, resized) -> list:
         def tokens(layouts, key):
             return sum(r.length for r in layouts[0].runs if key in r.keys())
 
-        return [
-            {"item": f"{kind}#{k}", "before": list(b), "after": list(a),
-             "tokens_before": tokens(self.layouts, (kind, k)), "tokens_after": tokens(self.final, (kind, k)),
-             "file": self.media[kind][k] if isinstance(self.media[kind][k], str) else None}
-            for (kind, k), b, a in resized.sizes
-        ]
-
-
-def _image_size(item):
-    """(width, height) of a media-list entry without decoding its pixels, or None."""
-    try:
-        from PIL import Image
-
-        if isinstance(item, Image.Image):
-            return item.size
-        if isinstance(item, dict):
-            item = item.get("bytes") or item.get("path")
-        if isinstance(item, (bytes, bytearray)):
-            import io
-
-            item = io.BytesIO(item)
-        with Image.open(item) as im:
-            return im.size
-    except Exception:
-        return None
+        rows = []
+        for (kind, k), b, a in resized.sizes:
+            entry = self.media[kind][k]
+            row = {"item": f"{kind}#{k}", "before": list(b[:2]), "after": list(a[:2]),
+                   "tokens_before": tokens(self.layouts, (kind, k)), "tokens_after": tokens(self.final, (kind, k)),
+                   "file": entry if isinstance(entry, str) else entry.get("path") if isinstance(entry, dict) else None}
+            if kind == "video":
+                row.update(frames_before=b[2], frames_after=a[2])
+            rows.append(row)
+        return rows
 
 
 def _shrink_dir() -> str:
@@ -754,52 +822,6 @@ def _shrink_dir() -> str:
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         where = os.path.join(base, "vlpatch", "media")
     return where
-
-
-def _write_shrunk(item, size):
-    """The entry for `item` downsized to `size`: a PNG file in the shrink directory, named by the
-    original and the size (the same file from every worker and rank, written once), in the entry's own
-    form (a path, a {"bytes", "path"} dict, bytes; an in-memory image stays one)."""
-    import io
-
-    from PIL import Image
-
-    source = item.get("bytes") or item.get("path") if isinstance(item, dict) else item
-    if isinstance(source, str):
-        st = os.stat(source)
-        ident = f"{os.path.abspath(source)}|{st.st_size}|{st.st_mtime_ns}"
-        stem = os.path.splitext(os.path.basename(source))[0][:40]
-    elif isinstance(source, (bytes, bytearray)):
-        ident, stem = hashlib.sha256(source).hexdigest(), "image"
-        source = io.BytesIO(source)
-    else:
-        ident, stem = None, "image"
-
-    def small():
-        with (contextlib.nullcontext(source) if isinstance(source, Image.Image) else Image.open(source)) as im:
-            if getattr(im, "format", None) == "JPEG":
-                im.draft(im.mode, (size[0] * 2, size[1] * 2))  # libjpeg decodes at 1/2..1/8 scale: at least twice the size
-            im.load()
-            if im.mode not in ("RGB", "RGBA", "L", "LA", "P", "I", "I;16", "1"):
-                im = im.convert("RGB")
-            return im.resize(size, Image.BICUBIC, reducing_gap=3.0)
-
-    if ident is None:  # an in-memory image: the row holds the image itself
-        return small()
-    digest = hashlib.sha256(f"{ident}|{size[0]}x{size[1]}".encode()).hexdigest()[:16]
-    folder = _shrink_dir()
-    path = os.path.join(folder, f"{stem}_{size[0]}x{size[1]}_{digest}.png")
-    if not os.path.exists(path):
-        os.makedirs(folder, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        small().save(tmp, format="PNG", compress_level=1)  # fast; the file is read back once per epoch
-        os.replace(tmp, path)  # atomic: a rank reading it never sees half a file
-    if isinstance(item, dict):
-        return {**item, "bytes": None, "path": path}
-    if isinstance(item, (bytes, bytearray)):
-        with open(path, "rb") as fh:
-            return fh.read()
-    return path
 
 
 def _removed(keys) -> dict:
@@ -902,7 +924,7 @@ def _run_wrapper(wrapped, instance, args, kwargs):
         old = getattr(dataset, "_fingerprint", "") or ""
         tag = f"{old}|vlpatch {__version__}|{cfg.policy}|{cfg.media_first}"
         if cfg.policy == "shrink":
-            tag += f"|{cfg.shrink_min_pixels}|{cfg.shrink_fallback}|{meta['shrink_dir']}"
+            tag += f"|{cfg.shrink_min_pixels}|{cfg.shrink_min_frames}|{cfg.shrink_fallback}|{meta['shrink_dir']}"
         a["dataset"] = dataset.add_column(
             INDEX_COLUMN, list(range(len(dataset))), new_fingerprint=hashlib.sha256(tag.encode()).hexdigest()[:16]
         )

@@ -1,0 +1,199 @@
+"""Downsized media files for policy `shrink`, where a trainer re-reads media from its dataset rows.
+
+LLaMA-Factory's collator reads every image and video again at training time (in every worker and rank,
+and after a cached `tokenized_path` is reloaded), so a shrunk sample's row must name a smaller file:
+then what the collator reads is what preprocessing counted. A file is named by its original (path, size
+and mtime, or its bytes) and the new size, written once (atomically: a rank reading it never sees half a
+file) and not rewritten when present.
+
+Images become PNG files. A video becomes an MPEG-4 file (PyAV, a codec every FFmpeg build has) of the
+frames the trainer samples from the original (its own sampling function, passed in), at most
+`frames` of them spread evenly, each downsized, at a frame rate that spans the original's duration: the
+trainer then samples every frame of the new file, and timestamps (Qwen3-VL) still cover the original.
+PIL and PyAV are imported only when a sample is shrunk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from fractions import Fraction
+
+
+def image_size(item):
+    """(width, height) of a media-list entry without decoding its pixels, or None."""
+    try:
+        from PIL import Image
+
+        if isinstance(item, Image.Image):
+            return item.size
+        if isinstance(item, dict):
+            item = item.get("bytes") or item.get("path")
+        if isinstance(item, (bytes, bytearray)):
+            item = io.BytesIO(item)
+        with Image.open(item) as im:
+            return im.size
+    except Exception:
+        return None
+
+
+def _write_once(folder: str, name: str, write) -> str:
+    path = os.path.join(folder, name)
+    if not os.path.exists(path):
+        os.makedirs(folder, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp{os.path.splitext(name)[1]}"
+        write(tmp)
+        os.replace(tmp, path)
+    return path
+
+
+def _identity(source) -> tuple:
+    """(identity, name stem) of a file path or bytes: what makes a downsized copy the same one."""
+    if isinstance(source, (str, os.PathLike)):
+        st = os.stat(source)
+        return f"{os.path.abspath(source)}|{st.st_size}|{st.st_mtime_ns}", os.path.splitext(os.path.basename(source))[0][:40]
+    return hashlib.sha256(source).hexdigest(), "image"
+
+
+def write_image(item, size, folder: str):
+    """The entry for `item` downsized to `size`: a PNG file in `folder`, in the entry's own form (a path,
+    a {"bytes", "path"} dict, bytes; an in-memory image stays one)."""
+    from PIL import Image
+
+    source = item.get("bytes") or item.get("path") if isinstance(item, dict) else item
+
+    def small():
+        opened = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+        with contextlib.nullcontext(source) if isinstance(source, Image.Image) else Image.open(opened) as im:
+            if getattr(im, "format", None) == "JPEG":
+                im.draft(im.mode, (size[0] * 2, size[1] * 2))  # libjpeg decodes at 1/2..1/8 scale: at least twice the size
+            im.load()
+            if im.mode not in ("RGB", "RGBA", "L", "LA", "P", "I", "I;16", "1"):
+                im = im.convert("RGB")
+            return im.resize(size, Image.BICUBIC, reducing_gap=3.0)
+
+    if isinstance(source, Image.Image):  # an in-memory image: the row holds the image itself
+        return small()
+    ident, stem = _identity(source)
+    digest = hashlib.sha256(f"{ident}|{size[0]}x{size[1]}".encode()).hexdigest()[:16]
+    # fast PNG: the file is read back once per epoch
+    path = _write_once(folder, f"{stem}_{size[0]}x{size[1]}_{digest}.png", lambda tmp: small().save(tmp, format="PNG", compress_level=1))
+    if isinstance(item, dict):
+        return {**item, "bytes": None, "path": path}
+    if isinstance(item, (bytes, bytearray)):
+        with open(path, "rb") as fh:
+            return fh.read()
+    return path
+
+
+@dataclass
+class Video:
+    """A video file as the trainer reads it: the stream's size, the frames it samples, its duration."""
+
+    path: str
+    width: int
+    height: int
+    indices: list  # the frame numbers the trainer samples (its own function)
+    duration: float  # seconds the sampled frames span
+
+    @property
+    def frames(self) -> int:
+        return len(self.indices)
+
+
+def probe_video(path, sample_indices, fps: float):
+    """`Video` for a file path, with `sample_indices(stream)` the trainer's sampling; None when it is
+    not a readable video file (a list of frame images, a stream with no frames)."""
+    if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
+        return None
+    try:
+        import av
+
+        with av.open(os.fspath(path), "r") as container:
+            stream = next((s for s in container.streams if s.type == "video"), None)
+            if stream is None or not stream.frames:
+                return None
+            indices = [int(i) for i in sample_indices(stream)]
+            duration = float(stream.duration * stream.time_base) if stream.duration is not None else 0.0
+            if not indices:
+                return None
+            return Video(os.fspath(path), stream.width, stream.height, indices, duration or len(indices) / fps)
+    except Exception:
+        return None
+
+
+def video_rate(video: Video, frames: int, fps: float) -> Fraction:
+    """The frame rate at which `frames` frames span the original's duration, never above `fps` (the
+    trainer samples at most duration x fps frames: then it samples every frame of the new file)."""
+    rate = Fraction(frames) / Fraction(video.duration).limit_denominator(1000)
+    return min(rate, Fraction(fps).limit_denominator(1000)).limit_denominator(1000)
+
+
+def _encode(path: str, frames, size, rate: Fraction) -> None:
+    import av
+
+    with av.open(path, "w", format="mp4") as out:
+        stream = out.add_stream("mpeg4", rate=rate)
+        stream.width, stream.height = size
+        stream.pix_fmt = "yuv420p"
+        stream.bit_rate = max(2_000_000, size[0] * size[1] * 30)  # near-lossless at these sizes
+        for image in frames:
+            out.mux(stream.encode(av.VideoFrame.from_image(image)))
+        out.mux(stream.encode())
+
+
+def _picked(video: Video, frames: int) -> list:
+    """Which of the sampled frames (positions 0..N-1) a `frames`-frame copy keeps: spread evenly."""
+    n = video.frames
+    if frames >= n:
+        return list(range(n))
+    return sorted({round(k * (n - 1) / max(1, frames - 1)) for k in range(frames)}) if frames > 1 else [0]
+
+
+def blank_video(video: Video, size, frames: int, fps: float, folder: str) -> str:
+    """A stand-in with the candidate's size, frame count and rate (token counts and timestamps depend on
+    those, not on the pixels), for the search."""
+    from PIL import Image
+
+    count = len(_picked(video, frames))
+    rate = video_rate(video, count, fps)
+    name = f"blank_{size[0]}x{size[1]}_{count}_{rate.numerator}-{rate.denominator}.mp4"
+    return _write_once(folder, name, lambda tmp: _encode(tmp, [Image.new("RGB", size)] * count, size, rate))
+
+
+def write_video(video: Video, size, frames: int, fps: float, folder: str) -> str:
+    """The downsized copy: the sampled frames `_picked` keeps, resized to `size`, as an MPEG-4 file."""
+    from PIL import Image
+
+    picked = _picked(video, frames)
+    rate = video_rate(video, len(picked), fps)
+    ident, stem = _identity(video.path)
+    digest = hashlib.sha256(f"{ident}|{size[0]}x{size[1]}|{picked}|{rate}".encode()).hexdigest()[:16]
+
+    def write(tmp):
+        import av
+
+        wanted = {video.indices[p] for p in picked}
+        images = []
+        with av.open(video.path, "r") as container:
+            stream = next(s for s in container.streams if s.type == "video")
+            for k, frame in enumerate(container.decode(stream)):  # numbered as the trainer numbers them
+                if k in wanted:
+                    images.append(frame.to_image().resize(size, Image.BICUBIC))
+        _encode(tmp, images, size, rate)
+
+    return _write_once(folder, f"{stem}_{size[0]}x{size[1]}x{len(picked)}_{digest}.mp4", write)
+
+
+def scratch() -> str:
+    return tempfile.mkdtemp(prefix="vlpatch-shrink-")
+
+
+def remove(folder: str | None) -> None:
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
