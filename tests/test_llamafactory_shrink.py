@@ -342,3 +342,53 @@ def test_shrink_videos_below_the_frames_floor_fall_back(lf, patched, tmp_path):
     assert out["input_ids"] == []
     assert row["action"] == "dropped" and "VLPATCH_SHRINK_MIN_FRAMES" in row["reason"], row
     assert not os.path.exists(tmp_path / "media") or not os.listdir(tmp_path / "media"), "nothing written for a dropped sample"
+
+
+def test_shrink_qwen3vl_video_keeps_timestamps_over_the_whole_clip(patched, tmp_path, tmp_path_factory):
+    """Qwen3-VL writes a `<t seconds>` timestamp before each frame pair, from the file's frame rate and
+    duration: the downsized video keeps the original's duration (fewer frames at a lower rate), so the
+    kept frames' timestamps still run over the whole clip; the collator's features match the pads."""
+    require("llamafactory")
+    require("av")
+    import re
+
+    from llamafactory.data import SFTDataCollatorWith4DAttentionMask, get_template_and_fix_tokenizer
+    from llamafactory.data.template import TEMPLATES
+    from llamafactory.hparams import DataArguments, ModelArguments
+    from llamafactory.model import load_tokenizer
+
+    from tests.fixtures.tiny_qwen3vl import build_tiny_qwen3vl, has_qwen3vl, write_video
+
+    if not has_qwen3vl() or "qwen3_vl" not in TEMPLATES:
+        pytest.skip("this transformers / LLaMA-Factory has no Qwen3-VL")
+    model = build_tiny_qwen3vl(str(tmp_path_factory.mktemp("tiny_qwen3vl")))
+    clip = write_video(str(tmp_path / "clip.mp4"))  # 16 frames at 4 fps: 4 s, sampled at 2 fps: 8 frames
+    loaded = load_tokenizer(ModelArguments(model_name_or_path=model, video_max_pixels=64 * 64, video_fps=2.0, video_maxlen=16))
+    tok, proc = loaded["tokenizer"], loaded["processor"]
+    import llamafactory.data.processor as P
+
+    data_args = DataArguments(template="qwen3_vl", cutoff_len=40)
+    template = get_template_and_fix_tokenizer(tok, data_args)
+    patched(report=str(tmp_path / "r.jsonl"), policy="shrink", shrink_dir=str(tmp_path / "media"), shrink_min_pixels=32 * 32, shrink_min_frames=2)
+    data = {"_prompt": [[user("<video> what moves?")]], "_response": [[assistant("a square")]], "_system": [""], "_tools": [""],
+            "_images": [None], "_videos": [[clip]], "_audios": [None]}
+    out = P.SupervisedDatasetProcessor(template=template, tokenizer=tok, processor=proc, data_args=data_args).preprocess_dataset(data)
+    (row,) = report_rows(tmp_path / "r.jsonl")
+    assert row["action"] == "shrunk" and row["tokens_after"] <= 40, row
+    (item,) = row["media_resized"]
+    assert item["frames_before"] == 8 and 2 <= item["frames_after"] < 8, item
+    ids = out["input_ids"][0]
+    stamps = [float(t) for t in re.findall(r"<([\d.]+) seconds>", tok.decode(ids))]
+    assert len(stamps) == (item["frames_after"] + 1) // 2, stamps
+    import importlib.metadata
+
+    if tuple(int(x) for x in importlib.metadata.version("llamafactory").split(".")[:3]) >= (0, 9, 5):
+        # 0.9.5 times frames by the file's rate; 0.9.4 counts them at video_fps whatever the file says
+        # (upstream's arithmetic: there any clip of 4 frames is stamped 0-2 s)
+        assert stamps[-1] >= 2.0, f"the kept frames span the 4 s clip, not its first seconds: {stamps}"
+    collator = SFTDataCollatorWith4DAttentionMask(template=template, processor=proc, tokenizer=tok, label_pad_token_id=-100)
+    got = collator([{"input_ids": ids, "attention_mask": out["attention_mask"][0], "labels": out["labels"][0],
+                     "images": [], "videos": out["videos"][0], "audios": []}])
+    merge = proc.video_processor.merge_size ** 2
+    pad = tok.convert_tokens_to_ids("<|video_pad|>")
+    assert sum(int(g.prod()) // merge for g in got["video_grid_thw"]) == sum(1 for t in ids if t == pad)

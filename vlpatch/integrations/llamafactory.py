@@ -751,8 +751,9 @@ class _Shrinker:
             changed.append((key, item.before(), size if frames is None else (*size, frames)))
         if not changed:  # every item is at or below the floor already
             return core.Resized(scale, self.layouts, [], True)
-        # a video that loses frames keeps its pixels where the sample fits so: a processor with a minimum
-        # size (Qwen2-VL's video processor upscales small frames) gains nothing from smaller frames
+        # a video that lost frames (its pixels are at the floor then) takes its pixels back where the
+        # sample still fits so: more of each frame at the same frame count. (A processor with a minimum
+        # size, as Qwen2-VL's video processor, gains nothing from smaller frames, only from fewer.)
         sharp = [(key, b, (*self.items[key].even_seen(), a[2])) if key[0] == "video" and a[2] < b[2] else (key, b, a) for key, b, a in changed]
         if sharp != changed:
             got = self._try(scale, [x for x in sharp if x[2] != x[1]], floor)
