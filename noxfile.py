@@ -37,7 +37,7 @@ def _install(session, requirements: list) -> None:
 
 def _pytest(session, s: dict, args: list) -> None:
     suite = SMOKE["suites"][s["suite"]]
-    env = {**smoke.TEST_ENV, "VLPATCH_STRICT": suite.get("strict", ""), "VLPATCH_EXPECT": s.get("expect", "")}
+    env = {**smoke.TEST_ENV, **suite.get("env", {}), "VLPATCH_STRICT": suite.get("strict", ""), "VLPATCH_EXPECT": s.get("expect", "")}
     session.run("python", "-m", "pytest", "-ra", *suite["args"], *args, env=env)
 
 

@@ -34,6 +34,29 @@ def test_every_tested_version_has_fingerprints_and_one_session():
             assert not any(v in p.applies for p in m.patches if p.distribution == s["distribution"]), s
 
 
+def test_every_test_a_suite_names_exists():
+    """The suites name test files and node ids (`file::test`) and may set test settings (`env`): each must
+    exist, or the older releases' sessions and the canary stop on pytest's 'not found' (or vlpatch's
+    settings check) after their setup, far from the rename that caused it."""
+    import os
+    import re
+
+    from vlpatch.settings import SETTINGS
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name, suite in raw()["smoke"]["suites"].items():
+        for arg in suite["args"]:
+            if not arg.startswith("tests"):
+                continue
+            path, _, test = arg.partition("::")
+            assert os.path.exists(os.path.join(root, path)), f"suite {name}: no {path}"
+            if test:
+                text = open(os.path.join(root, path), encoding="utf-8").read()
+                assert re.search(rf"^def {re.escape(test)}\(", text, re.M), f"suite {name}: no test {test} in {path}"
+        unknown = set(suite.get("env", {})) - set(SETTINGS)
+        assert not unknown, f"suite {name}: env sets {unknown}, which vlpatch's settings check refuses"
+
+
 def test_the_start_up_index_equals_the_full_parse():
     # apply() reads the shipped matrix's lines for (id, distribution, hook); the hooks parse it whole
     full = [(p.id, p.distribution, p.hook) for p in vmatrix.load(vmatrix.MATRIX_PATH).patches]
