@@ -373,3 +373,37 @@ def test_a_row_keeps_its_first_turns_media_and_later_ones_leave_with_the_cut(ids
     layout = core.single_layout(len(ids), runs, budget, first)
     check_invariants(ids, layout, decision)
     assert not set(decision.removed) & first_keys, decision
+
+
+def test_shrink_item_takes_pixels_then_frames():
+    """A video's candidates: pixels down to the floor with every frame, then fewer frames at the floor;
+    an image only pixels; nothing changes at scale 1 or for an item at its floor already."""
+    video = core.ShrinkItem((224, 224), (448, 448), 56 * 56, frames=16, min_frames=4)
+    assert video.candidate(1.0) is None
+    (w, h, n), floor = video.candidate(0.25)
+    assert (w, h, n, floor) == (112, 112, 16, False), "a quarter of the pixels, every frame"
+    (w, h, n), floor = video.candidate(0.0625 / 2)
+    assert w * h == 56 * 56 and n == 8 and not floor, "at the pixels floor: half the frames"
+    (w, h, n), floor = video.candidate(0.001)
+    assert (w, h, n, floor) == (56, 56, 4, True), "both floors"
+    assert video.before() == (448, 448, 16)
+    assert video.sharp((56, 56, 8)) == (224, 224, 8) and video.sharp((112, 112, 16)) == (112, 112, 16)
+    image = core.ShrinkItem((300, 200), (300, 200), 100 * 100)
+    (size, floor) = image.candidate(0.5)
+    assert size == (212, 141) and not floor
+    assert core.ShrinkItem((50, 50), (50, 50), 100 * 100).candidate(0.1) is None, "below the floor already: as it came"
+
+
+def test_shrink_candidates_offer_the_sharp_video_first():
+    items = {("image", 0): core.ShrinkItem((100, 100), (100, 100), 50 * 50),
+             ("video", 0): core.ShrinkItem((64, 64), (64, 64), 32 * 32, frames=8, min_frames=2)}
+    changed, floor, sharp = core.shrink_candidates(items, 0.1)
+    assert [k for k, _, _ in changed] == [("image", 0), ("video", 0)] and not floor
+    assert dict((k, a) for k, _, a in sharp)[("video", 0)] == (64, 64, dict((k, a) for k, _, a in changed)[("video", 0)][2])
+    assert core.shrink_candidates(items, 0.5)[2] is None, "no frames lost: nothing to sharpen"
+
+
+def test_pick_frames_spreads_over_the_clip():
+    assert core.pick_frames(16, 4) == [0, 5, 10, 15]
+    assert core.pick_frames(16, 1) == [0] and core.pick_frames(3, 8) == [0, 1, 2]
+    assert len(core.pick_frames(128, 5)) == 5

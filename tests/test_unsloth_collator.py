@@ -740,6 +740,31 @@ def test_qwen2_5_vl_videos_that_do_not_fit_leave_with_their_tensors(vu, qv, patc
         qv.collator(budget)([big(), small()])
 
 
+def test_qwen2_5_vl_shrink_video_keeps_fewer_frames(qv, patched, tmp_path):
+    """Policy shrink on a video given as frames, at the pixels floor already (56 px): it keeps fewer frames,
+    spread over the clip, until the example fits, and no fewer; upstream collates the batch again with
+    them (its own tensors, second_per_grid_ts included), and the tiny model's forward takes it. (Pixels
+    before frames: the core's `ShrinkItem`, tests/test_core.py, and LLaMA-Factory's video tests.)"""
+    def batch_in():  # a 16-frame 56 px video: 34 tokens with its markers, over a budget of 24
+        return [video_example(words_before=1, n_frames=16, words_after=1, image=False), video_example(1, n_videos=0, words_after=1)]
+
+    budget = 24
+    examples = batch_in()
+    before = [dict(p) for p in examples[0]["messages"][0]["content"]]
+    patched(report=str(tmp_path / "r.jsonl"), policy="shrink", shrink_min_pixels=56 * 56, shrink_min_frames=2)
+    batch = qv.collator(budget)(examples)
+    check_qwen_rows(qv, batch, budget)
+    assert examples[0]["messages"][0]["content"] == before, "the caller's example is untouched"
+    row = next(r for r in _report(tmp_path) if r["index"] == 0)
+    assert row["action"] == "shrunk" and row["tokens_after"] <= budget, row
+    (item,) = row["media_resized"]
+    assert item["item"] == "video#0" and item["frames_before"] == 16 and item["before"] == item["after"] == [56, 56], item
+    assert 2 <= item["frames_after"] < 16 and item["tokens_after"] < item["tokens_before"], item
+    t, h, w = batch["video_grid_thw"][0].tolist()
+    assert (t * 2, h * 14, w * 14) == (item["frames_after"], 56, 56), "upstream read the kept frames"
+    assert item["tokens_after"] + 4 > budget, "two frames more (one temporal patch, 4 tokens) would not fit"
+
+
 # Gemma 3n: images from the `images` column, audio clips from the `audio` column (a datasets.Audio dict
 # each); one `\n\n<start_of_X> <X_soft_token> x n <end_of_X>\n\n` run per item (16 image / 20 audio tokens)
 

@@ -509,6 +509,81 @@ class Resized:
     payload: object = None
 
 
+@dataclass
+class ShrinkItem:
+    """One medium the shrink search may downsize: its size as the processor will see it (`seen`, after
+    the trainer's own max-pixels cap), as it came (`file`, what reports call "before"), its pixels floor;
+    for a video also the frames the trainer samples and their floor. A video loses pixels down to the
+    floor, then frames."""
+
+    seen: tuple
+    file: tuple
+    floor: int
+    frames: int = 0  # a video's sampled frames; 0: an image
+    min_frames: int = 0
+
+    def candidate(self, scale: float):
+        """(after, at the floor) for `scale`, the share of the item's pixels (times its frames for a
+        video) asked for: after is (w, h), or (w, h, frames) for a video; None when nothing changes."""
+        w, h = self.seen
+        want = w * h * scale
+        px = min(w * h, max(self.floor, want))
+        frames = max(self.min_frames, min(self.frames, int(self.frames * want / px))) if self.frames else 0
+        if px >= w * h and frames >= self.frames:
+            return None
+        f = (px / (w * h)) ** 0.5
+        size = (max(1, int(w * f)), max(1, int(h * f)))
+        if not self.frames:
+            return size, want <= self.floor
+        return (*_even(size), frames), want <= self.floor and frames <= self.min_frames
+
+    def before(self) -> tuple:
+        return (*self.file, self.frames) if self.frames else tuple(self.file)
+
+    def sharp(self, after: tuple) -> tuple:
+        """A video that lost frames with its pixels at the floor, with its pixels back: where the sample
+        still fits so, more of each frame at the same frame count (a processor with a minimum size, as
+        Qwen2-VL's video processor, gains nothing from smaller frames, only from fewer)."""
+        return (*_even(self.seen), after[2]) if self.frames and after[2] < self.frames else after
+
+
+def _even(size) -> tuple:  # video frames have even sides (MPEG-4, yuv420p)
+    return (max(2, size[0] // 2 * 2), max(2, size[1] // 2 * 2))
+
+
+def shrink_candidates(items: Mapping, scale: float) -> tuple:
+    """(changed, at the floor, sharp) for `scale` over {key: ShrinkItem}: changed lists (key, before,
+    after) for each item that changes; sharp is the same with every video's pixels back (`ShrinkItem.sharp`),
+    to try first, or None where it is the same."""
+    changed, floor = [], True
+    for key, item in items.items():
+        got = item.candidate(scale)
+        if got is None:
+            continue
+        after, at_floor = got
+        floor = floor and at_floor
+        changed.append((key, item.before(), after))
+    sharp = [(key, b, items[key].sharp(a)) for key, b, a in changed]
+    return changed, floor, (None if sharp == changed else [x for x in sharp if x[2] != x[1]])
+
+
+def first_fitting(tries: Iterable):
+    """The first `Resized` of `tries` (encoded lazily, in order) whose layouts fit, else the last one."""
+    last = None
+    for resized in tries:
+        if fits(resized.layouts) is not None:
+            return resized
+        last = resized
+    return last
+
+
+def pick_frames(total: int, keep: int) -> list:
+    """Which of `total` frames (positions) a `keep`-frame copy keeps: spread evenly, first and last in."""
+    if keep >= total:
+        return list(range(total))
+    return sorted({round(k * (total - 1) / (keep - 1)) for k in range(keep)}) if keep > 1 else [0]
+
+
 SHRINK_STEPS = 10  # re-encodes one sample may take (the first estimate usually fits)
 SHRINK_PRECISION = 1.04  # stop refining once the fitting scale is within 4% of one that does not fit
 
@@ -732,7 +807,8 @@ def fit_rows(rows: list, budget: int, policy: Policy, sample: str, keep: str = "
     """The flat rows of one sample ([(length, runs)]: a collator row, or a preference pair's chosen and
     rejected rows, decided as one), each kept at its head (right truncation) or tail (left).
     `reencode(scale)`: (rows, sizes, floor, payload) of the sample collated again with its media at
-    `scale` of their pixels (see `Resized`), or None; for policy `shrink`. `first`: the media items of
+    `scale` of their pixels (see `Resized`), or an iterable of such alternatives (the first that fits
+    is taken), or None; for policy `shrink`. `first`: the media items of
     the first turn (head only; see `single_layout`): later ones leave with the part the cut removes."""
     first = first if keep == "head" else None
 
@@ -746,8 +822,8 @@ def fit_rows(rows: list, budget: int, policy: Policy, sample: str, keep: str = "
             got = reencode(scale)
             if got is None:
                 return None
-            rows_, sizes, floor, payload = got
-            return Resized(scale, layouts(rows_), sizes, floor, payload)
+            tries = [got] if isinstance(got, tuple) else got  # alternatives, encoded lazily: the first that fits
+            return first_fitting(Resized(scale, layouts(rows_), sizes, floor, payload) for rows_, sizes, floor, payload in tries)
 
     decision = resolve(layouts(rows), policy, sample, again)
     if decision.kept is not None and keep != "head":

@@ -268,7 +268,7 @@ def fit(site, collator, batch, budget: int, keep: str = "head", pairs: bool = Fa
     if to_shrink:  # collate again with the downsized images: the processor's own tensors for them
         again_examples = list(examples)
         for s, info in to_shrink.items():
-            again_examples[s] = _with_images(examples[s], {k: _resize(img, size) for k, (img, size) in info["images"](examples[s]).items()})
+            again_examples[s] = _with_media(examples[s], *_resized_media(examples[s], info["sizes"], blank=False))
         return fit(site, collator, recollate(again_examples), budget, keep, pairs, pad_side, again_examples, recollate,
                    shrunk=to_shrink, firsts=firsts)
     rows_kept = []
@@ -389,24 +389,26 @@ def _image_slots(example) -> list:
     return slots
 
 
-def _with_images(example, new: dict):
-    """A copy of `example` with image k replaced by `new[k]` (the containers on the way copied, the rest
-    shared); a message part that names its size (`resized_width` / `resized_height`) gets the new one."""
+def _with_media(example, images: dict, videos: dict | None = None):
+    """A copy of `example` with image k replaced by `images[k]` and video k's message part by
+    `videos[k]` (the containers on the way copied, the rest shared); a message part that names its size
+    (`resized_width` / `resized_height`) gets the new one."""
     import copy
 
+    slots, parts = _image_slots(example), _video_slots(example) if videos else []
+    values = {slots[k][0]: image for k, image in images.items()}
+    values.update({parts[k][0]: part for k, part in (videos or {}).items()})
     out = copy.copy(example)
-    slots = _image_slots(example)
-    for k, image in new.items():
-        path = slots[k][0]
+    for path, value in values.items():
         node = out
         for step in path[:-1]:
             child = node[step]
             child = list(child) if isinstance(child, tuple) else copy.copy(child)
             node[step] = child
             node = child
-        node[path[-1]] = image
-        if isinstance(node, dict) and "resized_width" in node and hasattr(image, "size"):
-            node["resized_width"], node["resized_height"] = image.size
+        node[path[-1]] = value
+        if isinstance(node, dict) and "resized_width" in node and hasattr(value, "size"):
+            node["resized_width"], node["resized_height"] = value.size
     return out
 
 
@@ -431,63 +433,113 @@ def _resize(image, size):
     return im.resize(size, Image.BICUBIC)
 
 
-def _shrinker(site, example, rows, recollate, finder, processor, cfg):
-    """`reencode(scale)` for `core.fit_rows`: the example collated alone by upstream, its images replaced
-    by blank stand-ins of the smaller sizes (token counts depend on an image's size only)."""
-    slots = _image_slots(example)
-    sizes = []
-    for _, image in slots:
-        try:
-            sizes.append(_open(image).size)
-        except Exception:
-            return None
-    if not sizes:
-        return None
+def _video_slots(example) -> list:
+    """An example's `{"type": "video", "video": ...}` message parts, in order: (path of keys and indices
+    to the part, the part)."""
+    if not isinstance(example, dict):
+        return []
+    slots = []
+    for key in ("messages", "conversations", "prompt", "completion", "chosen", "rejected"):
+        messages = example.get(key)
+        if not isinstance(messages, (list, tuple)):
+            continue
+        for m, message in enumerate(messages):
+            content = message.get("content") if isinstance(message, dict) else None
+            if isinstance(content, (list, tuple)):
+                for c, part in enumerate(content):
+                    if isinstance(part, dict) and part.get("type") == "video" and part.get("video") is not None:
+                        slots.append(((key, m, "content", c), part))
+    return slots
+
+
+def _items(example, cfg) -> dict:
+    """{key: core.ShrinkItem} of an example's images and its videos given as frame lists (a video file
+    is read by upstream at its own rate: left as it is)."""
     floor_px = int(cfg.shrink_min_pixels)
+    items = {}
+    for k, (_, image) in enumerate(_image_slots(example)):
+        size = _open(image).size
+        items[("image", k)] = core.ShrinkItem(size, size, floor_px)
+    for k, (_, part) in enumerate(_video_slots(example)):
+        frames = part["video"]
+        if not isinstance(frames, (list, tuple)) or not frames:
+            continue
+        try:
+            size = _open(frames[0]).size
+        except Exception:
+            continue
+        items[("video", k)] = core.ShrinkItem(size, size, floor_px, len(frames), min(len(frames), int(cfg.shrink_min_frames)))
+    return items
+
+
+def _resized_media(example, sizes: list, blank: bool) -> tuple:
+    """(images, videos) for `_with_media`: each item of `sizes` ((kind, k), before, after) at its new
+    size, blank stand-ins (token counts depend on sizes and frame counts only) or really downsized."""
+    from PIL import Image
+
+    images, videos = {}, {}
+    slots, parts = _image_slots(example), _video_slots(example)
+    for (kind, k), _before, after in sizes:
+        size = tuple(after[:2])
+        if kind == "image":
+            images[k] = Image.new("RGB", size) if blank else _resize(slots[k][1], size)
+        else:
+            frames = parts[k][1]["video"]
+            picked = core.pick_frames(len(frames), after[2])
+            new = [Image.new("RGB", size)] * len(picked) if blank else [_resize(frames[p], size) for p in picked]
+            part = {**parts[k][1], "video": new}
+            if "resized_width" in part:
+                part["resized_width"], part["resized_height"] = size
+            videos[k] = part
+    return images, videos
+
+
+def _shrinker(site, example, rows, recollate, finder, processor, cfg):
+    """`reencode(scale)` for `core.fit_rows`: the example collated alone by upstream, its images and
+    frame-list videos replaced by blank stand-ins of the candidate sizes (and frame counts)."""
+    try:
+        items = _items(example, cfg)
+    except Exception:
+        return None
+    if not items:
+        return None
+
+    def collated(sizes):
+        batch = recollate([_with_media(example, *_resized_media(example, sizes, blank=True))])
+        parsed = _parse(site, batch, finder, processor)
+        return [(len(row), finder.assign_items(row, runs, its)) for _, row, runs, its in parsed]
 
     def reencode(scale):
-        from PIL import Image
-
-        new, changed, floor = {}, [], True
-        for k, (w, h) in enumerate(sizes):
-            target = max(floor_px, w * h * scale)
-            if target >= w * h:
-                continue
-            f = (target / (w * h)) ** 0.5
-            size = (max(1, int(w * f)), max(1, int(h * f)))
-            floor = floor and target <= floor_px
-            new[k] = Image.new("RGB", size)
-            changed.append((("image", k), (w, h), size))
+        changed, floor, sharp = core.shrink_candidates(items, scale)
         if not changed:
             return rows, [], True, None
-        batch = recollate([_with_images(example, new)])
-        parsed = _parse(site, batch, finder, processor)
-        out = [(len(row), finder.assign_items(row, runs, items)) for _, row, runs, items in parsed]
-        return out, changed, floor, None
+        return ((collated(sizes), sizes, floor, None) for sizes in (sharp, changed) if sizes)
 
     return reencode
 
 
 def _shrink_info(decision, rows_before) -> dict:
-    """What the second pass needs of a first-pass shrink decision: the images' new sizes (as a function
-    of the example), the reason, and for the report each row's tokens and each item's tokens before."""
-    sizes = {key[1]: after for key, _before, after in decision.resized.sizes}
+    """What the second pass needs of a first-pass shrink decision: the new sizes, the reason, and for the
+    report each row's tokens and each item's tokens before."""
     runs_before = rows_before[0][1]
 
     def tokens(runs, key):
         return sum(r.length for r in runs if key in r.keys())
 
     after_runs = decision.resized.layouts[0].runs
+    resized = []
+    for (kind, k), b, a in decision.resized.sizes:
+        row = {"item": f"{kind}#{k}", "before": list(b[:2]), "after": list(a[:2]),
+               "tokens_before": tokens(runs_before, (kind, k)), "tokens_after": tokens(after_runs, (kind, k))}
+        if kind == "video":
+            row.update(frames_before=b[2], frames_after=a[2])
+        resized.append(row)
     return {
-        "images": lambda example: {k: (img, sizes[k]) for k, (_, img) in enumerate(_image_slots(example)) if k in sizes},
+        "sizes": decision.resized.sizes,
         "reason": decision.reason,
         "tokens_before": [n for n, _ in rows_before],
         "media_tokens": [sum(r.length for r in runs) for _, runs in rows_before],
-        "resized": [
-            {"item": f"{kind}#{k}", "before": list(b), "after": list(a),
-             "tokens_before": tokens(runs_before, (kind, k)), "tokens_after": tokens(after_runs, (kind, k))}
-            for (kind, k), b, a in decision.resized.sizes
-        ],
+        "resized": resized,
     }
 
 

@@ -24,6 +24,8 @@ import tempfile
 from dataclasses import dataclass
 from fractions import Fraction
 
+from .. import core
+
 
 def image_size(item):
     """(width, height) of a media-list entry without decoding its pixels, or None."""
@@ -147,30 +149,22 @@ def _encode(path: str, frames, size, rate: Fraction) -> None:
         out.mux(stream.encode())
 
 
-def _picked(video: Video, frames: int) -> list:
-    """Which of the sampled frames (positions 0..N-1) a `frames`-frame copy keeps: spread evenly."""
-    n = video.frames
-    if frames >= n:
-        return list(range(n))
-    return sorted({round(k * (n - 1) / max(1, frames - 1)) for k in range(frames)}) if frames > 1 else [0]
-
-
 def blank_video(video: Video, size, frames: int, fps: float, folder: str) -> str:
     """A stand-in with the candidate's size, frame count and rate (token counts and timestamps depend on
     those, not on the pixels), for the search."""
     from PIL import Image
 
-    count = len(_picked(video, frames))
+    count = len(core.pick_frames(video.frames, frames))
     rate = video_rate(video, count, fps)
     name = f"blank_{size[0]}x{size[1]}_{count}_{rate.numerator}-{rate.denominator}.mp4"
     return _write_once(folder, name, lambda tmp: _encode(tmp, [Image.new("RGB", size)] * count, size, rate))
 
 
 def write_video(video: Video, size, frames: int, fps: float, folder: str) -> str:
-    """The downsized copy: the sampled frames `_picked` keeps, resized to `size`, as an MPEG-4 file."""
+    """The downsized copy: the sampled frames `core.pick_frames` keeps, resized to `size`, as an MPEG-4 file."""
     from PIL import Image
 
-    picked = _picked(video, frames)
+    picked = core.pick_frames(video.frames, frames)
     rate = video_rate(video, len(picked), fps)
     ident, stem = _identity(video.path)
     digest = hashlib.sha256(f"{ident}|{size[0]}x{size[1]}|{picked}|{rate}".encode()).hexdigest()[:16]

@@ -655,44 +655,6 @@ def _encode_wrapper(stage: str):
     return wrapper
 
 
-@dataclass
-class _Item:
-    """One medium the shrink search may downsize: its size as upstream sees it (after its max-pixels
-    cap), as the file has it, its pixels floor; for a video also the frames upstream samples and their
-    floor."""
-
-    seen: tuple
-    file: tuple
-    floor: int
-    video: Any = None  # _media.Video
-    min_frames: int = 0
-
-    def candidate(self, scale: float):
-        """(size, frames or None, at the floor) for `scale`, the share of the item's pixels (times its
-        frames for a video) asked for; None when that changes nothing. A video loses pixels down to the
-        floor, then frames."""
-        w, h = self.seen
-        want = w * h * scale
-        px = min(w * h, max(self.floor, want))
-        frames = None
-        if self.video is not None:
-            n = self.video.frames
-            frames = max(self.min_frames, min(n, int(n * want / px)))
-        if px >= w * h and (frames is None or frames >= self.video.frames):
-            return None
-        f = (px / (w * h)) ** 0.5
-        size = (max(1, int(w * f)), max(1, int(h * f)))
-        if self.video is not None:  # MPEG-4 frames have even sides
-            size = (max(2, size[0] // 2 * 2), max(2, size[1] // 2 * 2))
-        return size, frames, want <= self.floor and (frames is None or frames <= self.min_frames)
-
-    def before(self) -> tuple:
-        return self.file if self.video is None else (*self.file, self.video.frames)
-
-    def even_seen(self) -> tuple:
-        return (max(2, self.seen[0] // 2 * 2), max(2, self.seen[1] // 2 * 2))
-
-
 class _Shrinker:
     """Policy `shrink` for one sample: `reencode(scale)` encodes it again through upstream's own code with
     stand-ins of the smaller sizes (blank images: token counts depend on an image's size only, and the
@@ -706,6 +668,7 @@ class _Shrinker:
     def __init__(self, instance, media, layouts, cfg, encode):
         self.media, self.encode, self.layouts = media, encode, layouts
         self.scratch = None  # the search's stand-in videos
+        self.videos = {}  # key -> _media.Video
         processor = getattr(instance, "processor", None)
         plugin = instance.template.mm_plugin
         self.fps = float(getattr(processor, "video_fps", 2.0) or 2.0)
@@ -733,33 +696,20 @@ class _Shrinker:
             if cap and w * h > cap:
                 f = (cap / (w * h)) ** 0.5
                 w, h = int(w * f), int(h * f)
-            self.items[(kind, k)] = _Item(
-                (w, h), size, max(int(cfg.shrink_min_pixels), int(low or 0)), video,
-                min(video.frames, int(cfg.shrink_min_frames)) if video else 0,
+            self.items[(kind, k)] = core.ShrinkItem(
+                (w, h), size, max(int(cfg.shrink_min_pixels), int(low or 0)),
+                video.frames if video else 0, min(video.frames, int(cfg.shrink_min_frames)) if video else 0,
             )
+            if video:
+                self.videos[(kind, k)] = video
 
     def reencode(self, scale: float):
         if not self.items:
             return None
-        changed, floor = [], True
-        for key, item in self.items.items():
-            got = item.candidate(scale)
-            if got is None:
-                continue
-            size, frames, at_floor = got
-            floor = floor and at_floor
-            changed.append((key, item.before(), size if frames is None else (*size, frames)))
+        changed, floor, sharp = core.shrink_candidates(self.items, scale)
         if not changed:  # every item is at or below the floor already
             return core.Resized(scale, self.layouts, [], True)
-        # a video that lost frames (its pixels are at the floor then) takes its pixels back where the
-        # sample still fits so: more of each frame at the same frame count. (A processor with a minimum
-        # size, as Qwen2-VL's video processor, gains nothing from smaller frames, only from fewer.)
-        sharp = [(key, b, (*self.items[key].even_seen(), a[2])) if key[0] == "video" and a[2] < b[2] else (key, b, a) for key, b, a in changed]
-        if sharp != changed:
-            got = self._try(scale, [x for x in sharp if x[2] != x[1]], floor)
-            if core.fits(got.layouts) is not None:
-                return got
-        return self._try(scale, changed, floor)
+        return core.first_fitting(self._try(scale, sizes, floor) for sizes in (sharp, changed) if sizes)
 
     def _try(self, scale, changed, floor):
         from PIL import Image
@@ -770,7 +720,7 @@ class _Shrinker:
                 new[kind][k] = Image.new("RGB", after)
             else:
                 self.scratch = self.scratch or _media.scratch()
-                new[kind][k] = _media.blank_video(self.items[(kind, k)].video, after[:2], after[2], self.fps, self.scratch)
+                new[kind][k] = _media.blank_video(self.videos[(kind, k)], after[:2], after[2], self.fps, self.scratch)
         full, layouts = self.encode(new)
         return core.Resized(scale, layouts, changed, floor, full)
 
@@ -779,11 +729,10 @@ class _Shrinker:
         folder = _shrink_dir()
         new = {kind: list(items) for kind, items in self.media.items()}
         for (kind, k), _before, after in decision.resized.sizes:
-            item = self.items[(kind, k)]
-            if item.video is None:
+            if kind == "image":
                 new[kind][k] = _media.write_image(new[kind][k], after, folder)
             else:
-                new[kind][k] = _media.write_video(item.video, after[:2], after[2], self.fps, folder)
+                new[kind][k] = _media.write_video(self.videos[(kind, k)], after[:2], after[2], self.fps, folder)
         full, layouts = self.encode(new)
         plans = core.fits(layouts)
         want = [r.length for r in decision.resized.layouts[0].runs]
