@@ -17,7 +17,7 @@ import os
 import pytest
 
 from tests.conftest import is_newest, require
-from tests.fixtures.corpus import build_corpus
+from tests.fixtures.corpus import shared_corpus
 
 LIMITS = [  # (image_max_pixels, image_min_pixels): LLaMA-Factory's defaults, then small ones
     (768 * 768, 32 * 32),
@@ -26,12 +26,12 @@ LIMITS = [  # (image_max_pixels, image_min_pixels): LLaMA-Factory's defaults, th
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
+def corpus():
     require("PIL")
     # 600 files on the newest tested LLaMA-Factory, 300 from the same generator (edge sizes, 30 truncated) on
     # older ones: CI time. VLPATCH_CORPUS_FILES=2000 runs the corpus the README's figures come from.
     n = int(os.environ.get("VLPATCH_CORPUS_FILES") or (600 if is_newest("llamafactory") else 300))
-    return build_corpus(str(tmp_path_factory.mktemp("corpus")), n=n)
+    return shared_corpus(n)
 
 
 @pytest.fixture(scope="module", params=["qwen2_vl", "qwen3_vl"])
