@@ -765,6 +765,52 @@ def test_qwen2_5_vl_shrink_video_keeps_fewer_frames(qv, patched, tmp_path):
     assert item["tokens_after"] + 4 > budget, "two frames more (one temporal patch, 4 tokens) would not fit"
 
 
+def test_qwen2_5_vl_shrink_video_file_through_upstreams_reader(qv, patched, tmp_path, monkeypatch):
+    """A video given as a file: upstream's own reader says how many frames it samples and their size;
+    shrink asks it for fewer (`nframes`, spread over the clip by upstream) until the example fits."""
+    require("av")  # writes the clip; and upstream's PyAV reader (2026.10.9) reads it
+    from tests.fixtures.tiny_qwen3vl import write_video
+    from unsloth_zoo import vision_utils
+
+    io = getattr(vision_utils, "io", None)
+    if io is not None and not hasattr(io, "read_video") and hasattr(vision_utils, "_read_video_pyav"):
+        # torchvision 0.26 has no io.read_video (and there is no decord or FFmpeg here): upstream's own
+        # PyAV decoder, its fallback where read_video fails, stands in for it; the sampling is upstream's
+        def read_video(path, start_pts=0.0, end_pts=None, pts_unit="sec", output_format="TCHW"):
+            video, info = vision_utils._read_video_pyav(path, start_pts, end_pts)
+            return video, None, info
+
+        monkeypatch.setattr(io, "read_video", read_video, raising=False)
+
+    path = write_video(str(tmp_path / "clip.mp4"), frames=16, fps=4, side=56)  # 4 s
+    part = {"type": "video", "video": path, "fps": 4.0}
+    try:
+        vision_utils.fetch_video(dict(part))
+    except Exception as exc:
+        pytest.skip(f"this unsloth_zoo cannot read a video file here: {type(exc).__name__}: {exc}")
+
+    def example():
+        return {"messages": [
+            {"role": "user", "content": [{"type": "text", "text": "what"}, dict(part), {"type": "text", "text": "moves?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "a square"}]},
+        ]}
+
+    full = qv.collator()([example()])
+    frames = int(full["video_grid_thw"][0][0]) * 2
+    budget = 24
+    assert len(_unpadded(full, 0)) > budget and frames >= 8, "too long as it comes"
+    patched(report=str(tmp_path / "r.jsonl"), policy="shrink", shrink_min_pixels=56 * 56, shrink_min_frames=2)
+    examples = [example()]
+    batch = qv.collator(budget)(examples)
+    check_qwen_rows(qv, batch, budget)
+    assert examples == [example()], "the caller's example is untouched"
+    (row,) = _report(tmp_path)
+    assert row["action"] == "shrunk" and row["tokens_after"] <= budget, row
+    (item,) = row["media_resized"]
+    assert item["item"] == "video#0" and item["frames_before"] == frames and 2 <= item["frames_after"] < frames, item
+    assert int(batch["video_grid_thw"][0][0]) * 2 == item["frames_after"], "upstream read that many frames"
+
+
 # Gemma 3n: images from the `images` column, audio clips from the `audio` column (a datasets.Audio dict
 # each); one `\n\n<start_of_X> <X_soft_token> x n <end_of_X>\n\n` run per item (16 image / 20 audio tokens)
 

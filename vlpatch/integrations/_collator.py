@@ -29,6 +29,9 @@ class Site:
         self.spec = None
         self.finders: dict = {}
         self.filtering: list = []  # filter_dataset: [dataset index, rows of that one-example batch]
+        # policy shrink, a video message part naming a file: upstream's own reader, part -> frames
+        # tensor (T, C, H, W) as the collator would read them, or None where the trainer reads none
+        self.read_video = None
 
     @property
     def options(self) -> dict:
@@ -452,9 +455,10 @@ def _video_slots(example) -> list:
     return slots
 
 
-def _items(example, cfg) -> dict:
-    """{key: core.ShrinkItem} of an example's images and its videos given as frame lists (a video file
-    is read by upstream at its own rate: left as it is)."""
+def _items(site, example, cfg) -> dict:
+    """{key: core.ShrinkItem} of an example's images and videos: a video given as frames by its frame
+    list; one given as a file by what the trainer's own reader makes of it (`Site.read_video`: the
+    frames it samples, at the size it resizes them to)."""
     floor_px = int(cfg.shrink_min_pixels)
     items = {}
     for k, (_, image) in enumerate(_image_slots(example)):
@@ -462,13 +466,17 @@ def _items(example, cfg) -> dict:
         items[("image", k)] = core.ShrinkItem(size, size, floor_px)
     for k, (_, part) in enumerate(_video_slots(example)):
         frames = part["video"]
-        if not isinstance(frames, (list, tuple)) or not frames:
-            continue
         try:
-            size = _open(frames[0]).size
-        except Exception:
+            if isinstance(frames, (list, tuple)) and frames:
+                n, size = len(frames), _open(frames[0]).size
+            elif isinstance(frames, str) and site.read_video is not None:
+                shape = site.read_video(dict(part)).shape  # (T, C, H, W)
+                n, size = int(shape[0]), (int(shape[3]), int(shape[2]))
+            else:
+                continue
+        except Exception:  # unreadable: upstream says so when it collates
             continue
-        items[("video", k)] = core.ShrinkItem(size, size, floor_px, len(frames), min(len(frames), int(cfg.shrink_min_frames)))
+        items[("video", k)] = core.ShrinkItem(size, size, floor_px, n, min(n, int(cfg.shrink_min_frames)))
     return items
 
 
@@ -483,6 +491,10 @@ def _resized_media(example, sizes: list, blank: bool) -> tuple:
         size = tuple(after[:2])
         if kind == "image":
             images[k] = Image.new("RGB", size) if blank else _resize(slots[k][1], size)
+        elif isinstance(parts[k][1]["video"], str):  # a file: upstream reads that many frames at that size
+            part = {key: v for key, v in parts[k][1].items() if key not in ("fps", "nframes", "min_frames", "max_frames")}
+            part.update(nframes=after[2], resized_width=size[0], resized_height=size[1])
+            videos[k] = part
         else:
             frames = parts[k][1]["video"]
             picked = core.pick_frames(len(frames), after[2])
@@ -498,7 +510,7 @@ def _shrinker(site, example, rows, recollate, finder, processor, cfg):
     """`reencode(scale)` for `core.fit_rows`: the example collated alone by upstream, its images and
     frame-list videos replaced by blank stand-ins of the candidate sizes (and frame counts)."""
     try:
-        items = _items(example, cfg)
+        items = _items(site, example, cfg)
     except Exception:
         return None
     if not items:

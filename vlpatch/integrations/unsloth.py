@@ -300,8 +300,17 @@ WRAPPERS = {
 }
 
 
+def _read_video(part):
+    """A video message part as the collator reads it (upstream's `fetch_video`): (T, C, H, W) frames."""
+    from unsloth_zoo import vision_utils
+
+    video = vision_utils.fetch_video(part)
+    return video[0] if isinstance(video, tuple) else video
+
+
 def wrappers(spec, version=None) -> dict:
     global _active
     SITE.attach(spec)
+    SITE.read_video = _read_video
     _active = spec.active_parts(version) if version is not None else {p.name for p in spec.parts}
     return WRAPPERS
