@@ -378,6 +378,14 @@ def _image_slots(example) -> list:
         return [(("images",), column)]
     if example.get("image") is not None:
         return [(("image",), example["image"])]
+    return [(path + ("image",), part["image"]) for path, part in _parts(example, "image")]
+
+
+def _parts(example, kind: str) -> list:
+    """An example's `{"type": kind, kind: ...}` message parts, in order: (path of keys and indices to
+    the part, the part)."""
+    if not isinstance(example, dict):
+        return []
     slots = []
     for key in ("messages", "conversations", "prompt", "completion", "chosen", "rejected"):
         messages = example.get(key)
@@ -387,8 +395,8 @@ def _image_slots(example) -> list:
             content = message.get("content") if isinstance(message, dict) else None
             if isinstance(content, (list, tuple)):
                 for c, part in enumerate(content):
-                    if isinstance(part, dict) and part.get("type") == "image" and part.get("image") is not None:
-                        slots.append(((key, m, "content", c, "image"), part["image"]))
+                    if isinstance(part, dict) and part.get("type") == kind and part.get(kind) is not None:
+                        slots.append(((key, m, "content", c), part))
     return slots
 
 
@@ -437,22 +445,7 @@ def _resize(image, size):
 
 
 def _video_slots(example) -> list:
-    """An example's `{"type": "video", "video": ...}` message parts, in order: (path of keys and indices
-    to the part, the part)."""
-    if not isinstance(example, dict):
-        return []
-    slots = []
-    for key in ("messages", "conversations", "prompt", "completion", "chosen", "rejected"):
-        messages = example.get(key)
-        if not isinstance(messages, (list, tuple)):
-            continue
-        for m, message in enumerate(messages):
-            content = message.get("content") if isinstance(message, dict) else None
-            if isinstance(content, (list, tuple)):
-                for c, part in enumerate(content):
-                    if isinstance(part, dict) and part.get("type") == "video" and part.get("video") is not None:
-                        slots.append(((key, m, "content", c), part))
-    return slots
+    return _parts(example, "video")
 
 
 def _items(site, example, cfg) -> dict:
