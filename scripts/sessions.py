@@ -163,7 +163,7 @@ def cmd_requirements(smoke, names, _) -> int:
 def cmd_list(smoke, names, _) -> int:
     for s in select(smoke, names):
         extra = f" (expect {s['expect']})" if s.get("expect") else ""
-        print(f"{name_of(s):28} suite {s['suite']:12} with {' '.join(s.get('with', []))}{extra}")
+        print(f"{name_of(s):28} suite {s['suite']:18} with {' '.join(s.get('with', []))}{extra}")
     return 0
 
 
