@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections import Counter
 
 from .. import core, engine, report
+from . import _media
 
 DEFAULT_REPORT = "vlpatch_report.jsonl"  # in the working directory: a collator does not know output_dir
 
@@ -423,24 +424,10 @@ def _with_media(example, images: dict, videos: dict | None = None):
     return out
 
 
-def _open(image):
-    from PIL import Image
-
-    if isinstance(image, Image.Image):
-        return image
-    if isinstance(image, dict):
-        image = image.get("bytes") or image.get("path")
-    if isinstance(image, (bytes, bytearray)):
-        import io
-
-        image = io.BytesIO(image)
-    return Image.open(image)
-
-
 def _resize(image, size):
     from PIL import Image
 
-    im = _open(image)
+    im = _media.open_image(image)
     return im.resize(size, Image.BICUBIC)
 
 
@@ -455,13 +442,13 @@ def _items(site, example, cfg) -> dict:
     floor_px = int(cfg.shrink_min_pixels)
     items = {}
     for k, (_, image) in enumerate(_image_slots(example)):
-        size = _open(image).size
+        size = _media.open_image(image).size
         items[("image", k)] = core.ShrinkItem(size, size, floor_px)
     for k, (_, part) in enumerate(_video_slots(example)):
         frames = part["video"]
         try:
             if isinstance(frames, (list, tuple)) and frames:
-                n, size = len(frames), _open(frames[0]).size
+                n, size = len(frames), _media.open_image(frames[0]).size
             elif isinstance(frames, str) and site.read_video is not None:
                 shape = site.read_video(dict(part)).shape  # (T, C, H, W)
                 n, size = int(shape[0]), (int(shape[3]), int(shape[2]))

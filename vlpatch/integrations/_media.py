@@ -27,19 +27,28 @@ from fractions import Fraction
 from .. import core
 
 
+def open_image(item):
+    """A media-list entry (a path, bytes, a {"bytes", "path"} dict, an image) as a PIL image, opened
+    lazily (pixels are decoded on first use); an image passed in is returned as it is."""
+    from PIL import Image
+
+    if isinstance(item, Image.Image):
+        return item
+    if isinstance(item, dict):
+        item = item.get("bytes") or item.get("path")
+    if isinstance(item, (bytes, bytearray)):
+        item = io.BytesIO(item)
+    return Image.open(item)
+
+
 def image_size(item):
     """(width, height) of a media-list entry without decoding its pixels, or None."""
     try:
-        from PIL import Image
-
-        if isinstance(item, Image.Image):
-            return item.size
-        if isinstance(item, dict):
-            item = item.get("bytes") or item.get("path")
-        if isinstance(item, (bytes, bytearray)):
-            item = io.BytesIO(item)
-        with Image.open(item) as im:
-            return im.size
+        im = open_image(item)
+        size = im.size
+        if im is not item:
+            im.close()
+        return size
     except Exception:
         return None
 
@@ -70,8 +79,7 @@ def write_image(item, size, folder: str):
     source = item.get("bytes") or item.get("path") if isinstance(item, dict) else item
 
     def small():
-        opened = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
-        with contextlib.nullcontext(source) if isinstance(source, Image.Image) else Image.open(opened) as im:
+        with contextlib.nullcontext(source) if isinstance(source, Image.Image) else open_image(source) as im:
             if getattr(im, "format", None) == "JPEG":
                 im.draft(im.mode, (size[0] * 2, size[1] * 2))  # libjpeg decodes at 1/2..1/8 scale: at least twice the size
             im.load()
@@ -179,6 +187,8 @@ def write_video(video: Video, size, frames: int, fps: float, folder: str) -> str
             for k, frame in enumerate(container.decode(stream)):  # numbered as the trainer numbers them
                 if k in wanted:
                     images.append(frame.to_image().resize(size, Image.BICUBIC))
+                    if len(images) == len(wanted):
+                        break
         _encode(tmp, images, size, rate)
 
     return _write_once(folder, f"{stem}_{size[0]}x{size[1]}x{len(picked)}_{digest}.mp4", write)
