@@ -98,20 +98,19 @@ def runs(lf, ids):
     return out
 
 
-def collate(lf, out, rows):
-    """LLaMA-Factory's own collator on the processed rows: image features per row (grid / merge^2)."""
+def collate(lf, out, rows, kind="image"):
+    """LLaMA-Factory's own collator on the processed rows: the features of each `kind` item (grid /
+    merge^2), and the collated input_ids."""
     from llamafactory.data import SFTDataCollatorWith4DAttentionMask
 
     collator = SFTDataCollatorWith4DAttentionMask(template=lf.template, processor=lf.proc, tokenizer=lf.tok, label_pad_token_id=-100)
     feats = []
     for k in rows:
-        feats.append({
-            "input_ids": out["input_ids"][k], "attention_mask": out["attention_mask"][k], "labels": out["labels"][k],
-            "images": out["images"][k] or [], "videos": [], "audios": [],
-        })
+        media = {"images": [], "videos": [], "audios": [], f"{kind}s": out[f"{kind}s"][k] or []}
+        feats.append({"input_ids": out["input_ids"][k], "attention_mask": out["attention_mask"][k], "labels": out["labels"][k], **media})
     got = collator(feats)
     merge = lf.proc.image_processor.merge_size ** 2
-    return [int(g.prod()) // merge for g in got["image_grid_thw"]], got["input_ids"]
+    return [int(g.prod()) // merge for g in got[f"{kind}_grid_thw"]], got["input_ids"]
 
 
 def report_rows(path):
@@ -275,19 +274,6 @@ def video_runs(lf, ids):
     return out
 
 
-def collate_videos(lf, out, k):
-    """LLaMA-Factory's own collator on a processed row with a video: video features (grid / merge^2)."""
-    from llamafactory.data import SFTDataCollatorWith4DAttentionMask
-
-    collator = SFTDataCollatorWith4DAttentionMask(template=lf.template, processor=lf.proc, tokenizer=lf.tok, label_pad_token_id=-100)
-    got = collator([{
-        "input_ids": out["input_ids"][k], "attention_mask": out["attention_mask"][k], "labels": out["labels"][k],
-        "images": [], "videos": out["videos"][k] or [], "audios": [],
-    }])
-    merge = lf.proc.image_processor.merge_size ** 2
-    return [int(g.prod()) // merge for g in got["video_grid_thw"]]
-
-
 def _shrunk_video(lf, patched, tmp_path, **settings):
     clip = _video(lf)
     rows = [([user(long_text(20, 1) + " <video>")], [assistant("a moving square")], [clip])]
@@ -299,19 +285,19 @@ def _shrunk_video(lf, patched, tmp_path, **settings):
     return out, report_rows(report_path)
 
 
-def check_video_row(lf, out, row):
+def check_video_row(lf, out, row, shrink_dir):
     """The row names the new MPEG-4 file, its tokens are the report's, and LLaMA-Factory's own collator,
     reading the file, gives the video exactly as many features as the row has video tokens."""
     assert row["action"] == "shrunk" and row["tokens_after"] <= 400 and " frames" in row["reason"], row
     (item,) = row["media_resized"]
     assert item["item"] == "video#0" and item["frames_before"] == VIDEO_FRAMES and item["before"] == [VIDEO_SIDE, VIDEO_SIDE], item
     (path,) = out["videos"][0]
-    assert path == item["file"] and path.endswith(".mp4") and os.path.dirname(path) == str(os.path.dirname(path))
+    assert path == item["file"] and path.endswith(".mp4") and os.path.dirname(path) == str(shrink_dir)
     ids = out["input_ids"][0]
     assert len(ids) <= 400 and len(out["labels"][0]) == len(ids)
     got = video_runs(lf, ids)
     assert sum(got) + 2 * len(got) == item["tokens_after"] < item["tokens_before"], (got, item)
-    assert collate_videos(lf, out, 0) == got
+    assert collate(lf, out, [0], kind="video")[0] == got
     return item
 
 
@@ -319,7 +305,7 @@ def test_shrink_drops_frames_of_a_video_at_its_pixels_floor(lf, patched, tmp_pat
     """With the frames at the pixels floor already, the video loses frames (spread over its length)
     until the sample fits, and no more: two frames more (one temporal patch) would not fit."""
     out, (row,) = _shrunk_video(lf, patched, tmp_path, shrink_min_pixels=VIDEO_SIDE * VIDEO_SIDE, shrink_min_frames=2)
-    item = check_video_row(lf, out, row)
+    item = check_video_row(lf, out, row, tmp_path / "media")
     assert item["after"] == [VIDEO_SIDE, VIDEO_SIDE] and 2 <= item["frames_after"] < VIDEO_FRAMES, item
     per_pair = item["tokens_after"] // ((item["frames_after"] + 1) // 2)
     assert row["tokens_after"] + per_pair > 400, "the largest frame count that fits"
@@ -330,7 +316,7 @@ def test_shrink_takes_video_pixels_before_frames(lf, patched, tmp_path):
     where the processor has a minimum frame size (Qwen2-VL's video processor on transformers 4.52 on
     upscales small frames), smaller frames gain nothing and the video keeps its pixels and loses frames."""
     out, (row,) = _shrunk_video(lf, patched, tmp_path, shrink_min_pixels=56 * 56, shrink_min_frames=2)
-    item = check_video_row(lf, out, row)
+    item = check_video_row(lf, out, row, tmp_path / "media")
     if item["frames_after"] < VIDEO_FRAMES:
         assert item["after"] == [VIDEO_SIDE, VIDEO_SIDE] or item["after"][0] * item["after"][1] <= 58 * 58, item
     else:
