@@ -12,6 +12,7 @@ Stages, each in its own process so that one failure still lets the others run an
            chosen with the real processor so that the cut at max_seq_length lands inside an image run
   vanilla  upstream unsloth, no vlpatch: the collator alone, then SFTTrainer (the upstream error is expected)
   patched  `import vlpatch; vlpatch.apply()` before `import unsloth`: the same, training must finish
+  shrink   the same with VLPATCH_POLICY=shrink: the image too large for max_seq_length is downsized, not dropped
 Every batch the collator returns is checked: image tokens per row against image_grid_thw, runs whole, rows
 within max_seq_length. Output: stdout, and under $OUT: <stage>.log, result_<stage>.json, vlpatch_report.jsonl,
 summary.json. No model hub: HF_HUB_OFFLINE=1. Without a GPU it runs as a CPU dry run (UNSLOTH_ALLOW_CPU=1).
@@ -37,7 +38,7 @@ OUT = os.environ.get("OUT") or os.path.join(REPO, "out", "gpu_unsloth_check")
 WORK = os.environ.get("GPU_CHECK_WORK") or "/tmp/vlpatch_gpu_check"
 MAX_LEN = int(os.environ.get("GPU_CHECK_MAX_LEN", "192"))
 STEPS = int(os.environ.get("GPU_CHECK_STEPS", "4"))
-BUDGET = float(os.environ.get("GPU_CHECK_BUDGET", "420"))  # seconds for all stages together
+BUDGET = float(os.environ.get("GPU_CHECK_BUDGET", "500"))  # seconds for all stages together
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false"}
 DISTS = ["torch", "torchvision", "triton", "transformers", "tokenizers", "unsloth", "unsloth_zoo", "trl", "datasets",
@@ -218,8 +219,8 @@ def stage_train(mode):
         plan = json.load(fh)
     max_len, image_id = plan["max_len"], plan["image_token_id"]
 
-    if mode == "patched":
-        step("import vlpatch; vlpatch.apply()")
+    if mode != "vanilla":
+        step(f"import vlpatch; vlpatch.apply() (VLPATCH_POLICY={os.environ.get('VLPATCH_POLICY', 'drop (default)')})")
         import vlpatch
 
         vlpatch.apply()
@@ -244,7 +245,7 @@ def stage_train(mode):
 
     log("loaded optional packages: " + str(sorted({m.split('.')[0] for m in _sys.modules} & {
         "bitsandbytes", "xformers", "torchao", "diffusers", "cut_cross_entropy", "torchvision", "flash_attn", "vlpatch"})))
-    if mode == "patched":
+    if mode != "vanilla":
         import vlpatch
 
         rows = [r for r in vlpatch.status() if r["id"].startswith("unsloth")]
@@ -483,7 +484,8 @@ def main():
     t0 = time.time()
     os.makedirs(OUT, exist_ok=True)
     os.makedirs(WORK, exist_ok=True)
-    for name in ("vlpatch_report.jsonl", "result_build.json", "result_vanilla.json", "result_patched.json"):
+    for name in ("vlpatch_report.jsonl", "vlpatch_report_shrink.jsonl", "result_build.json", "result_vanilla.json",
+                 "result_patched.json", "result_shrink.json"):
         try:
             os.remove(os.path.join(OUT, name))
         except FileNotFoundError:
@@ -518,9 +520,11 @@ def main():
         banner("build failed: nothing to train")
     else:
         left = lambda: BUDGET - (time.time() - t0)  # noqa: E731
-        results["vanilla"] = run_stage("vanilla", min(170, left() - 200), env)
+        results["vanilla"] = run_stage("vanilla", min(130, left() - 260), env)
         penv = dict(env, VLPATCH_REPORT=os.path.join(OUT, "vlpatch_report.jsonl"), VLPATCH_LOG_LEVEL="INFO")
-        results["patched"] = run_stage("patched", left() - 10, penv)
+        results["patched"] = run_stage("patched", min(170, left() - 130), penv)
+        senv = dict(penv, VLPATCH_REPORT=os.path.join(OUT, "vlpatch_report_shrink.jsonl"), VLPATCH_POLICY="shrink")
+        results["shrink"] = run_stage("shrink", left() - 10, senv)
     summary(results)
     with open(os.path.join(OUT, "summary.json"), "w") as fh:
         json.dump(results, fh, indent=1, default=str)
@@ -532,7 +536,7 @@ def summary(results):
     b = results.get("build", {}).get("result") or {}
     for p in b.get("plan", []):
         log(f"plan: {p['name']:26s} {p['tokens']:4d} tokens, image runs {p['image_runs']}  {p['note']}")
-    for mode in ("vanilla", "patched"):
+    for mode in ("vanilla", "patched", "shrink"):
         r = results.get(mode)
         if not r:
             continue
@@ -553,32 +557,33 @@ def summary(results):
             log(f"    error in {e['where']}: {e['type']}: {e['message'][:300]}")
         log(f"    losses: {res.get('losses')}")
     van = (results.get("vanilla") or {}).get("result") or {}
-    pat = (results.get("patched") or {}).get("result") or {}
     expected = any("token count" in e or "image" in e.lower() for e in van.get("collator_errors", []))
     log(f"VANILLA: upstream error seen: {expected}; training finished: {van.get('ok')}")
-    bad = [bt for bt in pat.get("batches", []) if not bt["ok"]]
-    log(f"PATCHED: training finished: {pat.get('ok')}; batches checked {len(pat.get('batches', []))}, mismatches {len(bad)}; "
-        f"losses {[l for _, l in pat.get('losses', [])]}")
-    rp = os.path.join(OUT, "vlpatch_report.jsonl")
-    if os.path.exists(rp):
+    for mode, report in (("patched", "vlpatch_report.jsonl"), ("shrink", "vlpatch_report_shrink.jsonl")):
+        pat = (results.get(mode) or {}).get("result") or {}
+        bad = [bt for bt in pat.get("batches", []) if not bt["ok"]]
+        log(f"{mode.upper()}: training finished: {pat.get('ok')}; batches checked {len(pat.get('batches', []))}, "
+            f"mismatches {len(bad)}; losses {[l for _, l in pat.get('losses', [])]}")
+        rp = os.path.join(OUT, report)
+        if not os.path.exists(rp):
+            log(f"vlpatch report ({mode}): no file written")
+            continue
         with open(rp) as fh:
             lines = fh.read().splitlines()
         log(f"vlpatch report {rp}: {len(lines)} row(s)")
         keys = ("index", "stage", "action", "reason", "budget", "tokens_before", "tokens_after", "text_tokens_before",
-                "text_tokens_after", "media_tokens", "media_tokens_after", "media", "media_removed")
+                "text_tokens_after", "media_tokens", "media_tokens_after", "media", "media_removed", "media_resized")
         for line in lines:
             try:
                 row = json.loads(line)
                 log("    " + json.dumps({k: row.get(k) for k in keys if k in row}))
             except Exception:
                 log("    " + line[:500])
-    else:
-        log("vlpatch report: no file written")
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--stage", choices=["build", "vanilla", "patched"])
+    ap.add_argument("--stage", choices=["build", "vanilla", "patched", "shrink"])
     a = ap.parse_args()
     if a.stage is None:
         main()

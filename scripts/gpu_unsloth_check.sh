@@ -3,10 +3,12 @@
 # carried in .whl/ (git-ignored, downloaded beforehand for CPython 3.12 manylinux x86_64) into a scratch target
 # directory, then runs the check. torchvision (.whl/opt/) is installed only where it does not import already.
 # Output: stdout, and $OUT (install.txt, log.txt and the files the check writes).
-# unsloth's FastVisionModel needs bitsandbytes even for 16-bit LoRA (43 MB wheel): with the other wheels it
-# exceeds what one device call carries (64 MiB), so on 2026-11-26 it went in a second call on the warm
-# machine (`pip install --target /tmp/site .whl2/bitsandbytes-*.whl`, then the .py again); without it
-# the check falls back to a plain transformers model with peft LoRA (still unsloth's trainer and collator).
+# unsloth's FastVisionModel needs bitsandbytes even for 16-bit LoRA. Its wheel (43 MB, a library per CUDA
+# release) and unsloth's (29 MB, with its web UI) do not fit beside the others in one device call (64 MiB):
+# `python3 scripts/gpu_slim_wheels.py .whl .whlgpu` (and `.whl2 .whlgpu` for bitsandbytes) writes copies
+# with only the CUDA 13.0 library and without the UI, 18 MB in all; then GPU_CHECK_WHEELS=.whlgpu.
+# Without bitsandbytes the check falls back to a plain transformers model with peft LoRA (still unsloth's
+# trainer and collator).
 set -u
 cd "$(dirname "$0")/.."
 export OUT="${OUT:-$PWD/out/gpu_unsloth_check}"
