@@ -280,6 +280,25 @@ def test_a_later_turns_image_leaves_with_its_turn():
     assert all(p in decision.kept[0] for p in range(runs[0].start, runs[0].stop))
 
 
+def test_relength_is_the_layout_of_the_sample_with_shorter_runs():
+    """core.relength (the shrink search's prediction) equals the layout found on the re-encoded ids."""
+
+    def sample(n1, n2):
+        t1 = [10] * 20 + [START] + [IMG] * n1 + [END] + [11] * 5
+        t2 = [12] * 10 + [START] + [IMG] * n2 + [END] + [13] * 5
+        ids = t1 + t2
+        runs = FINDER.assign_items(ids, FINDER.find(ids), {"image": 2})
+        s1, n = len(t1) - 5, len(t1)
+        turns = [(range(0, s1), range(s1, n)), (range(n, len(ids) - 5), range(len(ids) - 5, len(ids)))]
+        return core.Layout(len(ids), runs, turns, 80, lf_split)
+
+    assert core.relength(sample(30, 30), {("image", 0): -12, ("image", 1): 4}) == sample(18, 34)
+    assert core.relength(sample(30, 30), {("image", 1): -29}) == sample(30, 1)
+    outside = sample(30, 30)
+    outside.turns = outside.turns[1:]  # the first run is outside every turn (a prefix)
+    assert core.relength(outside, {("image", 0): -5}) is None
+
+
 # ----------------------------------------------------------------------------- policy shrink
 
 

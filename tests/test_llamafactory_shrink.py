@@ -228,6 +228,59 @@ def test_shrink_in_every_stage(lf, patched, tmp_path, stage):
     assert path.endswith(".png")
 
 
+@pytest.mark.parametrize("stage", ["SupervisedDatasetProcessor", "PairwiseDatasetProcessor"])
+def test_the_arithmetic_search_decides_as_the_encoding_search(lf, patched, tmp_path, monkeypatch, stage):
+    """Qwen-VL images: the search predicts each candidate's layouts from the header arithmetic instead of
+    encoding it; every decision, row and token equals what the search that encodes every candidate gives,
+    and the collator's features equal the rows' image tokens."""
+    from vlpatch.integrations import llamafactory as glue
+
+    two = "Pairwise" in stage
+    reply = (lambda t: [assistant(t), assistant("no")]) if two else (lambda t: [assistant(t)])
+    rows = [
+        ([user(long_text(30, 1) + " <image>")], reply("one photo"), [_photo(lf, 1200, 900, 1)]),
+        ([user("<image> <image> " + long_text(12, 2))], reply("two in one turn"), [_photo(lf, 900, 1200, 2), _photo(lf, 640, 480, 3)]),
+        ([user("<image> " + long_text(8, 3)), assistant(long_text(20, 4)), user("<image> later " + long_text(30, 5))],
+         reply("the later image leaves"), [_photo(lf, 1000, 700, 4), _photo(lf, 300, 300, 5)]),
+        ([user(long_text(60, 6) + " <image>")], reply(long_text(40, 7)), [_photo(lf, 2000, 500, 6)]),
+        ([user("<image> fits")], reply("yes"), [_photo(lf, 112, 112, 8)]),
+    ]
+    calls = {"predicted": 0, "encoded": 0}
+
+    def counted(name, real):
+        def run(self, *args):
+            got = real(self, *args)
+            calls[name] += got is not None
+            return got
+
+        return run
+
+    outs, reports = {}, {}
+    for mode in ("encoded", "predicted"):
+        if mode == "encoded":
+            monkeypatch.setattr(glue._Shrinker, "_predict", lambda *a: None)
+        else:
+            monkeypatch.undo()
+        monkeypatch.setattr(glue._Shrinker, "_try", counted("encoded", glue._Shrinker._try))
+        if mode == "predicted":
+            monkeypatch.setattr(glue._Shrinker, "_predict", counted("predicted", glue._Shrinker._predict))
+        path = tmp_path / f"{mode}.jsonl"
+        patched(report=str(path), policy="shrink", shrink_dir=str(tmp_path / "media"), shrink_min_pixels=56 * 56)
+        outs[mode] = lf.processor(stage, cutoff_len=160).preprocess_dataset(batch(rows))
+        reports[mode] = [{k: v for k, v in r.items() if k != "time"} for r in report_rows(path)]
+        if mode == "encoded":
+            encoded_calls, calls["encoded"] = calls["encoded"], 0
+    assert calls["predicted"] >= 4 and calls["encoded"] == 0, calls
+    assert encoded_calls >= 4
+    assert reports["predicted"] == reports["encoded"]
+    assert outs["predicted"] == outs["encoded"]
+    assert sum(r["action"] == "shrunk" for r in reports["predicted"]) >= 3, reports["predicted"]
+    if not two:
+        out = outs["predicted"]
+        features, _ = collate(lf, out, range(len(out["input_ids"])))
+        assert features == [n for ids in out["input_ids"] for n in runs(lf, ids)]
+
+
 def test_shrink_keeps_the_entry_form_of_hub_datasets(lf, patched, tmp_path):
     """Datasets loaded from the hub hold images as {"bytes", "path"} dicts: the downsized entry stays a
     dict (naming the written file), and the collator reads it."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Mapping, Sequence
 
 from .errors import POLICY_NAMES, SampleError, VLPatchError  # noqa: F401  (re-exported)
@@ -292,6 +292,31 @@ class Layout:
             inside.update(src)
             inside.update(tgt)
         return [p for p in range(self.length) if p not in inside]
+
+
+def relength(layout: Layout, deltas: Mapping) -> Layout | None:
+    """`layout` with the runs of `deltas` ({key: tokens more or fewer}) resized and every later position shifted:
+    the layout a re-encode would give where only those items' token counts change (Qwen-VL images: the
+    text around a run stays). None where a resized run holds several items or lies outside the turns."""
+    delta = {}
+    for run in layout.runs:
+        keys = [k for k in run.keys() if k in deltas]
+        if not keys:
+            continue
+        if len(run.keys()) > 1 or not any(run.start in r and run.stop <= r.stop for turn in layout.turns for r in turn):
+            return None  # several items in one run, or a run outside the turns (counted in `reserved`)
+        delta[run.stop] = deltas[keys[0]]
+    stops = sorted(delta)
+
+    def at(p: int) -> int:  # a boundary (never inside a run) after the changes
+        return p + sum(delta[s] for s in stops if s <= p)
+
+    runs = []
+    for run in layout.runs:
+        start = at(run.start)
+        runs.append(replace(run, start=start, stop=start + run.length + delta.get(run.stop, 0)))
+    turns = [(range(at(src.start), at(src.stop)), range(at(tgt.start), at(tgt.stop))) for src, tgt in layout.turns]
+    return replace(layout, length=at(layout.length), runs=runs, turns=turns)
 
 
 @dataclass

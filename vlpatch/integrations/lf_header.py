@@ -62,11 +62,20 @@ def _matrix_options() -> dict:
 
 def grids(images, processor) -> list | None:
     """[1, grid_h, grid_w] per image from headers, or None: upstream must process these images."""
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+    return size_grids([_size(image) for image in images], processor)
 
+
+def size_grids(sizes, processor) -> list | None:
+    """[1, grid_h, grid_w] per (width, height) as the installed release and processor resize an image of
+    that size, or None where the arithmetic cannot vouch for it (a None size among them, an unlisted
+    processor, an ambiguous geometry)."""
+    if not sizes or any(size is None for size in sizes):
+        return None
     geometry = _geometry(getattr(processor, "image_processor", None))
     if geometry is None:
         return None
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
     patch, merge, lo, hi = geometry
     defaults = _options.get("pre_resize_defaults", {})
     max_pixels = getattr(processor, "image_max_pixels", defaults.get("image_max_pixels"))
@@ -74,10 +83,7 @@ def grids(images, processor) -> list | None:
     if max_pixels is None or min_pixels is None:
         return None
     out = []
-    for image in images:
-        size = _size(image)
-        if size is None:
-            return None
+    for size in sizes:
         try:
             w, h = tokens.lf_preprocess_size(size[0], size[1], max_pixels, min_pixels)
             rh, rw = smart_resize(h, w, factor=patch * merge, min_pixels=lo, max_pixels=hi)
@@ -85,6 +91,15 @@ def grids(images, processor) -> list | None:
             return None  # upstream fails on this image too, in its own words
         out.append([1, rh // patch, rw // patch])
     return out
+
+
+def size_tokens(sizes, processor) -> list | None:
+    """Vision tokens per (width, height) (`size_grids` over the merge), or None."""
+    found = size_grids(sizes, processor)
+    if found is None:
+        return None
+    merge = _geometry(getattr(processor, "image_processor", None))[1]
+    return [t * h * w // merge**2 for t, h, w in found]
 
 
 def _size(image):

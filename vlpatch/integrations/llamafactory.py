@@ -31,7 +31,7 @@ from typing import Any
 
 from .. import __version__, core, engine, report
 from ..errors import unreadable_media
-from . import _media
+from . import _media, lf_header
 
 IGNORE_INDEX = -100
 UNBOUNDED = 1 << 40
@@ -702,6 +702,24 @@ class _Shrinker:
             )
             if video:
                 self.videos[(kind, k)] = video
+        self.processor = processor
+        self.base = self._base(plugin)
+
+    def _base(self, plugin):
+        """{image key: its vision tokens now, from the header arithmetic} where that arithmetic covers
+        the plugin and agrees with the encoded run (the run is those tokens and at most its two
+        boundary tokens), else None: the search encodes every candidate."""
+        options = lf_header._options or lf_header._matrix_options()
+        keys = [key for key in self.items if key[0] == "image"]
+        if not keys or type(plugin).__name__ not in options.get("plugins", ()):
+            return None
+        found = lf_header.size_tokens([self.items[key].file for key in keys], self.processor)
+        if found is None:
+            return None
+        runs = {k: r.length for r in self.layouts[0].runs for k in r.keys()}
+        if any(not 0 <= runs.get(key, -1) - n <= 2 for key, n in zip(keys, found)):
+            return None
+        return dict(zip(keys, found))
 
     def reencode(self, scale: float):
         if not self.items:
@@ -709,7 +727,20 @@ class _Shrinker:
         changed, floor, sharp = core.shrink_candidates(self.items, scale)
         if not changed:  # every item is at or below the floor already
             return core.Resized(scale, self.layouts, [], True)
-        return core.first_fitting(self._try(scale, sizes, floor) for sizes in (sharp, changed) if sizes)
+        return core.first_fitting(self._predict(scale, sizes, floor) or self._try(scale, sizes, floor) for sizes in (sharp, changed) if sizes)
+
+    def _predict(self, scale, changed, floor):
+        """The re-encode's layouts from the header arithmetic, without encoding (images of the Qwen-VL
+        plugins only: there an image's size changes its run's length and nothing else), or None. The
+        commit encodes the chosen sizes for real; the collator's features are tested against them."""
+        if self.base is None or any(key not in self.base for key, _b, _a in changed):
+            return None
+        found = lf_header.size_tokens([a for _k, _b, a in changed], self.processor)
+        if found is None:
+            return None
+        deltas = {key: n - self.base[key] for (key, _b, _a), n in zip(changed, found)}
+        layouts = [core.relength(layout, deltas) for layout in self.layouts]
+        return None if None in layouts else core.Resized(scale, layouts, changed, floor)
 
     def _try(self, scale, changed, floor):
         from PIL import Image
