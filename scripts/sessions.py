@@ -15,14 +15,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 
 import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MATRIX = os.path.join(ROOT, "vlpatch", "compat_matrix.yaml")
 TIMINGS = os.path.join(ROOT, ".nox", "vlpatch-timings.jsonl")
+INSTALLS = os.path.join(ROOT, ".nox", "vlpatch-installs.jsonl")  # [session, seconds, ok] from the install pass
+INSTALL_LOG = os.path.join(ROOT, ".nox", "vlpatch-installs.log")
+PHASE = "VLPATCH_NOX_PHASE"  # "install": noxfile.py's sessions make their environment and stop
 CANARY = os.path.join(ROOT, ".nox", "vlpatch-canary.jsonl")
 TEST_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -91,6 +96,36 @@ print("CANARY " + json.dumps(doctor.report(distributions=[sys.argv[1]], selftest
 """
 
 
+FREEZE = "import importlib.metadata as m, json; print(json.dumps(sorted({d.metadata['Name'].lower().replace('_', '-') + '==' + d.version for d in m.distributions()})))"
+
+
+def freeze(python: str) -> list | None:
+    """Every distribution of the environment of `python` as name==version, vlpatch left out; None if it fails."""
+    try:
+        out = subprocess.run([python, "-c", FREEZE], capture_output=True, text=True, timeout=120, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return [d for d in json.loads(out.strip().splitlines()[-1]) if not d.startswith("vlpatch==")]
+
+
+def tested_twin(smoke: dict, dist: str, version: str, python: str) -> str | None:
+    """The tested session of `dist` `version` whose environment holds every distribution of the canary's
+    (at `python`), each at the same version, and whose tests passed in the last test run (TIMINGS), else
+    None. (The tested session may hold more: llamafactory-0.9.5 adds torchcodec for audio files.)"""
+    for s in smoke["sessions"]:
+        name = name_of(s)
+        if s["distribution"] != dist or s["version"] != version or s.get("expect"):
+            continue
+        if not any(r[0] == name and r[3] == "passed" for r in rows_of(TIMINGS)):
+            continue
+        twin = os.path.join(ROOT, ".nox", re.sub(r"[^\w\-]", "-", name), "bin", "python")
+        mine = freeze(python)
+        theirs = freeze(twin) if os.path.exists(twin) else None
+        if mine is not None and theirs is not None and set(mine) <= set(theirs):
+            return name
+    return None
+
+
 def canary_row(probe: dict | None, dist: str) -> list:
     """[upstream, newest, compat matrix, fingerprint drift, smoke] from vlpatch doctor's report."""
     if probe is None:
@@ -128,20 +163,69 @@ def table(rows: list, header: list) -> str:
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
+def _nox_cmd(*args: str) -> list:
+    return [sys.executable, "-m", "nox", "--noxfile", os.path.join(ROOT, "noxfile.py"), *args]
+
+
 def nox(*args: str) -> int:
-    return subprocess.run([sys.executable, "-m", "nox", "--noxfile", os.path.join(ROOT, "noxfile.py"), *args], cwd=ROOT).returncode
+    return subprocess.run(_nox_cmd(*args), cwd=ROOT).returncode
 
 
 def cmd_test(smoke, names, pytest_args) -> int:
-    if os.path.exists(TIMINGS):
-        os.unlink(TIMINGS)
+    """Every chosen session's tests, one nox run each, in order; meanwhile one background nox run makes
+    the environments, in the same order (downloads and linking wait on the network and the disk, not
+    on the cores that the tests use). A session's tests start once its environment is made; where
+    making it failed, the session runs as usual (it makes its environment again and fails visibly)."""
+    for path in (TIMINGS, INSTALLS):
+        if os.path.exists(path):
+            os.unlink(path)
+    start = time.time()
     chosen = [name_of(s) for s in select(smoke, names)]
-    code = nox("--sessions", *chosen, *(["--", *pytest_args] if pytest_args else []))
-    done = {r[0] for r in rows_of(TIMINGS)}
-    rows = rows_of(TIMINGS) + [[n, "-", "-", "NOT RUN"] for n in chosen if n not in done]
-    print("\nsmoke sessions (setup: uv install into the reused .nox environment; tests: pytest wall time)")
+    os.makedirs(os.path.dirname(INSTALL_LOG), exist_ok=True)
+    with open(INSTALL_LOG, "w") as log:
+        installer = subprocess.Popen(_nox_cmd("--install-only", "--sessions", *chosen), cwd=ROOT, stdout=log,
+                                     stderr=subprocess.STDOUT, env={**os.environ, PHASE: "install"})
+    print(f"sessions: environments are made in the background (log: {os.path.relpath(INSTALL_LOG, ROOT)})", flush=True)
+    code = 0
+    try:
+        for name in chosen:
+            made = _wait_for_install(name, installer)
+            flags = ["-R"] if made else []  # -R: reuse the environment, install nothing
+            code = nox(*flags, "--sessions", name, *(["--", *pytest_args] if pytest_args else [])) or code
+    finally:
+        if installer.poll() is None:
+            installer.terminate()
+        installer.wait()
+    made = {r[0]: r for r in rows_of(INSTALLS)}
+    done = {r[0]: r for r in rows_of(TIMINGS)}
+    rows = []
+    for n in chosen:
+        r = done.get(n, [n, "-", "-", "NOT RUN"])
+        if n in made and made[n][2]:
+            r = [n, f"{made[n][1]}s", *r[2:]]
+        rows.append(r)
+    print("\nsmoke sessions (setup: uv install into the .nox environment, in the background while earlier "
+          "sessions' tests ran; tests: pytest wall time)")
     print(table(rows, ["session", "setup", "tests", "result"]))
+    print(f"sessions: {time.time() - start:.0f}s wall in all")
+    if any(not r[2] for r in made.values()):
+        print(f"sessions: making an environment failed in the background pass; see {os.path.relpath(INSTALL_LOG, ROOT)}")
     return code
+
+
+def _wait_for_install(name: str, installer) -> bool:
+    """True once the background pass has made `name`'s environment; False where it failed or stopped."""
+    while True:
+        finished = installer.poll() is not None
+        try:
+            row = next((r for r in rows_of(INSTALLS) if r[0] == name), None)
+        except ValueError:  # a line being written
+            row = None
+        if row is not None:
+            return bool(row[2])
+        if finished:
+            return False
+        time.sleep(1)
 
 
 def cmd_canary(smoke, names, pytest_args) -> int:
