@@ -81,7 +81,9 @@ def write_image(item, size, folder: str):
     def small():
         with contextlib.nullcontext(source) if isinstance(source, Image.Image) else open_image(source) as im:
             if getattr(im, "format", None) == "JPEG":
-                im.draft(im.mode, (size[0] * 2, size[1] * 2))  # libjpeg decodes at 1/2..1/8 scale: at least twice the size
+                # libjpeg decodes at 1/2..1/8 scale by its inverse DCT (a proper low-pass, as libvips'
+                # shrink-on-load): to the largest scale that is still at least `size`, then bicubic
+                im.draft(im.mode, size)
             im.load()
             if im.mode not in ("RGB", "RGBA", "L", "LA", "P", "I", "I;16", "1"):
                 im = im.convert("RGB")
