@@ -383,6 +383,41 @@ def test_shrink_videos_below_the_frames_floor_fall_back(lf, patched, tmp_path):
     assert not os.path.exists(tmp_path / "media") or not os.listdir(tmp_path / "media"), "nothing written for a dropped sample"
 
 
+def test_shrink_a_video_given_as_frame_images(lf, patched, tmp_path):
+    """LLaMA-Factory also takes a video as a list of frame images (every frame used): shrink keeps fewer of
+    them, spread over the list, each downsized as a PNG file; the collator's features equal the row's."""
+    from PIL import Image
+
+    import llamafactory.data.mm_plugin as mm
+
+    if not hasattr(mm, "_check_video_is_nested_images"):
+        pytest.skip("this LLaMA-Factory reads every video with PyAV: no frame lists")
+
+    frames = []
+    for i in range(VIDEO_FRAMES):
+        path = str(tmp_path / f"frame{i:02d}.png")
+        Image.new("RGB", (VIDEO_SIDE, VIDEO_SIDE), (10 * i, 80, 160)).save(path)
+        frames.append(path)
+    rows = [([user(long_text(20, 1) + " <video>")], [assistant("a moving square")], [frames])]
+    patched(report=str(tmp_path / "v.jsonl"), policy="drop")
+    assert lf.processor("SupervisedDatasetProcessor", cutoff_len=400).preprocess_dataset(video_batch(rows))["input_ids"] == []
+    report_path = tmp_path / "r.jsonl"
+    patched(report=str(report_path), policy="shrink", shrink_dir=str(tmp_path / "media"), shrink_min_pixels=VIDEO_SIDE * VIDEO_SIDE, shrink_min_frames=2)
+    out = lf.processor("SupervisedDatasetProcessor", cutoff_len=400).preprocess_dataset(video_batch(rows))
+    (row,) = report_rows(report_path)
+    assert row["action"] == "shrunk", row
+    (item,) = row["media_resized"]
+    assert item["frames_before"] == VIDEO_FRAMES and 2 <= item["frames_after"] < VIDEO_FRAMES, item
+    (kept,) = out["videos"][0]
+    assert len(kept) == item["frames_after"] and all(os.path.dirname(p) == str(tmp_path / "media") for p in kept), kept
+    assert all(Image.open(p).size == tuple(item["after"]) for p in kept)
+    ids = out["input_ids"][0]
+    got = video_runs(lf, ids)
+    assert len(ids) <= 400 and sum(got) + 2 * len(got) == item["tokens_after"] < item["tokens_before"], (got, item)
+    assert collate(lf, out, [0], kind="video")[0] == got
+    assert frames == [str(tmp_path / f"frame{i:02d}.png") for i in range(VIDEO_FRAMES)], "the caller's list is untouched"
+
+
 def test_shrink_qwen3vl_video_keeps_timestamps_over_the_whole_clip(patched, tmp_path, tmp_path_factory):
     """Qwen3-VL writes a `<t seconds>` timestamp before each frame pair, from the file's frame rate and
     duration: the downsized video keeps the original's duration (fewer frames at a lower rate), so the

@@ -681,15 +681,18 @@ class _Shrinker:
         for kind, k in core.first_turn_keys(layouts):
             if kind not in pixels or k >= len(media[kind]):
                 continue
-            video = None
+            video, count = None, 0
             if kind == "image":
                 size = _media.image_size(media["image"][k])
+            elif isinstance(media["video"][k], (list, tuple)):  # frames given as images: upstream takes them all
+                sizes = {_media.image_size(frame) for frame in media["video"][k]}
+                size, count = (sizes.pop() if len(sizes) == 1 else None), len(media["video"][k])
             else:
                 video = _media.probe_video(
                     media["video"][k], lambda st: plugin._get_video_sample_indices(st, video_fps=self.fps, video_maxlen=maxlen), self.fps
                 )
-                size = video and (video.width, video.height)
-            if size is None:  # not something this can downsize (frames given as a list of images): stays
+                size, count = (video and (video.width, video.height)), (video.frames if video else 0)
+            if size is None:  # not something this can downsize (frames of different sizes, an unreadable file): stays
                 continue
             cap, low = (getattr(processor, name, None) for name in pixels[kind])
             w, h = size
@@ -697,8 +700,7 @@ class _Shrinker:
                 f = (cap / (w * h)) ** 0.5
                 w, h = int(w * f), int(h * f)
             self.items[(kind, k)] = core.ShrinkItem(
-                (w, h), size, max(int(cfg.shrink_min_pixels), int(low or 0)),
-                video.frames if video else 0, min(video.frames, int(cfg.shrink_min_frames)) if video else 0,
+                (w, h), size, max(int(cfg.shrink_min_pixels), int(low or 0)), count, min(count, int(cfg.shrink_min_frames))
             )
             if video:
                 self.videos[(kind, k)] = video
@@ -749,6 +751,8 @@ class _Shrinker:
         for (kind, k), _before, after in changed:
             if kind == "image":
                 new[kind][k] = Image.new("RGB", after)
+            elif (kind, k) not in self.videos:  # a frame list: as many blank frames of the new size
+                new[kind][k] = [Image.new("RGB", after[:2])] * after[2]
             else:
                 self.scratch = self.scratch or _media.scratch()
                 new[kind][k] = _media.blank_video(self.videos[(kind, k)], after[:2], after[2], self.fps, self.scratch)
@@ -762,6 +766,9 @@ class _Shrinker:
         for (kind, k), _before, after in decision.resized.sizes:
             if kind == "image":
                 new[kind][k] = _media.write_image(new[kind][k], after, folder)
+            elif (kind, k) not in self.videos:  # a frame list: the kept frames, each downsized (PNG)
+                frames = new[kind][k]
+                new[kind][k] = [_media.write_image(frames[i], after[:2], folder) for i in core.pick_frames(len(frames), after[2])]
             else:
                 new[kind][k] = _media.write_video(self.videos[(kind, k)], after[:2], after[2], self.fps, folder)
         full, layouts = self.encode(new)
