@@ -22,6 +22,7 @@ import contextlib
 import copy
 import hashlib
 import inspect
+import io
 import os
 import re
 import sys
@@ -751,8 +752,10 @@ class _Shrinker:
         for (kind, k), _before, after in changed:
             if kind == "image":
                 new[kind][k] = Image.new("RGB", after)
-            elif (kind, k) not in self.videos:  # a frame list: as many blank frames of the new size
-                new[kind][k] = [Image.new("RGB", after[:2])] * after[2]
+            elif (kind, k) not in self.videos:  # a frame list: as many blank frames of the new size, as PNG
+                blank = io.BytesIO()  # bytes (LLaMA-Factory 0.9.3 takes no in-memory images in a frame list)
+                Image.new("RGB", after[:2]).save(blank, format="PNG", compress_level=1)
+                new[kind][k] = [{"bytes": blank.getvalue(), "path": None}] * after[2]
             else:
                 self.scratch = self.scratch or _media.scratch()
                 new[kind][k] = _media.blank_video(self.videos[(kind, k)], after[:2], after[2], self.fps, self.scratch)
