@@ -83,12 +83,15 @@ def test_scan_summary_and_no_yaml_mode(tiny_qwen2vl, data_dir):
     assert "tokens per sample (whole): p50" in text and "<- cutoff_len" in text
 
 
-def test_scan_a_bare_dataset_file(tiny_qwen2vl, data_dir):
+def test_scan_a_bare_dataset_file(tiny_qwen2vl, data_dir, tmp_path):
     newest_only("llamafactory", "scan's own options")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
     out = json.loads(scan("--dataset-file", os.path.join(data_dir, "longimg.json"), "--template", "qwen2_vl", "--model", tiny_qwen2vl,
-                          "--cutoff-len", "128", "--image-max-pixels", str(224 * 224), "--json"))
+                          "--cutoff-len", "128", "--image-max-pixels", str(224 * 224), "--json", TMPDIR=str(scratch)))
     assert [s["vanilla"] for s in out["samples"]][:2] == ["crash: media tokens cut", "fits"]
     assert [s["vlpatch"] for s in out["samples"]][:2] == ["truncated", "fits"]
+    assert not [p.name for p in scratch.iterdir() if p.name.startswith("vlpatch-")], "the scan leaves no temporary directory"
 
 
 def test_scan_policy_drop_media_and_image_size_recommendation(tiny_qwen2vl, data_dir):

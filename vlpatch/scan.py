@@ -44,6 +44,16 @@ class Sample:
     policies: dict = field(default_factory=dict)  # the outcome under each policy: drop, drop_media, shrink, error
 
 
+def _scratch_dir(prefix: str) -> str:
+    """A temporary directory, removed when the process exits (every scan made one that stayed in /tmp)."""
+    import atexit
+    import shutil
+
+    path = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
 def _train_args(config: dict):
     from llamafactory.hparams import get_train_args
 
@@ -53,7 +63,8 @@ def _train_args(config: dict):
     args.update(bf16=False, fp16=False, report_to="none", do_train=True, overwrite_cache=True)
     args.setdefault("stage", "sft")
     args.setdefault("finetuning_type", "full")
-    args.setdefault("output_dir", tempfile.mkdtemp(prefix="vlpatch-scan-"))
+    if not args.get("output_dir"):
+        args["output_dir"] = _scratch_dir("vlpatch-scan-")  # nothing is written there
     out = get_train_args(args)
     return out[0], out[1], out[2], out[3]
 
@@ -599,7 +610,7 @@ def dataset_from_file(path: str) -> tuple:
         info = {"formatting": "sharegpt", "columns": {"messages": "conversations", **media}}
     else:
         info = {"formatting": "alpaca", "columns": {"prompt": "instruction", "query": "input", "response": "output", **media}}
-    directory = tempfile.mkdtemp(prefix="vlpatch-scan-data-")
+    directory = _scratch_dir("vlpatch-scan-data-")
     with open(os.path.join(directory, "dataset_info.json"), "w", encoding="utf-8") as fh:
         json.dump({"scanned": {"file_name": path, **info}}, fh)
     return "scanned", directory, os.path.dirname(path)
