@@ -13,6 +13,8 @@ Stages, each in its own process so that one failure still lets the others run an
   vanilla  upstream unsloth, no vlpatch: the collator alone, then SFTTrainer (the upstream error is expected)
   patched  `import vlpatch; vlpatch.apply()` before `import unsloth`: the same, training must finish
   shrink   the same with VLPATCH_POLICY=shrink: the image too large for max_seq_length is downsized, not dropped
+  video    VLPATCH_POLICY=shrink on conversations with a 16-frame video (frames in the message part): each keeps
+           fewer frames until it fits; video tokens per row checked against video_grid_thw
 Every batch the collator returns is checked: image tokens per row against image_grid_thw, runs whole, rows
 within max_seq_length. Output: stdout, and under $OUT: <stage>.log, result_<stage>.json, vlpatch_report.jsonl,
 summary.json. No model hub: HF_HUB_OFFLINE=1. Without a GPU it runs as a CPU dry run (UNSLOTH_ALLOW_CPU=1).
@@ -38,7 +40,7 @@ OUT = os.environ.get("OUT") or os.path.join(REPO, "out", "gpu_unsloth_check")
 WORK = os.environ.get("GPU_CHECK_WORK") or "/tmp/vlpatch_gpu_check"
 MAX_LEN = int(os.environ.get("GPU_CHECK_MAX_LEN", "192"))
 STEPS = int(os.environ.get("GPU_CHECK_STEPS", "4"))
-BUDGET = float(os.environ.get("GPU_CHECK_BUDGET", "500"))  # seconds for all stages together
+BUDGET = float(os.environ.get("GPU_CHECK_BUDGET", "540"))  # seconds for all stages together
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false"}
 DISTS = ["torch", "torchvision", "triton", "transformers", "tokenizers", "unsloth", "unsloth_zoo", "trl", "datasets",
@@ -85,23 +87,29 @@ def _text(n_words, seed):
 
 
 def make_example(spec):
-    """spec: {"parts": [["text", n_words, seed] | ["image", side, seed], ...], "answer": str}"""
+    """spec: {"parts": [["text", n_words, seed] | ["image", side, seed] | ["video", side, frames, seed], ...],
+    "answer": str}. Images go to the `images` column; a video is a list of frames in its message part."""
     from PIL import Image
 
     content, images = [], []
-    for kind, a, b in spec["parts"]:
+    for kind, a, b, *more in spec["parts"]:
         if kind == "text":
             content.append({"type": "text", "text": _text(a, b) + " "})
+        elif kind == "video":
+            frames = [Image.new("RGB", (a, a), ((40 * (more[0] + f)) % 255, 100, 150)) for f in range(b)]
+            content.append({"type": "video", "video": frames, "resized_height": a, "resized_width": a})
         else:
             content.append({"type": "image"})
             images.append(Image.new("RGB", (a, a), ((40 * b) % 255, 100 + 10 * b % 100, 150)))
-    return {
+    example = {
         "messages": [
             {"role": "user", "content": content},
             {"role": "assistant", "content": [{"type": "text", "text": spec["answer"]}]},
         ],
-        "images": images,
     }
+    if not any(part[0] == "video" for part in spec["parts"]):  # a video example has no images column
+        example["images"] = images
+    return example
 
 
 def image_runs(ids, image_id):
@@ -191,7 +199,12 @@ def stage_build():
     for p in plan:
         log(f"  {p['name']:26s} tokens {p['tokens']:4d}  image runs (start, length) {p['image_runs']}  - {p['note']}")
     with open(os.path.join(WORK, "plan.json"), "w") as fh:
-        json.dump({"max_len": budget, "model_dir": model_dir, "image_token_id": image_id, "dataset": dataset}, fh)
+        # the video stage: 16 frames of 56 px (Qwen2-VL's video processor upscales them to its minimum size,
+        # about 128 tokens a pair of frames, so 8 pairs are far over max_seq_length)
+        video = [{"name": f"video_{k}", "spec": {"parts": [["text", 4 + 3 * k, 10 + k], ["video", 56, 16, k], ["text", 3, 20 + k]],
+                                                  "answer": "a moving square"}} for k in range(4)]
+        json.dump({"max_len": budget, "model_dir": model_dir, "image_token_id": image_id, "dataset": dataset,
+                   "video_token_id": cfg.video_token_id, "video_dataset": video}, fh)
     return {"ok": True, "plan": [{k: p[k] for k in ("name", "tokens", "image_runs", "note")} for p in plan]}
 
 
@@ -218,6 +231,9 @@ def stage_train(mode):
     with open(os.path.join(WORK, "plan.json")) as fh:
         plan = json.load(fh)
     max_len, image_id = plan["max_len"], plan["image_token_id"]
+    grid_key, pixel_key, rows_key = "image_grid_thw", "pixel_values", "dataset"
+    if mode == "video":  # the same checks on the video tokens
+        image_id, grid_key, pixel_key, rows_key = plan["video_token_id"], "video_grid_thw", "pixel_values_videos", "video_dataset"
 
     if mode != "vanilla":
         step(f"import vlpatch; vlpatch.apply() (VLPATCH_POLICY={os.environ.get('VLPATCH_POLICY', 'drop (default)')})")
@@ -308,7 +324,7 @@ def stage_train(mode):
         info = {"where": where, "batch": counter["n"], "examples": len(examples),
                 "images_in": [len(e.get("images") or []) for e in examples]}
         ids, mask = batch["input_ids"], batch.get("attention_mask")
-        grid = batch.get("image_grid_thw")
+        grid = batch.get(grid_key)
         merge = 4
         grid_tokens = [int(x) for x in (grid.prod(dim=-1) // merge).tolist()] if grid is not None else []
         rows, runs_all, problems = [], [], []
@@ -321,11 +337,11 @@ def stage_train(mode):
                 problems.append(f"row {i} has {len(row)} tokens > max_seq_length {max_len}")
         flat = [r for runs in runs_all for r in runs]
         if flat != grid_tokens:
-            problems.append(f"image runs {flat} != image_grid_thw tokens {grid_tokens}")
-        if grid is not None and "pixel_values" in batch:
+            problems.append(f"{'video' if mode == 'video' else 'image'} runs {flat} != {grid_key} tokens {grid_tokens}")
+        if grid is not None and pixel_key in batch:
             patches = int(grid.prod(dim=-1).sum())
-            if batch["pixel_values"].shape[0] != patches:
-                problems.append(f"pixel_values rows {batch['pixel_values'].shape[0]} != grid patches {patches}")
+            if batch[pixel_key].shape[0] != patches:
+                problems.append(f"{pixel_key} rows {batch[pixel_key].shape[0]} != grid patches {patches}")
         if "labels" in batch and batch["labels"].shape != ids.shape:
             problems.append(f"labels {tuple(batch['labels'].shape)} != input_ids {tuple(ids.shape)}")
         info.update(rows=ids.shape[0], shape=tuple(ids.shape), row_tokens=rows, image_runs=runs_all,
@@ -334,7 +350,7 @@ def stage_train(mode):
         result["batches"].append(info)
         log(f"[{mode}] {where} batch {counter['n']}: {len(examples)} example(s) with images {info['images_in']} -> "
             f"input_ids {tuple(ids.shape)}, row tokens {rows}, image runs per row {runs_all}, "
-            f"image tokens {sum(flat)} vs image_grid_thw {grid_tokens} (sum {sum(grid_tokens)}): "
+            f"{'video' if mode == 'video' else 'image'} tokens {sum(flat)} vs {grid_key} {grid_tokens} (sum {sum(grid_tokens)}): "
             + ("OK" if not problems else "MISMATCH " + "; ".join(problems)))
         save()
 
@@ -358,16 +374,16 @@ def stage_train(mode):
     Checked.__qualname__ = Base.__qualname__
     Checked._where = "trainer"
 
-    dataset = [make_example(d["spec"]) for d in plan["dataset"]]
-    names = [d["name"] for d in plan["dataset"]]
+    dataset = [make_example(d["spec"]) for d in plan[rows_key]]
+    names = [d["name"] for d in plan[rows_key]]
     log(f"dataset ({len(dataset)}): {names}; max_seq_length {max_len}")
 
     step("the collator alone: [long_2img_cut, short_2img], [long_1img_cut, short_1img], [big_image_alone_too_long, short_1img]")
     try:
         collator = Checked(model, processor, max_seq_length=max_len, resize="max")
         collator._where = "direct"
-        for pair in (("long_2img_cut", "short_2img"), ("long_1img_cut", "short_1img"),
-                     ("big_image_alone_too_long", "short_1img")):
+        pairs = [("long_2img_cut", "short_2img"), ("long_1img_cut", "short_1img"), ("big_image_alone_too_long", "short_1img")]
+        for pair in pairs if mode != "video" else [("video_0", "video_1")]:
             exs = [dataset[names.index(n)] for n in pair]
             try:
                 collator(exs)
@@ -397,7 +413,7 @@ def stage_train(mode):
         try:
             from datasets import Dataset
 
-            train = Dataset.from_list([make_example(d["spec"]) for d in plan["dataset"]])
+            train = Dataset.from_list([make_example(d["spec"]) for d in plan[rows_key]])
             log(f"train_dataset: datasets.Dataset {train.features}")
         except Exception as exc:
             fail("datasets.Dataset.from_list", exc)
@@ -484,8 +500,8 @@ def main():
     t0 = time.time()
     os.makedirs(OUT, exist_ok=True)
     os.makedirs(WORK, exist_ok=True)
-    for name in ("vlpatch_report.jsonl", "vlpatch_report_shrink.jsonl", "result_build.json", "result_vanilla.json",
-                 "result_patched.json", "result_shrink.json"):
+    for name in ("vlpatch_report.jsonl", "vlpatch_report_shrink.jsonl", "vlpatch_report_video.jsonl", "result_build.json",
+                 "result_vanilla.json", "result_patched.json", "result_shrink.json", "result_video.json"):
         try:
             os.remove(os.path.join(OUT, name))
         except FileNotFoundError:
@@ -524,7 +540,9 @@ def main():
         penv = dict(env, VLPATCH_REPORT=os.path.join(OUT, "vlpatch_report.jsonl"), VLPATCH_LOG_LEVEL="INFO")
         results["patched"] = run_stage("patched", min(170, left() - 130), penv)
         senv = dict(penv, VLPATCH_REPORT=os.path.join(OUT, "vlpatch_report_shrink.jsonl"), VLPATCH_POLICY="shrink")
-        results["shrink"] = run_stage("shrink", left() - 10, senv)
+        results["shrink"] = run_stage("shrink", min(150, left() - 100), senv)
+        venv = dict(senv, VLPATCH_REPORT=os.path.join(OUT, "vlpatch_report_video.jsonl"), VLPATCH_SHRINK_MIN_FRAMES="2")
+        results["video"] = run_stage("video", left() - 10, venv)
     summary(results)
     with open(os.path.join(OUT, "summary.json"), "w") as fh:
         json.dump(results, fh, indent=1, default=str)
@@ -536,7 +554,7 @@ def summary(results):
     b = results.get("build", {}).get("result") or {}
     for p in b.get("plan", []):
         log(f"plan: {p['name']:26s} {p['tokens']:4d} tokens, image runs {p['image_runs']}  {p['note']}")
-    for mode in ("vanilla", "patched", "shrink"):
+    for mode in ("vanilla", "patched", "shrink", "video"):
         r = results.get(mode)
         if not r:
             continue
@@ -559,7 +577,8 @@ def summary(results):
     van = (results.get("vanilla") or {}).get("result") or {}
     expected = any("token count" in e or "image" in e.lower() for e in van.get("collator_errors", []))
     log(f"VANILLA: upstream error seen: {expected}; training finished: {van.get('ok')}")
-    for mode, report in (("patched", "vlpatch_report.jsonl"), ("shrink", "vlpatch_report_shrink.jsonl")):
+    for mode, report in (("patched", "vlpatch_report.jsonl"), ("shrink", "vlpatch_report_shrink.jsonl"),
+                         ("video", "vlpatch_report_video.jsonl")):
         pat = (results.get(mode) or {}).get("result") or {}
         bad = [bt for bt in pat.get("batches", []) if not bt["ok"]]
         log(f"{mode.upper()}: training finished: {pat.get('ok')}; batches checked {len(pat.get('batches', []))}, "
@@ -583,7 +602,7 @@ def summary(results):
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--stage", choices=["build", "vanilla", "patched", "shrink"])
+    ap.add_argument("--stage", choices=["build", "vanilla", "patched", "shrink", "video"])
     a = ap.parse_args()
     if a.stage is None:
         main()

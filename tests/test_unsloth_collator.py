@@ -740,6 +740,26 @@ def test_qwen2_5_vl_videos_that_do_not_fit_leave_with_their_tensors(vu, qv, patc
         qv.collator(budget)([big(), small()])
 
 
+def test_a_video_without_its_placeholder_is_refused_before_the_model(qv, patched, tmp_path, monkeypatch):
+    """A chat template that renders no placeholder for video message parts: upstream collates a batch with
+    the video's pixels and none of its tokens, and the model's forward pass fails on it ("Video features
+    and video tokens do not match"), also for a batch that fits. vlpatch refuses that batch with a clear
+    error instead."""
+    import vlpatch
+
+    template = qv.processor.chat_template
+    assert "video" in template
+    # the same template without its video branch: a video part renders as nothing
+    monkeypatch.setattr(qv.processor, "chat_template", template.replace("'video'", "'no such part'"))
+    examples = [video_example(words_before=1, n_frames=4, words_after=1, image=False)]
+    vanilla = qv.collator(10_000)(examples)
+    with pytest.raises(Exception):  # transformers 5.6: "... do not match"; 4.57: "torch.cat(): expected a non-empty list"
+        qv.model(**{k: v for k, v in vanilla.items() if k != "labels"})
+    patched(report=str(tmp_path / "r.jsonl"))
+    with pytest.raises(vlpatch.VLPatchError, match=r"0 video run\(s\).*1 video\(s\).*chat template writes no placeholder"):
+        qv.collator(10_000)(examples)
+
+
 def test_qwen2_5_vl_shrink_video_keeps_fewer_frames(qv, patched, tmp_path):
     """Policy shrink on a video given as frames, at the pixels floor already (56 px): it keeps fewer frames,
     spread over the clip, until the example fits, and no fewer; upstream collates the batch again with

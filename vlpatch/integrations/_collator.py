@@ -207,12 +207,14 @@ def fit(site, collator, batch, budget: int, keep: str = "head", pairs: bool = Fa
     import torch
 
     ids = batch["input_ids"]
+    processor = collator.processor
+    finder = _finder(site, processor)
     if ids.dim() != 2 or (ids.shape[1] <= budget and not shrunk):
+        if ids.dim() == 2 and finder is not None:  # media without their placeholder fail in the forward pass
+            _check_table(site, _parse(site, batch, finder, processor), batch, _pixel_layout(site, processor), processor)
         if not site.filtering:
             report.tally(Counter({"kept": ids.shape[0] // (2 if pairs else 1)}), Counter())
         return batch
-    processor = collator.processor
-    finder = _finder(site, processor)
     cfg = engine.config()
     if shrunk is not None:  # the second pass: what still does not fit goes to the fallback
         policy = core.get_policy(cfg.shrink_fallback)
@@ -567,10 +569,12 @@ def _check_table(site, parsed, batch, layout, processor) -> None:
 
             version = importlib.metadata.version("transformers")
             raise core.VLPatchError(
-                f"vlpatch: {type(processor).__name__} (transformers {version}) writes its {kind}s in a way the "
-                f"compat matrix does not describe: {found.get(kind, 0)} {kind} run(s) in this batch's input_ids, "
-                f"{expected} {kind}(s) in its {'audio' if kind == 'audio' else 'pixel'} tensors. vlpatch will not "
-                "cut it blindly; exclude the patch (VLPATCH_EXCLUDE) or upgrade vlpatch, and please report it"
+                f"vlpatch: {found.get(kind, 0)} {kind} run(s) in this batch's input_ids, {expected} {kind}(s) in "
+                f"{type(processor).__name__}'s {'audio' if kind == 'audio' else 'pixel'} tensors (transformers "
+                f"{version}); the model's forward pass would fail on it. Either the chat template writes no "
+                f"placeholder for some {kind}s (does it render {{\"type\": \"{kind}\"}} message parts?), or the "
+                "processor writes them in a way the compat matrix does not describe, and vlpatch will not cut it "
+                "blindly: exclude the patch (VLPATCH_EXCLUDE) or upgrade vlpatch, and please report it"
             )
 
 
