@@ -29,9 +29,10 @@ def lf_version():
     return importlib.metadata.version("llamafactory")
 
 
-def test_doctor_all_good(lf_version):
-    proc = doctor("--json")
+def test_doctor_all_good(lf_version, tmp_path):
+    proc = doctor("--json", TMPDIR=str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("vlpatch-")], "the self-tests leave no temporary directory"
     data = json.loads(proc.stdout)
     assert data["versions"]["llamafactory"] == lf_version and data["versions"]["torch"]
     assert data["autoenable"]["pth_installed"] and not data["autoenable"]["active"]

@@ -166,6 +166,9 @@ def selftest(spec) -> tuple:
     merge = holder.image_processor.merge_size**2
     real = [int(plugin._get_mm_inputs([p], [], [], holder)["image_grid_thw"][0].prod()) // merge for p in paths]
     ok = expanded == real and took == len(paths)
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)  # every doctor run left one in /tmp
     return ok, f"{took} of {len(paths)} images counted from headers, tokens {expanded} vs processor {real}"
 
 

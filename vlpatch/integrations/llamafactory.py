@@ -25,6 +25,7 @@ import inspect
 import io
 import os
 import re
+import shutil
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -1001,7 +1002,8 @@ def selftest(spec) -> tuple:
         "_videos": [None],
         "_audios": [None],
     }
-    path = os.path.join(tempfile.mkdtemp(prefix="vlpatch-selftest-"), "report.jsonl")
+    scratch = tempfile.mkdtemp(prefix="vlpatch-selftest-")
+    path = os.path.join(scratch, "report.jsonl")
     run = report.start_run(TRAINER, "doctor self-test", path)
     try:
         out = processor.preprocess_dataset(examples)
@@ -1011,6 +1013,7 @@ def selftest(spec) -> tuple:
     pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
     start, end = (tokenizer.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|vision_end|>"))
     rows = report.read_report(path) if os.path.exists(path) else []
+    shutil.rmtree(scratch, ignore_errors=True)  # every doctor run left one in /tmp
     whole = ids.count(pad) == 4 and ids.count(start) == 1 and ids.count(end) == 1
     ok = whole and len(ids) <= cutoff and [r["action"] for r in rows] == ["truncated"]
     return ok, (
