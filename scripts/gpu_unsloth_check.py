@@ -13,6 +13,8 @@ Stages, each in its own process so that one failure still lets the others run an
   vanilla  upstream unsloth, no vlpatch: the collator alone, then SFTTrainer (the upstream error is expected)
   patched  `import vlpatch; vlpatch.apply()` before `import unsloth`: the same, training must finish
   shrink   the same with VLPATCH_POLICY=shrink: the image too large for max_seq_length is downsized, not dropped
+  qlora    as shrink, with the model loaded in 4 bits (QLoRA: load_in_4bit=True, bitsandbytes), the way unsloth's
+           notebooks load it
   video    VLPATCH_POLICY=shrink on conversations with a 16-frame video (frames in the message part): each keeps
            fewer frames until it fits; video tokens per row checked against video_grid_thw
 Every batch the collator returns is checked: image tokens per row against image_grid_thw, runs whole, rows
@@ -269,15 +271,21 @@ def stage_train(mode):
         for r in rows:
             log(f"vlpatch.status: {json.dumps(r)}")
 
-    step("FastVisionModel.from_pretrained (tiny local Qwen2-VL, 16-bit LoRA)")
+    four_bit = mode == "qlora"
+    step(f"FastVisionModel.from_pretrained (tiny local Qwen2-VL, {'4-bit QLoRA' if four_bit else '16-bit LoRA'})")
     model = processor = None
     try:
         model, processor = FastVisionModel.from_pretrained(
-            plan["model_dir"], max_seq_length=max_len, dtype=None, load_in_4bit=False, load_in_8bit=False,
+            plan["model_dir"], max_seq_length=max_len, dtype=None, load_in_4bit=four_bit, load_in_8bit=False,
             full_finetuning=False, use_gradient_checkpointing="unsloth",
         )
         log(f"model {type(model).__name__} dtype {getattr(model, 'dtype', '?')} device {getattr(model, 'device', '?')}; "
             f"processor {type(processor).__name__}")
+        if four_bit:
+            kinds = sorted({type(m).__name__ for m in model.modules()
+                            if "4bit" in type(m).__name__ or type(getattr(m, "weight", None)).__name__ == "Params4bit"})
+            result["four_bit_modules"] = kinds
+            log(f"4-bit modules: {kinds or 'NONE (the model was not quantized)'}")
         result["fast_vision_model"] = True
     except Exception as exc:
         fail("FastVisionModel.from_pretrained", exc)
@@ -500,7 +508,8 @@ def main():
     t0 = time.time()
     os.makedirs(OUT, exist_ok=True)
     os.makedirs(WORK, exist_ok=True)
-    for name in ("vlpatch_report.jsonl", "vlpatch_report_shrink.jsonl", "vlpatch_report_video.jsonl", "result_build.json",
+    for name in ("vlpatch_report.jsonl", "vlpatch_report_shrink.jsonl", "vlpatch_report_video.jsonl",
+                 "vlpatch_report_qlora.jsonl", "result_build.json", "result_qlora.json",
                  "result_vanilla.json", "result_patched.json", "result_shrink.json", "result_video.json"):
         try:
             os.remove(os.path.join(OUT, name))
@@ -541,6 +550,8 @@ def main():
         results["patched"] = run_stage("patched", min(170, left() - 130), penv)
         senv = dict(penv, VLPATCH_REPORT=os.path.join(OUT, "vlpatch_report_shrink.jsonl"), VLPATCH_POLICY="shrink")
         results["shrink"] = run_stage("shrink", min(150, left() - 100), senv)
+        qenv = dict(senv, VLPATCH_REPORT=os.path.join(OUT, "vlpatch_report_qlora.jsonl"))
+        results["qlora"] = run_stage("qlora", min(150, left() - 100), qenv)
         venv = dict(senv, VLPATCH_REPORT=os.path.join(OUT, "vlpatch_report_video.jsonl"), VLPATCH_SHRINK_MIN_FRAMES="2")
         results["video"] = run_stage("video", left() - 10, venv)
     summary(results)
@@ -554,7 +565,7 @@ def summary(results):
     b = results.get("build", {}).get("result") or {}
     for p in b.get("plan", []):
         log(f"plan: {p['name']:26s} {p['tokens']:4d} tokens, image runs {p['image_runs']}  {p['note']}")
-    for mode in ("vanilla", "patched", "shrink", "video"):
+    for mode in ("vanilla", "patched", "shrink", "qlora", "video"):
         r = results.get(mode)
         if not r:
             continue
@@ -562,6 +573,7 @@ def summary(results):
         log(f"--- {mode}: rc {r.get('rc')}{' TIMED OUT' if r.get('timed_out') else ''}, {r.get('seconds')}s, "
             f"training finished: {res.get('ok')}; FastVisionModel.from_pretrained ok: {bool(res.get('fast_vision_model'))}, "
             f"get_peft_model ok: {bool(res.get('fast_vision_peft'))}"
+            + (f"; 4-bit modules {res.get('four_bit_modules')}" if mode == "qlora" else "")
             + ("; FALLBACK model (plain transformers + peft) used" if res.get("fallback_model") else ""))
         for row in res.get("status", []):
             log(f"    vlpatch.status {row.get('id')}: {row.get('state')} - {row.get('reason')} {row.get('parts', '')}")
@@ -578,7 +590,7 @@ def summary(results):
     expected = any("token count" in e or "image" in e.lower() for e in van.get("collator_errors", []))
     log(f"VANILLA: upstream error seen: {expected}; training finished: {van.get('ok')}")
     for mode, report in (("patched", "vlpatch_report.jsonl"), ("shrink", "vlpatch_report_shrink.jsonl"),
-                         ("video", "vlpatch_report_video.jsonl")):
+                         ("qlora", "vlpatch_report_qlora.jsonl"), ("video", "vlpatch_report_video.jsonl")):
         pat = (results.get(mode) or {}).get("result") or {}
         bad = [bt for bt in pat.get("batches", []) if not bt["ok"]]
         log(f"{mode.upper()}: training finished: {pat.get('ok')}; batches checked {len(pat.get('batches', []))}, "
@@ -602,7 +614,7 @@ def summary(results):
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--stage", choices=["build", "vanilla", "patched", "shrink", "video"])
+    ap.add_argument("--stage", choices=["build", "vanilla", "patched", "shrink", "qlora", "video"])
     a = ap.parse_args()
     if a.stage is None:
         main()
