@@ -31,8 +31,15 @@ SMOKE = smoke.load()["smoke"]
 nox.options.sessions = [smoke.name_of(s) for s in SMOKE["sessions"]]
 
 
-def _install(session, requirements: list) -> None:
-    session.install(*smoke.torch_spec(SMOKE), *requirements, "-e", ".[test]")
+def _install(session, *args: str) -> None:
+    """uv installs (hard links from its cache, no bytecode), then scripts/bytecode.py compiles the bytecode,
+    linking each .pyc another environment already compiled for the same file (the torch stack in all)."""
+    session.install(*args)
+    site = session.run_install("python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", silent=True)
+    if not site:  # nox -R / --no-install: nothing was installed
+        return
+    session.run_install("python", os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts", "bytecode.py"),
+                        site.strip().splitlines()[-1])
 
 
 def _pytest(session, s: dict, args: list) -> None:
@@ -47,14 +54,14 @@ def _smoke_session(s: dict):
         if os.environ.get(smoke.PHASE) == "install":  # scripts/sessions.py: environments made ahead of the tests
             ok = False
             try:
-                _install(session, smoke.requirements(s))
+                _install(session, *smoke.torch_spec(SMOKE), *smoke.requirements(s), "-e", ".[test]")
                 ok = True
             finally:
                 smoke.record(smoke.INSTALLS, [smoke.name_of(s), round(time.time() - start), ok])
             return
         result, setup_s = "FAILED", None
         try:
-            _install(session, smoke.requirements(s))
+            _install(session, *smoke.torch_spec(SMOKE), *smoke.requirements(s), "-e", ".[test]")
             setup_s = time.time() - start
             session.run("python", "scripts/sessions.py", "versions", s["distribution"])
             _pytest(session, s, session.posargs)
@@ -73,7 +80,7 @@ def _canary_session(c: dict):
         dist = c["distribution"]
         row = [dist, "-", "-", "-", "SETUP FAILED"]
         try:
-            session.install(*smoke.torch_spec(SMOKE), "--upgrade", dist, *c.get("with", []), "-e", ".[test]")
+            _install(session, *smoke.torch_spec(SMOKE), "--upgrade", dist, *c.get("with", []), "-e", ".[test]")
             out = session.run("python", "-c", smoke.CANARY_PROBE, dist, silent=True, env=smoke.TEST_ENV)
             probe = next((json.loads(x[7:]) for x in out.splitlines() if x.startswith("CANARY ")), None)
             row = smoke.canary_row(probe, dist)

@@ -37,12 +37,13 @@ TEST_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "VLPATCH": "",  # a suite decides for itself where vlpatch is on
 }
-# uv: never download a Python, install from its cache by hard links (the torch stack is 4.7 GB), and compile
-# bytecode at install as pip does (about 25 s a session). Without any .pyc (uv's default, where the
-# environment also says PYTHONDONTWRITEBYTECODE) every test subprocess compiles transformers and
-# LLaMA-Factory again: a 0.9.5 session took 873 s instead of about 330 s. Letting the tests write it
-# lazily instead was slower still (0.9.2: 202 s of tests instead of 134 s, for 25 s less setup).
-UV_ENV = {"UV_PYTHON_DOWNLOADS": "never", "UV_LINK_MODE": "hardlink", "UV_COMPILE_BYTECODE": "1"}
+# uv: never download a Python, install from its cache by hard links (the torch stack is 4.7 GB). Bytecode is
+# compiled at install (noxfile.py: scripts/bytecode.py, which links the .pyc of files other environments
+# already compiled). Without any .pyc (uv's default, where the environment also says PYTHONDONTWRITEBYTECODE)
+# every test subprocess compiles transformers and LLaMA-Factory again: a 0.9.5 session took 873 s instead of
+# about 330 s. Letting the tests write it lazily instead was slower still (0.9.2: 202 s of tests instead of
+# 134 s, for 25 s less setup).
+UV_ENV = {"UV_PYTHON_DOWNLOADS": "never", "UV_LINK_MODE": "hardlink", "UV_COMPILE_BYTECODE": "0"}
 
 
 def load() -> dict:
