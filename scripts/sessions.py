@@ -97,7 +97,13 @@ print("CANARY " + json.dumps(doctor.report(distributions=[sys.argv[1]], selftest
 """
 
 
-FREEZE = "import importlib.metadata as m, json; print(json.dumps(sorted({d.metadata['Name'].lower().replace('_', '-') + '==' + d.version for d in m.distributions()})))"
+FREEZE = "import importlib.metadata as m, json; print(json.dumps(sorted({d.metadata['Name'] + '==' + d.version for d in m.distributions()})))"
+
+
+def _pin(line: str) -> str:
+    """name==version with the name normalized (PEP 503), so that uv's and importlib's spellings compare."""
+    name, _, version = line.strip().partition("==")
+    return re.sub(r"[-_.]+", "-", name).lower() + "==" + version
 
 
 def freeze(python: str) -> list | None:
@@ -106,25 +112,55 @@ def freeze(python: str) -> list | None:
         out = subprocess.run([python, "-c", FREEZE], capture_output=True, text=True, timeout=120, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    return [d for d in json.loads(out.strip().splitlines()[-1]) if not d.startswith("vlpatch==")]
+    return [_pin(d) for d in json.loads(out.strip().splitlines()[-1]) if not _pin(d).startswith("vlpatch==")]
 
 
-def tested_twin(smoke: dict, dist: str, version: str, python: str) -> str | None:
-    """The tested session of `dist` `version` whose environment holds every distribution of the canary's
-    (at `python`), each at the same version, and whose tests passed in the last test run (TIMINGS), else
-    None. (The tested session may hold more: llamafactory-0.9.5 adds torchcodec for audio files.)"""
+def resolve(requirements: list, no_deps: bool = False) -> list | None:
+    """What uv would install for `requirements` (with vlpatch's test extras) into a fresh environment of this
+    Python, as name==version (vlpatch left out), without installing anything; None if it cannot resolve."""
+    import uv  # the tools environment's uv (scripts/setup.sh)
+
+    cmd = [uv.find_uv_bin(), "pip", "compile", "-q", "--no-header", "--no-annotate",
+           "--python-version", f"{sys.version_info[0]}.{sys.version_info[1]}", *(["--no-deps"] if no_deps else []), "-"]
+    lines = [*requirements, *([] if no_deps else ["-e .[test]"])]
+    try:
+        out = subprocess.run(cmd, input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=300,
+                             check=True, cwd=ROOT, env={**os.environ, **{k: os.environ.get(k, v) for k, v in UV_ENV.items()}}).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    pins = [_pin(x) for x in out.splitlines() if "==" in x and not x.lstrip().startswith(("-", "#"))]
+    return [p for p in pins if not p.startswith("vlpatch==")]
+
+
+def newest_release(dist: str) -> str | None:
+    """The newest release of `dist` on the index for this Python (its own requirements aside: resolving it
+    with its dependencies can pick an older release, as uv did for llamafactory, 0.8.3 over 0.9.5, once a
+    transformers newer than 0.9.5's cap came out)."""
+    pins = resolve([dist], no_deps=True)
+    return pins[0].partition("==")[2] if pins else None
+
+
+def tested_twin(smoke: dict, dist: str, version: str, mine: list | None) -> str | None:
+    """The tested session of `dist` `version` whose environment holds every distribution of `mine` (the
+    canary's, installed or resolved), each at the same version, and whose tests passed in the last test run
+    (TIMINGS), else None. (The tested session may hold more: llamafactory-0.9.5 adds torchcodec.)"""
+    if mine is None:
+        return None
     for s in smoke["sessions"]:
         name = name_of(s)
         if s["distribution"] != dist or s["version"] != version or s.get("expect"):
             continue
         if not any(r[0] == name and r[3] == "passed" for r in rows_of(TIMINGS)):
             continue
-        twin = os.path.join(ROOT, ".nox", re.sub(r"[^\w\-]", "-", name), "bin", "python")
-        mine = freeze(python)
-        theirs = freeze(twin) if os.path.exists(twin) else None
-        if mine is not None and theirs is not None and set(mine) <= set(theirs):
+        python = session_python(name)
+        theirs = freeze(python) if os.path.exists(python) else None
+        if theirs is not None and set(mine) <= set(theirs):
             return name
     return None
+
+
+def session_python(name: str) -> str:
+    return os.path.join(ROOT, ".nox", re.sub(r"[^\w\-]", "-", name), "bin", "python")
 
 
 def canary_row(probe: dict | None, dist: str) -> list:
