@@ -208,16 +208,24 @@ def nox(*args: str) -> int:
     return subprocess.run(_nox_cmd(*args), cwd=ROOT).returncode
 
 
+def test_jobs() -> int:
+    """How many sessions run at once: VLPATCH_TEST_JOBS, else 2 (1 on a single core)."""
+    return max(1, int(os.environ.get("VLPATCH_TEST_JOBS") or min(2, os.cpu_count() or 1)))
+
+
 def cmd_test(smoke, names, pytest_args) -> int:
-    """Every chosen session's tests, one nox run each, in order; meanwhile one background nox run makes
-    the environments, in the same order (downloads and linking wait on the network and the disk, not
-    on the cores that the tests use). A session's tests start once its environment is made; where
-    making it failed, the session runs as usual (it makes its environment again and fails visibly)."""
+    """Every chosen session's tests, one nox run each, started in order, `test_jobs()` at a time; meanwhile
+    one background nox run makes the environments, in the same order (downloads and linking wait on the
+    network and the disk, not on the cores that the tests use). A session's tests start once its environment
+    is made; where making it failed, the session runs as usual (it makes its environment again and fails
+    visibly). With more than one job each session's output goes to .nox/vlpatch-session-NAME.log and is
+    printed whole when the session ends."""
     for path in (TIMINGS, INSTALLS):
         if os.path.exists(path):
             os.unlink(path)
     start = time.time()
     chosen = [name_of(s) for s in select(smoke, names)]
+    jobs = test_jobs()
     os.makedirs(os.path.dirname(INSTALL_LOG), exist_ok=True)
     with open(INSTALL_LOG, "w") as log:
         # niced: the tests are the critical path; the pass only has to stay ahead of them (bytecode compiling
@@ -225,14 +233,33 @@ def cmd_test(smoke, names, pytest_args) -> int:
         installer = subprocess.Popen(_nox_cmd("--install-only", "--sessions", *chosen), cwd=ROOT, stdout=log,
                                      stderr=subprocess.STDOUT, env={**os.environ, PHASE: "install"},
                                      preexec_fn=lambda: os.nice(15))
-    print(f"sessions: environments are made in the background (log: {os.path.relpath(INSTALL_LOG, ROOT)})", flush=True)
-    code = 0
+    print(f"sessions: environments are made in the background (log: {os.path.relpath(INSTALL_LOG, ROOT)}); "
+          f"{jobs} session(s) at a time", flush=True)
+    code, pending, running = 0, list(chosen), {}
     try:
-        for name in chosen:
-            made = _wait_for_install(name, installer)
-            flags = ["-R"] if made else []  # -R: reuse the environment, install nothing
-            code = nox(*flags, "--sessions", name, *(["--", *pytest_args] if pytest_args else [])) or code
+        while pending or running:
+            while pending and len(running) < jobs:
+                made = _install_state(pending[0], installer)
+                if made is None:  # its environment is still being made: sessions start in order
+                    break
+                name = pending.pop(0)
+                flags = ["-R"] if made else []  # -R: reuse the environment, install nothing
+                running[name] = _start(name, [*flags, "--sessions", name, *(["--", *pytest_args] if pytest_args else [])], jobs > 1)
+            for name, (proc, path, began) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[name]
+                code = proc.returncode or code
+                if path:
+                    with open(path, encoding="utf-8", errors="replace") as fh:
+                        print(f"\n===== {name}: exit {proc.returncode} after {time.time() - began:.0f}s "
+                              f"(log: {os.path.relpath(path, ROOT)}) =====", flush=True)
+                        sys.stdout.write(fh.read())
+                        sys.stdout.flush()
+            time.sleep(0.5)
     finally:
+        for proc, _path, _began in running.values():
+            proc.terminate()
         if installer.poll() is None:
             installer.terminate()
         installer.wait()
@@ -245,7 +272,7 @@ def cmd_test(smoke, names, pytest_args) -> int:
             r = [n, f"{made[n][1]}s", *r[2:]]
         rows.append(r)
     print("\nsmoke sessions (setup: uv install into the .nox environment, in the background while earlier "
-          "sessions' tests ran; tests: pytest wall time)")
+          f"sessions' tests ran; tests: pytest wall time, {jobs} session(s) at a time)")
     print(table(rows, ["session", "setup", "tests", "result"]))
     print(f"sessions: {time.time() - start:.0f}s wall in all")
     if any(not r[2] for r in made.values()):
@@ -253,19 +280,31 @@ def cmd_test(smoke, names, pytest_args) -> int:
     return code
 
 
-def _wait_for_install(name: str, installer) -> bool:
-    """True once the background pass has made `name`'s environment; False where it failed or stopped."""
-    while True:
-        finished = installer.poll() is not None
-        try:
-            row = next((r for r in rows_of(INSTALLS) if r[0] == name), None)
-        except ValueError:  # a line being written
-            row = None
-        if row is not None:
-            return bool(row[2])
-        if finished:
-            return False
-        time.sleep(1)
+def _start(name: str, args: list, to_log: bool) -> tuple:
+    """A nox run of one session: (process, its log or None where it writes to this terminal, start time)."""
+    path = os.path.join(ROOT, ".nox", f"vlpatch-session-{name}.log") if to_log else None
+    out = open(path, "w", encoding="utf-8") if path else None  # noqa: SIM115 (the child holds it)
+    try:
+        proc = subprocess.Popen(_nox_cmd(*args), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT if out else None)
+    finally:
+        if out:
+            out.close()
+    if to_log:
+        print(f"sessions: {name} started (log: {os.path.relpath(path, ROOT)})", flush=True)
+    return proc, path, time.time()
+
+
+def _install_state(name: str, installer) -> bool | None:
+    """True once the background pass has made `name`'s environment, False where it failed or stopped,
+    None while it is still to come."""
+    finished = installer.poll() is not None
+    try:
+        row = next((r for r in rows_of(INSTALLS) if r[0] == name), None)
+    except ValueError:  # a line being written
+        row = None
+    if row is not None:
+        return bool(row[2])
+    return False if finished else None
 
 
 def cmd_canary(smoke, names, pytest_args) -> int:
