@@ -228,11 +228,12 @@ def cmd_test(smoke, names, pytest_args) -> int:
     jobs = test_jobs()
     os.makedirs(os.path.dirname(INSTALL_LOG), exist_ok=True)
     with open(INSTALL_LOG, "w") as log:
-        # niced: the tests are the critical path; the pass only has to stay ahead of them (bytecode compiling
-        # beside the older releases' tests slowed them from about 110 s to 160 - 200 s each)
+        # one session at a time: niced, the tests are the critical path (bytecode compiling beside the older
+        # releases' tests slowed them from about 110 s to 160 - 200 s each). Two: not niced, or the second
+        # slot waits on a starved pass (fresh clone: 0.9.2 and 0.9.3 ran alone, 1,071 s in all)
         installer = subprocess.Popen(_nox_cmd("--install-only", "--sessions", *chosen), cwd=ROOT, stdout=log,
                                      stderr=subprocess.STDOUT, env={**os.environ, PHASE: "install"},
-                                     preexec_fn=lambda: os.nice(15))
+                                     preexec_fn=(lambda: os.nice(15)) if jobs == 1 else None)
     print(f"sessions: environments are made in the background (log: {os.path.relpath(INSTALL_LOG, ROOT)}); "
           f"{jobs} session(s) at a time", flush=True)
     code, pending, running = 0, list(chosen), {}
