@@ -22,7 +22,7 @@ import nox
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts"))
 import sessions as smoke  # noqa: E402  (scripts/sessions.py: the matrix's sessions as data)
 
-os.environ.update({k: os.environ.get(k, v) for k, v in smoke.UV_ENV.items()})
+os.environ.update(smoke.uv_env())
 nox.options.default_venv_backend = "uv"
 nox.options.reuse_venv = "yes"
 nox.options.error_on_missing_interpreters = True
@@ -35,11 +35,7 @@ def _install(session, *args: str) -> None:
     """uv installs (hard links from its cache, no bytecode), then scripts/bytecode.py compiles the bytecode,
     linking each .pyc another environment already compiled for the same file (the torch stack in all)."""
     session.install(*args)
-    site = session.run_install("python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", silent=True)
-    if not site:  # nox -R / --no-install: nothing was installed
-        return
-    session.run_install("python", os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts", "bytecode.py"),
-                        site.strip().splitlines()[-1])
+    session.run_install("python", os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts", "bytecode.py"))
 
 
 def _pytest(session, s: dict, args: list) -> None:

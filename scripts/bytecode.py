@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Compile an environment's bytecode, sharing what other environments already compiled.
 
-    python scripts/bytecode.py SITE_PACKAGES [DONOR_SITE_PACKAGES ...]
+    python scripts/bytecode.py [SITE_PACKAGES [DONOR_SITE_PACKAGES ...]]
+
+SITE_PACKAGES: by default the running interpreter's own (noxfile.py runs it with the environment's Python).
 
 uv installs every environment from its cache by hard links, so the torch stack's sources in .venv and in
 each .nox environment are the same files (one inode). Compiling them (what uv's UV_COMPILE_BYTECODE does)
@@ -19,6 +21,7 @@ import compileall
 import glob
 import os
 import sys
+import sysconfig
 import time
 
 TAG = sys.implementation.cache_tag
@@ -68,7 +71,7 @@ def share(site: str, donors: list) -> int:
 
 
 def main(argv: list) -> int:
-    site = os.path.abspath(argv[0])
+    site = os.path.abspath(argv[0] if argv else sysconfig.get_paths()["purelib"])
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     donors = [os.path.abspath(d) for d in argv[1:]] or donors_beside(site, root)
     start = time.time()

@@ -46,6 +46,11 @@ TEST_ENV = {
 UV_ENV = {"UV_PYTHON_DOWNLOADS": "never", "UV_LINK_MODE": "hardlink", "UV_COMPILE_BYTECODE": "0"}
 
 
+def uv_env() -> dict:
+    """UV_ENV, where the caller's environment does not set a variable itself."""
+    return {k: os.environ.get(k, v) for k, v in UV_ENV.items()}
+
+
 def load() -> dict:
     with open(MATRIX, encoding="utf-8") as fh:
         return yaml.safe_load(fh)
@@ -112,7 +117,7 @@ def freeze(python: str) -> list | None:
         out = subprocess.run([python, "-c", FREEZE], capture_output=True, text=True, timeout=120, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    return [_pin(d) for d in json.loads(out.strip().splitlines()[-1]) if not _pin(d).startswith("vlpatch==")]
+    return _without_vlpatch(_pin(d) for d in json.loads(out.strip().splitlines()[-1]))
 
 
 def resolve(requirements: list, no_deps: bool = False) -> list | None:
@@ -125,10 +130,13 @@ def resolve(requirements: list, no_deps: bool = False) -> list | None:
     lines = [*requirements, *([] if no_deps else ["-e .[test]"])]
     try:
         out = subprocess.run(cmd, input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=300,
-                             check=True, cwd=ROOT, env={**os.environ, **{k: os.environ.get(k, v) for k, v in UV_ENV.items()}}).stdout
+                             check=True, cwd=ROOT, env={**os.environ, **uv_env()}).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    pins = [_pin(x) for x in out.splitlines() if "==" in x and not x.lstrip().startswith(("-", "#"))]
+    return _without_vlpatch(_pin(x) for x in out.splitlines() if "==" in x and not x.lstrip().startswith(("-", "#")))
+
+
+def _without_vlpatch(pins) -> list:
     return [p for p in pins if not p.startswith("vlpatch==")]
 
 
@@ -292,7 +300,7 @@ def _start(name: str, args: list, to_log: bool) -> tuple:
     finally:
         if out:
             out.close()
-    if to_log:
+    if path:
         print(f"sessions: {name} started (log: {os.path.relpath(path, ROOT)})", flush=True)
     return proc, path, time.time()
 
