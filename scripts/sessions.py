@@ -212,61 +212,67 @@ def _nox_cmd(*args: str) -> list:
     return [sys.executable, "-m", "nox", "--noxfile", os.path.join(ROOT, "noxfile.py"), *args]
 
 
-def nox(*args: str) -> int:
-    return subprocess.run(_nox_cmd(*args), cwd=ROOT).returncode
+def test_cores() -> int:
+    """Cores the sessions share: VLPATCH_TEST_CORES, else the machine's."""
+    return max(1, int(os.environ.get("VLPATCH_TEST_CORES") or os.cpu_count() or 1))
 
 
-def test_jobs() -> int:
-    """How many sessions run at once: VLPATCH_TEST_JOBS, else 1. Two on CI's 2 cores were slower on a fresh
-    clone, the background pass niced (1,071 s: the second slot waited on it) or not (1,197 s: the older
-    releases' sessions took 243 - 324 s each beside each other and the pass); more may pay on more cores."""
-    return max(1, int(os.environ.get("VLPATCH_TEST_JOBS") or 1))
+def cores_of(smoke: dict, s: dict, total: int) -> int:
+    """A session's share of `total`: its suite's `cores:` (1: one pytest process, no xdist), else all."""
+    return max(1, min(total, int(smoke["suites"][s["suite"]].get("cores") or total)))
+
+
+def run_order(sessions: list) -> list:
+    """The demo's session first (its environment is what the demo's run just put into uv's cache, made in
+    seconds, and its tests are the longest: the other environments are made meanwhile), then the
+    matrix's order."""
+    return sorted(sessions, key=lambda s: not s.get("demo"))
 
 
 def cmd_test(smoke, names, pytest_args) -> int:
-    """Every chosen session's tests, one nox run each, started in order, `test_jobs()` at a time; meanwhile
-    one background nox run makes the environments, in the same order (downloads and linking wait on the
-    network and the disk, not on the cores that the tests use). A session's tests start once its environment
-    is made; where making it failed, the session runs as usual (it makes its environment again and fails
-    visibly). With more than one job each session's output goes to .nox/vlpatch-session-NAME.log and is
-    printed whole when the session ends."""
+    """Every chosen session's tests, one nox run each, started in `run_order`; meanwhile one background nox
+    run makes the environments, in the same order (downloads and linking wait on the network and the
+    disk, not on the cores that the tests use). A session's tests start once its environment is made and
+    its cores are free (`cores_of`): pytest-xdist sessions take every core and run alone, streaming to this
+    terminal; one-process sessions (`cores: 1`) run side by side, each one's output going to
+    .nox/vlpatch-session-NAME.log and printed whole when it ends. Where making an environment failed, its
+    session runs as usual (it makes its environment again and fails visibly)."""
     for path in (TIMINGS, INSTALLS):
         if os.path.exists(path):
             os.unlink(path)
     start = time.time()
-    chosen = [name_of(s) for s in select(smoke, names)]
-    jobs = test_jobs()
+    listed = select(smoke, names)
+    total = test_cores()
+    need = {name_of(s): cores_of(smoke, s, total) for s in listed}
+    chosen = [name_of(s) for s in run_order(listed)]
     os.makedirs(os.path.dirname(INSTALL_LOG), exist_ok=True)
     with open(INSTALL_LOG, "w") as log:
-        # one session at a time: niced, the tests are the critical path (bytecode compiling beside the older
-        # releases' tests slowed them from about 110 s to 160 - 200 s each). Two: not niced, or the second
-        # slot waits on a starved pass (fresh clone: 0.9.2 and 0.9.3 ran alone, 1,071 s in all)
+        # niced: the tests are the critical path (bytecode compiling beside the older releases' tests slowed
+        # them from about 110 s to 160 - 200 s each); the one-process sessions come last, when it is done
         installer = subprocess.Popen(_nox_cmd("--install-only", "--sessions", *chosen), cwd=ROOT, stdout=log,
                                      stderr=subprocess.STDOUT, env={**os.environ, PHASE: "install"},
-                                     preexec_fn=(lambda: os.nice(15)) if jobs == 1 else None)
+                                     preexec_fn=lambda: os.nice(15))
     print(f"sessions: environments are made in the background (log: {os.path.relpath(INSTALL_LOG, ROOT)}); "
-          f"{jobs} session(s) at a time", flush=True)
-    code, pending, running = 0, list(chosen), {}
+          f"{total} core(s) shared", flush=True)
+    code, pending, running, free = 0, list(chosen), {}, total
     try:
         while pending or running:
-            while pending and len(running) < jobs:
+            while pending and need[pending[0]] <= free:
                 made = _install_state(pending[0], installer)
                 if made is None:  # its environment is still being made: sessions start in order
                     break
                 name = pending.pop(0)
                 flags = ["-R"] if made else []  # -R: reuse the environment, install nothing
-                running[name] = _start(name, [*flags, "--sessions", name, *(["--", *pytest_args] if pytest_args else [])], jobs > 1)
+                running[name] = _start(name, [*flags, "--sessions", name, *(["--", *pytest_args] if pytest_args else [])],
+                                       need[name] < total)
+                free -= need[name]
             for name, (proc, path, began) in list(running.items()):
                 if proc.poll() is None:
                     continue
                 del running[name]
+                free += need[name]
                 code = proc.returncode or code
-                if path:
-                    with open(path, encoding="utf-8", errors="replace") as fh:
-                        print(f"\n===== {name}: exit {proc.returncode} after {time.time() - began:.0f}s "
-                              f"(log: {os.path.relpath(path, ROOT)}) =====", flush=True)
-                        sys.stdout.write(fh.read())
-                        sys.stdout.flush()
+                _print_log(name, proc, path, began)
             time.sleep(0.5)
     finally:
         for proc, _path, _began in running.values():
@@ -277,14 +283,15 @@ def cmd_test(smoke, names, pytest_args) -> int:
     made = {r[0]: r for r in rows_of(INSTALLS)}
     done = {r[0]: r for r in rows_of(TIMINGS)}
     rows = []
-    for n in chosen:
+    for s in listed:
+        n = name_of(s)
         r = done.get(n, [n, "-", "-", "NOT RUN"])
         if n in made and made[n][2]:
             r = [n, f"{made[n][1]}s", *r[2:]]
-        rows.append(r)
+        rows.append([*r[:3], str(need[n]), *r[3:]])
     print("\nsmoke sessions (setup: uv install into the .nox environment, in the background while earlier "
-          f"sessions' tests ran; tests: pytest wall time, {jobs} session(s) at a time)")
-    print(table(rows, ["session", "setup", "tests", "result"]))
+          "sessions' tests ran; tests: pytest wall time; cores: the session's share, one-process sessions side by side)")
+    print(table(rows, ["session", "setup", "tests", "cores", "result"]))
     print(f"sessions: {time.time() - start:.0f}s wall in all")
     if any(not r[2] for r in made.values()):
         print(f"sessions: making an environment failed in the background pass; see {os.path.relpath(INSTALL_LOG, ROOT)}")
@@ -305,6 +312,16 @@ def _start(name: str, args: list, to_log: bool) -> tuple:
     return proc, path, time.time()
 
 
+def _print_log(name: str, proc, path: str | None, began: float) -> None:
+    """A finished session's log, whole (nothing where it wrote to this terminal)."""
+    if path:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            print(f"\n===== {name}: exit {proc.returncode} after {time.time() - began:.0f}s "
+                  f"(log: {os.path.relpath(path, ROOT)}) =====", flush=True)
+            sys.stdout.write(fh.read())
+            sys.stdout.flush()
+
+
 def _install_state(name: str, installer) -> bool | None:
     """True once the background pass has made `name`'s environment, False where it failed or stopped,
     None while it is still to come."""
@@ -319,11 +336,21 @@ def _install_state(name: str, installer) -> bool | None:
 
 
 def cmd_canary(smoke, names, pytest_args) -> int:
+    """The canary sessions side by side (each mostly waits on the index and on importing its upstream:
+    23 s one after another, on CI), each one's output printed whole when it ends; then the table."""
     if os.path.exists(CANARY):
         os.unlink(CANARY)
-    code = nox("--tags", "canary", *(["--", *pytest_args] if pytest_args else []))
+    dists = [c["distribution"] for c in smoke["canary"]]
+    extra = ["--", *pytest_args] if pytest_args else []
+    running = [(f"canary-{d}", _start(f"canary-{d}", ["--sessions", f"canary-{d}", *extra], True)) for d in dists]
+    code = 0
+    for name, (proc, path, began) in running:
+        proc.wait()
+        code = proc.returncode or code
+        _print_log(name, proc, path, began)
+    rows = sorted(rows_of(CANARY), key=lambda r: dists.index(r[0]) if r[0] in dists else len(dists))
     print("\ncanary: the newest release of each upstream")
-    print(table(rows_of(CANARY), ["upstream", "newest", "compat matrix", "fingerprint drift", "smoke"]))
+    print(table(rows, ["upstream", "newest", "compat matrix", "fingerprint drift", "smoke"]))
     return code
 
 

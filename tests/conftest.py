@@ -7,6 +7,12 @@ import pytest
 STRICT = {m.strip() for m in os.environ.get("VLPATCH_STRICT", "").split(",") if m.strip()}
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `slow` (the real trainer) or `heavy` (seconds each) run first, in their order: under
+    pytest-xdist a session then ends on short tests, not on one worker's long one while the other idles."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None and item.get_closest_marker("heavy") is None)
+
+
 def require(module: str):
     """Skip when an upstream package is not installed, or fail where VLPATCH_STRICT names it."""
     if importlib.util.find_spec(module) is None:

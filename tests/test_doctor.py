@@ -13,6 +13,8 @@ from tests.conftest import newest_only, require
 
 BIN = os.path.dirname(sys.executable)
 
+pytestmark = pytest.mark.heavy  # each test runs `vlpatch doctor` in a subprocess
+
 
 def doctor(*args, **env):
     full = {k: v for k, v in os.environ.items() if not k.startswith("VLPATCH")}

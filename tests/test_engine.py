@@ -438,6 +438,7 @@ def test_post_import_hooks_keep_the_real_loader_and_fire_on_reimport(upstream):
     )
 
 
+@pytest.mark.heavy
 def test_vlpatch_1_that_fails_inside_refuses_trainer_imports(tmp_path):
     # not a typo but any failure of auto-enable (here: a matrix file that is not YAML): never run unprotected
     broken = tmp_path / "broken.yaml"

@@ -69,6 +69,7 @@ def expand(plugin, processor, path):
         return ("error", type(exc).__name__)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("limits", LIMITS, ids=["lf-defaults", "small"])
 def test_corpus_token_counts_equal_the_processor_path(lf, corpus, limits, patched):
     import vlpatch

@@ -66,6 +66,8 @@ after = {s.id: targets(s) for s in specs}
 print("PROBE " + json.dumps({"states": states, "patched": before, "reverted": after}))
 """
 
+pytestmark = pytest.mark.heavy  # each test probes the installed upstream in a subprocess
+
 
 def installed() -> list:
     out = []

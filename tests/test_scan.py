@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import newest_only, require
 from tests.fixtures.tiny_models import IMAGE_TOKENS, _register, build_long_text_image_dataset, build_text_dataset, write_image, write_train_yaml
 
-pytestmark = [pytest.mark.llamafactory]
+pytestmark = [pytest.mark.llamafactory, pytest.mark.heavy]
 BIN = os.path.dirname(sys.executable)
 
 
