@@ -1,5 +1,5 @@
 """The demo: the bundled example (examples/data) fine-tuned with the real `llamafactory-cli train`,
-first vanilla (dies on the cut image run), then with VLPATCH=1 (trains, report written).
+vanilla (dies on the cut image run) and, side by side with it, VLPATCH=1 (trains, report written).
 
 Run through `bash scripts/demo.sh`. Exit code 0 only when both halves behave as described.
 """
@@ -19,13 +19,18 @@ OUT = os.path.join(ROOT, "out", "demo")
 MISMATCH = ("Image features and image tokens do not match", "shape mismatch")
 
 
-def run(label, yaml_path, env):
-    t = time.time()
+def start(label, yaml_path, env):
+    """`llamafactory-cli train` in the background, its output into out/demo/LABEL.log."""
     cli = os.path.join(os.path.dirname(sys.executable), "llamafactory-cli")
-    proc = subprocess.run([cli, "train", yaml_path], cwd=ROOT, env=env, capture_output=True, text=True)
-    log = proc.stdout + proc.stderr
-    with open(os.path.join(OUT, f"{label}.log"), "w", encoding="utf-8") as fh:
-        fh.write(log)
+    with open(os.path.join(OUT, f"{label}.log"), "w", encoding="utf-8") as log:
+        return subprocess.Popen([cli, "train", yaml_path], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), time.time()
+
+
+def finish(label, started):
+    proc, t = started
+    proc.wait()
+    with open(os.path.join(OUT, f"{label}.log"), encoding="utf-8", errors="replace") as fh:
+        log = fh.read()
     print(f"[{label}] exit code {proc.returncode} after {time.time() - t:.1f}s (log: out/demo/{label}.log)")
     return proc.returncode, log
 
@@ -40,8 +45,8 @@ def main():
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     with open(os.path.join(ROOT, "examples", "train_qwen2vl_sft.yaml"), encoding="utf-8") as fh:
         template = fh.read()
-    ok = True
-    for label, extra in (("vanilla", {}), ("vlpatch", {"VLPATCH": "1"})):
+    ok, started = True, {}
+    for label, extra in (("vanilla", {}), ("vlpatch", {"VLPATCH": "1"})):  # side by side: one core each
         out_dir = os.path.join(OUT, label)
         yaml_path = os.path.join(OUT, f"{label}.yaml")
         with open(yaml_path, "w", encoding="utf-8") as fh:
@@ -49,7 +54,10 @@ def main():
         report = os.path.join(out_dir, "vlpatch_report.jsonl")
         if os.path.exists(report):
             os.remove(report)
-        code, log = run(label, yaml_path, {**env, **extra})
+        started[label] = start(label, yaml_path, {**env, **extra})
+    for label in started:
+        report = os.path.join(OUT, label, "vlpatch_report.jsonl")
+        code, log = finish(label, started[label])
         if label == "vanilla":
             err = next((line for line in log.splitlines() if any(m in line for m in MISMATCH)), None)
             print(f"[vanilla] {err or 'did NOT fail with the vision-token mismatch'}")

@@ -7,7 +7,9 @@ matrix does not cover (`expect: refused`) and the canary's newest releases:
 * a release the matrix does not list (or one removed from a copy of the matrix, to stand for the
   next upstream release): every patch of it is refused with one warning naming the version, and
   every target is upstream's own object.
-Each check runs in a fresh interpreter so that nothing else in the test process is patched.
+Each check runs in a fresh interpreter so that nothing else in the test process is patched: one
+interpreter for every upstream installed here at once (as a user's training process imports them), one
+for the stand-in of their next releases; each test reads its upstream's part.
 """
 
 from __future__ import annotations
@@ -34,15 +36,15 @@ import importlib, json, sys, logging
 sys.path.insert(0, sys.argv[1])
 import vlpatch, wrapt
 from vlpatch import _wrap, engine, matrix
-dist = sys.argv[2]
+dists = sys.argv[2:]
 vlpatch.apply()
-specs = [s for s in matrix.load().patches if s.distribution == dist]
+specs = [s for s in matrix.load().patches if s.distribution in dists]
 from importlib.metadata import version as _version
 from packaging.version import Version
-installed = Version(_version(dist))
+installed = {d: Version(_version(d)) for d in dists}
 # a hook module of patches that have nothing to patch in this release (`absent`) is not imported: it may not
 # import alone there (TRL 0.24.0's dpo_trainer under transformers 5.6 in a fresh interpreter)
-needed = {s.hook for s in specs if s.absent is None or installed not in s.absent}
+needed = {s.hook for s in specs if s.absent is None or installed[s.distribution] not in s.absent}
 for hook in sorted(needed):
     if hook.startswith("unsloth_zoo"):
         from tests.fixtures.unsloth_import import import_vision_utils  # the CPU recipe
@@ -79,14 +81,47 @@ def installed() -> list:
     return out
 
 
-def probe(dist: str, matrix_path: str | None = None) -> tuple:
+def probe(dists: list, matrix_path: str | None = None) -> tuple:
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLPATCH")}
     if matrix_path:
         env["VLPATCH_MATRIX"] = matrix_path
-    proc = subprocess.run([sys.executable, "-c", PROBE, ROOT, dist], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", PROBE, ROOT, *dists], env=env, capture_output=True, text=True, timeout=300)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("PROBE ")), None)
     assert line, proc.stderr[-3000:]
     return json.loads(line[6:]), proc.stderr
+
+
+@pytest.fixture(scope="module")
+def probed():
+    """{matrix path or None: (probe output, stderr)} for every installed upstream at once, each probe run
+    on first use (one interpreter each, not one per upstream: each costs seconds of imports)."""
+    cache: dict = {}
+
+    def get(matrix_path: str | None = None) -> tuple:
+        if matrix_path not in cache:
+            cache[matrix_path] = probe([d for d, _ in installed()], matrix_path)
+        return cache[matrix_path]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def next_releases(tmp_path_factory) -> tuple:
+    """Stand-in for every installed upstream's next release: a copy of the matrix without the installed
+    releases (their `tested` entries and fingerprints). (path, {distribution: the patch ids touched})."""
+    with open(vmatrix.MATRIX_PATH, encoding="utf-8") as fh:
+        data = yaml.safe_load(fh)
+    versions = dict(installed())
+    touched: dict = {}
+    for raw in data["patches"]:
+        version = versions.get(raw["distribution"])
+        if version is not None and version in [str(v) for v in raw.get("tested", [])]:
+            raw["tested"] = [v for v in raw["tested"] if str(v) != version]
+            raw["fingerprints"].pop(version, None)
+            touched.setdefault(raw["distribution"], []).append(raw["id"])
+    path = tmp_path_factory.mktemp("next_release") / "matrix.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path), touched
 
 
 def pytest_generate_tests(metafunc):
@@ -95,7 +130,7 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("upstream", found or [None], ids=[f"{d}-{v}" for d, v in found] or ["none"])
 
 
-def test_installed_release_is_patched_or_refused(upstream):
+def test_installed_release_is_patched_or_refused(upstream, probed):
     if upstream is None:
         pytest.skip("no upstream of the matrix is installed here")
     dist, version = upstream
@@ -106,7 +141,7 @@ def test_installed_release_is_patched_or_refused(upstream):
     if not STRICT or dist in STRICT:  # the session's own upstream: its `expect` must agree with the matrix
         assert bool(tested) != (EXPECT == "refused"), f"{dist} {version}: the session's `expect` disagrees with the matrix"
     # another upstream installed beside it (TRL under LLaMA-Factory and unsloth_zoo): the matrix alone decides
-    out, stderr = probe(dist)
+    out, stderr = probed()
     # targets a patch that applies here wraps (sibling patches for other releases share some of them)
     ours = {t.key for s in specs if out["states"][s.id]["state"] == "applied" for t in s.targets_for(version) if t.wrapper}
     for spec in specs:
@@ -133,25 +168,17 @@ def test_installed_release_is_patched_or_refused(upstream):
             warned = [x for x in lines if f"patch {patch_id} not applied" in x and version in x]
             assert len(warned) == 1, stderr[-3000:]
 
-def test_next_release_is_refused_until_the_matrix_lists_it(upstream, tmp_path):
+def test_next_release_is_refused_until_the_matrix_lists_it(upstream, probed, next_releases):
     """Stand-in for the next upstream release: the installed one, removed from a copy of the matrix
     (its `tested` entry and fingerprints). vlpatch must refuse it, not patch it blindly."""
     if upstream is None:
         pytest.skip("no upstream of the matrix is installed here")
     dist, version = upstream
-    with open(vmatrix.MATRIX_PATH, encoding="utf-8") as fh:
-        data = yaml.safe_load(fh)
-    touched = []
-    for raw in data["patches"]:
-        if raw["distribution"] == dist and version in [str(v) for v in raw.get("tested", [])]:
-            raw["tested"] = [v for v in raw["tested"] if str(v) != version]
-            raw["fingerprints"].pop(version, None)
-            touched.append(raw["id"])
+    path, touched_by = next_releases
+    touched = touched_by.get(dist)
     if not touched:
         pytest.skip(f"{dist} {version} is not in the matrix: the test above covers its refusal")
-    path = tmp_path / "matrix.yaml"
-    path.write_text(yaml.safe_dump(data))
-    out, stderr = probe(dist, str(path))
+    out, stderr = probed(path)
     for patch_id in touched:
         state = out["states"][patch_id]
         assert state["state"] == "skipped" and "not tested" in state["reason"] and version in state["reason"], state
