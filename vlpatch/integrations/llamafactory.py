@@ -600,7 +600,7 @@ def _encode_wrapper(stage: str):
             return _reject(handler, instance, batch, cfg, sample, row, f"uncovered_media: {plugin}: {exc}", exc)
         media_tokens = sum(r.length for r in layouts[0].runs)
         row.update(tokens_before=max(lengths), media_tokens=media_tokens)
-        shrinker = None
+        shrinker, made, reencode = None, [], None
         if cfg.policy == "shrink":
 
             def encode(new_media):
@@ -617,17 +617,22 @@ def _encode_wrapper(stage: str):
 
                 return again, handler.layouts(instance, again, trace.splits, spans, budget, split)
 
-            shrinker = _Shrinker(instance, media, layouts, cfg, encode)
+            def reencode(scale):  # the shrinker is made when the media do not fit (not for a cut of text alone)
+                if not made:
+                    made.append(_Shrinker(instance, media, layouts, cfg, encode))
+                return made[0].reencode(scale)
+
         try:
-            decision = core.resolve(layouts, core.get_policy(cfg.policy, cfg.shrink_fallback), sample, shrinker and shrinker.reencode)
+            decision = core.resolve(layouts, core.get_policy(cfg.policy, cfg.shrink_fallback), sample, reencode)
+            shrinker = made[0] if made else None
             if decision.resized is not None:
                 decision, full, layouts = shrinker.commit(decision, sample)
         except core.SampleError:
             _emit(batch, {**row, "action": "error", "reason": "media_exceed_budget"})
             raise
         finally:
-            if shrinker is not None:
-                shrinker.close()
+            if made:
+                made[0].close()
         if decision.action == "dropped":
             return _reject(handler, instance, batch, cfg, sample, row, decision.reason, decided=True)
         if decision.resized is not None:
