@@ -1,6 +1,7 @@
 """Cost of policy `shrink` on LLaMA-Factory preprocessing, side by side in one run.
 
-A corpus where 10% of the samples hold a camera-sized photo (1600x1200 JPEG, over 1,000 image tokens)
+A corpus where 10% of the samples hold a camera-sized photo (1600x1200 JPEG, over 1,000 image tokens; a
+different photo each, so each shrunk sample writes its own file)
 that does not fit cutoff_len, and the other 90% a 224 px image with text of any length (some cut).
 LLaMA-Factory's real SupervisedDatasetProcessor (real Qwen2-VL image processor, tiny offline
 tokenizer) preprocesses it under vanilla, vlpatch `drop` (the photos' samples dropped) and vlpatch
@@ -42,9 +43,9 @@ def main():
     tmp = tempfile.mkdtemp(prefix="vlpatch-bench-")
     model = build_tiny_qwen2vl(os.path.join(tmp, "model"))
     small = [write_image(os.path.join(tmp, f"i{k}.png"), seed=k) for k in range(8)]
-    photos = []
-    for k in range(8):
-        img = Image.new("RGB", (1600, 1200), (20 * k, 120, 200))
+    photos = []  # one photo per sample that needs shrinking, as in a real dataset: each writes its own file
+    for k in range(max(1, int(args.samples * args.share))):
+        img = Image.new("RGB", (1600, 1200), ((20 * k) % 256, 120, (200 + 7 * k) % 256))
         for x in range(0, 1600, 40):
             img.paste((220, 40, 40), (x, 0, x + 8, 1200))
         path = os.path.join(tmp, f"photo{k}.jpg")
@@ -71,7 +72,7 @@ def main():
         "_response": [[{"role": "assistant", "content": long_text(rng.randint(3, 40), k + n)}] for k in range(n)],
         "_system": [""] * n,
         "_tools": [""] * n,
-        "_images": [[photos[k % 8] if k in big else small[k % 8]] for k in range(n)],
+        "_images": [[photos[sorted(big).index(k)] if k in big else small[k % 8]] for k in range(n)],
         "_videos": [None] * n,
         "_audios": [None] * n,
     }
