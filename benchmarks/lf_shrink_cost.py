@@ -67,12 +67,13 @@ def main():
     rng = random.Random(0)
     n = args.samples
     big = set(rng.sample(range(n), int(n * args.share)))
+    photo_of = {k: i for i, k in enumerate(sorted(big))}
     data = {
         "_prompt": [[{"role": "user", "content": long_text(rng.choice([5, 60, 250]), k) + " <image>"}] for k in range(n)],
         "_response": [[{"role": "assistant", "content": long_text(rng.randint(3, 40), k + n)}] for k in range(n)],
         "_system": [""] * n,
         "_tools": [""] * n,
-        "_images": [[photos[sorted(big).index(k)] if k in big else small[k % 8]] for k in range(n)],
+        "_images": [[photos[photo_of[k]] if k in big else small[k % 8]] for k in range(n)],
         "_videos": [None] * n,
         "_audios": [None] * n,
     }

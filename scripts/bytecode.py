@@ -11,7 +11,7 @@ took about 18 s of a session's setup, for the same torch, sympy, pandas, numpy a
 each. Here each source whose file is the same inode as a donor's, and whose .pyc the donor has, gets the
 donor's .pyc by hard link (valid by construction: the .pyc records the source's mtime and size, which a
 shared inode shares; Python fixes the code objects' file names on import). The rest is compiled: each
-file without a .pyc. Without donors it is plain compileall. Standard library only: it runs
+file without a .pyc (without donors: every file). Standard library only: it runs
 in the environment's own interpreter (noxfile.py, stage install).
 """
 

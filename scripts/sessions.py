@@ -256,6 +256,7 @@ def cmd_test(smoke, names, pytest_args) -> int:
     print(f"sessions: environments are made in the background (log: {os.path.relpath(INSTALL_LOG, ROOT)}); "
           f"{total} core(s) shared", flush=True)
     code, pending, running, free = 0, list(chosen), {}, total
+    extra = ["--", *pytest_args] if pytest_args else []
     try:
         while pending or running:
             while pending and need[pending[0]] <= free:
@@ -264,8 +265,7 @@ def cmd_test(smoke, names, pytest_args) -> int:
                     break
                 name = pending.pop(0)
                 flags = ["-R"] if made else []  # -R: reuse the environment, install nothing
-                running[name] = _start(name, [*flags, "--sessions", name, *(["--", *pytest_args] if pytest_args else [])],
-                                       need[name] < total)
+                running[name] = _start(name, [*flags, "--sessions", name, *extra], need[name] < total)
                 free -= need[name]
             for name, (proc, path, began) in list(running.items()):
                 if proc.poll() is None:

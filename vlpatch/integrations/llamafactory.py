@@ -600,7 +600,7 @@ def _encode_wrapper(stage: str):
             return _reject(handler, instance, batch, cfg, sample, row, f"uncovered_media: {plugin}: {exc}", exc)
         media_tokens = sum(r.length for r in layouts[0].runs)
         row.update(tokens_before=max(lengths), media_tokens=media_tokens)
-        shrinker, made, reencode = None, [], None
+        made, reencode = [], None
         if cfg.policy == "shrink":
 
             def encode(new_media):
