@@ -6,6 +6,7 @@ Run through `bash scripts/demo.sh`. Exit code 0 only when both halves behave as 
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -51,9 +52,7 @@ def main():
         yaml_path = os.path.join(OUT, f"{label}.yaml")
         with open(yaml_path, "w", encoding="utf-8") as fh:
             fh.write(template.replace("MODEL_DIR", model).replace("OUTPUT_DIR", out_dir))
-        report = os.path.join(out_dir, "vlpatch_report.jsonl")
-        if os.path.exists(report):
-            os.remove(report)
+        shutil.rmtree(out_dir, ignore_errors=True)  # a run before this one: LLaMA-Factory refuses a non-empty output_dir
         started[label] = start(label, yaml_path, {**env, **extra})
     for label in started:
         report = os.path.join(OUT, label, "vlpatch_report.jsonl")
