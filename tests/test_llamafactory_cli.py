@@ -144,9 +144,9 @@ def build_photo_dataset(directory: str, name: str = "photos") -> str:
 
 def test_shrink_trains_on_large_photos_and_a_video_and_after_a_tokenized_reload(tmp_path, tiny_qwen2vl, tmp_path_factory):
     """VLPATCH_POLICY=shrink: every photo is downsized, and the video loses frames, until its sample fits;
-    the rows name the downsized files, so the collator (in dataloader worker processes) reads what was
-    counted, also when a second run reloads the tokenized dataset from `tokenized_path` (no
-    preprocessing, no vlpatch planning)."""
+    the rows name each photo at its new size (and the downsized video file), so the collator (in
+    dataloader worker processes) reads what was counted, also when a second run reloads the tokenized
+    dataset from `tokenized_path` (no preprocessing, no vlpatch planning)."""
     newest_only("llamafactory", "the processor and corpus tests run policy shrink on every release")
     d = str(tmp_path_factory.mktemp("photos"))
     build_photo_dataset(d)
@@ -171,8 +171,12 @@ def test_shrink_trains_on_large_photos_and_a_video_and_after_a_tokenized_reload(
         else:
             assert item["before"] in ([1600, 1200], [900, 1400]), r
         assert item["tokens_after"] < item["tokens_before"], r
-        assert r["tokens_after"] <= cut and os.path.isfile(item["file"]), r
-        assert os.path.dirname(item["file"]) == str(first / "out" / "vlpatch_media")
+        assert r["tokens_after"] <= cut, r
+        if r["source_row"] == 4:  # the video: a downsized file of fewer frames
+            assert os.path.isfile(item["file"]) and os.path.dirname(item["file"]) == str(first / "out" / "vlpatch_media"), r
+        else:  # a photo: the row names the original at its new size, read so by every worker
+            assert item["sized_entry"].endswith(f"#vlpatch-size={item['after'][0]}x{item['after'][1]}") and "file" not in item, r
+            assert os.path.isfile(item["sized_entry"].rpartition("#")[0]), r
     # a second run from the saved tokenized dataset, two dataloader workers re-reading the rows' files
     second = tmp_path / "second"
     proc, again = train(second, tiny_qwen2vl, d, env=env, tokenized_path=tokenized, dataloader_num_workers=2, **big)

@@ -372,8 +372,9 @@ def collated_image_tokens(lf, rows) -> list:
 def test_shrink(lf, cutoff, mask_history):
     """Policy shrink: nothing is dropped (at the floor every first-budgeted turn fits), the samples that
     drop loses are shrunk, every other sample comes out as under drop, and LLaMA-Factory's own collator,
-    reading the downsized files the rows name, gives every image exactly the tokens its run holds."""
-    from PIL import Image
+    reading the images the rows name at their new sizes, gives every image exactly the tokens its run
+    holds."""
+    from vlpatch.integrations import _media
 
     samples = lf.corpus.samples
     ref = reference(lf, mask_history)
@@ -409,15 +410,24 @@ def test_shrink(lf, cutoff, mask_history):
         for j, k in enumerate(kept_items):
             if k in resized:
                 x = resized[k]
-                assert images[j] != s.images[k] and os.path.basename(images[j]).endswith(".png"), (where, images[j])
-                assert list(Image.open(images[j]).size) == x["after"] and x["before"] == list(s.sizes[k]), (where, x)
+                assert images[j] == x["sized_entry"] and _media.unmark(images[j]) == (s.images[k], tuple(x["after"])), (where, images[j])
+                assert x["before"] == list(s.sizes[k]), (where, x)
                 assert x["after"][0] * x["after"][1] >= min(SHRINK_FLOOR, s.sizes[k][0] * s.sizes[k][1]) - x["after"][0] - x["after"][1]
                 assert runs[j] == x["tokens_after"] < x["tokens_before"] == run_tokens(s.sizes[k]), (where, x, runs)
             else:
                 assert images[j] == s.images[k] and runs[j] == run_tokens(s.sizes[k]), (where, j, k)
         checked.append((row, runs))
-    # the real collator on every shrunk row: features == tokens, image by image
-    got = collated_image_tokens(lf, [row for row, _ in checked])
+    # the real collator on every shrunk row, with vlpatch on as in training: features == tokens, image by image
+    import tempfile
+
+    import vlpatch
+
+    with tempfile.TemporaryDirectory() as scratch:
+        vlpatch.apply(report=os.path.join(scratch, "collate.jsonl"))
+        try:
+            got = collated_image_tokens(lf, [row for row, _ in checked])
+        finally:
+            vlpatch.revert()
     assert got == [n - 2 for _, runs in checked for n in runs]
     print(f"cutoff_len {cutoff} mask_history {mask_history} shrink: {len(shrunk)} shrunk (drop loses them), 0 dropped, "
           f"{sum(len(runs) for _, runs in checked)} images through the real collator")

@@ -1,8 +1,10 @@
 """Policy `shrink` on LLaMA-Factory's real dataset processors and its real collator.
 
 A sample whose image alone exceeds `cutoff_len` is kept by downsizing the image until the sample fits;
-the row then names a downsized PNG file, and LLaMA-Factory's own collator, which re-reads the media from
-the rows at training time, must produce exactly as many image features as the row has image tokens.
+the row then names the image at its new size (a sized entry, `path#vlpatch-size=WxH`; a downsized file
+for images given as bytes, frame lists and videos), and LLaMA-Factory's own collator, which re-reads the
+media from the rows at training time, must produce exactly as many image features as the row has image
+tokens.
 """
 
 import json
@@ -139,21 +141,23 @@ def test_shrink_keeps_a_sample_whose_image_alone_is_over_budget(lf, patched, tmp
         (item,) = r["media_resized"]
         assert item["item"] == "image#0" and item["tokens_after"] < item["tokens_before"], item
         assert item["after"][0] * item["after"][1] < item["before"][0] * item["before"][1]
-        assert os.path.dirname(item["file"]) == str(tmp_path / "media")
+        assert item["sized_entry"] == f"{originals[r['batch_position']][0]}#vlpatch-size={item['after'][0]}x{item['after'][1]}", item
+        assert "file" not in item, "nothing is written for an image named by a path"
         assert r["tokens_after"] <= CUTOFF
     for k in range(3):
         ids = out["input_ids"][k]
         assert len(ids) <= CUTOFF and len(out["labels"][k]) == len(ids)
         assert len(runs(lf, ids)) == 1
-    # the rows name the downsized files (the originals are untouched), sized as reported
-    from PIL import Image
+    # the rows name the originals at the reported size (the originals are untouched; nothing is written)
+    from vlpatch.integrations import _media
 
     for r in shrunk:
         k = r["batch_position"]
-        (path,) = out["images"][k]
-        assert path != originals[k][0] and path.endswith(".png")
-        assert list(Image.open(path).size) == r["media_resized"][0]["after"]
+        (entry,) = out["images"][k]
+        assert entry == r["media_resized"][0]["sized_entry"]
+        assert _media.unmark(entry) == (originals[k][0], tuple(r["media_resized"][0]["after"]))
     assert out["images"][2] == originals[2]
+    assert not os.path.exists(tmp_path / "media")
     # LLaMA-Factory's own collator re-reads the rows' media: features == tokens for every row
     features, _ = collate(lf, out, [0, 1, 2])
     assert features == [runs(lf, out["input_ids"][k])[0] for k in range(3)]
@@ -224,8 +228,8 @@ def test_shrink_in_every_stage(lf, patched, tmp_path, stage):
             assert len(ids) + extra <= limit
             assert len(runs(lf, ids)) == 1
     assert out[first], "the sample is kept"
-    (path,) = out["images"][0]
-    assert path.endswith(".png")
+    (entry,) = out["images"][0]
+    assert entry.startswith(big + "#vlpatch-size="), entry
 
 
 @pytest.mark.parametrize("stage", ["SupervisedDatasetProcessor", "PairwiseDatasetProcessor"])
@@ -294,6 +298,39 @@ def test_shrink_keeps_the_entry_form_of_hub_datasets(lf, patched, tmp_path):
     assert isinstance(got, dict) and got["bytes"] is None and got["path"].startswith(str(tmp_path / "media")), got
     features, _ = collate(lf, out, [0])
     assert features == runs(lf, out["input_ids"][0])
+
+
+def test_a_sized_entry_is_read_at_its_size_and_fails_loudly_without_vlpatch(lf, patched, tmp_path):
+    """LLaMA-Factory's own `_regularize_images` (what its collator calls on every row) reads a sized
+    entry as the original downsized to exactly that size, with the pixels of the original; with vlpatch
+    off it raises, naming the entry, instead of reading the full-size original (which would not match
+    the row's tokens)."""
+    from PIL import Image
+
+    import vlpatch
+    from llamafactory.data.mm_plugin import get_mm_plugin
+    from vlpatch.integrations import _media
+
+    big = _photo(lf, 800, 600, 9)
+    plugin = get_mm_plugin("qwen2_vl", image_token="<|image_pad|>")
+    kwargs = dict(image_max_pixels=1024 * 1024, image_min_pixels=28 * 28)
+    entry = _media.sized(big, (400, 300))
+    hub = _media.sized({"bytes": None, "path": big}, (400, 300))
+    patched(report=str(tmp_path / "r.jsonl"), policy="drop")  # any policy reads them (a reused tokenized_path)
+
+    def read(items):
+        got = plugin._regularize_images(items, **kwargs)
+        return got["images"] if isinstance(got, dict) else got
+
+    plain, small, dict_small = read([big, entry, hub])
+    assert plain.size == (800, 600) and small.size == (400, 300) and dict_small.size == (400, 300)
+    expected = Image.open(big).convert("RGB").resize((400, 300), Image.BICUBIC)
+    diff = sum(abs(a - b) for a, b in zip(small.convert("RGB").tobytes(), expected.tobytes())) / (400 * 300 * 3)
+    assert diff < 4, f"the original's pixels, downsized (mean difference {diff:.2f})"
+    assert _media.sized(entry, (10, 10)) is None, "a sized entry is not sized again"
+    vlpatch.revert()
+    with pytest.raises(FileNotFoundError, match="#vlpatch-size=400x300"):
+        read([entry])
 
 
 # --- videos: pixels, then frames ------------------------------------------------------------------

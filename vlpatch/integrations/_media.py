@@ -1,10 +1,18 @@
-"""Downsized media files for policy `shrink`, where a trainer re-reads media from its dataset rows.
+"""Downsized media for policy `shrink`, where a trainer re-reads media from its dataset rows.
 
 LLaMA-Factory's collator reads every image and video again at training time (in every worker and rank,
-and after a cached `tokenized_path` is reloaded), so a shrunk sample's row must name a smaller file:
-then what the collator reads is what preprocessing counted. A file is named by its original (path, size
-and mtime, or its bytes) and the new size, written once (atomically: a rank reading it never sees half a
-file) and not rewritten when present.
+and after a cached `tokenized_path` is reloaded), so a shrunk sample's row must say what to read: then
+what the collator reads is what preprocessing counted.
+
+An image named by a path becomes a *sized entry*: the same path with `#vlpatch-size=WxH` after it
+(`sized`). Nothing is written at preprocessing; the patched reader (`read_sized`, in front of
+LLaMA-Factory's `_regularize_images`) decodes the original and downsizes it to exactly that size when the
+collator reads the row, as cheaply as upstream reads the original. Without vlpatch such an entry fails
+loudly (no such file, the name says why), never with a silent mismatch.
+
+Images given as bytes, frame lists (upstream checks that each frame exists) and video files become real
+downsized files, named by their original (path, size and mtime, or its bytes) and the new size, written
+once (atomically: a rank reading it never sees half a file) and not rewritten when present.
 
 Images become PNG files. A video becomes an MPEG-4 file (PyAV, a codec every FFmpeg build has) of the
 frames the trainer samples from the original (its own sampling function, passed in), at most
@@ -27,13 +35,64 @@ from fractions import Fraction
 from .. import core
 
 
+SIZE_MARK = "#vlpatch-size="
+
+
+def sized(item, size):
+    """The entry naming `item` (a path, or a {"bytes": None, "path"} dict) read at `size` (a sized
+    entry), or None where the entry names no file."""
+    path = item.get("path") if isinstance(item, dict) and not item.get("bytes") else item
+    if not isinstance(path, str) or unmark(path) is not None:
+        return None
+    entry = f"{path}{SIZE_MARK}{size[0]}x{size[1]}"
+    return {**item, "path": entry} if isinstance(item, dict) else entry
+
+
+def unmark(item):
+    """(original path, (width, height)) of a sized entry, else None."""
+    path = item.get("path") if isinstance(item, dict) and not item.get("bytes") else item
+    if not isinstance(path, str) or SIZE_MARK not in path:
+        return None
+    original, _, size = path.rpartition(SIZE_MARK)
+    w, _, h = size.partition("x")
+    return (original, (int(w), int(h))) if w.isdigit() and h.isdigit() else None
+
+
+def read_sized(items) -> list:
+    """`items` with every sized entry replaced by its original, decoded and downsized to its size."""
+    out = list(items)
+    for k, item in enumerate(out):
+        found = unmark(item)
+        if found is not None:
+            out[k] = downsize(found[0], found[1])
+    return out
+
+
+def downsize(source, size):
+    """`source` (an entry or an image) decoded and resized to exactly `size`, as a PIL image."""
+    from PIL import Image
+
+    with contextlib.nullcontext(source) if isinstance(source, Image.Image) else open_image(source) as im:
+        if getattr(im, "format", None) == "JPEG":
+            # libjpeg decodes at 1/2..1/8 scale by its inverse DCT (a proper low-pass, as libvips'
+            # shrink-on-load): to the largest scale that is still at least `size`, then bicubic
+            im.draft(im.mode, tuple(size))
+        im.load()
+        if im.mode not in ("RGB", "RGBA", "L", "LA", "P", "I", "I;16", "1"):
+            im = im.convert("RGB")
+        return im.resize(tuple(size), Image.BICUBIC, reducing_gap=3.0)
+
+
 def open_image(item):
-    """A media-list entry (a path, bytes, a {"bytes", "path"} dict, an image) as a PIL image, opened
-    lazily (pixels are decoded on first use); an image passed in is returned as it is."""
+    """A media-list entry (a path, bytes, a {"bytes", "path"} dict, an image, a sized entry) as a PIL
+    image, opened lazily (pixels are decoded on first use); an image passed in is returned as it is."""
     from PIL import Image
 
     if isinstance(item, Image.Image):
         return item
+    found = unmark(item)
+    if found is not None:
+        return downsize(found[0], found[1])
     if isinstance(item, dict):
         item = item.get("bytes") or item.get("path")
     if isinstance(item, (bytes, bytearray)):
@@ -43,6 +102,9 @@ def open_image(item):
 
 def image_size(item):
     """(width, height) of a media-list entry without decoding its pixels, or None."""
+    found = unmark(item)
+    if found is not None:
+        return found[1]
     try:
         im = open_image(item)
         size = im.size
@@ -79,15 +141,7 @@ def write_image(item, size, folder: str):
     source = item.get("bytes") or item.get("path") if isinstance(item, dict) else item
 
     def small():
-        with contextlib.nullcontext(source) if isinstance(source, Image.Image) else open_image(source) as im:
-            if getattr(im, "format", None) == "JPEG":
-                # libjpeg decodes at 1/2..1/8 scale by its inverse DCT (a proper low-pass, as libvips'
-                # shrink-on-load): to the largest scale that is still at least `size`, then bicubic
-                im.draft(im.mode, size)
-            im.load()
-            if im.mode not in ("RGB", "RGBA", "L", "LA", "P", "I", "I;16", "1"):
-                im = im.convert("RGB")
-            return im.resize(size, Image.BICUBIC, reducing_gap=3.0)
+        return downsize(source, size)
 
     if isinstance(source, Image.Image):  # an in-memory image: the row holds the image itself
         return small()

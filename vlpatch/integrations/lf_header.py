@@ -21,6 +21,7 @@ import sys
 from collections import Counter
 
 from .. import tokens
+from . import _media
 
 _depth: list = []  # >0 while a wrapped process_messages runs in this process
 stats: Counter = Counter()  # images counted from headers / handed to upstream (for the benchmark and doctor)
@@ -104,9 +105,10 @@ def size_tokens(sizes, processor) -> list | None:
 
 def _size(image):
     """(width, height): a file's from its header, an in-memory image's own (policy shrink's stand-ins, a
-    dataset of decoded images); None where upstream must look."""
+    dataset of decoded images), a sized entry's (policy shrink, `_media`); None where upstream must look."""
     if isinstance(image, str):
-        return tokens.image_header(image)
+        found = _media.unmark(image)
+        return found[1] if found else tokens.image_header(image)
     pil = sys.modules.get("PIL.Image")
     if pil is not None and isinstance(image, pil.Image) and image.mode in tokens.HEADER_MODES:
         return image.size

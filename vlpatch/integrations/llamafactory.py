@@ -400,6 +400,18 @@ def details(spec) -> dict:
 # --------------------------------------------------------------------------- wrappers
 
 
+def _sized_images(wrapped, instance, args, kwargs):
+    """LLaMA-Factory reads images (its collator, from the dataset rows): a sized entry that policy
+    `shrink` left in a row is read as its original downsized to the size the row was counted at."""
+    images = args[0] if args else kwargs.get("images")
+    if images and any(_media.unmark(x) is not None for x in images):
+        if args:
+            args = (_media.read_sized(images), *args[1:])
+        else:
+            kwargs = {**kwargs, "images": _media.read_sized(images)}
+    return wrapped(*args, **kwargs)
+
+
 def _record_split(wrapped, instance, args, kwargs):
     out = wrapped(*args, **kwargs)
     if _traces:
@@ -773,8 +785,8 @@ class _Shrinker:
         folder = _shrink_dir()
         new = {kind: list(items) for kind, items in self.media.items()}
         for (kind, k), _before, after in decision.resized.sizes:
-            if kind == "image":
-                new[kind][k] = _media.write_image(new[kind][k], after, folder)
+            if kind == "image":  # a path: the row names it at the new size (read so by `_sized_images`)
+                new[kind][k] = _media.sized(new[kind][k], after) or _media.write_image(new[kind][k], after, folder)
             elif (kind, k) not in self.videos:  # a frame list: the kept frames, each downsized (PNG)
                 frames = new[kind][k]
                 new[kind][k] = [_media.write_image(frames[i], after[:2], folder) for i in core.pick_frames(len(frames), after[2])]
@@ -785,7 +797,7 @@ class _Shrinker:
         want = [r.length for r in decision.resized.layouts[0].runs]
         if plans is None or [r.length for r in layouts[0].runs] != want:
             raise core.SampleError(sample, "shrink: the downsized files encode differently from their sizes", str(decision.resized.sizes))
-        for kind, items in new.items():  # the rows name the downsized files: the collator reads those
+        for kind, items in new.items():  # the rows name the downsized media: the collator reads those
             self.media[kind][:] = items
         decision.kept = [p.kept for p in plans]
         decision.removed = sorted(plans[0].left)
@@ -803,9 +815,11 @@ class _Shrinker:
         rows = []
         for (kind, k), b, a in resized.sizes:
             entry = self.media[kind][k]
+            named = entry if isinstance(entry, str) else entry.get("path") if isinstance(entry, dict) else None
             row = {"item": f"{kind}#{k}", "before": list(b[:2]), "after": list(a[:2]),
-                   "tokens_before": tokens(self.layouts, (kind, k)), "tokens_after": tokens(self.final, (kind, k)),
-                   "file": entry if isinstance(entry, str) else entry.get("path") if isinstance(entry, dict) else None}
+                   "tokens_before": tokens(self.layouts, (kind, k)), "tokens_after": tokens(self.final, (kind, k))}
+            if named is not None:  # a sized entry (nothing written), or the downsized file written
+                row["sized_entry" if _media.unmark(named) else "file"] = named
             if kind == "video":
                 row.update(frames_before=b[2], frames_after=a[2])
             rows.append(row)
@@ -967,6 +981,7 @@ WRAPPERS = {
     "encode_pairwise": _encode_wrapper("pairwise"),
     "encode_feedback": _encode_wrapper("feedback"),
     "encode_unsupervised": _encode_wrapper("unsupervised"),
+    "sized_images": _sized_images,
 }
 
 
