@@ -232,11 +232,12 @@ def test_shrink_in_every_stage(lf, patched, tmp_path, stage):
     assert entry.startswith(big + "#vlpatch-size="), entry
 
 
-@pytest.mark.parametrize("stage", ["SupervisedDatasetProcessor", "PairwiseDatasetProcessor"])
+@pytest.mark.parametrize("stage", ["SupervisedDatasetProcessor", "PairwiseDatasetProcessor", "UnsupervisedDatasetProcessor"])
 def test_the_arithmetic_search_decides_as_the_encoding_search(lf, patched, tmp_path, monkeypatch, stage):
     """Qwen-VL images: the search predicts each candidate's layouts from the header arithmetic instead of
-    encoding it; every decision, row and token equals what the search that encodes every candidate gives,
-    and the collator's features equal the rows' image tokens."""
+    encoding it, and the chosen size's output is the sample's ids with the runs shortened (a splice),
+    not encoded either; every decision, row and token equals what the search that encodes every
+    candidate and the chosen size gives, and the collator's features equal the rows' image tokens."""
     from vlpatch.integrations import llamafactory as glue
 
     two = "Pairwise" in stage
@@ -249,7 +250,7 @@ def test_the_arithmetic_search_decides_as_the_encoding_search(lf, patched, tmp_p
         ([user(long_text(60, 6) + " <image>")], reply(long_text(40, 7)), [_photo(lf, 2000, 500, 6)]),
         ([user("<image> fits")], reply("yes"), [_photo(lf, 112, 112, 8)]),
     ]
-    calls = {"predicted": 0, "encoded": 0}
+    calls = {"predicted": 0, "encoded": 0, "spliced": 0}
 
     def counted(name, real):
         def run(self, *args):
@@ -268,6 +269,7 @@ def test_the_arithmetic_search_decides_as_the_encoding_search(lf, patched, tmp_p
         monkeypatch.setattr(glue._Shrinker, "_try", counted("encoded", glue._Shrinker._try))
         if mode == "predicted":
             monkeypatch.setattr(glue._Shrinker, "_predict", counted("predicted", glue._Shrinker._predict))
+            monkeypatch.setattr(glue, "_splice", counted("spliced", glue._splice))
         path = tmp_path / f"{mode}.jsonl"
         patched(report=str(path), policy="shrink", shrink_dir=str(tmp_path / "media"), shrink_min_pixels=56 * 56)
         outs[mode] = lf.processor(stage, cutoff_len=160).preprocess_dataset(batch(rows))
@@ -278,8 +280,9 @@ def test_the_arithmetic_search_decides_as_the_encoding_search(lf, patched, tmp_p
     assert encoded_calls >= 4
     assert reports["predicted"] == reports["encoded"]
     assert outs["predicted"] == outs["encoded"]
-    assert sum(r["action"] == "shrunk" for r in reports["predicted"]) >= 3, reports["predicted"]
-    if not two:
+    shrunk = sum(r["action"] == "shrunk" for r in reports["predicted"])
+    assert shrunk >= 3 and calls["spliced"] == shrunk, (calls, reports["predicted"])
+    if stage == "SupervisedDatasetProcessor":
         out = outs["predicted"]
         features, _ = collate(lf, out, range(len(out["input_ids"])))
         assert features == [n for ids in out["input_ids"] for n in runs(lf, ids)]

@@ -68,6 +68,10 @@ class _Handler:
     def lengths(self, full) -> list:
         raise NotImplementedError
 
+    def sequences(self, full) -> list:
+        """The token ids of each sequence, in the order of `layouts`."""
+        raise NotImplementedError
+
     def layouts(self, instance, full, splits, spans, budget, split) -> list:
         raise NotImplementedError
 
@@ -88,6 +92,8 @@ class _Supervised(_Handler):
     def lengths(self, full):
         return [len(full[0])]
 
+    def sequences(self, full):
+        return [full[0]]
 
     def layouts(self, instance, full, splits, spans, budget, split):
         ids = full[0]
@@ -121,6 +127,9 @@ class _TwoSequences(_Handler):
 
     def lengths(self, full):
         return [len(full[0]), len(full[2])]
+
+    def sequences(self, full):
+        return [full[0], full[2]]
 
     def build(self, full, kept):
         pairs = (_pick(full[0], kept[0]), _pick(full[1], kept[0]), _pick(full[2], kept[1]), _pick(full[3], kept[1]))
@@ -166,6 +175,9 @@ class _Unsupervised(_Handler):
 
     def lengths(self, full):
         return [len(full[0]) + len(full[1])]
+
+    def sequences(self, full):
+        return [list(full[0]) + list(full[1])]
 
     def layouts(self, instance, full, splits, spans, budget, split):
         ids = list(full[0]) + list(full[1])
@@ -631,7 +643,7 @@ def _encode_wrapper(stage: str):
 
             def reencode(scale):  # the shrinker is made when the media do not fit (not for a cut of text alone)
                 if not made:
-                    made.append(_Shrinker(instance, media, layouts, cfg, encode))
+                    made.append(_Shrinker(instance, media, layouts, cfg, encode, lambda after: _splice(handler, full, layouts, after)))
                 return made[0].reencode(scale)
 
         try:
@@ -674,6 +686,30 @@ def _encode_wrapper(stage: str):
     return wrapper
 
 
+def _splice(handler, full, before, after):
+    """`full` (upstream's output for `before`) turned into the output for `after`, the same layouts with
+    runs shortened (`core.relength`: Qwen-VL images at smaller sizes), by taking tokens out of each
+    shortened run's interior, where the interior is one repeated token (the image pad) from every
+    sequence aligned with it (ids, labels). None where a run grew or is not so made: then the caller
+    encodes."""
+    kept = []
+    for ids, b, a in zip(handler.sequences(full), before, after):
+        drop: set = set()
+        for rb, ra in zip(b.runs, a.runs):
+            cut = rb.length - ra.length
+            if cut < 0:
+                return None
+            if cut:
+                inner = ids[rb.start + 1 : rb.stop - 1]
+                if len(inner) < cut or len(set(inner)) != 1:
+                    return None
+                drop.update(range(rb.start + 1, rb.start + 1 + cut))
+        if len(ids) - len(drop) != a.length:
+            return None
+        kept.append([p for p in range(len(ids)) if p not in drop])
+    return handler.build(full, kept)
+
+
 class _Shrinker:
     """Policy `shrink` for one sample: `reencode(scale)` encodes it again through upstream's own code with
     stand-ins of the smaller sizes (blank images: token counts depend on an image's size only, and the
@@ -684,8 +720,8 @@ class _Shrinker:
     and rank, and after a cached `tokenized_path` is reloaded), so the rows must name the downsized
     files: then what it reads is what was counted here."""
 
-    def __init__(self, instance, media, layouts, cfg, encode):
-        self.media, self.encode, self.layouts = media, encode, layouts
+    def __init__(self, instance, media, layouts, cfg, encode, splice):
+        self.media, self.encode, self.splice, self.layouts = media, encode, splice, layouts
         self.scratch = None  # the search's stand-in videos
         self.videos = {}  # key -> _media.Video
         processor = getattr(instance, "processor", None)
@@ -792,7 +828,12 @@ class _Shrinker:
                 new[kind][k] = [_media.write_image(frames[i], after[:2], folder) for i in core.pick_frames(len(frames), after[2])]
             else:
                 new[kind][k] = _media.write_video(self.videos[(kind, k)], after[:2], after[2], self.fps, folder)
-        full, layouts = self.encode(new)
+        # predicted sizes of images the rows name by path: the sample's ids with the runs shortened (an
+        # encode at the new sizes gives the same, `test_the_arithmetic_search_decides_as_the_encoding_search`)
+        spliced = None
+        if decision.resized.payload is None and all(kind == "image" and _media.unmark(new[kind][k]) for (kind, k), _b, _a in decision.resized.sizes):
+            spliced = self.splice(decision.resized.layouts)
+        full, layouts = (spliced, decision.resized.layouts) if spliced is not None else self.encode(new)
         plans = core.fits(layouts)
         want = [r.length for r in decision.resized.layouts[0].runs]
         if plans is None or [r.length for r in layouts[0].runs] != want:
