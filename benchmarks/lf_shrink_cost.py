@@ -5,8 +5,13 @@ different photo each, so each shrunk sample writes its own file)
 that does not fit cutoff_len, and the other 90% a 224 px image with text of any length (some cut).
 LLaMA-Factory's real SupervisedDatasetProcessor (real Qwen2-VL image processor, tiny offline
 tokenizer) preprocesses it under vanilla, vlpatch `drop` (the photos' samples dropped) and vlpatch
-`shrink` (the photos downsized until their samples fit, a fresh shrink directory every round, so each
-round writes every downsized file), in alternating rounds; prints the medians and their ratios.
+`shrink` (the photos downsized until their samples fit: the rows name each photo at its new size), in
+alternating rounds; prints the medians and their ratios.
+
+Then what training pays per epoch for a shrunk photo, in LLaMA-Factory's own `_regularize_images` (what
+its collator calls): vanilla reading the original (decoded whole, resized to image_max_pixels), vlpatch
+reading the sized entry (decoded at a reduced scale, resized to the chosen size), and the file an
+earlier vlpatch wrote instead (a PNG of the chosen size), in alternating rounds.
 
     .venv/bin/python benchmarks/lf_shrink_cost.py [--samples 300] [--rounds 5] [--share 0.1]
 """
@@ -94,8 +99,7 @@ def main():
         for mode in times:
             vlpatch.revert()
             if mode != "vanilla":
-                vlpatch.apply(policy=mode, report=os.path.join(tmp, f"report_{mode}.jsonl"),
-                              shrink_dir=os.path.join(tmp, f"media_{r}"), shrink_min_pixels=56 * 56)
+                vlpatch.apply(policy=mode, report=os.path.join(tmp, f"report_{mode}.jsonl"), shrink_min_pixels=56 * 56)
             seconds, kept[mode] = run_once()
             times[mode].append(seconds)
     vlpatch.revert()
@@ -105,6 +109,41 @@ def main():
     print(f"ratio shrink/drop    {med['shrink'] / med['drop']:.3f}")
     print(f"ratio shrink/vanilla {med['shrink'] / med['vanilla']:.3f}")
     print(f"ratio drop/vanilla   {med['drop'] / med['vanilla']:.3f}")
+
+    # training time: the collator reads each shrunk photo once per epoch
+    import json
+
+    from llamafactory.data.mm_plugin import get_mm_plugin
+
+    with open(os.path.join(tmp, "report_shrink.jsonl"), encoding="utf-8") as fh:
+        entries = [x["sized_entry"] for line in fh if line.strip() for x in json.loads(line).get("media_resized", [])]
+    entries = list(dict.fromkeys(entries))
+    originals = [e.rpartition("#")[0] for e in entries]
+    pngs = []
+    for k, e in enumerate(entries):
+        w, h = (int(v) for v in e.rpartition("=")[2].split("x"))
+        path = os.path.join(tmp, f"written{k}.png")
+        Image.open(originals[k]).convert("RGB").resize((w, h), Image.BICUBIC).save(path, format="PNG", compress_level=1)
+        pngs.append(path)
+    plugin = get_mm_plugin("qwen2_vl", image_token="<|image_pad|>")
+    kwargs = dict(image_max_pixels=1024 * 1024, image_min_pixels=32 * 32)
+    vlpatch.apply(report=os.path.join(tmp, "report_read.jsonl"))  # sized entries are read by the patched reader
+    reads = {"vanilla original": [], "vlpatch sized entry": [], "written PNG": []}
+    for _ in range(args.rounds):
+        for mode, items in zip(reads, (originals, entries, pngs)):
+            t = time.perf_counter()
+            for item in items:
+                got = plugin._regularize_images([item], **kwargs)
+                for im in got["images"] if isinstance(got, dict) else got:
+                    im.load()  # the pixels, as the image processor takes them next (a PNG opens lazily)
+            reads[mode].append((time.perf_counter() - t) / len(items))
+    vlpatch.revert()
+    rmed = {mode: statistics.median(t) for mode, t in reads.items()}
+    print(f"reading a shrunk photo at training time ({len(entries)} photos, {args.rounds} alternating rounds):")
+    for mode, m in rmed.items():
+        print(f"  {mode:20s} {m * 1000:7.2f} ms")
+    print(f"ratio sized entry/vanilla original {rmed['vlpatch sized entry'] / rmed['vanilla original']:.3f}")
+    print(f"ratio sized entry/written PNG      {rmed['vlpatch sized entry'] / rmed['written PNG']:.3f}")
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ SETTINGS = {
         Setting("VLPATCH_SHRINK_MIN_PIXELS", "pixels", "policy shrink: no image is made smaller than this many pixels (default 65536, 256x256)"),
         Setting("VLPATCH_SHRINK_MIN_FRAMES", "frames", "policy shrink: a video keeps at least this many of the frames the trainer samples (default 4); its frames shrink to VLPATCH_SHRINK_MIN_PIXELS first"),
         Setting("VLPATCH_SHRINK_FALLBACK", "fallback", "policy shrink: what happens when the media do not fit even at the floor (default drop)"),
-        Setting("VLPATCH_SHRINK_DIR", "dir", "policy shrink: where LLaMA-Factory's downsized images are written (default: vlpatch_media in output_dir)"),
+        Setting("VLPATCH_SHRINK_DIR", "dir", "policy shrink: where LLaMA-Factory's downsized videos, frame lists and images given as bytes are written (default: vlpatch_media in output_dir)"),
         Setting("VLPATCH_MATRIX", "matrix", "read another compat matrix file"),
         Setting("VLPATCH_LOG_LEVEL", "level", "a stderr handler for the vlpatch logger"),
         Setting("VLPATCH_RUN", "internal", "set by vlpatch itself: the report run of this process tree"),
