@@ -350,6 +350,18 @@ def test_shrink_below_the_floor_falls_back():
         core.resolve([fake.layout()], core.get_policy("shrink", "error"), "s[0]", fake.reencode)
 
 
+def test_shrink_with_nothing_to_downsize_falls_back_and_says_why():
+    fake = FakeImages(30, 5, lambda s: 400, 100)
+
+    def reencode(scale):
+        raise core.ShrinkUnavailable("nothing that must stay can be downsized here (audio)")
+
+    decision = core.resolve([fake.layout()], core.get_policy("shrink"), "s[0]", reencode)
+    assert decision.action == "dropped" and decision.reason.endswith("shrink_unavailable: nothing that must stay can be downsized here (audio)"), decision.reason
+    decision = core.resolve([fake.layout()], core.get_policy("shrink", "drop_media"), "s[0]", reencode)
+    assert decision.action == "media_dropped" and "shrink_unavailable" in decision.reason
+
+
 def test_shrink_without_reencode_falls_back_and_says_why():
     fake = FakeImages(30, 5, lambda s: 400, 100)
     decision = core.resolve([fake.layout()], core.get_policy("shrink"), "s[0]")

@@ -359,6 +359,23 @@ def test_shrink_downsizes_the_images_until_the_example_fits(uz, model, patched, 
             opt.zero_grad()
 
 
+def test_shrink_measures_the_media_only_when_they_do_not_fit(uz, patched, tmp_path, monkeypatch):
+    """Policy shrink reads an example's media sizes (a video file: through upstream's reader) only when
+    the media that must stay do not fit: a row whose text alone is cut costs it nothing."""
+    from vlpatch.integrations import _collator
+
+    calls = []
+    real = _collator._items
+    monkeypatch.setattr(_collator, "_items", lambda *a: calls.append(1) or real(*a))
+    patched(policy="shrink", shrink_min_pixels=28 * 28, report=str(tmp_path / "r.jsonl"))
+    batch = uz.collator(100)([example(1, words_before=80), example(1)])
+    check_rows(uz, batch, budget=100)
+    rows = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert rows and {r["action"] for r in rows} == {"truncated"} and calls == [], (rows, calls)
+    uz.collator(100)([example(**uz.big), example(1, words_before=1, words_after=1)])
+    assert calls == [1], "measured once, when they do not fit"
+
+
 def two_turns(words_first=5, words_second=60):
     """A conversation of two turns, one image in each user turn (`images` column, in order)."""
     def user(words, seed):

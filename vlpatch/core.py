@@ -517,6 +517,12 @@ class DropMediaPolicy(Policy):
         )
 
 
+class ShrinkUnavailable(Exception):
+    """Raised by an integration's `reencode(scale)` that finds nothing in the sample it can downsize (it
+    measures the media on its first call, so a sample whose text alone is cut costs nothing): the
+    fallback decides, reported as `shrink_unavailable: <the message>`."""
+
+
 @dataclass
 class Resized:
     """A sample re-encoded with smaller media, from an integration's `reencode(scale)`.
@@ -637,7 +643,10 @@ class ShrinkPolicy(Policy):
         scale = min(1.0, avail / max(1, tokens)) * 0.97
         floor_hit, last = None, tokens
         for _ in range(SHRINK_STEPS):
-            resized = case.reencode(scale)
+            try:
+                resized = case.reencode(scale)
+            except ShrinkUnavailable as exc:
+                return self._fall(case, f"shrink_unavailable: {exc}")
             if resized is None:
                 break
             plans = case.settle(resized.layouts)

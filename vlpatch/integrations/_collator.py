@@ -490,13 +490,23 @@ def _resized_media(example, sizes: list, blank: bool) -> tuple:
 
 def _shrinker(site, example, rows, recollate, finder, processor, cfg):
     """`reencode(scale)` for `core.fit_rows`: the example collated alone by upstream, its images and
-    frame-list videos replaced by blank stand-ins of the candidate sizes (and frame counts)."""
-    try:
-        items = _items(site, example, cfg)
-    except Exception:
-        return None
-    if not items:
-        return None
+    frame-list videos replaced by blank stand-ins of the candidate sizes (and frame counts). The media
+    are measured on the first call (a video file read by upstream's reader), so only when the media that
+    must stay do not fit, not for a cut of text alone."""
+    measured: list = []
+
+    def items():
+        if not measured:
+            try:
+                measured.append((_items(site, example, cfg), None))
+            except Exception as exc:
+                measured.append((None, exc))
+        found, exc = measured[0]
+        if exc is not None:
+            raise core.ShrinkUnavailable(f"its media could not be measured: {type(exc).__name__}: {exc}")
+        if not found:
+            raise core.ShrinkUnavailable("nothing that must stay can be downsized here (audio, an in-memory video)")
+        return found
 
     def collated(sizes):
         batch = recollate([_with_media(example, *_resized_media(example, sizes, blank=True))])
@@ -504,7 +514,7 @@ def _shrinker(site, example, rows, recollate, finder, processor, cfg):
         return [(len(row), finder.assign_items(row, runs, its)) for _, row, runs, its in parsed]
 
     def reencode(scale):
-        changed, floor, sharp = core.shrink_candidates(items, scale)
+        changed, floor, sharp = core.shrink_candidates(items(), scale)
         if not changed:
             return rows, [], True, None
         return ((collated(sizes), sizes, floor, None) for sizes in (sharp, changed) if sizes)

@@ -780,7 +780,7 @@ class _Shrinker:
 
     def reencode(self, scale: float):
         if not self.items:
-            return None
+            raise core.ShrinkUnavailable("nothing that must stay can be downsized here (audio, frames of different sizes, an unreadable video)")
         changed, floor, sharp = core.shrink_candidates(self.items, scale)
         if not changed:  # every item is at or below the floor already
             return core.Resized(scale, self.layouts, [], True)
