@@ -146,7 +146,8 @@ def test_shrink_trains_on_large_photos_and_a_video_and_after_a_tokenized_reload(
     """VLPATCH_POLICY=shrink: every photo is downsized, and the video loses frames, until its sample fits;
     the rows name each photo at its new size (and the downsized video file), so the collator (in
     dataloader worker processes) reads what was counted, also when a second run reloads the tokenized
-    dataset from `tokenized_path` (no preprocessing, no vlpatch planning)."""
+    dataset from `tokenized_path` (no preprocessing, no vlpatch planning); the same dataset loaded
+    without vlpatch stops at its first batch (every sample here is shrunk), naming the sized entry."""
     newest_only("llamafactory", "the processor and corpus tests run policy shrink on every release")
     d = str(tmp_path_factory.mktemp("photos"))
     build_photo_dataset(d)
@@ -183,6 +184,14 @@ def test_shrink_trains_on_large_photos_and_a_video_and_after_a_tokenized_reload(
     log = proc.stdout + proc.stderr
     assert "Loaded tokenized dataset" in log and trained(proc), log[-3000:]
     assert not again, "nothing was preprocessed again"
+    # the same tokenized dataset without vlpatch: it stops at the first sized entry, saying which,
+    # instead of reading the full-size photo that its row's tokens do not match
+    third = tmp_path / "third"
+    third.mkdir()
+    proc, _ = train(third, tiny_qwen2vl, d, tokenized_path=tokenized, **big)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "FileNotFoundError" in log and "#vlpatch-size=" in log, log[-3000:]
+    assert not any(m in log for m in MISMATCH), log[-3000:]
 
 
 def test_policy_error_stops_naming_the_sample(tmp_path, tiny_qwen2vl, data_dir):
