@@ -232,7 +232,7 @@ def test_shrink_in_every_stage(lf, patched, tmp_path, stage):
     assert entry.startswith(big + "#vlpatch-size="), entry
 
 
-@pytest.mark.parametrize("stage", ["SupervisedDatasetProcessor", "PairwiseDatasetProcessor", "UnsupervisedDatasetProcessor"])
+@pytest.mark.parametrize("stage", ["SupervisedDatasetProcessor", "SupervisedDatasetProcessor+mask_history", "PairwiseDatasetProcessor", "UnsupervisedDatasetProcessor"])
 def test_the_arithmetic_search_decides_as_the_encoding_search(lf, patched, tmp_path, monkeypatch, stage):
     """Qwen-VL images: the search predicts each candidate's layouts from the header arithmetic instead of
     encoding it, and the chosen size's output is the sample's ids with the runs shortened (a splice),
@@ -240,6 +240,8 @@ def test_the_arithmetic_search_decides_as_the_encoding_search(lf, patched, tmp_p
     candidate and the chosen size gives, and the collator's features equal the rows' image tokens."""
     from vlpatch.integrations import llamafactory as glue
 
+    stage, _, mask = stage.partition("+")
+    options = {"mask_history": True} if mask else {}
     two = "Pairwise" in stage
     reply = (lambda t: [assistant(t), assistant("no")]) if two else (lambda t: [assistant(t)])
     rows = [
@@ -272,7 +274,7 @@ def test_the_arithmetic_search_decides_as_the_encoding_search(lf, patched, tmp_p
             monkeypatch.setattr(glue, "_splice", counted("spliced", glue._splice))
         path = tmp_path / f"{mode}.jsonl"
         patched(report=str(path), policy="shrink", shrink_dir=str(tmp_path / "media"), shrink_min_pixels=56 * 56)
-        outs[mode] = lf.processor(stage, cutoff_len=160).preprocess_dataset(batch(rows))
+        outs[mode] = lf.processor(stage, cutoff_len=160, **options).preprocess_dataset(batch(rows))
         reports[mode] = [{k: v for k, v in r.items() if k != "time"} for r in report_rows(path)]
         if mode == "encoded":
             encoded_calls, calls["encoded"] = calls["encoded"], 0
