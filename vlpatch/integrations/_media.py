@@ -84,15 +84,12 @@ def downsize(source, size):
 
 
 def open_image(item):
-    """A media-list entry (a path, bytes, a {"bytes", "path"} dict, an image, a sized entry) as a PIL
-    image, opened lazily (pixels are decoded on first use); an image passed in is returned as it is."""
+    """A media-list entry (a path, bytes, a {"bytes", "path"} dict, an image) as a PIL image, opened
+    lazily (pixels are decoded on first use); an image passed in is returned as it is."""
     from PIL import Image
 
     if isinstance(item, Image.Image):
         return item
-    found = unmark(item)
-    if found is not None:
-        return downsize(found[0], found[1])
     if isinstance(item, dict):
         item = item.get("bytes") or item.get("path")
     if isinstance(item, (bytes, bytearray)):
@@ -139,16 +136,12 @@ def write_image(item, size, folder: str):
     from PIL import Image
 
     source = item.get("bytes") or item.get("path") if isinstance(item, dict) else item
-
-    def small():
-        return downsize(source, size)
-
     if isinstance(source, Image.Image):  # an in-memory image: the row holds the image itself
-        return small()
+        return downsize(source, size)
     ident, stem = _identity(source)
     digest = hashlib.sha256(f"{ident}|{size[0]}x{size[1]}".encode()).hexdigest()[:16]
     # fast PNG: the file is read back once per epoch
-    path = _write_once(folder, f"{stem}_{size[0]}x{size[1]}_{digest}.png", lambda tmp: small().save(tmp, format="PNG", compress_level=1))
+    path = _write_once(folder, f"{stem}_{size[0]}x{size[1]}_{digest}.png", lambda tmp: downsize(source, size).save(tmp, format="PNG", compress_level=1))
     if isinstance(item, dict):
         return {**item, "bytes": None, "path": path}
     if isinstance(item, (bytes, bytearray)):
