@@ -114,16 +114,17 @@ def main():
     import json
 
     from llamafactory.data.mm_plugin import get_mm_plugin
+    from vlpatch.integrations import _media
 
     with open(os.path.join(tmp, "report_shrink.jsonl"), encoding="utf-8") as fh:
         entries = [x["sized_entry"] for line in fh if line.strip() for x in json.loads(line).get("media_resized", [])]
     entries = list(dict.fromkeys(entries))
-    originals = [e.rpartition("#")[0] for e in entries]
-    pngs = []
+    originals, pngs = [], []
     for k, e in enumerate(entries):
-        w, h = (int(v) for v in e.rpartition("=")[2].split("x"))
+        original, size = _media.unmark(e)
         path = os.path.join(tmp, f"written{k}.png")
-        Image.open(originals[k]).convert("RGB").resize((w, h), Image.BICUBIC).save(path, format="PNG", compress_level=1)
+        Image.open(original).convert("RGB").resize(size, Image.BICUBIC).save(path, format="PNG", compress_level=1)
+        originals.append(original)
         pngs.append(path)
     plugin = get_mm_plugin("qwen2_vl", image_token="<|image_pad|>")
     kwargs = dict(image_max_pixels=1024 * 1024, image_min_pixels=32 * 32)
