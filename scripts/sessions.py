@@ -178,8 +178,17 @@ def canary_row(probe: dict | None, dist: str) -> list:
     version = probe["versions"].get(dist)
     patches = [p for p in probe["patches"] if p["distribution"] == dist]
     listed = any(version in p["tested"] for p in patches)
-    in_range = [p["id"] for p in patches if p["in_applies"]]
-    says = "tested" if listed else (f"in range of {', '.join(in_range)}, untested" if in_range else "outside")
+    vouched = sorted({p["vouched_by"] for p in patches if p.get("vouched_by")})
+    refused = [p["id"] for p in patches if p["state"] == "refused"]
+    if listed:
+        says = "tested"
+    elif vouched and not refused:  # the lock's rule: its code equals a tested release's, protected as it is
+        says = f"protected: code identical to tested {', '.join(vouched)}"
+    elif refused:
+        says = (f"NEW CODE SHAPE, refused ({', '.join(refused)}): run `python scripts/lock.py` (its lines below), then "
+                f"add `{version}` to the patch's `tested` and a session {{distribution: {dist}, version: \"{version}\", suite: ...}}")
+    else:
+        says = "outside"
     drift = [
         f"{target.split(':')[1]} vs {d['against']}"
         for p in patches

@@ -10,6 +10,7 @@ import yaml
 
 import vlpatch.matrix as vmatrix
 from tests.conftest import newest_only, require
+from tests.fixtures import matrix_copy
 
 BIN = os.path.dirname(sys.executable)
 
@@ -59,31 +60,30 @@ def test_doctor_human_output_and_autoenable(lf_version):
 
 
 def test_doctor_fails_when_an_enabled_patch_cannot_apply(lf_version, tmp_path):
-    # the installed release taken out of a copy of the matrix: what a user of the next release sees
-    with open(vmatrix.MATRIX_PATH, encoding="utf-8") as fh:
-        data = yaml.safe_load(fh)
-    raw = next(p for p in data["patches"] if p["id"] == "llamafactory.truncation")
-    raw["tested"] = [v for v in raw["tested"] if str(v) != lf_version]
-    raw["fingerprints"].pop(lf_version)
-    path = tmp_path / "m.yaml"
-    path.write_text(yaml.safe_dump(data))
-    proc = doctor(VLPATCH_MATRIX=str(path))
+    # the installed release no longer tested in a copy of the matrix: a known code shape that no tested
+    # release has, as a user of an untested release sees it; a trainer process would stop at its import
+    path, _ = matrix_copy.untested(tmp_path, {"llamafactory": lf_version})
+    proc = doctor(VLPATCH_MATRIX=path)
     assert proc.returncode == 1, proc.stdout[-3000:]
-    assert "llamafactory.truncation: skipped" in proc.stdout and "problems:" in proc.stdout
-    assert f"llamafactory {lf_version} is inside the range of, but not tested in," in proc.stdout
+    assert "llamafactory.truncation: refused" in proc.stdout and "problems:" in proc.stdout
+    assert f"llamafactory {lf_version}: its code shape ({lf_version} - {lf_version}) is known but no tested release has it" in proc.stdout
+    assert "REFUSED, a trainer process with VLPATCH=1 or apply() stops at its import" in proc.stdout
     assert "fingerprints vs " in proc.stdout  # drift is still measured against the nearest tested release
 
 
+def test_doctor_names_the_tested_release_that_vouches_for_the_code(lf_version, tmp_path):
+    # the installed release's tested entry renamed: protected only because its code equals a tested release's
+    newest_only("llamafactory", "vlpatch's own doctor logic")
+    path, _ = matrix_copy.vouched(tmp_path, {"llamafactory": lf_version})
+    proc = doctor("--no-selftest", VLPATCH_MATRIX=path)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert (f"llamafactory.truncation: applied ({lf_version}) - {lf_version}: code identical to tested {lf_version}.post99"
+            in proc.stdout), proc.stdout
+    assert f"fingerprints vs {lf_version}.post99: " in proc.stdout and "DRIFTED" not in proc.stdout
+
+
 def _matrix_without_installed(lf_version, tmp_path):
-    with open(vmatrix.MATRIX_PATH, encoding="utf-8") as fh:
-        data = yaml.safe_load(fh)
-    for raw in data["patches"]:
-        if raw["distribution"] == "llamafactory":
-            raw["tested"] = [v for v in raw["tested"] if str(v) != lf_version]
-            raw["fingerprints"].pop(lf_version)
-    path = tmp_path / "m.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return str(path)
+    return matrix_copy.untested(tmp_path, {"llamafactory": lf_version})[0]
 
 
 def test_doctor_fails_on_a_forced_patch_unless_accepted(lf_version, tmp_path):

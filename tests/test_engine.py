@@ -59,8 +59,11 @@ def upstream(tmp_path):
         (tmp_path / "orig" / "fakeup").mkdir(parents=True, exist_ok=True)  # the source 1.0 was tested with
         (tmp_path / "orig" / "fakeup" / "__init__.py").write_text(UPSTREAM)
         fps = {f"fakeup:{sym}": _fingerprint(tmp_path / "orig", sym) for sym in ("target", "Box.method")}
+        lock = {"patches": {"fake.double": {"distribution": "fakeup", "shapes": [{"name": "1.0", "releases": ["1.0"], "fingerprints": fps}]}}}
+        (tmp_path / "lock.json").write_text(json.dumps(lock))
         matrix = {
             "schema": 1,
+            "lock": "lock.json",
             "patches": [
                 {
                     "id": "fake.double",
@@ -71,7 +74,6 @@ def upstream(tmp_path):
                     "hook": "fakeup",
                     "integration": "fakeint",
                     "targets": [{"module": "fakeup", "symbol": s, "wrapper": "double"} for s in targets],
-                    "fingerprints": {"1.0": fps},
                 }
             ],
         }
@@ -122,7 +124,7 @@ def test_patches_sharing_a_hook_module_all_attach_on_import(upstream):
     # not only the first one listed (the one for older releases used to stay pending forever)
     d = upstream()
     matrix = json.loads((d / "matrix.yaml").read_text())
-    older = {**matrix["patches"][0], "id": "fake.older", "applies": "<1.0", "tested": [], "fingerprints": {}}
+    older = {**matrix["patches"][0], "id": "fake.older", "applies": "<1.0", "tested": []}
     matrix["patches"].insert(0, older)
     (d / "matrix.yaml").write_text(json.dumps(matrix))
     run(
@@ -151,48 +153,129 @@ def test_apply_after_import(upstream):
     run(upstream(), "import fakeup, vlpatch; vlpatch.apply(); assert fakeup.target(1) == 4")
 
 
-def test_unknown_version_is_refused_with_one_warning_and_force_overrides(upstream):
-    d = upstream(version="2.0")
-    proc = run(
+STOPS = """
+import vlpatch
+vlpatch.apply()
+try:
+    import fakeup
+except vlpatch.UnknownUpstreamError as exc:
+    print("STOPPED", exc)
+else:
+    raise SystemExit("imported: would train unprotected")
+import sys
+assert "fakeup" not in sys.modules, "the failed import left no half-imported module"
+st = vlpatch.status()[0]
+assert st["state"] == "refused", st
+print("REASON", st["reason"])
+"""
+
+
+def test_a_release_with_tested_code_is_protected_whatever_its_version(upstream):
+    # 1.3 is in no `tested` list, but its targets' source equals 1.0's: the same code, by construction
+    d = upstream(version="1.3")
+    run(
         d,
         """
         import fakeup, vlpatch
         vlpatch.apply()
-        assert fakeup.target(1) == 2, "untouched"
+        assert fakeup.target(1) == 4
         st = vlpatch.status()[0]
-        assert st["state"] == "skipped" and "2.0" in st["reason"] and "outside" in st["reason"], st
+        assert st["state"] == "applied" and st["reason"] == "1.3: code identical to tested 1.0", st
+        assert st["vouched_by"] == "1.0", st
         """,
     )
-    assert proc.stderr.count("not applied") == 1, proc.stderr
+
+
+def test_a_release_outside_every_range_stops_the_import_and_force_overrides(upstream):
+    d = upstream(version="2.0")
+    proc = run(d, STOPS)
+    assert "fakeup 2.0 is outside every range" in proc.stdout, proc.stdout
+    for way in ("upgrade vlpatch", "VLPATCH_FORCE=1", "VLPATCH_EXCLUDE=fake.double"):
+        assert way in proc.stdout, proc.stdout
     run(d, "import fakeup, vlpatch; vlpatch.apply(force=True); assert fakeup.target(1) == 4")
     run(d, "import fakeup, vlpatch; vlpatch.apply(); assert fakeup.target(1) == 4", VLPATCH_FORCE="1")
+    forced = run(d, "import vlpatch; vlpatch.apply(force=True); import fakeup; print(vlpatch.status()[0]['reason'])")
+    assert forced.stdout.startswith("forced onto 2.0, outside its range"), forced.stdout
 
 
-def test_drifted_source_is_refused_and_left_untouched(upstream):
+
+def test_code_no_tested_release_has_stops_the_import_naming_what_differs(upstream):
+    d = upstream(version="1.4", source=UPSTREAM.replace("return x + 1", "return x + 100"))
+    proc = run(d, STOPS)
+    assert "fakeup 1.4: this vlpatch does not know that release" in proc.stdout, proc.stdout
+    assert "differs from tested 1.0 in target" in proc.stdout and "Box.method" not in proc.stdout.split("REASON")[1], proc.stdout
+    # the upstream module was never left patched, and a process that imports no trainer runs on
+    run(d, "import vlpatch; vlpatch.apply(); import json; print('alive')")
+    forced = run(d, "import vlpatch; vlpatch.apply(force=True); import fakeup; print(vlpatch.status()[0]['reason'])")
+    assert forced.stdout.startswith("forced onto code no tested release has (nearest tested: 1.0)"), forced.stdout
+    # excluded: the user knowingly trains unprotected
+    run(d, "import fakeup, vlpatch; vlpatch.apply(); assert fakeup.target(1) == 101", VLPATCH_EXCLUDE="fake.double")
+
+
+def test_a_known_but_untested_shape_says_so(upstream):
+    d = upstream(version="1.5", source=UPSTREAM.replace("return x + 1", "return x + 100"))
+    lock = json.loads((d / "lock.json").read_text())
+    shapes = lock["patches"]["fake.double"]["shapes"]
+    # the lock read 1.5's wheel: its own shape, which no tested release has
+    fps = {**shapes[0]["fingerprints"], "fakeup:target": _fingerprint_of_source(d, UPSTREAM.replace("return x + 1", "return x + 100"))}
+    shapes.append({"name": "1.5", "releases": ["1.5"], "fingerprints": fps})
+    (d / "lock.json").write_text(json.dumps(lock))
+    proc = run(d, STOPS)
+    assert "its code shape (1.5 - 1.5) is known but no tested release has it" in proc.stdout, proc.stdout
+
+
+def _fingerprint_of_source(d, source):
+    (d / "other" / "fakeup").mkdir(parents=True, exist_ok=True)
+    (d / "other" / "fakeup" / "__init__.py").write_text(source)
+    return _fingerprint(d / "other", "target")
+
+
+def test_apply_after_a_refused_trainer_was_imported_raises(upstream):
     d = upstream(source=UPSTREAM.replace("return x + 1", "return x + 100"))
     run(
         d,
         """
         import fakeup, vlpatch
-        vlpatch.apply()
-        assert fakeup.target(1) == 101 and fakeup.Box().method(1) == 10
-        st = vlpatch.status()[0]
-        assert st["state"] == "skipped" and "changed" in st["reason"] and "fakeup:target" in st["reason"], st
+        try:
+            vlpatch.apply()
+        except vlpatch.UnknownUpstreamError as exc:
+            assert "fakeup 1.0: its installed code differs from that release's wheel" in str(exc), exc
+        else:
+            raise SystemExit("apply() returned: the imported trainer would run unprotected")
+        assert fakeup.target(1) == 101 and fakeup.Box().method(1) == 10, "left untouched"
         """,
     )
+
+
+def test_an_optional_patch_that_cannot_attach_warns_and_the_import_goes_on(upstream):
+    d = upstream(source=UPSTREAM.replace("return x + 1", "return x + 100"))
+    matrix = json.loads((d / "matrix.yaml").read_text())
+    matrix["patches"][0]["optional"] = True
+    (d / "matrix.yaml").write_text(json.dumps(matrix))
+    proc = run(d, "import vlpatch; vlpatch.apply(); import fakeup; assert fakeup.target(1) == 101; assert vlpatch.status()[0]['state'] == 'skipped'")
+    assert proc.stderr.count("patch fake.double not applied") == 1, proc.stderr
 
 
 def test_missing_target_means_nothing_is_wrapped(upstream):
     d = upstream(targets=("Box.method", "gone"))
+    proc = run(d, STOPS)
+    assert "target missing in fakeup 1.0" in proc.stdout, proc.stdout
+    # even forced, nothing is wrapped (a patch attaches all its targets or none), and the process stops
     run(
         d,
         """
         import fakeup, vlpatch
-        vlpatch.apply()
-        assert fakeup.Box().method(1) == 10, "never half-applied"
-        assert vlpatch.status()[0]["state"] == "skipped"
+        try:
+            vlpatch.apply(force=True)
+        except vlpatch.UnknownUpstreamError:
+            pass
+        else:
+            raise SystemExit("no stop")
+        assert fakeup.Box().method(1) == 10 and vlpatch.status()[0]["state"] == "refused"
         """,
     )
+    # what it would have wrapped is upstream's own: nothing half-applied
+    run(d, "import fakeup, vlpatch; vlpatch.apply(exclude=['fake.double']); assert fakeup.Box().method(1) == 10")
 
 
 def test_native_versions_stand_aside(upstream):
@@ -204,7 +287,7 @@ def test_exclude_by_id(upstream):
     d = upstream()
     run(d, "import fakeup, vlpatch; vlpatch.apply(); assert fakeup.target(1) == 2", VLPATCH_EXCLUDE="fake.double")
     matrix = json.loads((d / "matrix.yaml").read_text())
-    matrix["patches"].append({**matrix["patches"][0], "id": "other.patch", "applies": "<1.0", "tested": [], "fingerprints": {}})
+    matrix["patches"].append({**matrix["patches"][0], "id": "other.patch", "applies": "<1.0", "tested": []})
     (d / "matrix.yaml").write_text(json.dumps(matrix))
     run(d, "import fakeup, vlpatch; vlpatch.apply(); assert fakeup.target(1) == 2", VLPATCH_PATCHES="other.patch")
 
@@ -384,12 +467,17 @@ def test_a_later_apply_takes_force_back(upstream):
         import fakeup, vlpatch
         vlpatch.apply(force=True)
         assert fakeup.target(1) == 4 and vlpatch.status()[0]["reason"].startswith("forced")
-        vlpatch.apply(force=False)
-        assert fakeup.target(1) == 2 and vlpatch.status()[0]["state"] == "skipped"
-        vlpatch.apply(force=False)
+        for _ in range(2):  # the trainer is imported: apply() itself stops, each time it is asked
+            try:
+                vlpatch.apply(force=False)
+            except vlpatch.UnknownUpstreamError:
+                pass
+            else:
+                raise SystemExit("apply(force=False) left the imported trainer unprotected without a word")
+            assert fakeup.target(1) == 2 and vlpatch.status()[0]["state"] == "refused"
         """,
     )
-    assert proc.stderr.count("not applied") == 1, "decided once under the same settings: " + proc.stderr
+    assert proc.stderr.count("refused") == 1, "decided once under the same settings: " + proc.stderr
 
 
 def test_status_tells_excluded_from_not_installed(upstream):

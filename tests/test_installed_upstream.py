@@ -4,9 +4,11 @@ Runs in every smoke session (scripts/sessions.py), including the ones that hold 
 matrix does not cover (`expect: refused`) and the canary's newest releases:
 * a tested release: its patch attaches (every wrapped target is vlpatch's), revert() puts back the
   very same objects;
-* a release the matrix does not list (or one removed from a copy of the matrix, to stand for the
-  next upstream release): every patch of it is refused with one warning naming the version, and
-  every target is upstream's own object.
+* a release with code no tested release has (or the installed one, no longer tested in a copy of the
+  matrix, to stand for the next upstream release): every patch of it is refused, the trainer module's
+  import stops naming the release and the ways on, and every target is upstream's own object;
+* the installed release with its tested entry renamed in a copy of the matrix: protected because its
+  code equals a tested release's, whatever its version number.
 Each check runs in a fresh interpreter so that nothing else in the test process is patched: one
 interpreter for every upstream installed here at once (as a user's training process imports them), one
 for the stand-in of their next releases; each test reads its upstream's part.
@@ -26,6 +28,7 @@ import yaml
 from packaging.version import Version
 
 import vlpatch.matrix as vmatrix
+from tests.fixtures import matrix_copy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPECT = os.environ.get("VLPATCH_EXPECT", "")
@@ -45,12 +48,16 @@ installed = {d: Version(_version(d)) for d in dists}
 # a hook module of patches that have nothing to patch in this release (`absent`) is not imported: it may not
 # import alone there (TRL 0.24.0's dpo_trainer under transformers 5.6 in a fresh interpreter)
 needed = {s.hook for s in specs if s.absent is None or installed[s.distribution] not in s.absent}
+stopped = {}  # hook -> the UnknownUpstreamError its import raised (code no tested release has)
 for hook in sorted(needed):
-    if hook.startswith("unsloth_zoo"):
-        from tests.fixtures.unsloth_import import import_vision_utils  # the CPU recipe
-        import_vision_utils()
-    else:
-        importlib.import_module(hook)
+    try:
+        if hook.startswith("unsloth_zoo"):
+            from tests.fixtures.unsloth_import import import_vision_utils  # the CPU recipe
+            import_vision_utils()
+        else:
+            importlib.import_module(hook)
+    except vlpatch.UnknownUpstreamError as exc:
+        stopped[hook] = str(exc)
 def targets(spec):
     out = {}
     for t in spec.targets:
@@ -65,7 +72,7 @@ before = {s.id: targets(s) for s in specs}
 states = {row["id"]: row for row in vlpatch.status()}
 vlpatch.revert()
 after = {s.id: targets(s) for s in specs}
-print("PROBE " + json.dumps({"states": states, "patched": before, "reverted": after}))
+print("PROBE " + json.dumps({"states": states, "patched": before, "reverted": after, "stopped": stopped}))
 """
 
 pytestmark = pytest.mark.heavy  # each test probes the installed upstream in a subprocess
@@ -106,22 +113,22 @@ def probed():
 
 
 @pytest.fixture(scope="module")
-def next_releases(tmp_path_factory) -> tuple:
-    """Stand-in for every installed upstream's next release: a copy of the matrix without the installed
-    releases (their `tested` entries and fingerprints). (path, {distribution: the patch ids touched})."""
-    with open(vmatrix.MATRIX_PATH, encoding="utf-8") as fh:
-        data = yaml.safe_load(fh)
+def next_releases(tmp_path_factory) -> dict:
+    """Stand-ins for every installed upstream's next release, on its real code: {"untested": a copy of the
+    matrix where the installed release is no longer tested (a known code shape no tested release has),
+    "vouched": one where its tested entry is renamed (`VERSION.post99`, same code)}: (path, {distribution:
+    the patch ids touched})."""
     versions = dict(installed())
-    touched: dict = {}
-    for raw in data["patches"]:
-        version = versions.get(raw["distribution"])
-        if version is not None and version in [str(v) for v in raw.get("tested", [])]:
-            raw["tested"] = [v for v in raw["tested"] if str(v) != version]
-            raw["fingerprints"].pop(version, None)
-            touched.setdefault(raw["distribution"], []).append(raw["id"])
-    path = tmp_path_factory.mktemp("next_release") / "matrix.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return str(path), touched
+    return {how: getattr(matrix_copy, how)(tmp_path_factory.mktemp(how), versions) for how in ("untested", "vouched")}
+
+
+def protected(spec, version: str, state: dict) -> bool:
+    """The lock says a tested release has this release's code; for a release newer than the lock (the
+    canary's), the engine's comparison of the installed code with the tested releases' decides."""
+    shape = spec.shape_of(version)
+    if version in spec.tested or (shape is not None and any(v in spec.tested for v in shape.releases)):
+        return True
+    return shape is None and "code identical to tested" in state.get("reason", "")
 
 
 def pytest_generate_tests(metafunc):
@@ -135,13 +142,13 @@ def test_installed_release_is_patched_or_refused(upstream, probed):
         pytest.skip("no upstream of the matrix is installed here")
     dist, version = upstream
     specs = [s for s in vmatrix.load().patches if s.distribution == dist]
-    tested = [s for s in specs if version in s.tested]
+    out, stderr = probed()
+    tested = [s for s in specs if protected(s, version, out["states"][s.id])]
     # releases without the code a patch is for (`absent`: TRL before its vision collators): nothing to patch
     absent = [s for s in specs if s.absent is not None and Version(version) in s.absent]
     if not STRICT or dist in STRICT:  # the session's own upstream: its `expect` must agree with the matrix
         assert bool(tested) != (EXPECT == "refused"), f"{dist} {version}: the session's `expect` disagrees with the matrix"
     # another upstream installed beside it (TRL under LLaMA-Factory and unsloth_zoo): the matrix alone decides
-    out, stderr = probed()
     # targets a patch that applies here wraps (sibling patches for other releases share some of them)
     ours = {t.key for s in specs if out["states"][s.id]["state"] == "applied" for t in s.targets_for(version) if t.wrapper}
     for spec in specs:
@@ -152,37 +159,67 @@ def test_installed_release_is_patched_or_refused(upstream, probed):
             assert set(out["patched"][spec.id].values()) <= {"upstream", "missing"}, out["patched"][spec.id]
         elif spec in tested:
             assert state["state"] in ("applied", "native"), state
+            assert spec.hook not in out["stopped"], out["stopped"]
             if state["state"] == "applied":
+                assert state["reason"] == f"tested on {version}" or f"code identical to tested" in state["reason"], state
                 wrapped = {t.key for t in spec.targets_for(version) if t.wrapper}
                 # a target this patch only fingerprints may be one that another applied patch wraps
                 shared = {t.key for t in spec.targets_for(version) if not t.wrapper} & ours
                 assert {k for k, v in out["patched"][spec.id].items() if v == "vlpatch"} == wrapped | shared
-        else:
+        elif "covers it" in state["reason"] or spec.optional:
             assert state["state"] == "skipped", state
+        else:  # code no tested release has: refused, and its trainer module's import stopped, naming the release
+            assert state["state"] == "refused" and version in state["reason"], state
+            assert version in out["stopped"][spec.hook] and f"VLPATCH_EXCLUDE={spec.id}" in out["stopped"][spec.hook], out["stopped"]
+        if state["state"] != "applied":
             theirs = {k: v for k, v in out["patched"][spec.id].items() if k not in ours}
             assert set(theirs.values()) <= {"upstream", "missing"}, out["patched"][spec.id]
         assert set(out["reverted"][spec.id].values()) <= {"upstream", "missing"}
-    if not tested:  # refused: one warning per patch meant for it (the others name their sibling), with the version
-        lines = stderr.splitlines()
-        meant = [s.id for s in specs if "covers it" not in out["states"][s.id]["reason"] and s not in absent]
+    if not tested:  # refused: each patch meant for it stops its trainer's import (the others name their sibling)
+        meant = [s.id for s in specs if "covers it" not in out["states"][s.id]["reason"] and s not in absent and not s.optional]
         assert meant or absent, out["states"]
         for patch_id in meant:
-            warned = [x for x in lines if f"patch {patch_id} not applied" in x and version in x]
-            assert len(warned) == 1, stderr[-3000:]
+            assert sum(f"patch {patch_id} refused" in line for line in stderr.splitlines()) == 1, stderr[-3000:]
 
-def test_next_release_is_refused_until_the_matrix_lists_it(upstream, probed, next_releases):
-    """Stand-in for the next upstream release: the installed one, removed from a copy of the matrix
-    (its `tested` entry and fingerprints). vlpatch must refuse it, not patch it blindly."""
+
+def stand_in(upstream, probed, next_releases, how: str) -> tuple:
+    """(upstream, matrix path, patch ids touched, probe output) of one stand-in for the next release."""
     if upstream is None:
         pytest.skip("no upstream of the matrix is installed here")
-    dist, version = upstream
-    path, touched_by = next_releases
-    touched = touched_by.get(dist)
+    path, touched_by = next_releases[how]
+    touched = touched_by.get(upstream[0])
     if not touched:
-        pytest.skip(f"{dist} {version} is not in the matrix: the test above covers its refusal")
-    out, stderr = probed(path)
+        pytest.skip(f"{upstream[0]} {upstream[1]} is not tested in the matrix: the test above covers it")
+    return upstream, path, touched, probed(path)
+
+
+def test_next_release_with_untested_code_stops_its_import(upstream, probed, next_releases):
+    """Stand-in for the next upstream release whose code no tested release has: the installed one, no
+    longer tested in a copy of the matrix. A process that asked for protection stops at the trainer's
+    import, naming the release and the ways on; nothing is patched blindly."""
+    (dist, version), path, touched, (out, stderr) = stand_in(upstream, probed, next_releases, "untested")
+    for patch_id in touched:
+        spec = vmatrix.load(path).by_id(patch_id)
+        state = out["states"][patch_id]
+        assert set(out["patched"][patch_id].values()) <= {"upstream", "missing"}, out["patched"][patch_id]
+        if spec.optional:
+            assert state["state"] == "skipped" and version in state["reason"], state
+            continue
+        assert state["state"] == "refused" and "is known but no tested release has it" in state["reason"] and version in state["reason"], state
+        message = out["stopped"][spec.hook]
+        for way in ("upgrade vlpatch", "VLPATCH_FORCE=1", f"VLPATCH_EXCLUDE="):
+            assert way in message, message
+        assert sum(f"patch {patch_id} refused" in line for line in stderr.splitlines()) == 1, stderr[-3000:]
+
+
+def test_next_release_with_tested_code_is_protected(upstream, probed, next_releases):
+    """Stand-in for the next upstream release with the code of a tested one: the installed release's tested
+    entry renamed in a copy of the matrix. It attaches, and says which tested release vouches for it."""
+    (dist, version), path, touched, (out, _) = stand_in(upstream, probed, next_releases, "vouched")
+    assert not out["stopped"], out["stopped"]
     for patch_id in touched:
         state = out["states"][patch_id]
-        assert state["state"] == "skipped" and "not tested" in state["reason"] and version in state["reason"], state
-        assert set(out["patched"][patch_id].values()) <= {"upstream", "missing"}, out["patched"][patch_id]
-        assert sum(patch_id in line and "not applied" in line for line in stderr.splitlines()) == 1, stderr[-3000:]
+        if state["state"] == "native":
+            continue
+        assert state["state"] == "applied" and state["reason"] == f"{version}: code identical to tested {version}.post99", state
+        assert "vlpatch" in out["patched"][patch_id].values(), out["patched"][patch_id]

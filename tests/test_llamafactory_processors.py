@@ -273,24 +273,20 @@ def test_status_lists_every_plugin_as_covered(lf, patched):
 
 def test_drifted_upstream_is_refused_and_left_untouched(lf, tmp_path, monkeypatch):
     """The real installed LLaMA-Factory against a matrix whose fingerprint of one target is different."""
-    import yaml
-
     import vlpatch
     from llamafactory.data.processor import SupervisedDatasetProcessor
-    from vlpatch import matrix
+    from tests.fixtures import matrix_copy
 
-    with open(matrix.MATRIX_PATH, encoding="utf-8") as fh:
-        data = yaml.safe_load(fh)
-    for fps in data["patches"][0]["fingerprints"].values():
-        key = next(k for k in fps if k.endswith("SupervisedDatasetProcessor._encode_data_example"))
-        fps[key] = "0" * 16
-    (tmp_path / "m.yaml").write_text(yaml.safe_dump(data))
-    monkeypatch.setenv("VLPATCH_MATRIX", str(tmp_path / "m.yaml"))
+    path = matrix_copy.with_fingerprint(tmp_path, "llamafactory.truncation", "SupervisedDatasetProcessor._encode_data_example", "0" * 16)
+    monkeypatch.setenv("VLPATCH_MATRIX", path)
     original = vars(SupervisedDatasetProcessor)["_encode_data_example"]
     vlpatch.revert()
     try:
-        st = lf_status(vlpatch.apply())
-        assert st["state"] == "skipped" and "upstream code changed" in st["reason"], st
+        # LLaMA-Factory is imported already: apply() itself stops, naming what differs
+        with pytest.raises(vlpatch.UnknownUpstreamError, match="differs from tested .* in SupervisedDatasetProcessor._encode_data_example"):
+            vlpatch.apply()
+        st = lf_status(vlpatch.status())
+        assert st["state"] == "refused" and "differs from that release's wheel" in st["reason"], st
         assert vars(SupervisedDatasetProcessor)["_encode_data_example"] is original
         assert type(vars(SupervisedDatasetProcessor)["preprocess_dataset"]).__name__ == "function", "nothing half-applied"
     finally:

@@ -1,6 +1,6 @@
-"""compat_matrix.yaml is the single source of truth: every tested version has fingerprints and one
-smoke session (scripts/sessions.py runs them), and every session is a tested version or a release
-the matrix must refuse."""
+"""compat_matrix.yaml and its generated lock agree: every tested version is in the lock (its fingerprints)
+and has one smoke session (scripts/sessions.py runs them), every session is a tested version or a release
+the matrix must refuse, and every code shape of the lock has one tested representative."""
 
 import yaml
 from packaging.version import Version
@@ -71,3 +71,61 @@ def test_readme_coverage_table_is_the_matrix():
 
     readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
     assert coverage_markdown() in readme, "regenerate the table with `vlpatch coverage`"
+
+
+# Code shapes the lock knows that no session tests yet: a release with one of them stops a protected
+# process at its trainer's import (it is refused, never patched blindly). Adding a session for one takes it
+# off this list (the test below fails until then); a new shape in the lock fails it too.
+SHAPES_NOT_YET_TESTED = {
+    ("unsloth.collator_inline", "2024.11.6"), ("unsloth.collator_inline", "2024.11.7"),
+    ("unsloth.collator_inline", "2024.12.3"),
+}
+
+
+def lock():
+    import json
+
+    with open(vmatrix.lock_path(vmatrix.MATRIX_PATH), encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def test_the_lock_is_of_this_matrix():
+    """compat_lock.json is generated from the matrix (scripts/lock.py): the same patches, ranges and targets."""
+    data, m = lock(), vmatrix.load(vmatrix.MATRIX_PATH)
+    assert set(data["patches"]) == {p.id for p in m.patches}, "run `python scripts/lock.py`"
+    for p in m.patches:
+        entry = data["patches"][p.id]
+        assert entry["distribution"] == p.distribution and entry["applies"] == str(p.applies), f"{p.id}: run `python scripts/lock.py`"
+        seen = set()
+        for shape in p.shapes:
+            assert shape.name == shape.releases[0] and not seen & set(shape.releases), shape
+            seen |= set(shape.releases)
+            assert set(shape.fingerprints) == {t.key for t in p.targets_for(shape.name)}, f"{p.id} {shape.name}: run `python scripts/lock.py`"
+            assert all(shape.fingerprints.values()), f"{p.id} {shape.name}: a target is missing from that release's wheel"
+            assert all(Version(v) in p.applies and not (p.absent and Version(v) in p.absent) for v in shape.releases)
+
+
+def test_every_shape_has_one_tested_representative():
+    """Protection follows the code: every code shape of a patch's range is tested by one session (a release
+    whose code equals a tested release's is protected by it), and no two tested releases share a shape."""
+    m = vmatrix.load(vmatrix.MATRIX_PATH)
+    untested = set()
+    for p in m.patches:
+        for v in p.tested:
+            assert p.shape_of(v) is not None, f"{p.id}: tested {v} is not in the lock (run `python scripts/lock.py`)"
+        for shape in p.shapes:
+            reps = [v for v in p.tested if v in shape.releases]
+            assert len(reps) <= 1, f"{p.id}: {reps} share one code shape: one session tests it"
+            if not reps:
+                untested.add((p.id, shape.name))
+    assert untested == SHAPES_NOT_YET_TESTED, "shapes without a session changed: " + repr(sorted(untested ^ SHAPES_NOT_YET_TESTED))
+
+
+def test_readme_release_table_is_the_lock():
+    """The README's protected-release table is `vlpatch releases`' output, generated from the matrix and its lock."""
+    import os
+
+    from vlpatch.cli import releases_markdown
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    assert releases_markdown() in readme, "regenerate the table with `vlpatch releases`"

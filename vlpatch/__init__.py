@@ -9,7 +9,7 @@ when its upstream module is imported (see compat_matrix.yaml).
 
 from ._version import __version__
 from .engine import apply, revert, status
-from .errors import SampleError, VLPatchError
+from .errors import SampleError, UnknownUpstreamError, VLPatchError
 
 
 def __getattr__(name):  # POLICIES lives in the core, which the start-up path does not import
@@ -19,4 +19,4 @@ def __getattr__(name):  # POLICIES lives in the core, which the start-up path do
         return POLICIES
     raise AttributeError(f"module 'vlpatch' has no attribute {name!r}")
 
-__all__ = ["apply", "revert", "status", "POLICIES", "SampleError", "VLPatchError", "__version__"]
+__all__ = ["apply", "revert", "status", "POLICIES", "SampleError", "UnknownUpstreamError", "VLPatchError", "__version__"]

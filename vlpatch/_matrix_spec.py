@@ -50,11 +50,21 @@ class PatchSpec:
     tested: list
     native: object  # SpecifierSet or None
     targets: list
-    fingerprints: dict
+    fingerprints: dict  # tested release -> {target key: fingerprint}, from the lock
     summary: str = ""
     options: dict = field(default_factory=dict)
     parts: list = field(default_factory=list)
     absent: object = None  # SpecifierSet or None: releases without the code the patch is for (nothing to patch)
+    shapes: list = field(default_factory=list)  # the lock's Shapes of this patch's range
+    optional: bool = False  # a speed-up, not protection: where it cannot attach, a warning, never a stop
+
+    def shape_of(self, version: str):
+        """The lock's shape holding this release, or None."""
+        return next((s for s in self.shapes if version in s.releases), None)
+
+    def vouching(self, found: dict) -> str | None:
+        """The tested release whose targets' fingerprints equal `found` (the installed code), or None."""
+        return next((v for v in self.tested if self.fingerprints.get(v) == found), None)
 
     def targets_for(self, version) -> list:
         """The targets that exist in this upstream version (a target with its own `applies` may not)."""
@@ -78,9 +88,21 @@ class Matrix:
         raise KeyError(patch_id)
 
 
-def parse(data: dict) -> Matrix:
+@dataclass(frozen=True)
+class Shape:
+    """Releases whose targets have the same source (scripts/lock.py), named by the first of them."""
+
+    name: str
+    releases: tuple
+    fingerprints: dict  # target key -> fingerprint (None: not found in that release's wheel)
+
+
+def parse(data: dict, lock: dict | None = None) -> Matrix:
     patches = []
+    locked = (lock or {}).get("patches", {})
     for raw in data.get("patches", []):
+        shapes = [Shape(s["name"], tuple(s["releases"]), dict(s["fingerprints"])) for s in locked.get(raw["id"], {}).get("shapes", [])]
+        tested = [str(v) for v in raw.get("tested", [])]
         targets = [
             Target(t["module"], t["symbol"], t.get("wrapper"), _specifier(t["applies"]) if t.get("applies") else None)
             for t in raw["targets"]
@@ -92,11 +114,13 @@ def parse(data: dict) -> Matrix:
                 integration=raw["integration"],
                 hook=raw["hook"],
                 applies=_specifier(raw["applies"]),
-                tested=[str(v) for v in raw.get("tested", [])],
+                tested=tested,
                 native=_specifier(raw["native"]) if raw.get("native") else None,
                 absent=_specifier(raw["absent"]) if raw.get("absent") else None,
                 targets=targets,
-                fingerprints={str(k): dict(v) for k, v in (raw.get("fingerprints") or {}).items()},
+                fingerprints={v: s.fingerprints for v in tested for s in shapes if v in s.releases},
+                shapes=shapes,
+                optional=bool(raw.get("optional")),
                 summary=raw.get("summary", ""),
                 options=raw.get("options") or {},
                 parts=[

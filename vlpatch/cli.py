@@ -49,7 +49,7 @@ def _installed(patch_id: str) -> str:
 
 
 def _fingerprint(args) -> int:
-    """Print the matrix lines for the installed upstream version (to add a tested version)."""
+    """Print the fingerprints of the installed release's targets, as the lock holds them for its release."""
     import wrapt
 
     known = [spec.id for spec in matrix.load().patches]
@@ -95,6 +95,30 @@ def coverage_markdown() -> str:
     return "\n".join(lines)
 
 
+def releases_markdown() -> str:
+    """The README's release table, from the matrix and its lock: per patch, the releases in its range that
+    are protected (their code equals a tested release's) out of all, and each code shape with the tested
+    release that vouches for it."""
+    lines = ["| patch | upstream | protected / releases in range | code shapes: releases (tested representative) |", "|---|---|---|---|"]
+    for spec in matrix.load().patches:
+        if not spec.shapes:
+            continue
+        total = sum(len(s.releases) for s in spec.shapes)
+        covered = [s for s in spec.shapes if any(v in spec.tested for v in s.releases)]
+        shapes = "; ".join(
+            f"{s.releases[0]}" + (f" - {s.releases[-1]}" if len(s.releases) > 1 else "")
+            + f" ({next((v for v in spec.tested if v in s.releases), 'NOT TESTED')})"
+            for s in spec.shapes
+        )
+        lines.append(f"| `{spec.id}` | {spec.distribution} `{spec.applies}` | {sum(len(s.releases) for s in covered)} / {total} | {shapes} |")
+    return "\n".join(lines)
+
+
+def _releases(args) -> int:
+    print(releases_markdown())
+    return 0
+
+
 def _coverage(args) -> int:
     print(coverage_markdown())
     return 0
@@ -120,11 +144,13 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-import", dest="import_targets", action="store_false", help="do not import upstream")
     p.set_defaults(func=_status)
-    p = sub.add_parser("fingerprint", help="source fingerprints of every target, for compat_matrix.yaml")
+    p = sub.add_parser("fingerprint", help="source fingerprints of the installed targets (what compat_lock.json holds for the release)")
     p.add_argument("patch", nargs="*", help="patch ids (default: all)")
     p.set_defaults(func=_fingerprint)
     p = sub.add_parser("coverage", help="which LLaMA-Factory mm plugins and media kinds the tests prove (markdown)")
     p.set_defaults(func=_coverage)
+    p = sub.add_parser("releases", help="upstream releases protected, by code shape, from the matrix's lock (markdown)")
+    p.set_defaults(func=_releases)
     p = sub.add_parser("doctor", help="installed versions, each patch's state and why, a quick self-test")
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-selftest", action="store_true", help="skip the self-test")

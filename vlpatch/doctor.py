@@ -2,8 +2,9 @@
 
 Imports upstream code (the hook modules of the installed upstreams) but never downloads a model.
 Exit code (from `main`): 0 when every patch meant for an installed upstream applies (or stands aside
-because upstream fixed the problem) and passes its self-test; 1 otherwise, and also when a setting is
-invalid or a patch was forced onto a version the matrix does not list (`--accept-forced` accepts that).
+because upstream fixed the problem) and passes its self-test; 1 otherwise: a patch refused (code no
+tested release has: a trainer process stops at its import), a setting invalid, or a patch forced onto code
+no tested release has (`--accept-forced` accepts that).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def autoenable() -> dict:
         "VLPATCH": value or None,
         "pth_installed": bool(pth),
         "active": "vlpatch._bootstrap" in sys.modules,
-        "refusing": engine._refusal is not None,  # VLPATCH=1 with invalid settings: trainer imports stop
+        "refusing": engine.refusing(),  # VLPATCH=1 with invalid settings: trainer imports stop
         "pth": sorted(set(pth)),
     }
 
@@ -60,25 +61,17 @@ def _original(target):
 
 
 def drift(spec, version: str) -> dict:
-    """Per target: the source fingerprint found here vs the one the matrix knows for this version (or,
-    for an untested version, for the nearest tested one below it, else the newest tested)."""
-    from packaging.version import Version
-
-    if version in spec.fingerprints:
-        against = version
-    else:
-        tested = sorted(spec.fingerprints, key=Version)
-        below = [v for v in tested if Version(v) <= Version(version)]
-        against = below[-1] if below else (tested[-1] if tested else None)
-    known = spec.fingerprints.get(against, {}) if against else {}
-    out = {}
+    """Per target: the source fingerprint found here vs that of the tested release whose code this is (the
+    release itself, or one with identical code), else of the nearest tested release below it."""
+    found = {}
     for target in spec.targets_for(version):
         try:
-            found = engine.fingerprint(_original(target))
+            found[target.key] = engine.fingerprint(_original(target))
         except Exception as exc:
-            found = f"missing ({type(exc).__name__})"
-        out[target.key] = {"found": found, "expected": known.get(target.key), "against": against}
-    return out
+            found[target.key] = f"missing ({type(exc).__name__})"
+    against = version if spec.fingerprints.get(version) == found else spec.vouching(found) or engine.nearest_tested(spec, version)
+    known = spec.fingerprints.get(against, {}) if against else {}
+    return {key: {"found": fp, "expected": known.get(key), "against": against} for key, fp in found.items()}
 
 
 def _selftest(spec) -> list:
@@ -93,7 +86,8 @@ def _selftest(spec) -> list:
     engine.revert()
     ok = all(_current(t) is originals[t.key] for t in wrapped)
     rows.append(("revert", ok, "revert() put back the very same objects" if ok else "an original was not restored"))
-    engine.apply()  # as report() applied it: the VLPATCH_* environment
+    with engine.reading_states():  # as report() applied it: the VLPATCH_* environment
+        engine.apply()
     ok = all(isinstance(_current(t), _wrap.Patched) for t in wrapped)
     rows.append(("re-apply", ok, "apply() after revert() attached again"))
     try:
@@ -127,7 +121,8 @@ def report(distributions=None, selftest: bool = True, accept_forced: bool = Fals
     for d in sorted({s.distribution for s in specs}):
         out["versions"].setdefault(d, engine.installed_version(d))
     try:
-        engine.apply()
+        with engine.reading_states():  # a refused patch is a problem to report, not an import to stop
+            engine.apply()
     except SettingsError as exc:  # nothing is patched: say which setting, and check nothing else
         out["settings"] = exc.problems
         out["patches"] = [
@@ -141,10 +136,11 @@ def report(distributions=None, selftest: bool = True, accept_forced: bool = Fals
         version = engine.installed_version(spec.distribution)
         return bool(version) and spec.absent is not None and Version(version) in spec.absent
 
-    for hook in sorted({s.hook for s in specs if engine.installed_version(s.distribution) and not _absent(s)}):
-        err = _import_hook(hook)
-        if err:
-            out["import_errors"][hook] = err
+    with engine.reading_states():
+        for hook in sorted({s.hook for s in specs if engine.installed_version(s.distribution) and not _absent(s)}):
+            err = _import_hook(hook)
+            if err:
+                out["import_errors"][hook] = err
     states = {row["id"]: row for row in engine.status()}
     for spec in specs:
         version = engine.installed_version(spec.distribution)
@@ -178,6 +174,8 @@ def problems(data: dict) -> list:
                 f"{row['id']}: FORCED onto {row['distribution']} {row['installed']}, which the matrix does not list "
                 f"(tested: {', '.join(row['tested'])}); `vlpatch doctor --accept-forced` accepts that"
             )
+        if row["state"] == "refused":
+            found.append(f"{row['id']}: REFUSED, a trainer process with VLPATCH=1 or apply() stops at its import: {row['reason']}")
         if row["state"] == "skipped" and "covers it" not in row["reason"]:
             found.append(f"{row['id']}: {row['reason']}")
         for check in row.get("selftest", []):

@@ -5,7 +5,10 @@ Shape borrowed from OpenTelemetry instrumentors and ddtrace's registry: each pat
 version); the integration module named there only supplies the wrappers. A patch attaches through a
 post-import hook on its `hook` module (`vlpatch._hooks`, wrapt's shape; at once if that module is
 already imported), checks the
-installed version and the source fingerprint of every target, and then wraps all targets or none.
+installed version's range and the source fingerprint of every target against those of the releases it was
+tested on (the lock, compat_lock.json: the same code is protected whatever its version number), and then
+wraps all targets or none; where a patch that protects cannot attach, the trainer's import stops rather
+than run unprotected.
 `revert()` puts back the exact original objects. Nothing here imports torch, transformers or a trainer.
 """
 
@@ -18,7 +21,7 @@ from _thread import RLock
 from . import _hooks
 from . import matrix as _matrix
 from . import settings as _settings
-from .errors import VLPatchError
+from .errors import UnknownUpstreamError, VLPatchError
 
 # Start-up cost: with VLPATCH=1 every Python process of the environment runs apply(), so this module
 # imports only the above. wrapt (vlpatch._wrap), PyYAML and packaging (the whole matrix),
@@ -166,7 +169,7 @@ def _entries() -> list:
 class PatchState:
     def __init__(self, id: str, state: str, reason: str = "", version: str | None = None, details: dict | None = None):
         self.id = id
-        self.state = state  # pending | applied | native | skipped | excluded | disabled | reverted
+        self.state = state  # pending | applied | native | skipped | refused | excluded | disabled | reverted
         self.reason = reason
         self.version = version
         self.details = details or {}
@@ -189,12 +192,17 @@ def config() -> Config:
 
 def fingerprint(obj) -> str:
     """sha256 of a function's dedented source, trailing blanks ignored: what the patch was written for."""
-    import hashlib
     import inspect
+
+    return fingerprint_source(inspect.getsource(obj))
+
+
+def fingerprint_source(source: str) -> str:
+    """`fingerprint` of a function's source text (scripts/lock.py reads it from a wheel, importing nothing)."""
+    import hashlib
     import textwrap
 
-    src = textwrap.dedent(inspect.getsource(obj))
-    norm = "\n".join(line.rstrip() for line in src.strip().splitlines())
+    norm = "\n".join(line.rstrip() for line in textwrap.dedent(source).strip().splitlines())
     return hashlib.sha256(norm.encode("utf-8")).hexdigest()[:16]
 
 
@@ -226,7 +234,13 @@ def apply(
     Every setting is validated first: a bad one raises `vlpatch.settings.SettingsError` and nothing
     changes. Idempotent: a second call with the same settings changes nothing. A later call with other
     settings takes effect: a patch now excluded is reverted, one now selected (or now forced) attaches,
-    and the policy, report and media-first switch are read by every wrapper at call time."""
+    and the policy, report and media-first switch are read by every wrapper at call time.
+
+    Protection follows the code: a patch attaches where the installed targets' source equals that of a
+    release it was tested on (the lock, `compat_lock.json`). Where a patch cannot attach (code no tested
+    release has, a missing target, a release outside every range), the import of its trainer module
+    stops with `UnknownUpstreamError` naming the release and the ways on (or apply() raises it, where the
+    module was imported first); VLPATCH_FORCE / VLPATCH_EXCLUDE are the ways on."""
     global _enabled, _config, _refusal
     with _lock:
         new = Config.from_env(
@@ -251,7 +265,7 @@ def apply(
                 and why_not is None
                 and old.force == new.force
                 and st is not None
-                and st.state in ("pending", "skipped", "native")
+                and st.state in ("pending", "skipped", "native", "refused")
             ):
                 continue  # decided under the same settings: not again (no second warning)
             if why_not is not None:
@@ -266,6 +280,8 @@ def apply(
             elif spec.hook not in _hooked:
                 _hooked.add(spec.hook)
                 _hooks.when_imported(spec.hook, _hook_for(spec.hook))
+        for hook in sorted({e.hook for e in _entries() if e.hook in sys.modules}):
+            _stop_if_refused(hook)  # the trainer was imported before apply(): stop here, not at its import
         return status()
 
 
@@ -292,6 +308,11 @@ def refuse(error: Exception) -> list:
                 _refusal_hooked.add(hook)
                 _hooks.when_imported(hook, _refuse_import)
         return hooks
+
+
+def refusing() -> bool:
+    """Whether this process refuses trainer imports because of invalid settings (`refuse`)."""
+    return _refusal is not None
 
 
 def _refuse_import(module) -> None:
@@ -404,25 +425,67 @@ def status() -> list:
 
 def _hook_for(hook_module: str):
     """One post-import hook per module: it attaches every patch whose hook that module is (several
-    patches of one upstream, each for its own releases, share it)."""
+    patches of one upstream, each for its own releases, share it). Where a patch that protects cannot
+    attach (`refused`), the import stops with `UnknownUpstreamError`: the process asked for protection."""
 
-    def hook(module):  # a post-import hook must never raise into the user's import
+    def hook(module):
         try:
             specs = [spec for spec in _matrix.load().patches if spec.hook == hook_module]
         except Exception as exc:  # pragma: no cover - defensive
+            specs = []
             for entry in _entries():
                 if entry.hook == hook_module:
-                    _skip(entry.id, None, f"cannot read the compat matrix: {exc!r}")
-            return
+                    _states[entry.id] = PatchState(entry.id, "refused", f"cannot read the compat matrix: {exc!r}")
         for spec in specs:
             try:
                 with _lock:
-                    if _enabled and _config.selects(spec.id) and spec.id not in _applied:
+                    decided = spec.id in _applied or getattr(_states.get(spec.id), "state", None) == "refused"
+                    if _enabled and _config.selects(spec.id) and not decided:  # refused: once, not at each import
                         _attach(spec)
             except Exception as exc:  # pragma: no cover - defensive
-                _skip(spec.id, None, f"internal error while attaching: {exc!r}")
+                _cannot(spec, None, f"internal error while attaching: {exc!r}")
+        _stop_if_refused(hook_module)
 
     return hook
+
+
+_stopping = True  # False inside `reading_states()`: doctor reads every state, no import stops
+
+
+class reading_states:
+    """`with engine.reading_states():` refused patches are recorded but no import stops (vlpatch doctor)."""
+
+    def __enter__(self):
+        global _stopping
+        self._was, _stopping = _stopping, False
+
+    def __exit__(self, *exc):
+        global _stopping
+        _stopping = self._was
+
+
+def _stop_if_refused(hook_module: str) -> None:
+    """Raise into the import of `hook_module` when one of its patches was refused in this process."""
+    refused = [_states[e.id] for e in _entries() if e.hook == hook_module and e.id in _states and _states[e.id].state == "refused"]
+    if refused and _stopping:
+        raise UnknownUpstreamError(refusal_message(hook_module, refused))
+
+
+def refusal_message(hook_module: str, refused: list) -> str:
+    lines = [f"vlpatch: protection was asked for (VLPATCH=1 or vlpatch.apply()), so this process stops at "
+             f"`import {hook_module}` rather than run it unprotected:"]
+    for st in refused:
+        lines.append(f"  {st.id}: {st.reason}")
+    nearest = ", ".join(f"{st.id} -> {st.details['nearest']}" for st in refused if st.details.get("nearest"))
+    ids = ",".join(st.id for st in refused)
+    lines += [
+        "Ways on:",
+        "  - upgrade vlpatch (a newer release may know this code): pip install -U vlpatch",
+        "  - VLPATCH_FORCE=1: try the patch on it anyway" + (f" (the nearest tested code: {nearest})" if nearest else "")
+        + "; `vlpatch doctor` then reports it as forced",
+        f"  - VLPATCH_EXCLUDE={ids}: train knowingly unprotected",
+    ]
+    return "\n".join(lines)
 
 
 def _skip(patch_id: str, version: str | None, reason: str) -> None:
@@ -430,13 +493,84 @@ def _skip(patch_id: str, version: str | None, reason: str) -> None:
     logger.warning("vlpatch: patch %s not applied (%s): %s", patch_id, process_tag(), reason)
 
 
-def _attach(spec) -> None:
-    import importlib
-    import inspect
+def _cannot(spec, version: str | None, reason: str, nearest: str | None = None) -> None:
+    """The patch cannot attach to the installed code. A speed-up (`optional`) is skipped with a warning;
+    a patch that protects is `refused`, and the hook stops the import (`_stop_if_refused`)."""
+    if spec.optional:
+        return _skip(spec.id, version, reason)
+    _states[spec.id] = PatchState(spec.id, "refused", reason, version, {"nearest": nearest} if nearest else {})
+    logger.error("vlpatch: patch %s refused (%s): %s", spec.id, process_tag(), reason)
 
-    from packaging.version import InvalidVersion, Version
+
+def _stands_aside(spec, v, version: str) -> PatchState | None:
+    """A decision that needs no code: nothing to patch (`absent`), upstream fixed it (`native`, or every
+    part), or a sibling patch of the same hook covers this release. None: the patch is for this release."""
+    if spec.absent and v in spec.absent:  # e.g. a trainer release before the collator the patch wraps existed
+        return PatchState(spec.id, "native", f"{spec.distribution} {version} has no code for this patch to fix ({spec.absent}): nothing to patch", version)
+    if spec.native and v in spec.native:
+        return PatchState(spec.id, "native", f"{spec.distribution} {version} fixes this itself ({spec.native})", version)
+    parts = {p.name: p.state(v) for p in spec.parts}
+    if parts and not any(state == "applied" for state, _ in parts.values()):
+        state = "native" if any(state == "native" for state, _ in parts.values()) else "skipped"
+        return PatchState(spec.id, state, "no part of this patch is needed here", version, _parts(parts))
+    sibling = next((o.id for o in _matrix.load().patches
+                    if o.id != spec.id and o.hook == spec.hook and (v in o.applies or (o.absent and v in o.absent))), None)
+    if v not in spec.applies and sibling is not None:  # another patch of the matrix covers this release
+        return PatchState(spec.id, "skipped", f"not for {spec.distribution} {version}: {sibling} covers it", version)
+    return None
+
+
+def _resolve(spec, v) -> list:
+    """(target, parent, attribute, original) per target of this release; ImportError / AttributeError if one is missing."""
+    import importlib
 
     from . import _wrap
+
+    resolved = []
+    for target in spec.targets_for(v):
+        module = importlib.import_module(target.module)
+        parent, attribute, original = _wrap.resolve_path(module, target.symbol)
+        resolved.append((target, parent, attribute, original))
+    return resolved
+
+
+def _found(resolved: list) -> dict:
+    out = {}
+    for target, _, _, original in resolved:
+        try:
+            out[target.key] = fingerprint(original)
+        except (OSError, TypeError):
+            out[target.key] = "unreadable"
+    return out
+
+
+def nearest_tested(spec, version: str) -> str | None:
+    """The tested release nearest below `version` (else the oldest tested): what VLPATCH_FORCE would stand on."""
+    from packaging.version import Version
+
+    tested = sorted(spec.tested, key=Version)
+    below = [t for t in tested if Version(t) <= Version(version)]
+    return below[-1] if below else (tested[0] if tested else None)
+
+
+def _unknown_code(spec, version: str, found: dict) -> str:
+    """Why no tested release vouches for the installed code: which targets differ, and whether the lock
+    knows the release (a known but untested shape) or not (code newer than this vlpatch)."""
+    nearest = nearest_tested(spec, version)
+    differ = [k.split(":", 1)[1] for k, fp in found.items() if spec.fingerprints.get(nearest, {}).get(k) != fp] if nearest else list(found)
+    shape = spec.shape_of(version)
+    if shape is not None and shape.fingerprints == found:
+        known = f"its code shape ({shape.releases[0]} - {shape.releases[-1]}) is known but no tested release has it"
+    elif shape is not None:
+        known = "its installed code differs from that release's wheel (edited locally?)"
+    else:
+        known = "this vlpatch does not know that release (newer than its lock, or not from the index)"
+    where = f"differs from tested {nearest} in {', '.join(differ[:3])}{' and more' if len(differ) > 3 else ''}" if nearest else "no release of it is tested"
+    return f"{spec.distribution} {version}: {known}; {where}"
+
+
+def _attach(spec) -> None:
+    from packaging.version import InvalidVersion, Version
 
     version = installed_version(spec.distribution)
     if version is None:
@@ -445,65 +579,37 @@ def _attach(spec) -> None:
     try:
         v = Version(version)
     except InvalidVersion:
-        return _skip(spec.id, version, f"cannot read the version {version!r} of {spec.distribution}")
-    if spec.absent and v in spec.absent:  # e.g. a trainer release before the collator the patch wraps existed
-        _states[spec.id] = PatchState(
-            spec.id, "native", f"{spec.distribution} {version} has no code for this patch to fix ({spec.absent}): nothing to patch", version
-        )
+        return _cannot(spec, version, f"cannot read the version {version!r} of {spec.distribution}")
+    decided = _stands_aside(spec, v, version)
+    if decided is not None:
+        _states[spec.id] = decided
         return _announce(spec.id)
-    if spec.native and v in spec.native:
-        _states[spec.id] = PatchState(
-            spec.id, "native", f"{spec.distribution} {version} fixes this itself ({spec.native})", version
-        )
-        return _announce(spec.id)
-    parts = {p.name: p.state(v) for p in spec.parts}
-    if parts and not any(state == "applied" for state, _ in parts.values()):
-        state = "native" if any(state == "native" for state, _ in parts.values()) else "skipped"
-        _states[spec.id] = PatchState(spec.id, state, "no part of this patch is needed here", version, _parts(parts))
-        return _announce(spec.id)
-    sibling = next(
-        (o.id for o in _matrix.load().patches if o.id != spec.id and o.distribution == spec.distribution and v in o.applies),
-        None,
-    )
-    if v not in spec.applies and sibling is not None:  # another patch of the matrix covers this release
-        _states[spec.id] = PatchState(spec.id, "skipped", f"not for {spec.distribution} {version}: {sibling} covers it", version)
-        return _announce(spec.id)
-    forced = False
-    if v not in spec.applies or version not in spec.fingerprints:
-        if not _config.force:
-            where = "outside" if v not in spec.applies else "inside the range of, but not tested in,"
-            return _skip(
-                spec.id,
-                version,
-                f"{spec.distribution} {version} is {where} the compat matrix (applies {spec.applies}, "
-                f"tested {', '.join(spec.tested)}); upgrade vlpatch or set VLPATCH_FORCE=1 to try anyway",
-            )
-        forced = True
-    resolved = []
+    if v not in spec.applies and not _config.force:
+        return _cannot(spec, version, f"{spec.distribution} {version} is outside every range of the compat matrix "
+                       f"(this patch: {spec.applies}, tested {', '.join(spec.tested)})", nearest_tested(spec, version))
     try:
-        for target in spec.targets_for(v):
-            module = importlib.import_module(target.module)
-            parent, attribute, original = _wrap.resolve_path(module, target.symbol)
-            resolved.append((target, parent, attribute, original))
+        resolved = _resolve(spec, v)
     except (ImportError, AttributeError) as exc:
-        return _skip(spec.id, version, f"target missing in {spec.distribution} {version}: {exc}")
-    known = spec.fingerprints.get(version, {})
-    drift = []
-    for target, _, _, original in resolved:
-        try:
-            fp = fingerprint(original)
-        except (OSError, TypeError):
-            fp = "unreadable"
-        if known and known.get(target.key) != fp:
-            drift.append(f"{target.key} (expected {known.get(target.key)}, found {fp})")
-    if drift:
-        more = f" and {len(drift) - 2} more" if len(drift) > 2 else ""
-        return _skip(spec.id, version, "upstream code changed since it was tested: " + "; ".join(drift[:2]) + more)
+        return _cannot(spec, version, f"target missing in {spec.distribution} {version}: {exc}")
+    found = _found(resolved)
+    vouch = version if spec.fingerprints.get(version) == found else spec.vouching(found)
+    if vouch is None and not _config.force:
+        return _cannot(spec, version, _unknown_code(spec, version, found), nearest_tested(spec, version))
+    _wrap_all(spec, v, version, resolved, vouch)
+
+
+def _wrap_all(spec, v, version: str, resolved: list, vouch: str | None) -> None:
+    """Wrap every target or none; the state says which tested release vouches for the code."""
+    import importlib
+    import inspect
+
+    from . import _wrap
+
     try:
         integration = importlib.import_module(spec.integration)
         wrappers = integration.wrappers(spec, v)
     except Exception as exc:
-        return _skip(spec.id, version, f"integration {spec.integration} failed to load: {exc!r}")
+        return _cannot(spec, version, f"integration {spec.integration} failed to load: {exc!r}")
     wraps = []
     try:
         for target, parent, attribute, original in resolved:
@@ -517,13 +623,21 @@ def _attach(spec) -> None:
             wraps.append((parent, attribute, original, had_own))
     except Exception as exc:
         _unwrap(wraps)
-        return _skip(spec.id, version, f"could not wrap, left untouched: {exc!r}")
+        return _cannot(spec, version, f"could not wrap, left untouched: {exc!r}")
     _applied[spec.id] = wraps
+    parts = {p.name: p.state(v) for p in spec.parts}
     details = {**_parts(parts), **getattr(integration, "details", lambda s: {})(spec)}
-    reason = "forced onto an untested version" if forced else f"tested on {version}"
+    if v not in spec.applies:
+        reason = f"forced onto {version}, outside its range {spec.applies}" + (f" (code identical to tested {vouch})" if vouch else "")
+    elif vouch is None:
+        reason = f"forced onto code no tested release has (nearest tested: {nearest_tested(spec, version)})"
+    elif vouch == version:
+        reason = f"tested on {version}"
+    else:
+        reason, details["vouched_by"] = f"{version}: code identical to tested {vouch}", vouch
     _states[spec.id] = PatchState(spec.id, "applied", reason, version, details)
     _announce(spec.id)
-    if forced:
+    if reason.startswith("forced"):
         logger.warning("vlpatch: patch %s FORCED onto untested %s %s", spec.id, spec.distribution, version)
 
 

@@ -7,6 +7,12 @@ class VLPatchError(Exception):
     """Base class of vlpatch's own errors."""
 
 
+class UnknownUpstreamError(VLPatchError):
+    """A process that asked for protection imported upstream code that no patch of vlpatch can attach to
+    (code no tested release has, a missing target, a release outside every range); the message names the
+    release and the ways on."""
+
+
 class SampleError(VLPatchError):
     """A sample cannot be used as it is; the message names it."""
 
