@@ -212,6 +212,22 @@ def test_code_no_tested_release_has_stops_the_import_naming_what_differs(upstrea
     run(d, "import fakeup, vlpatch; vlpatch.apply(); assert fakeup.target(1) == 101", VLPATCH_EXCLUDE="fake.double")
 
 
+def test_vlpatch_1_stops_a_trainer_process_on_unknown_code_and_lets_others_run(upstream):
+    # the auto-enable path (.pth at start-up), as `llamafactory-cli train` with VLPATCH=1 meets a new release
+    d = upstream(version="1.6", source=UPSTREAM.replace("return x + 1", "return x + 100"))
+    env = {**os.environ, "PYTHONPATH": str(d), "VLPATCH_MATRIX": str(d / "matrix.yaml"), "VLPATCH": "1"}
+    env.pop("VLPATCH_EXCLUDE", None)
+    other = subprocess.run([sys.executable, "-c", "print('alive')"], env=env, capture_output=True, text=True)
+    assert other.returncode == 0 and other.stdout.strip() == "alive" and not other.stderr, other.stderr
+    trainer = subprocess.run([sys.executable, "-c", "import fakeup; print('processed data unprotected')"], env=env, capture_output=True, text=True)
+    assert trainer.returncode != 0 and "processed data unprotected" not in trainer.stdout, trainer.stdout
+    assert "vlpatch.errors.UnknownUpstreamError" in trainer.stderr and "fakeup 1.6" in trainer.stderr, trainer.stderr
+    assert "VLPATCH_EXCLUDE=fake.double" in trainer.stderr, trainer.stderr
+    env["VLPATCH_EXCLUDE"] = "fake.double"
+    unprotected = subprocess.run([sys.executable, "-c", "import fakeup; print(fakeup.target(1))"], env=env, capture_output=True, text=True)
+    assert unprotected.returncode == 0 and unprotected.stdout.strip() == "101", unprotected.stderr
+
+
 def test_a_known_but_untested_shape_says_so(upstream):
     d = upstream(version="1.5", source=UPSTREAM.replace("return x + 1", "return x + 100"))
     lock = json.loads((d / "lock.json").read_text())
