@@ -166,8 +166,10 @@ def test_installed_release_is_patched_or_refused(upstream, probed):
                 # a target this patch only fingerprints may be one that another applied patch wraps
                 shared = {t.key for t in spec.targets_for(version) if not t.wrapper} & ours
                 assert {k for k, v in out["patched"][spec.id].items() if v == "vlpatch"} == wrapped | shared
-        elif "covers it" in state["reason"] or spec.optional:
+        elif "covers it" in state["reason"]:
             assert state["state"] == "skipped", state
+        elif spec.optional:  # a speed-up: skipped, or never reached where the trainer's import stopped first
+            assert state["state"] == "skipped" or (state["state"] == "pending" and out["stopped"]), state
         else:  # code no tested release has: refused, and its trainer module's import stopped, naming the release
             assert state["state"] == "refused" and version in state["reason"], state
             assert version in out["stopped"][spec.hook] and f"VLPATCH_EXCLUDE={spec.id}" in out["stopped"][spec.hook], out["stopped"]
