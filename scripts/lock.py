@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import io
 import json
 import os
 import sys
@@ -70,8 +69,7 @@ def wheel(distribution: str, version: str, url: str) -> zipfile.ZipFile:
         with open(path + ".part", "wb") as out:
             out.write(data)
         os.replace(path + ".part", path)
-    with open(path, "rb") as fh:
-        return zipfile.ZipFile(io.BytesIO(fh.read()))
+    return zipfile.ZipFile(path)
 
 
 class Source:
@@ -139,7 +137,7 @@ def _text(node, lines: list) -> str:
     return "\n".join(lines[first - 1 : node.end_lineno])
 
 
-def shapes_of(spec, found: dict) -> list:
+def shapes_of(found: dict) -> list:
     """[{"name", "releases", "fingerprints"}] from {version: {target key: fingerprint or None}}."""
     from packaging.version import Version
 
@@ -165,7 +163,7 @@ def read_patch(spec, urls: dict, pool) -> dict:
         return version, out
 
     found = dict(pool.map(one, chosen))
-    return {"distribution": spec.distribution, "applies": str(spec.applies), "shapes": shapes_of(spec, found)}
+    return {"distribution": spec.distribution, "applies": str(spec.applies), "shapes": shapes_of(found)}
 
 
 def build() -> dict:

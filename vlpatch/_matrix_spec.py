@@ -62,8 +62,11 @@ class PatchSpec:
         """The lock's shape holding this release, or None."""
         return next((s for s in self.shapes if version in s.releases), None)
 
-    def vouching(self, found: dict) -> str | None:
-        """The tested release whose targets' fingerprints equal `found` (the installed code), or None."""
+    def vouching(self, found: dict, version: str | None = None) -> str | None:
+        """The tested release whose targets' fingerprints equal `found` (the installed code): `version`
+        itself where it is tested with that code, else the first such one; None if there is none."""
+        if version is not None and self.fingerprints.get(version) == found:
+            return version
         return next((v for v in self.tested if self.fingerprints.get(v) == found), None)
 
     def targets_for(self, version) -> list:

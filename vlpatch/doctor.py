@@ -69,7 +69,7 @@ def drift(spec, version: str) -> dict:
             found[target.key] = engine.fingerprint(_original(target))
         except Exception as exc:
             found[target.key] = f"missing ({type(exc).__name__})"
-    against = version if spec.fingerprints.get(version) == found else spec.vouching(found) or engine.nearest_tested(spec, version)
+    against = spec.vouching(found, version) or engine.nearest_tested(spec, version)
     known = spec.fingerprints.get(against, {}) if against else {}
     return {key: {"found": fp, "expected": known.get(key), "against": against} for key, fp in found.items()}
 

@@ -592,7 +592,7 @@ def _attach(spec) -> None:
     except (ImportError, AttributeError) as exc:
         return _cannot(spec, version, f"target missing in {spec.distribution} {version}: {exc}")
     found = _found(resolved)
-    vouch = version if spec.fingerprints.get(version) == found else spec.vouching(found)
+    vouch = spec.vouching(found, version)
     if vouch is None and not _config.force:
         return _cannot(spec, version, _unknown_code(spec, version, found), nearest_tested(spec, version))
     _wrap_all(spec, v, version, resolved, vouch)
