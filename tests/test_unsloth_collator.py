@@ -216,21 +216,17 @@ def test_vanilla_truncation_cuts_the_image_run(uz):
 def test_a_token_table_that_does_not_match_the_processor_refuses_to_cut(uz, patched, tmp_path, monkeypatch):
     # what transformers 5.17 did to Gemma 3 (its processor's image_token became the placeholder): the
     # table finds no image run where the processor put one. vlpatch must refuse, not cut blindly.
-    import yaml
+    from tests.fixtures import matrix_copy
 
-    import vlpatch.matrix as vmatrix
+    def mismatch(data):
+        for raw in data["patches"]:
+            if raw["distribution"] == "unsloth_zoo":
+                table = raw["options"]["media_tokens"][type(uz.processor).__name__]["image"]
+                table.pop("start", None)
+                table.pop("end", None)
+                table["body"] = "<|endoftext|>" if uz.family != "gemma3" else "<eos>"  # a token that is not the image's
 
-    with open(vmatrix.MATRIX_PATH, encoding="utf-8") as fh:
-        data = yaml.safe_load(fh)
-    for raw in data["patches"]:
-        if raw["distribution"] == "unsloth_zoo":
-            table = raw["options"]["media_tokens"][type(uz.processor).__name__]["image"]
-            table.pop("start", None)
-            table.pop("end", None)
-            table["body"] = "<|endoftext|>" if uz.family != "gemma3" else "<eos>"  # a token that is not the image's
-    path = tmp_path / "m.yaml"
-    path.write_text(yaml.safe_dump(data))
-    monkeypatch.setenv("VLPATCH_MATRIX", str(path))
+    monkeypatch.setenv("VLPATCH_MATRIX", matrix_copy.edited_copy(tmp_path, mismatch))
     patched(report=str(tmp_path / "r.jsonl"))
     with pytest.raises(vlpatch_error()) as info:
         uz.collator(100)([example(1, words_before=150), example(1, words_before=1, words_after=1)])
