@@ -9,9 +9,11 @@ matrix does not cover (`expect: refused`) and the canary's newest releases:
   import stops naming the release and the ways on, and every target is upstream's own object;
 * the installed release with its tested entry renamed in a copy of the matrix: protected because its
   code equals a tested release's, whatever its version number.
-Each check runs in a fresh interpreter so that nothing else in the test process is patched: one
-interpreter for every upstream installed here at once (as a user's training process imports them), one
-for the stand-in of their next releases; each test reads its upstream's part.
+Each check runs in a process of its own so that nothing else in the test process is patched: one
+interpreter imports what every trainer imports first (torch, transformers' Trainer, datasets), never
+vlpatch or a trainer module, and each check is a fork of it that applies vlpatch and imports the trainer
+modules of every upstream installed here at once (as a user's training process imports them): the
+shipped matrix, then the stand-ins of their next releases; each test reads its upstream's part.
 """
 
 from __future__ import annotations
@@ -35,44 +37,76 @@ EXPECT = os.environ.get("VLPATCH_EXPECT", "")
 STRICT = {m.strip() for m in os.environ.get("VLPATCH_STRICT", "").split(",") if m.strip()}
 
 PROBE = r"""
-import importlib, json, sys, logging
+import importlib, json, os, sys, traceback
 sys.path.insert(0, sys.argv[1])
-import vlpatch, wrapt
-from vlpatch import _wrap, engine, matrix
-dists = sys.argv[2:]
-vlpatch.apply()
-specs = [s for s in matrix.load().patches if s.distribution in dists]
-from importlib.metadata import version as _version
-from packaging.version import Version
-installed = {d: Version(_version(d)) for d in dists}
-# a hook module of patches that have nothing to patch in this release (`absent`) is not imported: it may not
-# import alone there (TRL 0.24.0's dpo_trainer under transformers 5.6 in a fresh interpreter)
-needed = {s.hook for s in specs if s.absent is None or installed[s.distribution] not in s.absent}
-stopped = {}  # hook -> the UnknownUpstreamError its import raised (code no tested release has)
-for hook in sorted(needed):
+out_dir, runs, dists = sys.argv[2], json.loads(sys.argv[3]), sys.argv[4:]
+# what every trainer imports first, paid once: each run below is a fork of this interpreter, which has
+# imported neither vlpatch nor any trainer module (the hook modules are imported after apply(), in the run)
+for heavy in ("torch", "transformers", "transformers.trainer", "datasets", "accelerate"):
     try:
-        if hook.startswith("unsloth_zoo"):
-            from tests.fixtures.unsloth_import import import_vision_utils  # the CPU recipe
-            import_vision_utils()
-        else:
-            importlib.import_module(hook)
-    except vlpatch.UnknownUpstreamError as exc:
-        stopped[hook] = str(exc)
-def targets(spec):
-    out = {}
-    for t in spec.targets:
+        importlib.import_module(heavy)
+    except Exception:
+        pass
+
+
+def run():
+    import vlpatch, wrapt
+    from vlpatch import _wrap, matrix
+    vlpatch.apply()
+    specs = [s for s in matrix.load().patches if s.distribution in dists]
+    from importlib.metadata import version as _version
+    from packaging.version import Version
+    installed = {d: Version(_version(d)) for d in dists}
+    # a hook module of patches that have nothing to patch in this release (`absent`) is not imported: it may
+    # not import alone there (TRL 0.24.0's dpo_trainer under transformers 5.6 in a fresh interpreter)
+    needed = {s.hook for s in specs if s.absent is None or installed[s.distribution] not in s.absent}
+    assert not needed & set(sys.modules), sorted(needed & set(sys.modules))  # no hook module imported before apply()
+    stopped = {}  # hook -> the UnknownUpstreamError its import raised (code no tested release has)
+    for hook in sorted(needed):
         try:
-            _, _, obj = wrapt.resolve_path(importlib.import_module(t.module), t.symbol)
-        except Exception as exc:
-            out[t.key] = "missing"
-            continue
-        out[t.key] = "vlpatch" if isinstance(obj, _wrap.Patched) else "upstream"
-    return out
-before = {s.id: targets(s) for s in specs}
-states = {row["id"]: row for row in vlpatch.status()}
-vlpatch.revert()
-after = {s.id: targets(s) for s in specs}
-print("PROBE " + json.dumps({"states": states, "patched": before, "reverted": after, "stopped": stopped}))
+            if hook.startswith("unsloth_zoo"):
+                from tests.fixtures.unsloth_import import import_vision_utils  # the CPU recipe
+                import_vision_utils()
+            else:
+                importlib.import_module(hook)
+        except vlpatch.UnknownUpstreamError as exc:
+            stopped[hook] = str(exc)
+    def targets(spec):
+        out = {}
+        for t in spec.targets:
+            try:
+                _, _, obj = wrapt.resolve_path(importlib.import_module(t.module), t.symbol)
+            except Exception as exc:
+                out[t.key] = "missing"
+                continue
+            out[t.key] = "vlpatch" if isinstance(obj, _wrap.Patched) else "upstream"
+        return out
+    before = {s.id: targets(s) for s in specs}
+    states = {row["id"]: row for row in vlpatch.status()}
+    vlpatch.revert()
+    after = {s.id: targets(s) for s in specs}
+    return {"states": states, "patched": before, "reverted": after, "stopped": stopped}
+
+
+for i, matrix_path in enumerate(runs):  # one at a time, each in a fresh fork
+    sys.stdout.flush(); sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.dup2(os.open(os.path.join(out_dir, f"{i}.err"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
+            if matrix_path:
+                os.environ["VLPATCH_MATRIX"] = matrix_path
+            result = run()
+            with open(os.path.join(out_dir, f"{i}.json"), "w") as fh:
+                json.dump(result, fh)
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush(); sys.stderr.flush()
+            os._exit(code)
+    os.waitpid(pid, 0)
 """
 
 pytestmark = pytest.mark.heavy  # each test probes the installed upstream in a subprocess
@@ -88,28 +122,22 @@ def installed() -> list:
     return out
 
 
-def probe(dists: list, matrix_path: str | None = None) -> tuple:
+def probe(dists: list, matrix_paths: list, out_dir: str) -> dict:
+    """{matrix path or None: (probe output, its stderr)}: one interpreter imports what every trainer imports
+    first, then each matrix gets a fork of it that applies vlpatch and imports the trainer modules (three
+    fresh interpreters cost 3 x 11 s of imports for TRL; this costs 11 s and 2 s a fork)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLPATCH")}
-    if matrix_path:
-        env["VLPATCH_MATRIX"] = matrix_path
-    proc = subprocess.run([sys.executable, "-c", PROBE, ROOT, *dists], env=env, capture_output=True, text=True, timeout=300)
-    line = next((x for x in proc.stdout.splitlines() if x.startswith("PROBE ")), None)
-    assert line, proc.stderr[-3000:]
-    return json.loads(line[6:]), proc.stderr
-
-
-@pytest.fixture(scope="module")
-def probed():
-    """{matrix path or None: (probe output, stderr)} for every installed upstream at once, each probe run
-    on first use (one interpreter each, not one per upstream: each costs seconds of imports)."""
-    cache: dict = {}
-
-    def get(matrix_path: str | None = None) -> tuple:
-        if matrix_path not in cache:
-            cache[matrix_path] = probe([d for d, _ in installed()], matrix_path)
-        return cache[matrix_path]
-
-    return get
+    proc = subprocess.run([sys.executable, "-c", PROBE, ROOT, out_dir, json.dumps(matrix_paths), *dists], env=env,
+                          capture_output=True, text=True, timeout=600)
+    found = {}
+    for i, path in enumerate(matrix_paths):
+        with open(os.path.join(out_dir, f"{i}.err"), encoding="utf-8", errors="replace") as fh:
+            stderr = fh.read()
+        result = os.path.join(out_dir, f"{i}.json")
+        assert os.path.exists(result), (stderr or proc.stderr)[-3000:]
+        with open(result, encoding="utf-8") as fh:
+            found[path] = (json.load(fh), stderr)
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +148,21 @@ def next_releases(tmp_path_factory) -> dict:
     the patch ids touched})."""
     versions = dict(installed())
     return {how: getattr(matrix_copy, how)(tmp_path_factory.mktemp(how), versions) for how in ("untested", "vouched")}
+
+
+@pytest.fixture(scope="module")
+def probed(next_releases, tmp_path_factory):
+    """(probe output, stderr) by matrix path (None: the shipped matrix; the stand-ins' copies), for every
+    installed upstream at once, all probed on first use."""
+    cache: dict = {}
+
+    def get(matrix_path: str | None = None) -> tuple:
+        if not cache:
+            paths = [None, *(path for path, _ in next_releases.values())]
+            cache.update(probe([d for d, _ in installed()], paths, str(tmp_path_factory.mktemp("probe"))))
+        return cache[matrix_path]
+
+    return get
 
 
 def protected(spec, version: str, state: dict) -> bool:
