@@ -2,7 +2,6 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -10,6 +9,7 @@ import yaml
 
 import vlpatch.matrix as vmatrix
 from tests.conftest import newest_only, require
+from tests.fixtures import console
 from tests.fixtures import matrix_copy
 
 BIN = os.path.dirname(sys.executable)
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.heavy  # each test runs `vlpatch doctor` in a subproces
 def doctor(*args, **env):
     full = {k: v for k, v in os.environ.items() if not k.startswith("VLPATCH")}
     full.update(HF_HUB_OFFLINE="1", **env)
-    proc = subprocess.run([os.path.join(BIN, "vlpatch"), "doctor", *args], env=full, capture_output=True, text=True, timeout=300)
+    proc = console.run([os.path.join(BIN, "vlpatch"), "doctor", *args], env=full, timeout=300)
     return proc
 
 

@@ -9,12 +9,12 @@ import os
 import re
 import shutil
 import socket
-import subprocess
 import sys
 
 import pytest
 
 from tests.conftest import newest_only, require
+from tests.fixtures import console
 from tests.fixtures.tiny_models import IMAGE_TOKENS, build_long_text_image_dataset, build_text_dataset, write_train_yaml
 
 pytestmark = [pytest.mark.llamafactory, pytest.mark.slow]
@@ -32,7 +32,8 @@ def data_dir(tmp_path_factory):
     return str(d)
 
 
-def train(tmp_path, model, data_dir, env=None, script=None, datasets=DATASETS, **cfg):
+def train(tmp_path, model, data_dir, env=None, script=None, datasets=DATASETS, fresh=False, **cfg):
+    """The run in a fork of the warm interpreter (tests/fixtures/console.py), or a fresh one (`fresh`, a script)."""
     out = tmp_path / "out"
     shutil.rmtree(out, ignore_errors=True)
     cfg.setdefault("cutoff_len", 128)
@@ -44,7 +45,7 @@ def train(tmp_path, model, data_dir, env=None, script=None, datasets=DATASETS, *
         cmd = [sys.executable, "-c", script, yaml_path]
     else:
         cmd = [os.path.join(BIN, "llamafactory-cli"), "train", yaml_path]
-    proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+    proc = console.run(cmd, env=full_env, cwd=str(tmp_path), timeout=600, fresh=fresh)
     report = out / "vlpatch_report.jsonl"
     rows = [json.loads(x) for x in report.read_text().splitlines()] if report.exists() else []
     return proc, rows
@@ -69,7 +70,7 @@ def check_truncation_rows(rows):
 
 
 def test_env_var_alone_makes_it_train(tmp_path, tiny_qwen2vl, data_dir):
-    proc, rows = train(tmp_path, tiny_qwen2vl, data_dir, env={"VLPATCH": "1"})
+    proc, rows = train(tmp_path, tiny_qwen2vl, data_dir, env={"VLPATCH": "1"}, fresh=True)  # the start-up itself
     log = proc.stdout + proc.stderr
     assert trained(proc), log[-3000:]
     check_truncation_rows(rows)

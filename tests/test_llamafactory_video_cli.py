@@ -10,12 +10,12 @@ so before training.
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
 
 from tests.conftest import newest_only, require
+from tests.fixtures import console
 from tests.fixtures.tiny_models import write_train_yaml
 from tests.fixtures.tiny_qwen3vl import PADS_PER_GROUP, VIDEO_SIDE, build_long_text_video_dataset, build_tiny_qwen3vl, has_qwen3vl
 
@@ -65,7 +65,7 @@ def config(tmp_path, setup) -> str:
 def train(tmp_path, setup, env=None):
     yaml_path = config(tmp_path, setup)
     cmd = [os.path.join(BIN, "llamafactory-cli"), "train", yaml_path]
-    proc = subprocess.run(cmd, env=env_with(env), capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+    proc = console.run(cmd, env=env_with(env), timeout=600, cwd=str(tmp_path))
     report = tmp_path / "out" / "vlpatch_report.jsonl"
     rows = [json.loads(x) for x in report.read_text().splitlines()] if report.exists() else []
     return proc, rows
@@ -98,7 +98,7 @@ def test_env_var_keeps_the_video_whole_and_trains(tmp_path, setup):
 def test_scan_reports_the_vanilla_crash_and_the_video_tokens(tmp_path, setup):
     yaml_path = config(tmp_path, setup)
     cmd = [sys.executable, "-m", "vlpatch", "scan", yaml_path, "--json", "--no-progress"]
-    proc = subprocess.run(cmd, env=env_with(), capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+    proc = console.run(cmd, env=env_with(), timeout=600, cwd=str(tmp_path))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     result = json.loads(proc.stdout)
     assert result["config"]["cutoff_len"] == CUTOFF and result["config"]["template"] == "qwen3_vl"

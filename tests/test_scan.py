@@ -5,12 +5,12 @@ import csv
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
 
 from tests.conftest import newest_only, require
+from tests.fixtures import console
 from tests.fixtures.tiny_models import IMAGE_TOKENS, _register, build_long_text_image_dataset, build_text_dataset, write_image, write_train_yaml
 
 pytestmark = [pytest.mark.llamafactory, pytest.mark.heavy]
@@ -45,7 +45,7 @@ def data_dir(tmp_path_factory):
 def scan_proc(*args, cwd=None, **env_vars):
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLPATCH")}
     env.update(HF_HUB_OFFLINE="1", **env_vars)
-    return subprocess.run([os.path.join(BIN, "vlpatch"), "scan", *args, "--no-progress"], env=env, capture_output=True, text=True, timeout=600, cwd=cwd)
+    return console.run([os.path.join(BIN, "vlpatch"), "scan", *args, "--no-progress"], env=env, timeout=600, cwd=cwd)
 
 
 def scan(*args, cwd=None, **env_vars):
@@ -148,8 +148,7 @@ def test_scan_and_training_classify_bad_input_alike(tmp_path, tiny_qwen2vl, data
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLPATCH")}
     # 3 of 4 samples are bad: above VLPATCH_MAX_BAD training stops (below); here each is compared
     env.update(HF_HUB_OFFLINE="1", VLPATCH="1", VLPATCH_POLICY=policy, VLPATCH_MAX_BAD="1", PATH=BIN + os.pathsep + env.get("PATH", ""))
-    proc = subprocess.run([os.path.join(BIN, "llamafactory-cli"), "train", yaml_path], env=env, capture_output=True, text=True,
-                          timeout=600, cwd=str(tmp_path))
+    proc = console.run([os.path.join(BIN, "llamafactory-cli"), "train", yaml_path], env=env, timeout=600, cwd=str(tmp_path))
     report = tmp_path / "out" / "vlpatch_report.jsonl"
     rows = [json.loads(x) for x in report.read_text().splitlines()] if report.exists() else []
     actual = {r["index"]: r["action"] for r in rows}
@@ -164,8 +163,7 @@ def test_scan_and_training_classify_bad_input_alike(tmp_path, tiny_qwen2vl, data
         assert out["bad_input"]["training_stops"]
         del env["VLPATCH_MAX_BAD"]
         shutil.rmtree(tmp_path / "out", ignore_errors=True)
-        proc = subprocess.run([os.path.join(BIN, "llamafactory-cli"), "train", yaml_path], env=env, capture_output=True,
-                              text=True, timeout=600, cwd=str(tmp_path))
+        proc = console.run([os.path.join(BIN, "llamafactory-cli"), "train", yaml_path], env=env, timeout=600, cwd=str(tmp_path))
         log = proc.stdout + proc.stderr
         assert proc.returncode != 0 and "train_runtime" not in log, log[-3000:]
         assert "vlpatch: 3 of 4 samples (75%) of train bad have bad input, more than VLPATCH_MAX_BAD (5%)" in log, log[-3000:]
@@ -214,8 +212,8 @@ def test_scan_in_two_workers_equals_one_process_and_names_file_rows(tmp_path, ti
     yaml_path = write_train_yaml(str(tmp_path / "train.yaml"), tiny_qwen2vl, data_dir, "longimg,plaintext,bad", str(tmp_path / "out"), 128)
     one = json.loads(scan(yaml_path, "--json", "--workers", "1"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLPATCH")}
-    proc = subprocess.run([os.path.join(BIN, "vlpatch"), "scan", yaml_path, "--json", "--workers", "2", "--plot", str(tmp_path / "scan.png")],
-                          env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
+    proc = console.run([os.path.join(BIN, "vlpatch"), "scan", yaml_path, "--json", "--workers", "2", "--plot", str(tmp_path / "scan.png")],
+                       env={**env, "HF_HUB_OFFLINE": "1"}, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads(proc.stdout)
     assert one["workers"] == 1 and two["workers"] == 2
