@@ -509,14 +509,14 @@ def _stands_aside(spec, v, version: str) -> PatchState | None:
         return PatchState(spec.id, "native", f"{spec.distribution} {version} has no code for this patch to fix ({spec.absent}): nothing to patch", version)
     if spec.native and v in spec.native:
         return PatchState(spec.id, "native", f"{spec.distribution} {version} fixes this itself ({spec.native})", version)
-    parts = {p.name: p.state(v) for p in spec.parts}
-    if parts and not any(state == "applied" for state, _ in parts.values()):
-        state = "native" if any(state == "native" for state, _ in parts.values()) else "skipped"
-        return PatchState(spec.id, state, "no part of this patch is needed here", version, _parts(parts))
     sibling = next((o.id for o in _matrix.load().patches
                     if o.id != spec.id and o.hook == spec.hook and (v in o.applies or (o.absent and v in o.absent))), None)
     if v not in spec.applies and sibling is not None:  # another patch of the matrix covers this release
         return PatchState(spec.id, "skipped", f"not for {spec.distribution} {version}: {sibling} covers it", version)
+    parts = {p.name: p.state(v) for p in spec.parts}
+    if parts and not any(state == "applied" for state, _ in parts.values()):
+        state = "native" if any(state == "native" for state, _ in parts.values()) else "skipped"
+        return PatchState(spec.id, state, "no part of this patch is needed here", version, _parts(parts))
     return None
 
 
