@@ -37,18 +37,22 @@ def segments(draw, media=True):
     return ids
 
 
-@st.composite
-def samples(draw):
-    prefix = draw(st.lists(st.sampled_from(TEXT), max_size=3))
-    turns = [(draw(segments()), draw(segments(media=draw(st.booleans())))) for _ in range(draw(st.integers(1, 3)))]
-    ids = list(prefix)
-    ranges = []
+def assemble(prefix: list, turns: list) -> tuple:
+    """(ids, (source, target) ranges per turn, runs with their items) of a prefix and (source, target) turns."""
+    ids, ranges = list(prefix), []
     for src, tgt in turns:
         ranges.append((range(len(ids), len(ids) + len(src)), range(len(ids) + len(src), len(ids) + len(src) + len(tgt))))
         ids += src + tgt
     runs = FINDER.find(ids)
     counts = {"image": sum(r.kind == "image" for r in runs), "video": sum(r.kind == "video" for r in runs)}
-    runs = FINDER.assign_items(ids, runs, counts)
+    return ids, ranges, FINDER.assign_items(ids, runs, counts)
+
+
+@st.composite
+def samples(draw):
+    prefix = draw(st.lists(st.sampled_from(TEXT), max_size=3))
+    turns = [(draw(segments()), draw(segments(media=draw(st.booleans())))) for _ in range(draw(st.integers(1, 3)))]
+    ids, ranges, runs = assemble(prefix, turns)
     budget = draw(st.integers(max(1, len(prefix)), max(1, len(ids) + 5)))  # the fixed prefix is never cut
     return ids, core.Layout(len(ids), runs, ranges, budget, lf_split, reserved=len(prefix))
 
@@ -116,6 +120,60 @@ def test_error_policy_raises_naming_the_sample(sample):
     else:
         check_invariants(ids, layout, decision)
         assert decision.action in ("kept", "truncated")
+
+
+FRAME = list(range(40, 48))  # a chat frame (template prefix, system block, user header): tokens no content has
+
+
+@st.composite
+def framed_samples(draw):
+    """A sample whose first turn's source starts with a chat frame (`Layout.heads`), later turns without."""
+    frame = FRAME[: draw(st.integers(1, len(FRAME)))]
+    turns = [(frame + draw(segments()), draw(segments(media=False)))]
+    turns += [(draw(segments()), draw(segments(media=False))) for _ in range(draw(st.integers(0, 2)))]
+    ids, ranges, runs = assemble([], turns)
+    budget = draw(st.integers(1, len(ids) + 5))
+    heads = [len(frame)] + [0] * (len(turns) - 1)
+    return ids, core.Layout(len(ids), runs, ranges, budget, lf_split, heads=heads), len(frame)
+
+
+@settings(max_examples=400, deadline=None)
+@given(framed_samples(), st.sampled_from(["drop", "drop_media"]))
+def test_a_cut_row_keeps_the_chat_frame_beside_its_first_turns_media(sample, policy):
+    """Never a row that starts with an image run and no frame: where a cut row keeps any media of its
+    first turn, it keeps that turn's whole frame and at least one token of its answer; the policy decides
+    where frame, media and that token do not fit together. Text alone is cut as the trainer cuts it."""
+    ids, layout, n_frame = sample
+    decision = core.resolve([layout], core.get_policy(policy), "s[0]")
+    check_invariants(ids, layout, decision)
+    if decision.kept is None:
+        return
+    keep = set(decision.kept[0])
+    src, tgt = layout.turns[0]
+    media_kept = any(r.start in src and r.start in keep for r in layout.runs)
+    if media_kept and len(ids) > layout.budget:
+        assert all(p in keep for p in range(src.start, src.start + n_frame)), "the frame of the first turn stays"
+        assert not len(tgt) or any(p in keep for p in tgt), "the answer keeps at least one token"
+    if not layout.runs:
+        assert decision.kept[0] == vanilla(ids, layout), "text alone: the trainer's own cut"
+
+
+def test_media_that_take_the_prompts_share_leave_the_frame_in_place():
+    # frame (4) + 6 words + an image run of 10: the trainer's split gives the source 16 of 20 tokens
+    ids = FRAME[:4] + TEXT[:6] + [START] + [IMG] * 8 + [END] + TEXT[:8]
+    runs = FINDER.assign_items(ids, FINDER.find(ids), {"image": 1})
+    src, tgt = range(0, 20), range(20, 28)
+    without = core.Layout(len(ids), runs, [(src, tgt)], 16, lf_split)
+    framed = core.Layout(len(ids), runs, [(src, tgt)], 16, lf_split, heads=[4])
+    old = [ids[p] for p in core.resolve([without], core.get_policy("drop"), "x").kept[0]]
+    new = [ids[p] for p in core.resolve([framed], core.get_policy("drop"), "x").kept[0]]
+    assert old == FRAME[:2] + [START] + [IMG] * 8 + [END] + TEXT[:4]  # without a frame known: half of it went
+    assert new == FRAME[:4] + [START] + [IMG] * 8 + [END] + TEXT[:2]
+    # frame, image and one token of the answer need 15: within 14 the policy decides
+    tight = core.Layout(len(ids), runs, [(src, tgt)], 14, lf_split, heads=[4])
+    assert core.resolve([tight], core.get_policy("drop"), "x").action == "dropped"
+    unframed = core.Layout(len(ids), runs, [(src, tgt)], 14, lf_split)
+    assert [ids[p] for p in core.resolve([unframed], core.get_policy("drop"), "x").kept[0]] == [START] + [IMG] * 8 + [END] + TEXT[:4]
 
 
 def test_text_first_cut_is_moved_off_the_image():

@@ -2,7 +2,8 @@
 
 The corpus (fixed seed): 500 sharegpt samples of 1-4 user / assistant turn pairs with 0-6 images in
 all, each `<image>` anywhere in a random user turn, user texts of 0-150 words and assistant texts of
-1-80, images one PNG file each in 8 sizes (image runs of 6 to 258 tokens); uncut, the samples are
+1-80, half of them with a system prompt of their own (3-40 words; the others the template's default),
+images one PNG file each in 8 sizes (image runs of 6 to 258 tokens); uncut, the samples are
 43-1102 tokens long (median ~400). Samples with images are one dataset, text-only samples another
 (LLaMA-Factory 0.9.2 fails on empty image lists); training merges them, so the merged order is the
 image samples, then the text-only ones.
@@ -28,7 +29,10 @@ report rows' dataset / file row are checked against the corpus). Per sample:
   (input_id, label) pairs a subsequence of the uncut ones, the images list the sample's own less
   exactly the reported items;
 * samples within cutoff_len exactly as vanilla's and without a report row; every other sample has
-  one row.
+  one row;
+* the chat frame: a cut row starts with its uncut row's system block and first user header (turn
+  order), and a sample goes to the policy exactly when its first-budgeted turn's media, that turn's
+  frame and one token of its answer do not fit together (README: what a cut row keeps).
 
 Vanilla at cutoff_len 256 (both `mask_history` settings) also checks that a sample whose image runs
 upstream's own cut keeps whole comes out token for token as upstream's. Runs on every tested
@@ -59,6 +63,13 @@ MAX_PIXELS = 448 * 448
 CUTOFFS = (128, 256, 384)
 SHRINK_FLOOR = 56 * 56  # policy shrink: at this floor every image is at most 10 tokens, six of them fit in 128
 UNBOUNDED = 1 << 20
+# the chat frame a cut row keeps at the start of the first-budgeted turn (qwen2_vl's template; the sample's
+# system prompt or the template's default): the system block and user header of the first turn, the user
+# header of a later one
+SYSTEM_FRAME = "<|im_start|>system\n{}<|im_end|>\n<|im_start|>user\n"
+DEFAULT_SYSTEM = "You are a helpful assistant."
+USER_FRAME = "<|im_start|>user\n"
+ANSWER_FLOOR = 1  # README: a cut row's answer keeps at least one token beside its frame and media
 
 
 def run_tokens(size) -> int:
@@ -76,6 +87,7 @@ class Sample:
     sizes: list
     turn_of: list  # the user turn (0-based) of each image, in image order
     turns: int = 0
+    system: str = ""  # its own system prompt ("" : the template's default)
 
 
 @dataclass
@@ -107,16 +119,17 @@ def build_corpus(directory: str, n: int = N, seed: int = 1234) -> Corpus:
             messages.append({"role": "user", "content": " ".join(words) or "hi"})
             n_words = rng.choice([rng.randint(1, 8), rng.randint(8, 80)])
             messages.append({"role": "assistant", "content": long_text(n_words, seed=rng.randrange(1 << 30))})
-        entry = (messages, files, sizes, turn_of, turns)
+        system = long_text(rng.randint(3, 40), seed=rng.randrange(1 << 30)) if rng.random() < 0.5 else ""
+        entry = (messages, files, sizes, turn_of, turns, system)
         (with_images if files else text_only).append(entry)
-    _register(directory, "corpus_img", [{"messages": m, "images": f} for m, f, *_ in with_images],
-              {"messages": "messages", "images": "images"})
-    _register(directory, "corpus_text", [{"messages": m} for m, *_ in text_only], {"messages": "messages"})
+    _register(directory, "corpus_img", [{"messages": m, "images": f, "system": sy} for m, f, *_, sy in with_images],
+              {"messages": "messages", "images": "images", "system": "system"})
+    _register(directory, "corpus_text", [{"messages": m, "system": sy} for m, *_, sy in text_only], {"messages": "messages", "system": "system"})
     corpus = Corpus(directory)
     for name, group in (("corpus_img", with_images), ("corpus_text", text_only)):
-        for row, (messages, files, sizes, turn_of, turns) in enumerate(group):
+        for row, (messages, files, sizes, turn_of, turns, system) in enumerate(group):
             paths = [os.path.join(directory, f) for f in files]
-            corpus.samples.append(Sample(len(corpus.samples), name, row, messages, paths, sizes, turn_of, turns))
+            corpus.samples.append(Sample(len(corpus.samples), name, row, messages, paths, sizes, turn_of, turns, system))
     return corpus
 
 
@@ -219,6 +232,12 @@ class Reference:
     labels: list
     runs: list  # tokens of each image's run, in image order
     first_media: int  # image tokens of the first-budgeted turn
+    frame: int = 0  # tokens of the chat frame at the start of the first-budgeted turn
+    start: int = 0  # where that turn's source starts
+
+    def must_go(self, cutoff: int) -> bool:
+        """Its first-budgeted turn's media, beside that turn's frame and the answer's floor, exceed cutoff."""
+        return self.first_media > 0 and self.first_media + self.frame + ANSWER_FLOOR > cutoff
 
 
 def reference(lf, mask_history: bool) -> list:
@@ -232,7 +251,14 @@ def reference(lf, mask_history: bool) -> list:
         assert runs == [run_tokens(size) for size in s.sizes], (s.index, runs, s.sizes)
         assert (row["images"] or []) == s.images
         first = first_budgeted(s, mask_history)
-        out.append(Reference(row["input_ids"], row["labels"], runs, sum(r for r, t in zip(runs, s.turn_of) if t == first)))
+        ids = row["input_ids"]
+        if first:  # a later turn: its source starts at the last user header
+            header = lf.tok.encode(USER_FRAME, add_special_tokens=False)
+            start = max(i for i in range(len(ids)) if ids[i : i + len(header)] == header)
+        else:
+            header, start = lf.tok.encode(SYSTEM_FRAME.format(s.system or DEFAULT_SYSTEM), add_special_tokens=False), 0
+        frame = next((k for k, (a, b) in enumerate(zip(ids[start:], header)) if a != b), min(len(header), len(ids) - start))
+        out.append(Reference(ids, row["labels"], runs, sum(r for r, t in zip(runs, s.turn_of) if t == first), frame, start))
     lf.references[mask_history] = out
     return out
 
@@ -249,13 +275,13 @@ def check_case(lf, cutoff: int, mask_history: bool, policy: str) -> Counter:
         by_index[r["index"]] = r
     over = {s.index for s in samples if len(ref[s.index].ids) > cutoff}
     assert set(by_index) == over, "one report row for every sample over the cutoff, none for the others"
-    must_go = {s.index for s in samples if ref[s.index].first_media > cutoff}
+    must_go = {s.index for s in samples if ref[s.index].must_go(cutoff)}
     dropped = {i for i, r in by_index.items() if r["action"] == "dropped"}
     if policy == "drop":
         wrong = sorted(dropped - must_go)
-        assert not wrong, f"dropped though their first-budgeted turn's media fit: {[(i, by_index[i]['reason']) for i in wrong[:5]]}"
+        assert not wrong, f"dropped though their first-budgeted turn's media fit beside its frame: {[(i, by_index[i]['reason']) for i in wrong[:5]]}"
         missing = sorted(must_go - dropped)
-        assert not missing, f"kept though their first-budgeted turn's media do not fit: {missing[:10]}"
+        assert not missing, f"kept though their first-budgeted turn's media do not fit beside its frame: {missing[:10]}"
         for i in dropped:
             assert by_index[i]["reason"].startswith("media_exceed_budget"), by_index[i]
     else:
@@ -281,6 +307,8 @@ def check_case(lf, cutoff: int, mask_history: bool, policy: str) -> Counter:
             assert (ids, labels, images) == (u.ids, u.labels, s.images), where
             counts["kept whole"] += 1
             continue
+        if not mask_history:  # a cut row keeps the chat frame its uncut row starts with (system block, header)
+            assert ids[: u.frame] == u.ids[: u.frame], (where, r, ids[: u.frame + 3], u.ids[: u.frame + 3])
         assert r["tokens_before"] == len(u.ids) and r["tokens_after"] == len(ids), (where, r)
         assert r["media_removed"].get("image", []) == removed and len(removed) == len(s.images) - len(images), (where, r)
         if s.index in must_go:  # drop_media: the first-budgeted turn's trailing runs go until the rest fits
@@ -288,7 +316,7 @@ def check_case(lf, cutoff: int, mask_history: bool, policy: str) -> Counter:
             turn_items = [k for k, t in enumerate(s.turn_of) if t == first]
             stay, total = [], 0
             for k in turn_items:
-                if total + u.runs[k] > cutoff:
+                if total + u.runs[k] + u.frame + ANSWER_FLOOR > cutoff:
                     break
                 stay.append(k)
                 total += u.runs[k]
@@ -318,7 +346,7 @@ def test_the_corpus_covers_every_case(lf):
         ref = reference(lf, mask_history)
         for cutoff in CUTOFFS:
             fit = sum(len(u.ids) <= cutoff for u in ref)
-            go = sum(u.first_media > cutoff for u in ref)
+            go = sum(u.must_go(cutoff) for u in ref)
             later = sum(len(u.ids) > cutoff and u.first_media < sum(u.runs) for u in ref)
             assert fit >= 10 and len(ref) - fit >= 50 and go >= 1 and later >= 20, (cutoff, mask_history, fit, go, later)
     lengths = sorted(len(u.ids) for u in ref)
@@ -382,7 +410,7 @@ def test_shrink(lf, cutoff, mask_history):
     drop_rows, drop_report = lf.run(cutoff, mask_history, "drop")
     by_index = {r["index"]: r for r in report}
     dropped_by_drop = {r["index"] for r in drop_report if r["action"] == "dropped"}
-    must_go = {s.index for s in samples if ref[s.index].first_media > cutoff}
+    must_go = {s.index for s in samples if ref[s.index].must_go(cutoff)}
     assert dropped_by_drop == must_go and must_go
     assert not [r for r in report if r["action"] == "dropped"], "nothing is dropped: at the floor every sample fits"
     assert len(rows) == len(samples)

@@ -108,7 +108,10 @@ def _check_kind(fam, template, media, kind, where, patched):
     ph = {"image": "<image>", "video": "<video>", "audio": "<audio>"}[kind]
     if kind == "video" and fam.model_args.get("use_audio_in_video"):
         ph = "<video><audio>"
-    prompt = [{"role": "user", "content": long_text(60, 1) + f" {ph} middle words " + long_text(8, 2) + f" {ph} end"}]
+    # text enough before the media that a row cut in the middle of the second item still holds both items
+    # beside the chat frame a cut keeps (the template's system block and user header: Gemma 4's video items
+    # are 291 tokens each)
+    prompt = [{"role": "user", "content": long_text(200, 1) + f" {ph} middle words " + long_text(8, 2) + f" {ph} end"}]
     rows = [(prompt, [{"role": "assistant", "content": "fine answer"}], items)]
 
     full = encode(fam, template, rows, 10**6)

@@ -65,6 +65,12 @@ def test_scan_yaml_matches_what_training_does(tmp_path, tiny_qwen2vl, data_dir):
     for i in (0, 2, 4):
         assert by[i]["vanilla"] == "crash: media tokens cut" and by[i]["vlpatch"] == "truncated", by[i]
         assert by[i]["media_tokens"] == {"image": [IMAGE_TOKENS + 2]} and by[i]["tokens"] > 128
+        # the preview of the cut row: its chat frame first, and the answer after what is left of the prompt
+        start = by[i]["preview"]["row_start"]
+        assert start.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"), by[i]["preview"]
+        assert "before_answer" in by[i]["preview"], by[i]["preview"]
+    for i in (1, 3, 5, 6, 7):
+        assert not by[i]["preview"], by[i]
     for i in (1, 3, 5, 6, 7):
         assert by[i]["vanilla"] == by[i]["vlpatch"] == "fits", by[i]
     assert out["recommend"]["cutoff_len_for_share"]["1.0"] == max(s["tokens"] for s in samples)

@@ -277,6 +277,11 @@ class Layout:
     LLaMA-Factory: turn by turn, reversed under `mask_history`); `reserved` is the number of positions
     outside all turns that are always kept (a prefix, an efficient-eos token). `split` divides a turn's
     remaining budget between source and target the way the trainer does (LLaMA-Factory's `infer_seqlen`).
+    `heads[i]`: the chat frame at the start of turn i's source (the template prefix, the system block,
+    the role header: what the trainer's own cut keeps, as it keeps the head of each side), which a cut
+    keeps together with that turn's media; where it is known (> 0) the answer keeps at least
+    `ANSWER_FLOOR` of its tokens too, and a frame, media and floor that do not fit together go to the
+    policy as media that do not fit do. Empty: no frame known, today's arithmetic.
     """
 
     length: int
@@ -285,6 +290,10 @@ class Layout:
     budget: int
     split: SplitFn
     reserved: int = 0
+    heads: list = field(default_factory=list)
+
+    def head(self, index: int) -> int:
+        return self.heads[index] if index < len(self.heads) else 0
 
     def fixed_positions(self) -> list[int]:
         inside = set()
@@ -344,14 +353,16 @@ def _segment(positions: range, runs_by_start: dict, removed: set):
     return pos, seg_runs
 
 
-def keep_head(pos: list[int], seg_runs: list[Run], keep: int, media_first: bool = False):
-    """Keep `keep` of `pos`: whole runs in order while they fit, then the first text tokens.
+def keep_head(pos: list[int], seg_runs: list[Run], keep: int, head: int = 0):
+    """Keep `keep` of `pos`: the first `head` text tokens (the chat frame, which lies before the first
+    run), whole runs in order while they fit beside it, then the next text tokens. Where the frame alone
+    takes `keep` or more, every run is lost and the first `keep` positions stay, as the trainer keeps them.
 
     Without media this is exactly `pos[:keep]`, LLaMA-Factory's own slice. Returns (kept, lost runs).
     """
     if keep >= len(pos):
         return list(pos), []
-    media_budget = keep
+    media_budget = keep - head
     kept_runs, lost = [], []
     for run in seg_runs:
         if run.length <= media_budget:
@@ -377,8 +388,36 @@ def keep_head(pos: list[int], seg_runs: list[Run], keep: int, media_first: bool 
     return kept, lost
 
 
+# Where a turn's chat frame is known, the answer of a row vlpatch cuts keeps at least this many of its
+# tokens (all of them where it is shorter): a row whose frame and media leave its answer fewer goes to the
+# policy, as media that do not fit do (README: what a cut row keeps).
+ANSWER_FLOOR = 1
+
+
+def frame_of(source: Sequence[int], empty: Sequence[int]) -> int:
+    """The chat frame at the start of `source`: its longest common prefix with `empty`, the same turn
+    encoded with the user's content left out (system block and role header; a token that the content
+    merges into at the boundary is the content's). Never longer than `empty`."""
+    n = 0
+    for a, b in zip(source, empty):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
+def _head_text(pos: list[int], seg_runs: list[Run], head: int) -> int:
+    """`head` clipped to the text before the segment's first run (a frame holds no media)."""
+    if not head:
+        return 0
+    first = min((r.start for r in seg_runs), default=None)
+    text = [p for p in pos[:head] if first is None or p < first]
+    return len(text)
+
+
 def media_split(split: SplitFn, s_len: int, t_len: int, remaining: int, s_media: int, t_media: int):
-    """The trainer's own split, widened so each side can hold its media where both fit."""
+    """The trainer's own split, widened so each side can hold its media (and the source its frame, the
+    target its floor: both counted in `s_media` / `t_media` by the caller) where both fit."""
     s, t = split(s_len, t_len, remaining)
     if s_media + t_media > remaining:
         return s, t  # media do not fit: keep_head reports the runs that are lost
@@ -408,8 +447,14 @@ def plan_layout(layout: Layout, removed: set = frozenset()) -> Plan:
         remaining = layout.budget - total
         s_media = sum(r.length for r in s_runs)
         t_media = sum(r.length for r in t_runs)
-        s, t = media_split(layout.split, len(s_pos), len(t_pos), remaining, s_media, t_media)
-        s_keep, s_lost = keep_head(s_pos, s_runs, s)
+        head = _head_text(s_pos, s_runs, layout.head(index)) if s_runs else 0  # text alone: the trainer's cut
+        floor = min(len(t_pos) - t_media, ANSWER_FLOOR) if head else 0
+        s, t = media_split(layout.split, len(s_pos), len(t_pos), remaining, s_media + head, t_media + floor)
+        if not index and head and s_media + head + t_media + floor > remaining:
+            # the frame, the media and the answer's floor do not fit together: the media that do not fit
+            # beside the frame within what the answer leaves are lost (the policy decides)
+            s = min(s, remaining - t_media - floor)
+        s_keep, s_lost = keep_head(s_pos, s_runs, s, head)
         t_keep, t_lost = keep_head(t_pos, t_runs, t)
         for run in s_lost + t_lost:
             gone.update(run.keys())
@@ -466,8 +511,10 @@ class Overflow:
         runs = [r for r in self.layouts[0].runs if set(r.keys()) & set(lost)]
         first = self.layouts[0].turns[0] if self.layouts[0].turns else (range(0), range(0))
         need = sum(r.length for r in self.layouts[0].runs if r.start in first[0] or r.start in first[1])
+        frame = self.layouts[0].head(0)
         return (
-            f"the media that must stay (the first budgeted turn's) need {need} of {self.layouts[0].budget} tokens; "
+            f"the media that must stay (the first budgeted turn's) need {need}"
+            + (f" beside its chat frame of {frame}" if frame else "") + f" of {self.layouts[0].budget} tokens; "
             f"{len(lost)} item(s) would be cut: " + ", ".join(f"{k}#{i}" for k, i in lost)
             + (f" ({sum(r.length for r in runs)} tokens)" if runs else "")
         )

@@ -42,6 +42,8 @@ class Sample:
     vlpatch: str = ""  # fits | truncated | media_dropped | dropped | error: ...  (under the scan's policy)
     detail: str = ""
     policies: dict = field(default_factory=dict)  # the outcome under each policy: drop, drop_media, shrink, error
+    # a row vlpatch cuts, as training gets it (the scan's policy): its start and the tokens before its answer
+    preview: dict = field(default_factory=dict)
 
 
 def _scratch_dir(prefix: str) -> str:
@@ -187,7 +189,8 @@ def _scan_chunk(state: _State, indices, ticker: _Ticker) -> list:
 
     cutoff, data_args, columns = state.cutoff, state.data_args, state.columns
 
-    def encode(i, length, processor=None):
+    def encode(i, length, processor=None, rows=None):
+        """The sample's first sequence (input_ids, or a pair's chosen), or None; `rows` gets upstream's output."""
         row = state.dataset[i]
         data_args.cutoff_len = length
         try:
@@ -195,6 +198,8 @@ def _scan_chunk(state: _State, indices, ticker: _Ticker) -> list:
         finally:
             data_args.cutoff_len = cutoff
             ticker.tick()  # a pass that raised is done too
+        if rows is not None:
+            rows.append(out)
         ids = out.get("input_ids") or out.get("chosen_input_ids")  # sft / pt / kto, or rm / dpo pairs
         return ids[0] if ids else None
 
@@ -298,10 +303,13 @@ def _policy_pass(state, todo, policy, encode, lfint, vreport) -> dict:
         for s in todo:  # vlpatch at cutoff_len (bad input: what training does with it)
             run = vreport.start_run(lfint.TRAINER, "scan", path)
             try:
-                encode(s.index, state.cutoff)
+                got: list = []
+                encode(s.index, state.cutoff, rows=got)
                 mine = [r for r in new_rows() if r.get("run_id") == run.run_id]
                 outcome = mine[-1]["action"] if mine else ("fits" if s.tokens is not None else "kept")
                 out[s.index] = (outcome, str(mine[-1]["reason"]) if mine and mine[-1].get("reason") else "")
+                if policy == state.policy and outcome in ("truncated", "media_dropped", "shrunk") and got:
+                    s.preview = preview(state.processor.tokenizer, got[0])
             except Exception as exc:
                 out[s.index] = (f"error: {type(exc).__name__}: {exc}"[:300], "")
             finally:
@@ -313,6 +321,40 @@ def _policy_pass(state, todo, policy, encode, lfint, vreport) -> dict:
 
         shutil.rmtree(scratch, ignore_errors=True)
     return out
+
+
+def preview(tokenizer, out: dict, start: int = 32, before: int = 12) -> dict:
+    """A cut row as training gets it: its first `start` tokens and the `before` tokens ahead of its
+    answer (the first supervised token), decoded, a token repeated 3 times or more shown once with its
+    count (`<|image_pad|> x64`). Shows the chat frame a cut row keeps at its start, and whether the
+    assistant header still precedes the answer (LLaMA-Factory cuts a prompt from its end, header
+    included; vlpatch keeps that: README, what a cut row keeps)."""
+    ids = (out.get("input_ids") or out.get("chosen_input_ids") or [[]])[0]
+    labels = (out.get("labels") or out.get("chosen_labels") or [[]])[0]
+    answer = next((k for k, label in enumerate(labels) if label != -100), None) if len(labels) == len(ids) else None
+    got = {"row_start": readable(tokenizer, ids[:start])}
+    if answer is not None:
+        got["before_answer"] = readable(tokenizer, ids[max(0, answer - before) : answer])
+    return got
+
+
+def readable(tokenizer, ids) -> str:
+    parts, plain, i = [], [], 0
+    while i < len(ids):
+        j = i
+        while j < len(ids) and ids[j] == ids[i]:
+            j += 1
+        if j - i >= 3:
+            if plain:
+                parts.append(tokenizer.decode(plain))
+                plain = []
+            parts.append(f"{tokenizer.decode([ids[i]])} x{j - i}")
+        else:
+            plain.extend(ids[i:j])
+        i = j
+    if plain:
+        parts.append(tokenizer.decode(plain))
+    return "".join(parts)
 
 
 _worker_state: _State | None = None
@@ -507,6 +549,12 @@ def summary(result: dict) -> str:
     if mp.get("text_alone_too_long"):
         lines.append(f"  ({len(mp['text_alone_too_long'])} samples exceed cutoff_len with their text, videos and audio alone: "
                      "no image size helps them)")
+    cut = next((s for s in samples if s.get("preview")), None)
+    if cut is not None:
+        lines += ["", f"a row vlpatch cuts, as training gets it (sample {_name(cut)}, {cut['vlpatch']}):",
+                  f"  starts:             {cut['preview']['row_start']!r}"]
+        if "before_answer" in cut["preview"]:
+            lines.append(f"  before its answer:  {cut['preview']['before_answer']!r}")
     bad = [s for s in samples if s["vanilla"].startswith("error")]
     if bad:
         lines.append(f"bad input (training without vlpatch dies on it; with vlpatch under policy {cfg['policy']}: "

@@ -72,7 +72,9 @@ class _Handler:
         """The token ids of each sequence, in the order of `layouts`."""
         raise NotImplementedError
 
-    def layouts(self, instance, full, splits, spans, budget, split) -> list:
+    def layouts(self, instance, full, splits, spans, budget, split, empty=None) -> list:
+        """The sample's `core.Layout`s; `empty`: each turn's source encoded with its content left out
+        (`_empty_sources`), for the chat frame a cut keeps (None: no frame known)."""
         raise NotImplementedError
 
     def build(self, full, kept) -> Any:
@@ -95,20 +97,22 @@ class _Supervised(_Handler):
     def sequences(self, full):
         return [full[0]]
 
-    def layouts(self, instance, full, splits, spans, budget, split):
+    def layouts(self, instance, full, splits, spans, budget, split, empty=None):
         ids = full[0]
         eos = 1 if instance.template.efficient_eos else 0
         prefix = len(ids) - sum(s + t for s, t in splits) - eos
         reverse = bool(instance.data_args.mask_history)
         natural = list(reversed(splits)) if reverse else list(splits)
         pos = 0 if reverse else prefix
-        ranges = []
-        for s, t in natural:
+        ranges, heads = [], []
+        for i, (s, t) in enumerate(natural):
             ranges.append((range(pos, pos + s), range(pos + s, pos + s + t)))
+            heads.append(core.frame_of(ids[pos : pos + s], empty[i]) if empty and i < len(empty) else 0)
             pos += s + t
         if reverse:
             ranges.reverse()
-        return [core.Layout(len(ids), spans(0, ids), ranges, budget, split, reserved=prefix + eos)]
+            heads.reverse()
+        return [core.Layout(len(ids), spans(0, ids), ranges, budget, split, reserved=prefix + eos, heads=heads)]
 
     def build(self, full, kept):
         return _pick(full[0], kept[0]), _pick(full[1], kept[0])
@@ -142,7 +146,7 @@ class _TwoSequences(_Handler):
 class _Pairwise(_TwoSequences):
     """(chosen_ids, chosen_labels, rejected_ids, rejected_labels): a shared prompt, two responses."""
 
-    def layouts(self, instance, full, splits, spans, budget, split):
+    def layouts(self, instance, full, splits, spans, budget, split, empty=None):
         prompt = splits[0][0]
         out = []
         other_len = {0: len(full[2]) - prompt, 2: len(full[0]) - prompt}
@@ -153,7 +157,8 @@ class _Pairwise(_TwoSequences):
                 return split(s, max(t, _other), c)
 
             runs = spans(n, ids)
-            out.append(core.Layout(len(ids), runs, [(range(0, prompt), range(prompt, len(ids)))], budget, pair_split))
+            out.append(core.Layout(len(ids), runs, [(range(0, prompt), range(prompt, len(ids)))], budget, pair_split,
+                                   heads=[core.frame_of(ids[:prompt], empty[0]) if empty else 0]))
         return out
 
 
@@ -162,11 +167,12 @@ class _Feedback(_TwoSequences):
 
     rest_when_dropped = (True,)
 
-    def layouts(self, instance, full, splits, spans, budget, split):
+    def layouts(self, instance, full, splits, spans, budget, split, empty=None):
         out = []
         for n, ((s, t), ids) in enumerate(zip(splits, (full[0], full[2]))):  # the sample, its KL pair
             runs = spans(n, ids)
-            out.append(core.Layout(len(ids), runs, [(range(0, s), range(s, s + t))], budget, split))
+            out.append(core.Layout(len(ids), runs, [(range(0, s), range(s, s + t))], budget, split,
+                                   heads=[core.frame_of(ids[:s], empty[0]) if empty else 0]))
         return out
 
 
@@ -179,10 +185,11 @@ class _Unsupervised(_Handler):
     def sequences(self, full):
         return [list(full[0]) + list(full[1])]
 
-    def layouts(self, instance, full, splits, spans, budget, split):
+    def layouts(self, instance, full, splits, spans, budget, split, empty=None):
         ids = list(full[0]) + list(full[1])
         n = len(full[0])
-        return [core.Layout(len(ids), spans(0, ids), [(range(0, n), range(n, len(ids)))], budget, split)]
+        heads = [core.frame_of(ids[:n], empty[0]) if empty else 0]
+        return [core.Layout(len(ids), spans(0, ids), [(range(0, n), range(n, len(ids)))], budget, split, heads=heads)]
 
     def build(self, full, kept):
         n = len(full[0])
@@ -618,7 +625,8 @@ def _encode_wrapper(stage: str):
             def spans(n, ids):
                 return learned[n].runs(ids) if learned else []
 
-            layouts = handler.layouts(instance, full, trace.splits, spans, budget, split)
+            empty = _empty_sources(instance, bound)
+            layouts = handler.layouts(instance, full, trace.splits, spans, budget, split, empty)
         except (Unreadable, ValueError) as exc:  # never cut what is not understood: refused, reported
             plugin = type(instance.template.mm_plugin).__name__
             return _reject(handler, instance, batch, cfg, sample, row, f"uncovered_media: {plugin}: {exc}", exc)
@@ -639,7 +647,7 @@ def _encode_wrapper(stage: str):
                 def spans(n, ids):
                     return got[n].runs(ids) if got else []
 
-                return again, handler.layouts(instance, again, trace.splits, spans, budget, split)
+                return again, handler.layouts(instance, again, trace.splits, spans, budget, split, empty)
 
             def reencode(scale):  # the shrinker is made when the media do not fit (not for a cut of text alone)
                 if not made:
@@ -684,6 +692,25 @@ def _encode_wrapper(stage: str):
         return out
 
     return wrapper
+
+
+_EMPTIED = ("user", "assistant", "observation")  # a function call's content is JSON its formatter parses: kept
+
+
+def _empty_sources(instance, bound) -> list | None:
+    """Each turn's source, as the sample's own template encodes it with the content of every user,
+    assistant and observation message left out: the chat frame of each turn (the template prefix, the
+    system block, the role header) is what it shares with the real source (`core.frame_of`). The first
+    response stands for a pair's (the frame lies in the prompt). None where it cannot be encoded: no
+    frame is then kept beyond what the cut keeps anyway."""
+    prompt = list(bound.get("prompt") or [])
+    response = list(bound.get("response") or [])[:1] or [{"role": "assistant", "content": ""}]
+    messages = [{**m, "content": ""} if m.get("role") in _EMPTIED else m for m in prompt + response]
+    try:
+        pairs = instance.template.encode_multiturn(instance.tokenizer, messages, bound.get("system"), bound.get("tools"))
+    except Exception:  # noqa: BLE001 - a template that needs content: no frame known
+        return None
+    return [list(source) for source, _ in pairs]
 
 
 def _splice(handler, full, before, after):
