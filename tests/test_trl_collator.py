@@ -374,6 +374,55 @@ def test_sft_a_later_turns_image_leaves_with_the_cut(trl, processor, patched, tm
     assert row["reason"].startswith("media_left_with_turn: image#1"), row
 
 
+def framed_row(system: str, words: int = 60, seed: int = 3) -> dict:
+    return {"messages": [{"role": "system", "content": [{"type": "text", "text": system}]},
+                         {"role": "user", "content": user(words, seed)},
+                         {"role": "assistant", "content": [{"type": "text", "text": "a red square"}]}],
+            "images": [image(224, seed)]}
+
+
+def frame_length(processor, row_ids, system: str) -> int:
+    """The chat frame an uncut row starts with (system block, user header), as the template writes it."""
+    frame = processor.tokenizer.encode(f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n", add_special_tokens=False)
+    n = next((k for k, (a, b) in enumerate(zip(row_ids, frame)) if a != b), len(frame))
+    assert n >= len(frame) - 1, "the frame is the row's start"
+    return n
+
+
+@pytest.mark.parametrize("policy", ["drop", "drop_media"])
+def test_sft_cut_row_keeps_its_chat_frame(trl, processor, policy, patched, tmp_path):
+    """A row whose image takes nearly all of max_length keeps its system block and user header beside the
+    image (the text after the frame gives way); where frame and image cannot fit together the policy
+    decides: `drop` drops the row, `drop_media` takes the image out and the row keeps its frame."""
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+    system = long_text(10, 7)
+    full = DataCollatorForVisionLanguageModeling(processor)([framed_row(system)])
+    uncut = _unpadded_trl(full, 0)
+    frame = frame_length(processor, uncut, system)
+    report = tmp_path / "report.jsonl"
+    patched(policy=policy, report=str(report))
+    for budget, fits in ((66 + frame + 4, True), (66 + frame - 4, False)):
+        rows = [framed_row(system), messages_rows(2)[1]]
+        batch = DataCollatorForVisionLanguageModeling(processor, max_length=budget)(rows)
+        check_batch(processor, batch, budget=budget)
+        row = report_rows(report)[-1]
+        assert row["index"] == 0, row
+        if fits:
+            assert row["action"] == "truncated" and row["media_tokens_after"] == 66, row
+            assert _unpadded_trl(batch, 0)[:frame] == uncut[:frame], "the cut row starts with its frame"
+        elif policy == "drop":
+            assert row["action"] == "dropped" and "beside its chat frame of" in row["reason"], row
+            assert batch["input_ids"].shape[0] == 1
+        else:
+            assert row["action"] == "media_dropped" and row["media_removed"] == {"image": [0]}, row
+            assert _unpadded_trl(batch, 0)[:frame] == uncut[:frame], "the cut row starts with its frame"
+
+
+def _unpadded_trl(batch, i):
+    return batch["input_ids"][i][batch["attention_mask"][i].bool()].tolist()
+
+
 # --------------------------------------------------------------------------- policy shrink
 
 

@@ -253,11 +253,13 @@ def forward(f, batch):
 
 
 def cut_budget(f, collator_cls, rows, **kw):
-    """A max_length inside example 0's first image run, from the unbounded vanilla batch (vlpatch reverted)."""
+    """A max_length inside example 0's first image run (its last tokens cut; Mllama's one token), from the
+    unbounded vanilla batch (vlpatch reverted): room for the whole run beside the row's chat frame where
+    text precedes the run, so that vlpatch keeps it whole."""
     full = collator_cls(f.processor, **kw)(rows)
     row = rows_of(full)[0]
     first, length, _ = runs(f, row)[0]
-    budget = first + length // 2
+    budget = first + length - max(1, min(2, length // 2))
     assert budget < len(row)
     return budget
 

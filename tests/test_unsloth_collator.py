@@ -324,6 +324,40 @@ def test_a_few_optimizer_steps_on_patched_batches(uz, model, patched):
     assert all(torch.isfinite(torch.tensor(losses))), losses
 
 
+@pytest.mark.parametrize("policy", ["drop", "drop_media"])
+def test_a_cut_row_keeps_its_chat_frame(uz, patched, policy, tmp_path):
+    """A row whose image takes nearly all of max_seq_length keeps its system block and user header beside
+    the image; where they cannot fit together the policy decides (`drop_media`: the frame stays)."""
+    if uz.family != "qwen2_vl" or not uz.truncates:
+        pytest.skip("one family: the frame comes from the template, the same code for all")
+    system = long_text(10, 7)
+
+    def framed():
+        ex = example(1, words_before=60)
+        ex["messages"].insert(0, {"role": "system", "content": [{"type": "text", "text": system}]})
+        return ex
+
+    uncut = _unpadded(uz.collator()([framed()]), 0)
+    header = uz.processor.tokenizer.encode(f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n", add_special_tokens=False)
+    frame = next((k for k, (a, b) in enumerate(zip(uncut, header)) if a != b), len(header))
+    assert frame >= len(header) - 1
+    report = tmp_path / "r.jsonl"
+    patched(policy=policy, report=str(report))
+    for budget, fits in ((66 + frame + 4, True), (66 + frame - 4, False)):
+        report.unlink(missing_ok=True)
+        batch = uz.collator(budget)([framed(), example(1, words_before=1, words_after=1)])
+        check_rows(uz, batch, budget=budget)
+        row = next(r for r in (json.loads(x) for x in report.read_text().splitlines()) if r["index"] == 0)
+        if fits:
+            assert row["action"] == "truncated" and row["media_tokens_after"] == 66, row
+            assert _unpadded(batch, 0)[:frame] == uncut[:frame], "the cut row starts with its frame"
+        elif policy == "drop":
+            assert row["action"] == "dropped" and "beside its chat frame of" in row["reason"], row
+        else:
+            assert row["action"] == "media_dropped", row
+            assert _unpadded(batch, 0)[:frame] == uncut[:frame], "the cut row starts with its frame"
+
+
 def test_shrink_downsizes_the_images_until_the_example_fits(uz, model, patched, tmp_path):
     """Policy shrink: an example whose images alone exceed max_seq_length is collated again with its
     images downsized until it fits; the pixel tensors are the processor's own for the downsized images
@@ -808,7 +842,8 @@ def test_qwen2_5_vl_shrink_video_keeps_fewer_frames(qv, patched, tmp_path):
     assert 2 <= item["frames_after"] < 16 and item["tokens_after"] < item["tokens_before"], item
     t, h, w = batch["video_grid_thw"][0].tolist()
     assert (t * 2, h * 14, w * 14) == (item["frames_after"], 56, 56), "upstream read the kept frames"
-    assert item["tokens_after"] + 4 > budget, "two frames more (one temporal patch, 4 tokens) would not fit"
+    frame = len(qv.processor.tokenizer.encode("<|im_start|>user\n", add_special_tokens=False))  # the row's chat frame
+    assert item["tokens_after"] + frame + 4 > budget, "two frames more (one temporal patch, 4 tokens) would not fit beside the frame"
 
 
 def test_qwen2_5_vl_shrink_video_file_through_upstreams_reader(qv, patched, tmp_path, monkeypatch):

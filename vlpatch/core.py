@@ -599,6 +599,7 @@ class ShrinkItem:
     floor: int
     frames: int = 0  # a video's sampled frames; 0: an image
     min_frames: int = 0
+    frame_step: int = 1  # fewer frames are asked for in multiples of this (a reader that rounds to it)
 
     def candidate(self, scale: float):
         """(after, at the floor) for `scale`, the share of the item's pixels (times its frames for a
@@ -607,6 +608,8 @@ class ShrinkItem:
         want = w * h * scale
         px = min(w * h, max(self.floor, want))
         frames = max(self.min_frames, min(self.frames, int(self.frames * want / px))) if self.frames else 0
+        if self.frame_step > 1 and frames < self.frames:
+            frames = max(self.min_frames, frames - frames % self.frame_step)
         if px >= w * h and frames >= self.frames:
             return None
         f = (px / (w * h)) ** 0.5
@@ -852,18 +855,19 @@ def _left_reason(layouts, left) -> str:
     return f"media_left_with_turn: {names} left with the part of a later turn that the budget cuts off"
 
 
-def single_layout(length: int, runs: list[Run], budget: int, first: int | None = None) -> Layout:
+def single_layout(length: int, runs: list[Run], budget: int, first: int | None = None, head: int = 0) -> Layout:
     """A layout with one turn whose source is the whole sequence: cut text from the end.
 
     `first`: how many media items (in run order) belong to the row's first turn: the row becomes two
     turns, the first ending after those items' runs, so that the media after them leave with the part
-    the cut removes (as LLaMA-Factory's turn budget does) and only the first turn's go to the policy."""
+    the cut removes (as LLaMA-Factory's turn budget does) and only the first turn's go to the policy.
+    `head`: the chat frame the row starts with (`Layout.heads`), kept beside the first turn's media."""
 
     def split(s, t, c):
         return min(s, c), 0
 
     if first is None:
-        return Layout(length, runs, [(range(0, length), range(length, length))], budget, split)
+        return Layout(length, runs, [(range(0, length), range(length, length))], budget, split, heads=[head])
     cut, seen = 0, 0
     for run in sorted(runs, key=lambda r: r.start):
         if seen >= first:
@@ -871,7 +875,7 @@ def single_layout(length: int, runs: list[Run], budget: int, first: int | None =
         seen += len(run.keys())
         cut = run.stop
     turns = [(range(0, cut), range(cut, cut)), (range(cut, length), range(length, length))]
-    return Layout(length, runs, turns, budget, split)
+    return Layout(length, runs, turns, budget, split, heads=[head, 0])
 
 
 def fit_sequence(length: int, runs: list[Run], budget: int, policy: Policy, sample: str, keep: str = "head") -> Decision:
@@ -884,17 +888,21 @@ def _mirror(length: int, runs: list[Run]) -> list[Run]:
 
 
 def fit_rows(rows: list, budget: int, policy: Policy, sample: str, keep: str = "head", reencode: Callable | None = None,
-             first: int | None = None) -> Decision:
+             first: int | None = None, heads: list | None = None) -> Decision:
     """The flat rows of one sample ([(length, runs)]: a collator row, or a preference pair's chosen and
     rejected rows, decided as one), each kept at its head (right truncation) or tail (left).
     `reencode(scale)`: (rows, sizes, floor, payload) of the sample collated again with its media at
     `scale` of their pixels (see `Resized`), or an iterable of such alternatives (the first that fits
     is taken), or None; for policy `shrink`. `first`: the media items of
-    the first turn (head only; see `single_layout`): later ones leave with the part the cut removes."""
+    the first turn (head only; see `single_layout`): later ones leave with the part the cut removes.
+    `heads`: per row, the chat frame it starts with (head only: a cut that keeps the tail loses the
+    start, as upstream's does)."""
     first = first if keep == "head" else None
+    heads = list(heads or []) if keep == "head" else []
 
     def layouts(rows_):
-        return [single_layout(n, runs if keep == "head" else _mirror(n, runs), budget, first) for n, runs in rows_]
+        return [single_layout(n, runs if keep == "head" else _mirror(n, runs), budget, first, heads[i] if i < len(heads) else 0)
+                for i, (n, runs) in enumerate(rows_)]
 
     again = None
     if reencode is not None:

@@ -33,6 +33,8 @@ class Site:
         # policy shrink, a video message part naming a file: upstream's own reader, part -> frames
         # tensor (T, C, H, W) as the collator would read them, or None where the trainer reads none
         self.read_video = None
+        # ... and the multiple its reader rounds a frame count asked for (`nframes`) to (Qwen-VL's: 2)
+        self.frame_factor = 1
 
     @property
     def options(self) -> dict:
@@ -187,8 +189,42 @@ def first_turn_items(example) -> int | None:
     return None
 
 
+_EMPTIED = ("user", "assistant", "human", "gpt", "model")  # a system message stays: it is the frame
+
+
+def chat_frames(examples) -> list | None:
+    """Per example, its conversation with every user and assistant message's content left out (None
+    without messages): read before upstream, which changes its examples in place. Encoded by the
+    processor's chat template only for a row that must be cut (`_head`); what the row shares with that
+    encoding at its start is its chat frame (template prefix, system block, first role header)."""
+    out = []
+    for example in examples if isinstance(examples, (list, tuple)) else ():
+        messages = example.get("messages", example.get("conversations")) if isinstance(example, dict) else None
+        if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) for m in messages):
+            out.append(None)
+            continue
+        out.append([{**m, "content": [] if isinstance(m.get("content"), (list, tuple)) else ""}
+                    if (m.get("role") or m.get("from")) in _EMPTIED else dict(m) for m in messages])
+    return out
+
+
+def _head(processor, row, emptied) -> int:
+    """The chat frame `row` starts with: its longest common prefix with the emptied conversation as the
+    template writes it, tokenized with and without the tokenizer's special tokens (0 where the template
+    refuses an empty message)."""
+    if not emptied or not hasattr(processor, "apply_chat_template"):
+        return 0
+    tokenizer = getattr(processor, "tokenizer", processor)
+    try:
+        text = processor.apply_chat_template(emptied, tokenize=False, add_generation_prompt=False)
+        candidates = [tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer(text)["input_ids"]]
+    except Exception:  # noqa: BLE001 - a template that needs content: no frame known
+        return 0
+    return max(core.frame_of(row, c) for c in candidates)
+
+
 def fit(site, collator, batch, budget: int, keep: str = "head", pairs: bool = False, pad_side: str | None = None,
-        examples=None, recollate=None, shrunk: dict | None = None, firsts: list | None = None):
+        examples=None, recollate=None, shrunk: dict | None = None, firsts: list | None = None, frames: list | None = None):
     """Cut each row of a collated batch longer than `budget` with whole media runs (`core.fit_rows`,
     keeping the head or the tail), then rebuild the batch tensors without the dropped rows and removed
     media. `pairs`: the batch is [chosen rows..., rejected rows...] (TRL's preference collator): rows i
@@ -203,7 +239,8 @@ def fit(site, collator, batch, budget: int, keep: str = "head", pairs: bool = Fa
 
     `firsts`: per example, the media items of its first turn (`first_turn_items`), where known: media
     after them leave with the part of the row the cut removes (`media_left_with_turn`), as LLaMA-Factory's
-    turn budget does; only the first turn's media go to the policy."""
+    turn budget does; only the first turn's media go to the policy. `frames`: per example, its emptied
+    conversation (`chat_frames`): the chat frame a row starts with stays beside its media."""
     import torch
 
     ids = batch["input_ids"]
@@ -254,7 +291,9 @@ def fit(site, collator, batch, budget: int, keep: str = "head", pairs: bool = Fa
             rows_of = [(len(parsed[i][1]), runs_of[i]) for i in members]
             again = _shrinker(site, examples[s], rows_of, recollate, finder, processor, cfg) if can_shrink else None
             first = firsts[s] if firsts and not pairs and s < len(firsts) else None
-            decision = core.fit_rows(rows_of, budget, policy, sample, keep="head" if pairs else keep, reencode=again, first=first)
+            heads = [_head(processor, parsed[i][1], frames[s]) for i in members] if frames and not pairs and s < len(frames) else None
+            decision = core.fit_rows(rows_of, budget, policy, sample, keep="head" if pairs else keep, reencode=again, first=first,
+                                     heads=heads)
             if decision.action == "shrunk":
                 to_shrink[s] = _shrink_info(decision, rows_of)
                 continue
@@ -276,7 +315,7 @@ def fit(site, collator, batch, budget: int, keep: str = "head", pairs: bool = Fa
         for s, info in to_shrink.items():
             again_examples[s] = _with_media(examples[s], *_resized_media(examples[s], info["sizes"], blank=False))
         return fit(site, collator, recollate(again_examples), budget, keep, pairs, pad_side, again_examples, recollate,
-                   shrunk=to_shrink, firsts=firsts)
+                   shrunk=to_shrink, firsts=firsts, frames=frames)
     rows_kept = []
     removed: dict = {}  # kind -> batch-wide indices of the items that leave
     base: Counter = Counter()  # kind -> batch-wide index of this row's first item
@@ -458,7 +497,8 @@ def _items(site, example, cfg) -> dict:
                 continue
         except Exception:  # unreadable: upstream says so when it collates
             continue
-        items[("video", k)] = core.ShrinkItem(size, size, floor_px, n, min(n, int(cfg.shrink_min_frames)))
+        step = site.frame_factor if isinstance(frames, str) else 1  # a file: its reader reads that multiple
+        items[("video", k)] = core.ShrinkItem(size, size, floor_px, n, min(n, int(cfg.shrink_min_frames)), step)
     return items
 
 

@@ -83,13 +83,14 @@ def _collate_sft(wrapped, instance, args, kwargs):
     language_modeling = "messages" in first or getattr(instance, "dataset_text_field", "text") in first
     # later turns' media leave with the cut (read before upstream, which changes its examples in place)
     firsts = [_collator.first_turn_items(e) for e in examples] if language_modeling else None
+    frames = _collator.chat_frames(examples) if language_modeling else None
     batch, budget, pristine, recollate = _uncut(wrapped, instance, args, kwargs)
     keep = "head"
     if language_modeling:  # the processor cut on the tokenizer's truncation side; prompt/completion: the head
         tokenizer = getattr(instance.processor, "tokenizer", instance.processor)
         keep = "tail" if getattr(tokenizer, "truncation_side", "right") == "left" else "head"
     return _collator.fit(SITE, instance, batch, budget, keep=keep, pad_side="right", examples=pristine, recollate=recollate,
-                         firsts=firsts)
+                         firsts=firsts, frames=frames)
 
 
 def _collate_dpo(wrapped, instance, args, kwargs):

@@ -25,6 +25,8 @@ tensors hold images: `options.pixel_layout`, which tensors hold one entry per au
 
 from __future__ import annotations
 
+import sys
+
 import logging
 from collections import Counter
 
@@ -251,15 +253,17 @@ def _collate(wrapped, instance, args, kwargs):
         side = "padding_side" if isinstance(first, dict) and "prompt" in first and "completion" in first else "truncation_side"
         # media of a later turn leave with the part the cut removes (where the messages tell the turns)
         firsts = [_collator.first_turn_items(e) for e in examples] if formatting is None else None
-        return _fit(instance, batch, budget, side, pristine, uncut, firsts)
+        frames = _collator.chat_frames(examples) if formatting is None else None
+        return _fit(instance, batch, budget, side, pristine, uncut, firsts, frames)
     finally:
         _batches.pop()
 
 
-def _fit(collator, batch, budget: int, side: str = "truncation_side", examples=None, recollate=None, firsts=None):
+def _fit(collator, batch, budget: int, side: str = "truncation_side", examples=None, recollate=None, firsts=None, frames=None):
     tokenizer = getattr(collator.processor, "tokenizer", collator.processor)
     keep = "tail" if getattr(tokenizer, side, "right") == "left" else "head"
-    return _collator.fit(SITE, collator, batch, budget, keep=keep, examples=examples, recollate=recollate, firsts=firsts)
+    return _collator.fit(SITE, collator, batch, budget, keep=keep, examples=examples, recollate=recollate, firsts=firsts,
+                         frames=frames)
 
 
 # --------------------------------------------------------------------------- pre-filter
@@ -300,6 +304,12 @@ WRAPPERS = {
 }
 
 
+def _frame_factor() -> int:
+    """The multiple upstream's video reader rounds `nframes` to (`FRAME_FACTOR`; 1 where it has none)."""
+    module = sys.modules.get("unsloth_zoo.vision_utils")
+    return int(getattr(module, "FRAME_FACTOR", 1) or 1)
+
+
 def _read_video(part):
     """A video message part as the collator reads it (upstream's `fetch_video`): (T, C, H, W) frames."""
     from unsloth_zoo import vision_utils
@@ -312,5 +322,6 @@ def wrappers(spec, version=None) -> dict:
     global _active
     SITE.attach(spec)
     SITE.read_video = _read_video
+    SITE.frame_factor = _frame_factor()
     _active = spec.active_parts(version) if version is not None else {p.name for p in spec.parts}
     return WRAPPERS
