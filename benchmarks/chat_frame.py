@@ -22,13 +22,13 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from tests.fixtures.chat_frame import qwen_frame  # noqa: E402
 from tests.fixtures.tiny_models import _register, build_tiny_qwen2vl, long_text  # noqa: E402
 from tests.fixtures.tiny_qwen3vl import write_video  # noqa: E402
 
 N = 200
 CUTOFFS = (256, 600, 1200)
 SIZES = [(56, 56), (112, 112), (224, 224), (336, 224)]
-DEFAULT_SYSTEM = "You are a helpful assistant."
 UNBOUNDED = 1 << 20
 
 
@@ -124,8 +124,7 @@ def main():
     uncut, _ = run(UNBOUNDED, None)
     frames = []
     for system, row in zip(systems, uncut):
-        frame = tok.encode(f"<|im_start|>system\n{system or DEFAULT_SYSTEM}<|im_end|>\n<|im_start|>user\n", add_special_tokens=False)
-        frames.append(next((k for k, (a, b) in enumerate(zip(row["input_ids"], frame)) if a != b), len(frame)))
+        frames.append(qwen_frame(tok, row["input_ids"], system))
     print(f"{len(uncut)} samples; uncut tokens: median {sorted(len(r['input_ids']) for r in uncut)[len(uncut) // 2]}, "
           f"max {max(len(r['input_ids']) for r in uncut)}")
     print("| cutoff_len | run | rows | cut rows | lost system | answer w/o header | media cut |")

@@ -12,7 +12,8 @@ Vanilla dies building the rope positions of the cut span; with VLPATCH=1 it trai
 LLaMA-Factory reads audio with `torchaudio.load`, which needs torchcodec and FFmpeg's shared libraries.
 Without a system FFmpeg, the FFmpeg 8 libraries in PyAV's wheel (`av.libs/`, hashed file names) serve:
 a directory of links under the sonames torchcodec asks for, and both directories on the training
-subprocess's LD_LIBRARY_PATH (the loader reads it at process start only).
+subprocess's LD_LIBRARY_PATH (the loader reads it at process start only: each run is a fork of a warm
+interpreter started with it, tests/fixtures/console.py).
 """
 
 import glob
@@ -27,6 +28,7 @@ import sysconfig
 import pytest
 
 from tests.conftest import newest_only, require
+from tests.fixtures import console
 from tests.fixtures.tiny_audio import (
     AUDIO_TOKENS,
     AV_SPAN_TOKENS,
@@ -128,7 +130,7 @@ def train(tmp_path, setup, audio_env, env=None):
     full_env.update(audio_env)
     full_env.update(env or {})
     cmd = [os.path.join(BIN, "llamafactory-cli"), "train", yaml_path]
-    proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+    proc = console.run(cmd, env=full_env, cwd=str(tmp_path), timeout=600)  # a warm interpreter with audio_env's loader path
     report = out / "vlpatch_report.jsonl"
     rows = [json.loads(x) for x in report.read_text().splitlines()] if report.exists() else []
     return proc, rows

@@ -1,6 +1,6 @@
 """The real `llamafactory.data.get_dataset` (as training calls it) on a generated multi-turn corpus.
 
-The corpus (fixed seed): 500 sharegpt samples of 1-4 user / assistant turn pairs with 0-6 images in
+The corpus (fixed seed): 500 sharegpt samples (250 on the older releases, VLPATCH_CORPUS_SAMPLES) of 1-4 user / assistant turn pairs with 0-6 images in
 all, each `<image>` anywhere in a random user turn, user texts of 0-150 words and assistant texts of
 1-80, half of them with a system prompt of their own (3-40 words; the others the template's default),
 images one PNG file each in 8 sizes (image runs of 6 to 258 tokens); uncut, the samples are
@@ -8,7 +8,7 @@ images one PNG file each in 8 sizes (image runs of 6 to 258 tokens); uncut, the 
 (LLaMA-Factory 0.9.2 fails on empty image lists); training merges them, so the merged order is the
 image samples, then the text-only ones.
 
-Every case preprocesses all 500 samples with vlpatch applied: cutoff_len 128, 256 and 384, each with
+Every case preprocesses every sample with vlpatch applied: cutoff_len 128, 256 and 384, each with
 `mask_history` off and on, under policy `drop`; and cutoff_len 128 under `drop_media`. The reference
 is vanilla `get_dataset` (vlpatch reverted) at an unbounded cutoff_len with the same `mask_history`:
 the uncut encoding of every sample. From it the test works out on its own (no vlpatch planning code)
@@ -36,8 +36,8 @@ report rows' dataset / file row are checked against the corpus). Per sample:
 
 Vanilla at cutoff_len 256 (both `mask_history` settings) also checks that a sample whose image runs
 upstream's own cut keeps whole comes out token for token as upstream's. Runs on every tested
-LLaMA-Factory release, all cases at 500 samples: ~40-50 s per release on 2 shared cores (a vanilla
-pass ~3 s with one torch thread, a patched pass ~2-3 s with the header-token patch).
+LLaMA-Factory release, all cases: 500 samples on the newest, 250 on older ones (which still cover
+every case: the first test checks).
 """
 
 from __future__ import annotations
@@ -51,11 +51,14 @@ from dataclasses import dataclass, field
 import pytest
 
 from tests.conftest import require
+from tests.fixtures.chat_frame import QWEN_USER_FRAME, common_prefix, qwen_frame
 from tests.fixtures.tiny_models import _register, long_text
 
 pytestmark = pytest.mark.llamafactory
 
-N = 500
+# the corpus's size: 500 samples on the newest release, 250 on older ones (the suite's
+# VLPATCH_CORPUS_SAMPLES, CI time; the same generator, every case still covered: see the first test)
+N = int(os.environ.get("VLPATCH_CORPUS_SAMPLES") or 500)
 # (width, height) -> tokens of the run: (w/28) * (h/28) merged patches + <|vision_start|> + <|vision_end|>
 SIZES = [(56, 56), (112, 84), (112, 112), (224, 112), (224, 224), (336, 224), (448, 336), (448, 448)]
 SIZE_WEIGHTS = [5, 5, 5, 4, 4, 3, 1, 1]
@@ -63,12 +66,6 @@ MAX_PIXELS = 448 * 448
 CUTOFFS = (128, 256, 384)
 SHRINK_FLOOR = 56 * 56  # policy shrink: at this floor every image is at most 10 tokens, six of them fit in 128
 UNBOUNDED = 1 << 20
-# the chat frame a cut row keeps at the start of the first-budgeted turn (qwen2_vl's template; the sample's
-# system prompt or the template's default): the system block and user header of the first turn, the user
-# header of a later one
-SYSTEM_FRAME = "<|im_start|>system\n{}<|im_end|>\n<|im_start|>user\n"
-DEFAULT_SYSTEM = "You are a helpful assistant."
-USER_FRAME = "<|im_start|>user\n"
 ANSWER_FLOOR = 1  # README: a cut row's answer keeps at least one token beside its frame and media
 
 
@@ -252,12 +249,15 @@ def reference(lf, mask_history: bool) -> list:
         assert (row["images"] or []) == s.images
         first = first_budgeted(s, mask_history)
         ids = row["input_ids"]
+        # the chat frame a cut row keeps at the start of the first-budgeted turn: the system block and
+        # user header of the first turn (the sample's system prompt or the template's default), the user
+        # header of a later one
         if first:  # a later turn: its source starts at the last user header
-            header = lf.tok.encode(USER_FRAME, add_special_tokens=False)
+            header = lf.tok.encode(QWEN_USER_FRAME, add_special_tokens=False)
             start = max(i for i in range(len(ids)) if ids[i : i + len(header)] == header)
+            frame = common_prefix(ids[start:], header)
         else:
-            header, start = lf.tok.encode(SYSTEM_FRAME.format(s.system or DEFAULT_SYSTEM), add_special_tokens=False), 0
-        frame = next((k for k, (a, b) in enumerate(zip(ids[start:], header)) if a != b), min(len(header), len(ids) - start))
+            start, frame = 0, qwen_frame(lf.tok, ids, s.system)
         out.append(Reference(ids, row["labels"], runs, sum(r for r, t in zip(runs, s.turn_of) if t == first), frame, start))
     lf.references[mask_history] = out
     return out
@@ -337,7 +337,7 @@ def check_case(lf, cutoff: int, mask_history: bool, policy: str) -> Counter:
 
 def test_the_corpus_covers_every_case(lf):
     samples = lf.corpus.samples
-    assert len(samples) >= 500
+    assert len(samples) == N
     assert {s.turns for s in samples} == {1, 2, 3, 4}
     assert {len(s.images) for s in samples} == set(range(7))
     assert {size for s in samples for size in s.sizes} == set(SIZES)
@@ -486,4 +486,5 @@ def test_upstream_cut_that_keeps_runs_whole_is_unchanged(lf, mask_history):
         same += 1
         cut += len(row["input_ids"]) < len(reference(lf, mask_history)[s.index].ids)
     print(f"cutoff_len {cutoff} mask_history {mask_history}: {same} samples as vanilla's, {cut} of them cut")
-    assert same >= 200 and cut >= 50, (same, cut)
+    # enough samples compared to mean something, in proportion to the corpus (500: 187 and 50)
+    assert same >= N * 3 // 8 and cut >= N // 10, (same, cut)

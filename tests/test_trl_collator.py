@@ -16,7 +16,8 @@ import textwrap
 
 import pytest
 
-from tests.conftest import STRICT, require
+from tests.conftest import STRICT, newest_only, require
+from tests.fixtures.chat_frame import QWEN_SYSTEM_FRAME, qwen_frame, unpadded
 from tests.fixtures.tiny_models import long_text
 
 pytestmark = pytest.mark.trl
@@ -197,6 +198,8 @@ def test_sft_vanilla_dies_and_patched_trains(trl, tiny_qwen2vl, processor, path,
 
 def test_env_var_alone_makes_sft_train(trl, tiny_qwen2vl, tmp_path):
     """`VLPATCH=1` and no code change: the same script that dies without it trains."""
+    newest_only("trl", "the start-up is vlpatch's own code, the same on every release; the patch attaching "
+                "at this release's import is test_installed_upstream's, its collator under the trainer the tests above")
     script = tmp_path / "train.py"
     script.write_text(textwrap.dedent(f"""
         import sys
@@ -383,9 +386,8 @@ def framed_row(system: str, words: int = 60, seed: int = 3) -> dict:
 
 def frame_length(processor, row_ids, system: str) -> int:
     """The chat frame an uncut row starts with (system block, user header), as the template writes it."""
-    frame = processor.tokenizer.encode(f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n", add_special_tokens=False)
-    n = next((k for k, (a, b) in enumerate(zip(row_ids, frame)) if a != b), len(frame))
-    assert n >= len(frame) - 1, "the frame is the row's start"
+    n = qwen_frame(processor.tokenizer, row_ids, system)
+    assert n >= len(processor.tokenizer.encode(QWEN_SYSTEM_FRAME.format(system), add_special_tokens=False)) - 1, "the frame is the row's start"
     return n
 
 
@@ -398,7 +400,7 @@ def test_sft_cut_row_keeps_its_chat_frame(trl, processor, policy, patched, tmp_p
 
     system = long_text(10, 7)
     full = DataCollatorForVisionLanguageModeling(processor)([framed_row(system)])
-    uncut = _unpadded_trl(full, 0)
+    uncut = unpadded(full, 0)
     frame = frame_length(processor, uncut, system)
     report = tmp_path / "report.jsonl"
     patched(policy=policy, report=str(report))
@@ -410,17 +412,13 @@ def test_sft_cut_row_keeps_its_chat_frame(trl, processor, policy, patched, tmp_p
         assert row["index"] == 0, row
         if fits:
             assert row["action"] == "truncated" and row["media_tokens_after"] == 66, row
-            assert _unpadded_trl(batch, 0)[:frame] == uncut[:frame], "the cut row starts with its frame"
+            assert unpadded(batch, 0)[:frame] == uncut[:frame], "the cut row starts with its frame"
         elif policy == "drop":
             assert row["action"] == "dropped" and "beside its chat frame of" in row["reason"], row
             assert batch["input_ids"].shape[0] == 1
         else:
             assert row["action"] == "media_dropped" and row["media_removed"] == {"image": [0]}, row
-            assert _unpadded_trl(batch, 0)[:frame] == uncut[:frame], "the cut row starts with its frame"
-
-
-def _unpadded_trl(batch, i):
-    return batch["input_ids"][i][batch["attention_mask"][i].bool()].tolist()
+            assert unpadded(batch, 0)[:frame] == uncut[:frame], "the cut row starts with its frame"
 
 
 # --------------------------------------------------------------------------- policy shrink

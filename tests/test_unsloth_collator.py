@@ -15,6 +15,7 @@ import pytest
 import vlpatch
 
 from tests.conftest import require
+from tests.fixtures.chat_frame import QWEN_SYSTEM_FRAME, qwen_frame, unpadded
 from tests.fixtures.tiny_models import long_text
 
 pytestmark = pytest.mark.unsloth
@@ -337,9 +338,9 @@ def test_a_cut_row_keeps_its_chat_frame(uz, patched, policy, tmp_path):
         ex["messages"].insert(0, {"role": "system", "content": [{"type": "text", "text": system}]})
         return ex
 
-    uncut = _unpadded(uz.collator()([framed()]), 0)
-    header = uz.processor.tokenizer.encode(f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n", add_special_tokens=False)
-    frame = next((k for k, (a, b) in enumerate(zip(uncut, header)) if a != b), len(header))
+    uncut = unpadded(uz.collator()([framed()]), 0)
+    header = uz.processor.tokenizer.encode(QWEN_SYSTEM_FRAME.format(system), add_special_tokens=False)
+    frame = qwen_frame(uz.processor.tokenizer, uncut, system)
     assert frame >= len(header) - 1
     report = tmp_path / "r.jsonl"
     patched(policy=policy, report=str(report))
@@ -350,12 +351,12 @@ def test_a_cut_row_keeps_its_chat_frame(uz, patched, policy, tmp_path):
         row = next(r for r in (json.loads(x) for x in report.read_text().splitlines()) if r["index"] == 0)
         if fits:
             assert row["action"] == "truncated" and row["media_tokens_after"] == 66, row
-            assert _unpadded(batch, 0)[:frame] == uncut[:frame], "the cut row starts with its frame"
+            assert unpadded(batch, 0)[:frame] == uncut[:frame], "the cut row starts with its frame"
         elif policy == "drop":
             assert row["action"] == "dropped" and "beside its chat frame of" in row["reason"], row
         else:
             assert row["action"] == "media_dropped", row
-            assert _unpadded(batch, 0)[:frame] == uncut[:frame], "the cut row starts with its frame"
+            assert unpadded(batch, 0)[:frame] == uncut[:frame], "the cut row starts with its frame"
 
 
 def test_shrink_downsizes_the_images_until_the_example_fits(uz, model, patched, tmp_path):
@@ -569,10 +570,6 @@ def _report(tmp_path):
     return [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
 
 
-def _unpadded(batch, i):
-    return batch["input_ids"][i][batch["attention_mask"][i].bool()].tolist()
-
-
 def _runs(row, marks: dict, lengths=None, wrapped=False) -> list:
     """(kind, start, stop) of every media run of a row, `marks` {kind: (start, body, end) ids}; an
     AssertionError on a run that is cut or a media token outside any run. `wrapped`: a start token with
@@ -674,7 +671,7 @@ def check_qwen_rows(qv, batch, budget=None):
 
     seen = {"image": [], "video": []}
     for i in range(batch["input_ids"].shape[0]):
-        row = _unpadded(batch, i)
+        row = unpadded(batch, i)
         if budget is not None:
             assert len(row) <= budget
         for kind, start, stop in _runs(row, qv.marks, wrapped=qv.grouped):
@@ -716,7 +713,7 @@ def test_qwen2_5_vl_video_run_kept_whole_where_the_cut_lands_in_it(qv, patched, 
         return [video_example(words_before=20, n_frames=16, words_after=120), video_example(1, n_videos=0, words_after=1)]
 
     full = qv.collator()(batch_in())
-    row0 = _unpadded(full, 0)
+    row0 = unpadded(full, 0)
     budget = _premise_cut_inside(row0, _runs(row0, qv.marks), "video")
     with pytest.raises(Exception) as info:  # upstream cuts the video run (the processor or the model refuses)
         check_qwen_rows(qv, qv.collator(budget)(batch_in()), budget)
@@ -726,7 +723,7 @@ def test_qwen2_5_vl_video_run_kept_whole_where_the_cut_lands_in_it(qv, patched, 
     batch = qv.collator(budget)(batch_in())
     check_qwen_rows(qv, batch, budget)
     assert batch["video_grid_thw"].tolist() == full["video_grid_thw"].tolist(), "no video lost"
-    assert _unpadded(batch, 1) == _unpadded(full, 1), "the example that fits is untouched"
+    assert unpadded(batch, 1) == unpadded(full, 1), "the example that fits is untouched"
     (row,) = _report(tmp_path)
     assert (row["index"], row["action"], row["media"]) == (0, "truncated", {"image": 1, "video": 1}), row
     video_tokens = int(full["video_grid_thw"][0].prod()) // 4
@@ -777,7 +774,7 @@ def test_qwen2_5_vl_videos_that_do_not_fit_leave_with_their_tensors(vu, qv, patc
     patched(policy="drop", report=str(tmp_path / "r.jsonl"))
     batch = qv.collator(budget)([big(), small()])
     check_qwen_rows(qv, batch, budget)
-    assert batch["input_ids"].shape[0] == 1 and _unpadded(batch, 0) == _unpadded(full, 1)
+    assert batch["input_ids"].shape[0] == 1 and unpadded(batch, 0) == unpadded(full, 1)
     assert batch["video_grid_thw"].tolist() == full["video_grid_thw"][[3]].tolist()
     assert batch["pixel_values_videos"].equal(_patches(full, "video", [3]))
     assert batch["pixel_values"].equal(_patches(full, "image", [1]))
@@ -879,7 +876,7 @@ def test_qwen2_5_vl_shrink_video_file_through_upstreams_reader(qv, patched, tmp_
     full = qv.collator()([example()])
     frames = int(full["video_grid_thw"][0][0]) * 2
     budget = 24
-    assert len(_unpadded(full, 0)) > budget and frames >= 8, "too long as it comes"
+    assert len(unpadded(full, 0)) > budget and frames >= 8, "too long as it comes"
     patched(report=str(tmp_path / "r.jsonl"), policy="shrink", shrink_min_pixels=56 * 56, shrink_min_frames=2)
     examples = [example()]
     batch = qv.collator(budget)(examples)
@@ -948,7 +945,7 @@ def check_gemma3n_rows(g, batch, budget=None):
     soft tokens, 3 on audio soft tokens, as the processor writes them)."""
     counts = Counter()
     for i in range(batch["input_ids"].shape[0]):
-        row = _unpadded(batch, i)
+        row = unpadded(batch, i)
         if budget is not None:
             assert len(row) <= budget
         counts.update(kind for kind, _, _ in _runs(row, g.marks, g.lengths))
@@ -974,14 +971,14 @@ def test_gemma3n_image_runs_kept_whole(g3n, patched, tmp_path):
 
     patched()
     full = g.collator()(batch_in(2))
-    row0 = _unpadded(full, 0)
+    row0 = unpadded(full, 0)
     budget = _premise_cut_inside(row0, _runs(row0, g.marks, g.lengths), "image", which=1)
     import vlpatch
 
     vlpatch.revert()
     with pytest.raises(Exception) as info:  # upstream cuts the image run (one image: every release takes it)
         one = g.collator()(batch_in(1))
-        cut = _premise_cut_inside(_unpadded(one, 0), _runs(_unpadded(one, 0), g.marks, g.lengths), "image")
+        cut = _premise_cut_inside(unpadded(one, 0), _runs(unpadded(one, 0), g.marks, g.lengths), "image")
         check_gemma3n_rows(g, g.collator(cut)(batch_in(1)), cut)
     assert "image" in str(info.value).lower() or isinstance(info.value, AssertionError), repr(info.value)
 
@@ -1013,7 +1010,7 @@ def test_gemma3n_audio_and_image_runs_kept_whole(g3n_audio, patched, tmp_path):
         ]
 
     full = g.collator()(batch_in())
-    row0 = _unpadded(full, 0)
+    row0 = unpadded(full, 0)
     budget = _premise_cut_inside(row0, _runs(row0, g.marks, g.lengths), "audio", which=1)
     with pytest.raises(Exception) as info:  # upstream refuses its own cut: "cuts into the expanded audio tokens"
         check_gemma3n_rows(g, g.collator(budget)(batch_in()), budget)
@@ -1024,7 +1021,7 @@ def test_gemma3n_audio_and_image_runs_kept_whole(g3n_audio, patched, tmp_path):
     check_gemma3n_rows(g, batch, budget)
     assert _clips(batch) == _clips(full) and batch["input_features"].equal(full["input_features"]), "every clip kept"
     assert batch["pixel_values"].equal(full["pixel_values"])
-    assert _unpadded(batch, 1) == _unpadded(full, 1)
+    assert unpadded(batch, 1) == unpadded(full, 1)
     (row,) = _report(tmp_path)
     assert (row["index"], row["action"], row["media"]) == (0, "truncated", {"image": 1, "audio": 2}), row
     assert row["media_tokens"] == row["media_tokens_after"] == (g.lengths["image"] + 2) + 2 * (g.lengths["audio"] + 2)
@@ -1069,7 +1066,7 @@ def test_gemma3n_audio_that_does_not_fit_leaves_with_its_features(g3n_audio, pat
     full = g.collator()([big(), small()])
     batch = g.collator(100)([big(), small()])
     check_gemma3n_rows(g, batch, 100)
-    assert batch["input_ids"].shape[0] == 1 and _unpadded(batch, 0) == _unpadded(full, 1)
+    assert batch["input_ids"].shape[0] == 1 and unpadded(batch, 0) == unpadded(full, 1)
     assert _clips(batch) == clips[5:] and batch["pixel_values"].equal(full["pixel_values"][[1]])
     last = _report(tmp_path)[-1]
     assert (last["index"], last["action"], last["media"]) == (0, "dropped", {"image": 1, "audio": 5}), last
@@ -1098,7 +1095,7 @@ def test_gemma3n_prompt_completion_audio_runs_kept_whole(g3n_audio, patched, tmp
         return out
 
     full = g.collator()(batch_in())
-    row0 = _unpadded(full, 0)
+    row0 = unpadded(full, 0)
     budget = _premise_cut_inside(row0, _runs(row0, g.marks, g.lengths), "audio", which=1)
     with pytest.raises(Exception) as info:  # upstream cuts the prompt/completion row at max_seq_length
         check_gemma3n_rows(g, g.collator(budget)(batch_in()), budget)
@@ -1138,7 +1135,7 @@ def test_qwen3_vl_video_frame_groups_kept_together_where_the_cut_lands_in_them(q
         return [video_example(60, n_frames=16, words_after=120, fps=2.0), video_example(1, n_videos=0, words_after=1)]
 
     full = q3.collator()(batch_in())
-    row0 = _unpadded(full, 0)
+    row0 = unpadded(full, 0)
     groups = [r for r in _runs(row0, q3.marks, wrapped=True) if r[0] == "video"]
     assert len(groups) >= 2, groups
     # a cut in the middle group's run: upstream leaves part of the video, which the model refuses
@@ -1156,7 +1153,7 @@ def test_qwen3_vl_video_frame_groups_kept_together_where_the_cut_lands_in_them(q
     batch = q3.collator(budget)(batch_in())
     check_qwen_rows(q3, batch, budget)
     assert batch["video_grid_thw"].tolist() == full["video_grid_thw"].tolist(), "no video lost"
-    kept = _unpadded(batch, 0)
+    kept = unpadded(batch, 0)
     first = kept.index(q3.marks["video"][1]) - 1 - (groups[0][1] - lo)  # where the video's run starts
     assert kept[first : first + hi - lo] == row0[lo:hi], "the video kept as it was, timestamps and all"
     (row,) = _report(tmp_path)

@@ -394,6 +394,20 @@ def keep_head(pos: list[int], seg_runs: list[Run], keep: int, head: int = 0):
 ANSWER_FLOOR = 1
 
 
+# The messages whose content a chat frame leaves out (`emptied`): what the user, the assistant and a tool
+# say, under the role names LLaMA-Factory and the Hugging Face chat formats use. A system message stays (it
+# is the frame), and so does a function call, whose content is JSON that a template's formatter parses.
+CONTENT_ROLES = frozenset({"user", "assistant", "observation", "human", "gpt", "model"})
+
+
+def emptied(messages: Sequence[dict]) -> list[dict]:
+    """`messages` with the content of every `CONTENT_ROLES` message left out (an empty list where the
+    content is a list of parts, else an empty string): encoded by the trainer's template, it gives the
+    chat frame that `frame_of` finds at the start of the real encoding."""
+    return [{**m, "content": [] if isinstance(m.get("content"), (list, tuple)) else ""}
+            if (m.get("role") or m.get("from")) in CONTENT_ROLES else dict(m) for m in messages]
+
+
 def frame_of(source: Sequence[int], empty: Sequence[int]) -> int:
     """The chat frame at the start of `source`: its longest common prefix with `empty`, the same turn
     encoded with the user's content left out (system block and role header; a token that the content
@@ -407,12 +421,10 @@ def frame_of(source: Sequence[int], empty: Sequence[int]) -> int:
 
 
 def _head_text(pos: list[int], seg_runs: list[Run], head: int) -> int:
-    """`head` clipped to the text before the segment's first run (a frame holds no media)."""
-    if not head:
-        return 0
-    first = min((r.start for r in seg_runs), default=None)
-    text = [p for p in pos[:head] if first is None or p < first]
-    return len(text)
+    """`head` clipped to the text before the segment's first run (a frame holds no media; the caller
+    keeps no frame for a segment without runs: there the trainer's own cut decides)."""
+    first = min(r.start for r in seg_runs)
+    return sum(1 for p in pos[:head] if p < first)
 
 
 def media_split(split: SplitFn, s_len: int, t_len: int, remaining: int, s_media: int, t_media: int):

@@ -62,6 +62,8 @@ SETTINGS = {
         Setting("VLPATCH_STRICT", "tooling", "tests: upstream packages a session must have"),
         Setting("VLPATCH_EXPECT", "tooling", "tests: what a session expects of its upstream"),
         Setting("VLPATCH_CORPUS_FILES", "tooling", "tests: image files in the header-token corpus"),
+        Setting("VLPATCH_CORPUS_SAMPLES", "tooling", "tests: samples in the multi-turn corpus"),
+        Setting("VLPATCH_TEST_FRESH", "tooling", "tests: every console command in a fresh interpreter, not a fork"),
     )
 }
 

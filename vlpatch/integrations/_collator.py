@@ -189,9 +189,6 @@ def first_turn_items(example) -> int | None:
     return None
 
 
-_EMPTIED = ("user", "assistant", "human", "gpt", "model")  # a system message stays: it is the frame
-
-
 def chat_frames(examples) -> list | None:
     """Per example, its conversation with every user and assistant message's content left out (None
     without messages): read before upstream, which changes its examples in place. Encoded by the
@@ -203,8 +200,7 @@ def chat_frames(examples) -> list | None:
         if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) for m in messages):
             out.append(None)
             continue
-        out.append([{**m, "content": [] if isinstance(m.get("content"), (list, tuple)) else ""}
-                    if (m.get("role") or m.get("from")) in _EMPTIED else dict(m) for m in messages])
+        out.append(core.emptied(messages))
     return out
 
 

@@ -625,7 +625,7 @@ def _encode_wrapper(stage: str):
             def spans(n, ids):
                 return learned[n].runs(ids) if learned else []
 
-            empty = _empty_sources(instance, bound)
+            empty = _empty_sources(instance, bound) if any(counts.values()) else None  # a frame stays beside media
             layouts = handler.layouts(instance, full, trace.splits, spans, budget, split, empty)
         except (Unreadable, ValueError) as exc:  # never cut what is not understood: refused, reported
             plugin = type(instance.template.mm_plugin).__name__
@@ -694,9 +694,6 @@ def _encode_wrapper(stage: str):
     return wrapper
 
 
-_EMPTIED = ("user", "assistant", "observation")  # a function call's content is JSON its formatter parses: kept
-
-
 def _empty_sources(instance, bound) -> list | None:
     """Each turn's source, as the sample's own template encodes it with the content of every user,
     assistant and observation message left out: the chat frame of each turn (the template prefix, the
@@ -705,7 +702,7 @@ def _empty_sources(instance, bound) -> list | None:
     frame is then kept beyond what the cut keeps anyway."""
     prompt = list(bound.get("prompt") or [])
     response = list(bound.get("response") or [])[:1] or [{"role": "assistant", "content": ""}]
-    messages = [{**m, "content": ""} if m.get("role") in _EMPTIED else m for m in prompt + response]
+    messages = core.emptied(prompt + response)
     try:
         pairs = instance.template.encode_multiturn(instance.tokenizer, messages, bound.get("system"), bound.get("tools"))
     except Exception:  # noqa: BLE001 - a template that needs content: no frame known
