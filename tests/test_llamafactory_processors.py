@@ -9,6 +9,7 @@ import json
 import pytest
 
 from tests.conftest import require
+from tests.fixtures.chat_frame import QWEN_SYSTEM_FRAME, qwen_frame
 from tests.fixtures.tiny_models import IMAGE_TOKENS, long_text, write_image
 
 pytestmark = pytest.mark.llamafactory
@@ -195,6 +196,41 @@ def test_patched_unsupervised(lf, patched):
     assert len(out["input_ids"][0]) + len(out["labels"][0]) <= CUTOFF
     runs_whole(lf, out["input_ids"][0], 1)
     assert out["labels"][0] == vanilla["labels"][0]
+
+
+SEQUENCES = {  # the token sequences each stage writes per sample
+    "SupervisedDatasetProcessor": ["input_ids"],
+    "PairwiseDatasetProcessor": ["chosen_input_ids", "rejected_input_ids"],
+    "FeedbackDatasetProcessor": ["input_ids", "kl_input_ids"],
+    "UnsupervisedDatasetProcessor": ["input_ids"],
+}
+
+
+@pytest.mark.parametrize("stage", list(SEQUENCES))
+def test_a_cut_row_keeps_its_chat_frame_in_every_stage(lf, patched, stage):
+    """An image after 150 words and a long answer, with a system prompt: the prompt's share of the budget
+    is about what the image needs, so a cut that fills the rest of it from the start would lose the frame.
+    vlpatch keeps the image run whole and every sequence it cuts still starts with the frame its uncut
+    sequence starts with (system block and user header), as upstream's own cut keeps the head (README:
+    what a cut row keeps)."""
+    system = long_text(12, 11)
+    answer = assistant(long_text(120, 5))
+    responses = {"PairwiseDatasetProcessor": [answer, assistant(long_text(100, 6))],
+                 "FeedbackDatasetProcessor": [answer, assistant("")]}.get(stage, [answer])
+    rows = [([user(long_text(150, k) + " <image>")], responses, lf.images[k : k + 1]) for k in range(2)]
+    data = {**batch(rows), "_system": [system, system]}
+    uncut = lf.processor(stage, cutoff_len=4096).preprocess_dataset(data)
+    header = len(lf.tok.encode(QWEN_SYSTEM_FRAME.format(system), add_special_tokens=False))
+    patched()
+    out = lf.processor(stage).preprocess_dataset(data)
+    for key in SEQUENCES[stage]:
+        for k in range(2):
+            full, ids = uncut[key][k], out[key][k]
+            frame = qwen_frame(lf.tok, full, system)
+            assert frame >= header - 1, "the uncut sequence starts with the frame"
+            assert len(ids) < len(full) and len(ids) <= CUTOFF, (key, k, len(ids), len(full))
+            runs_whole(lf, ids, 1)
+            assert ids[:frame] == full[:frame], f"{stage} {key}[{k}]: the cut sequence lost its chat frame"
 
 
 def media_heavy_rows(lf):

@@ -421,6 +421,48 @@ def test_sft_cut_row_keeps_its_chat_frame(trl, processor, policy, patched, tmp_p
             assert unpadded(batch, 0)[:frame] == uncut[:frame], "the cut row starts with its frame"
 
 
+def framed_pair(system: str, words: int = 60, seed: int = 3) -> dict:
+    return {"prompt": [{"role": "system", "content": [{"type": "text", "text": system}]},
+                       {"role": "user", "content": [{"type": "text", "text": long_text(words, seed)}, {"type": "image"}]}],
+            "chosen": [{"role": "assistant", "content": [{"type": "text", "text": "a red square"}]}],
+            "rejected": [{"role": "assistant", "content": [{"type": "text", "text": "a blue circle"}]}],
+            "images": [image(224, seed)]}
+
+
+@pytest.mark.parametrize("policy", ["drop", "drop_media"])
+def test_dpo_cut_pair_keeps_its_chat_frame(dpo, processor, policy, patched, tmp_path):
+    """A preference pair whose image takes nearly all of max_length: both rows keep the prompt's system
+    block and user header beside the image; where frame and image cannot fit together the policy decides
+    for the pair (`drop`: both rows go; `drop_media`: the image leaves both, each row keeps its frame)."""
+    from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
+
+    system = long_text(10, 7)
+    full = DataCollatorForVisionPreference(processor)([framed_pair(system)])
+    uncut = [unpadded(full, 0), unpadded(full, 1)]
+    frame = frame_length(processor, uncut[0], system)
+    assert uncut[1][:frame] == uncut[0][:frame]
+    report = tmp_path / "report.jsonl"
+    patched(policy=policy, report=str(report))
+    for budget, fits in ((66 + frame + 4, True), (66 + frame - 4, False)):
+        rows = [framed_pair(system), preference_rows(2)[1]]
+        batch = DataCollatorForVisionPreference(processor, max_length=budget)(rows)
+        check_batch(processor, batch, budget=budget)
+        mine = [r for r in report_rows(report) if r["index"] == 0][-2:]
+        assert sorted(r["part"] for r in mine) == ["chosen", "rejected"], mine
+        half = batch["input_ids"].shape[0] // 2
+        if fits:
+            assert {r["action"] for r in mine} == {"truncated"} and all(r["media_tokens_after"] == 66 for r in mine), mine
+            for i, u in ((0, uncut[0]), (half, uncut[1])):
+                assert unpadded(batch, i)[:frame] == u[:frame], "each cut row starts with the prompt's frame"
+        elif policy == "drop":
+            assert {r["action"] for r in mine} == {"dropped"} and all("beside its chat frame of" in r["reason"] for r in mine), mine
+            assert batch["input_ids"].shape[0] == 2
+        else:
+            assert {r["action"] for r in mine} == {"media_dropped"} and all(r["media_removed"] == {"image": [0]} for r in mine), mine
+            for i, u in ((0, uncut[0]), (half, uncut[1])):
+                assert unpadded(batch, i)[:frame] == u[:frame], "each cut row starts with the prompt's frame"
+
+
 # --------------------------------------------------------------------------- policy shrink
 
 

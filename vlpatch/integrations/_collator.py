@@ -189,14 +189,17 @@ def first_turn_items(example) -> int | None:
     return None
 
 
-def chat_frames(examples) -> list | None:
-    """Per example, its conversation with every user and assistant message's content left out (None
-    without messages): read before upstream, which changes its examples in place. Encoded by the
-    processor's chat template only for a row that must be cut (`_head`); what the row shares with that
-    encoding at its start is its chat frame (template prefix, system block, first role header)."""
+def chat_frames(examples, key: str | None = None) -> list | None:
+    """Per example, its conversation (`key`, else `messages` or `conversations`: a preference pair's
+    `prompt`) with every user and assistant message's content left out (None without messages): read
+    before upstream, which changes its examples in place. Encoded by the processor's chat template only
+    for a row that must be cut (`_head`); what the row shares with that encoding at its start is its
+    chat frame (template prefix, system block, first role header)."""
     out = []
     for example in examples if isinstance(examples, (list, tuple)) else ():
-        messages = example.get("messages", example.get("conversations")) if isinstance(example, dict) else None
+        messages = None
+        if isinstance(example, dict):
+            messages = example.get(key) if key else example.get("messages", example.get("conversations"))
         if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) for m in messages):
             out.append(None)
             continue
@@ -287,7 +290,7 @@ def fit(site, collator, batch, budget: int, keep: str = "head", pairs: bool = Fa
             rows_of = [(len(parsed[i][1]), runs_of[i]) for i in members]
             again = _shrinker(site, examples[s], rows_of, recollate, finder, processor, cfg) if can_shrink else None
             first = firsts[s] if firsts and not pairs and s < len(firsts) else None
-            heads = [_head(processor, parsed[i][1], frames[s]) for i in members] if frames and not pairs and s < len(frames) else None
+            heads = [_head(processor, parsed[i][1], frames[s]) for i in members] if frames and s < len(frames) else None
             decision = core.fit_rows(rows_of, budget, policy, sample, keep="head" if pairs else keep, reencode=again, first=first,
                                      heads=heads)
             if decision.action == "shrunk":

@@ -98,8 +98,10 @@ def _collate_dpo(wrapped, instance, args, kwargs):
     examples = args[0] if args else kwargs["examples"]
     if _uncovered(instance) or not examples:
         return wrapped(*args, **kwargs)
+    frames = _collator.chat_frames(examples, key="prompt")  # both rows of a pair start with the prompt's frame
     batch, budget, pristine, recollate = _uncut(wrapped, instance, args, kwargs)
-    return _collator.fit(SITE, instance, batch, budget, keep="head", pairs=True, pad_side="right", examples=pristine, recollate=recollate)
+    return _collator.fit(SITE, instance, batch, budget, keep="head", pairs=True, pad_side="right", examples=pristine, recollate=recollate,
+                         frames=frames)
 
 
 def _copy(example):
