@@ -6,7 +6,10 @@ the two extra passes; a tiny Qwen2-VL is built offline. Then runs the real `vlpa
 `--workers 1` and `--workers 2`, alternating, and prints wall time, the ratio, and the peak resident
 memory of the largest process (getrusage of the waited-for children).
 
-    .venv/bin/python benchmarks/scan_scale.py [--samples 100000] [--rounds 1]
+With `--multi`, the multi-image, multi-turn corpus of `_multi_image.py` instead (issue 28: the scan's cost
+a sample where most samples hold several large images).
+
+    .venv/bin/python benchmarks/scan_scale.py [--samples 100000] [--rounds 1] [--multi --samples 600 --cutoff-len 512]
 """
 
 import argparse
@@ -23,6 +26,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks._multi_image import multi_image_rows  # noqa: E402
 from tests.fixtures.tiny_models import _register, build_tiny_qwen2vl, long_text  # noqa: E402
 
 
@@ -46,6 +50,12 @@ def dataset(directory: str, n: int, seed: int = 0) -> None:
     _register(directory, "scale", rows, {"messages": "messages", "images": "images"})
 
 
+def multi_dataset(directory: str, n: int) -> None:
+    """The multi-image, multi-turn corpus of `_multi_image.py` (issue 28): 0-6 images of 48-1600 px a sample."""
+    rows = [{"messages": prompt + response, "images": images} for prompt, response, images in multi_image_rows(directory, n)]
+    _register(directory, "scale", rows, {"messages": "messages", "images": "images"})
+
+
 def run(args: list) -> tuple:
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t = time.perf_counter()
@@ -62,12 +72,13 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=100_000)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--cutoff-len", type=int, default=1024)
+    ap.add_argument("--multi", action="store_true", help="the multi-image, multi-turn corpus (benchmarks/_multi_image.py)")
     a = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tmp = tempfile.mkdtemp(prefix="vlpatch-scale-")
     model = build_tiny_qwen2vl(os.path.join(tmp, "model"))
     t = time.perf_counter()
-    dataset(tmp, a.samples)
+    (multi_dataset if a.multi else dataset)(tmp, a.samples)
     print(f"dataset: {a.samples} samples written in {time.perf_counter() - t:.0f}s ({tmp})", flush=True)
     cli = os.path.join(os.path.dirname(sys.executable), "vlpatch")
     base = [cli, "scan", "--dataset", "scale", "--dataset-dir", tmp, "--template", "qwen2_vl", "--model", model,

@@ -5,14 +5,13 @@ every item's span whole, and the spans are exactly those of the uncut sample. Th
 named here by family, independently of how vlpatch learns them."""
 
 import copy
-import inspect
-from types import SimpleNamespace
 
 import pytest
 
 from tests.conftest import require
 from tests.fixtures.tiny_models import long_text
-from tests.fixtures.tiny_processors import FAMILIES, PREFIX_FAMILIES, Family, _as_family, make_media
+from tests.fixtures.lf_families import Unbuildable, lf_family
+from tests.fixtures.tiny_processors import FAMILIES, PREFIX_FAMILIES, _as_family, make_media
 
 pytestmark = pytest.mark.llamafactory
 
@@ -22,31 +21,9 @@ GAP = 12  # media tokens closer than this belong to one item's span (Qwen3-VL fr
 def build(family, tmp_path) -> tuple:
     require("llamafactory")
     try:
-        fam: Family = _as_family({**FAMILIES, **PREFIX_FAMILIES}[family](str(tmp_path / "tok")))
-    except (ImportError, AttributeError, TypeError) as exc:
-        pytest.skip(f"this transformers cannot build a {family} processor: {exc!r}")
-    from llamafactory.data import get_template_and_fix_tokenizer
-    from llamafactory.data.template import TEMPLATES
-    from llamafactory.hparams import DataArguments, ModelArguments
-    from llamafactory.model.patcher import patch_processor
-
-    if fam.template not in TEMPLATES:
-        pytest.skip(f"this LLaMA-Factory has no {fam.template} template")
-    tok, proc = fam.tok, fam.proc
-    known = {f.name for f in __import__("dataclasses").fields(ModelArguments)}
-    extra = {k: v for k, v in fam.model_args.items() if k in known}
-    model_args = ModelArguments(model_name_or_path=str(tmp_path / "tok"), image_max_pixels=112 * 112, **extra)
-    if "config" in inspect.signature(patch_processor).parameters:
-        # LLaMA-Factory <= 0.9.2 reads the image sequence length from the model config: the tiny
-        # family's vision settings (56 px images, the processor's patch size)
-        vision = SimpleNamespace(image_size=56, patch_size=getattr(proc, "patch_size", None) or 14, num_image_tokens=16)
-        config = SimpleNamespace(model_type=family, vision_config=vision, vision_feature_select_strategy="default")
-        patch_processor(proc, config, tok, model_args)
-    else:
-        patch_processor(proc, tok, model_args)
-    template = get_template_and_fix_tokenizer(tok, DataArguments(template=fam.template))
-    media = {tok.convert_tokens_to_ids(t) for t in fam.media}
-    return fam, template, media
+        return lf_family(family, str(tmp_path / "tok"))
+    except Unbuildable as exc:
+        pytest.skip(str(exc))
 
 
 def encode(fam, template, rows, cutoff):

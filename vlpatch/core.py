@@ -296,11 +296,14 @@ class Layout:
         return self.heads[index] if index < len(self.heads) else 0
 
     def fixed_positions(self) -> list[int]:
-        inside = set()
-        for src, tgt in self.turns:
-            inside.update(src)
-            inside.update(tgt)
-        return [p for p in range(self.length) if p not in inside]
+        """The positions outside every turn, in order."""
+        out: list[int] = []
+        p = 0
+        for a, b in sorted((r.start, r.stop) for turn in self.turns for r in turn if len(r)):
+            out.extend(range(p, a))
+            p = max(p, b)
+        out.extend(range(p, self.length))
+        return out
 
 
 def relength(layout: Layout, deltas: Mapping) -> Layout | None:
@@ -336,20 +339,21 @@ class Plan:
 
 
 def _segment(positions: range, runs_by_start: dict, removed: set):
-    """Positions of a segment with removed runs taken out, and the runs (whole) that lie in it."""
+    """Positions of a segment with removed runs taken out, and the runs (whole) that lie in it (a run
+    that starts in the segment but ends after it counts as text)."""
     pos: list[int] = []
     seg_runs: list[Run] = []
     p = positions.start
-    while p < positions.stop:
-        run = runs_by_start.get(p)
-        if run is not None and run.stop <= positions.stop:
-            if not any(k in removed for k in run.keys()):
-                seg_runs.append(run)
-                pos.extend(range(run.start, run.stop))
-            p = run.stop
-        else:
-            pos.append(p)
-            p += 1
+    for start in sorted(s for s in runs_by_start if positions.start <= s < positions.stop):
+        run = runs_by_start[start]
+        if start < p or run.stop > positions.stop:
+            continue
+        pos.extend(range(p, start))
+        if not any(k in removed for k in run.keys()):
+            seg_runs.append(run)
+            pos.extend(range(start, run.stop))
+        p = run.stop
+    pos.extend(range(p, positions.stop))
     return pos, seg_runs
 
 
@@ -372,19 +376,20 @@ def keep_head(pos: list[int], seg_runs: list[Run], keep: int, head: int = 0):
             lost.append(run)
             media_budget = -1  # later runs are lost too: media stay in order, trailing ones go
     text_left = keep - sum(r.length for r in kept_runs)
-    in_run = set()
+    # in the order of `pos`: the kept runs whole, and the first `text_left` text positions (each run lies
+    # in `pos` as one block, in order)
+    kept: list[int] = []
+    keeping = {run.start for run in kept_runs}
+    i = 0
     for run in seg_runs:
-        in_run.update(range(run.start, run.stop))
-    protected = set()
-    for run in kept_runs:
-        protected.update(range(run.start, run.stop))
-    kept = []
-    for p in pos:
-        if p in protected:
-            kept.append(p)
-        elif p not in in_run and text_left > 0:
-            kept.append(p)
-            text_left -= 1
+        j = pos.index(run.start, i)
+        take = min(j - i, text_left)
+        kept.extend(pos[i : i + take])
+        text_left -= take
+        if run.start in keeping:
+            kept.extend(pos[j : j + run.length])
+        i = j + run.length
+    kept.extend(pos[i : i + max(text_left, 0)])
     return kept, lost
 
 

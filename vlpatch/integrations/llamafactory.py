@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import inspect
 import io
@@ -213,7 +214,10 @@ HANDLERS = {
 # each media item. Over-budget samples with media run it once more with each placeholder between two
 # private-use markers; the marked output, markers taken out, must equal the real output (else the
 # plugin reacts to its surroundings and the sample is refused), and what lies between a placeholder's
-# markers is exactly that item's expansion. `core.locate` finds each expansion in the token ids.
+# markers is exactly that item's expansion. `core.locate` finds each expansion in the token ids. The
+# marked run reads no media again: within one encode, the plugin's `_get_mm_inputs` (where a plugin
+# reads and processes its media) answers a call with the same media objects from what the real run
+# computed (`_memoized`).
 
 _OPEN, _MID, _SHUT, _END = "\ue000", "\ue001", "\ue002", "\ue003"
 _MARKED = re.compile(f"{_OPEN}(\\d+){_MID}(.*?){_SHUT}\\1{_END}", re.S)
@@ -227,10 +231,47 @@ class _Trace:
     splits: list = field(default_factory=list)
     calls: list = field(default_factory=list)  # (args, kwargs, messages out)
     prefixes: list = field(default_factory=list)  # (ids in, ids out)
+    media: dict = field(default_factory=dict)  # _memoized's: the plugin's processed media, by its arguments
 
 
 class Unreadable(Exception):
     """The plugin's layout for this sample could not be learned: it is refused, never cut blindly."""
+
+
+def _arg_key(value):
+    """A `_get_mm_inputs` argument as the memo knows it: by identity (the memo keeps it alive), an empty
+    list or tuple by its type (plugins write `[]` for the kinds a call does not process)."""
+    if isinstance(value, (list, tuple)) and not value:
+        return ("empty", type(value).__name__)
+    return id(value)
+
+
+def _memo_call(method, memo: dict, *args, **kwargs):
+    key = (tuple(_arg_key(a) for a in args), tuple((k, _arg_key(v)) for k, v in sorted(kwargs.items())))
+    hit = memo.get(key)
+    if hit is not None:
+        return copy.copy(hit[1])
+    out = method(*args, **kwargs)
+    memo[key] = ((args, kwargs), copy.copy(out))
+    return out
+
+
+def _memoized(plugin, memo: dict):
+    """A shallow copy of `plugin` (its class, a copy of its attributes) whose `_get_mm_inputs` answers a
+    call with the same media objects from `memo`, where this encode processed them before (a shallow
+    copy: a plugin may pop from what it gets), else runs the plugin's own and remembers it. Every method
+    the copy runs (`process_messages`, Qwen-VL's `_get_mm_token_metadata`) reaches the memo through
+    `self`; the plugin's own `_get_mm_inputs` runs on the plugin. No plugin of a tested release writes
+    to itself while it processes messages. A plugin without `_get_mm_inputs` is returned as it is."""
+    method = getattr(plugin, "_get_mm_inputs", None)
+    if method is None or not hasattr(plugin, "__dict__"):
+        return plugin
+    clone = memo.get(("clone", id(plugin)))
+    if clone is None or clone[0] is not plugin:
+        twin = copy.copy(plugin)
+        twin._get_mm_inputs = functools.partial(_memo_call, method, memo)
+        clone = memo[("clone", id(plugin))] = (plugin, twin)
+    return clone[1]
 
 
 def _recorder(plugin):
@@ -238,9 +279,11 @@ def _recorder(plugin):
 
     class Recorder(wrapt.ObjectProxy):
         def process_messages(self, *args, **kwargs):
-            out = self.__wrapped__.process_messages(*args, **kwargs)
-            if _traces:
-                _traces[-1].calls.append((args, kwargs, out))
+            if not _traces:
+                return self.__wrapped__.process_messages(*args, **kwargs)
+            trace = _traces[-1]
+            out = _memoized(self.__wrapped__, trace.media).process_messages(*args, **kwargs)
+            trace.calls.append((args, kwargs, out))
             return out
 
         def process_token_ids(self, *args, **kwargs):
@@ -353,7 +396,7 @@ def learn(instance, trace: _Trace) -> list:
             out.append(_Learned([], prefix, (), frozenset()))
             continue
         try:
-            got = plugin.process_messages(**{**bound, "messages": marked})
+            got = _memoized(plugin, trace.media).process_messages(**{**bound, "messages": marked})
         except Exception as exc:
             raise Unreadable(f"{name}.process_messages failed on the marked placeholders: {type(exc).__name__}: {exc}") from exc
         texts, unmarked = _unmark(got, len(order))
@@ -371,7 +414,7 @@ def learn(instance, trace: _Trace) -> list:
                 else:
                     prefix_keys.append((kind, k))
                 continue
-            tokens = tuple(tokenizer.encode(text, add_special_tokens=False))
+            tokens = _tokens(tokenizer, text)
             marks.update(t for t in tokens if t in atomic)
             expansions.append(tokens)
             keys_of.append([(kind, k)])
@@ -383,12 +426,46 @@ def learn(instance, trace: _Trace) -> list:
     return out
 
 
+_texts: dict = {}  # (tokenizer id, text) -> (tokenizer, ids): expansions repeat (one per image size and plugin)
+
+
+def _tokens(tokenizer, text: str) -> tuple:
+    """`text` tokenized on its own, remembered per tokenizer (at most 4,096 texts, then started afresh)."""
+    hit = _texts.get((id(tokenizer), text))
+    if hit is None or hit[0] is not tokenizer:
+        if len(_texts) >= 4096:
+            _texts.clear()
+        hit = _texts[(id(tokenizer), text)] = (tokenizer, tuple(tokenizer.encode(text, add_special_tokens=False)))
+    return hit[1]
+
+
+_atomic_text: dict = {}
+
+
+def _atomic_pattern(tokenizer, atomic) -> tuple:
+    """(a regex of the text of every atomic token, longest first; {text: id}): the tokenizer splits an
+    added or special token out of any text it stands in, so finding its text is finding the token."""
+    hit = _atomic_text.get(id(tokenizer))
+    if hit is None or hit[0] is not tokenizer:
+        texts = {}
+        for i in sorted(atomic):
+            text = tokenizer.convert_ids_to_tokens(i)
+            if isinstance(text, str) and text:
+                texts.setdefault(text, i)
+        pattern = re.compile("|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True))) if texts else None
+        hit = _atomic_text[id(tokenizer)] = (tokenizer, pattern, texts)
+    return hit[1], hit[2]
+
+
 def _introduced(tokenizer, atomic, before, after) -> set:
     """Special tokens in the plugin's output messages that its input did not hold."""
+    pattern, ids = _atomic_pattern(tokenizer, atomic)
+    if pattern is None:
+        return set()
 
     def found(messages):
         text = "\n".join(m["content"] for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str))
-        return {t for t in tokenizer.encode(text, add_special_tokens=False) if t in atomic}
+        return {ids[t] for t in pattern.findall(text)}
 
     return found(after) - found(before)
 
@@ -703,11 +780,28 @@ def _empty_sources(instance, bound) -> list | None:
     prompt = list(bound.get("prompt") or [])
     response = list(bound.get("response") or [])[:1] or [{"role": "assistant", "content": ""}]
     messages = core.emptied(prompt + response)
+    system, tools = bound.get("system"), bound.get("tools")
+    try:  # samples share frames: the same template, system prompt, tools and turns (remembered, as _tokens)
+        key = (id(instance.template), id(instance.tokenizer), system, tools, tuple((m.get("role"), m.get("content")) for m in messages))
+        hash(key)
+    except TypeError:
+        key = None
+    hit = _frames.get(key) if key is not None else None
+    if hit is not None and hit[0] is instance.template and hit[1] is instance.tokenizer:
+        return hit[2]
     try:
-        pairs = instance.template.encode_multiturn(instance.tokenizer, messages, bound.get("system"), bound.get("tools"))
+        pairs = instance.template.encode_multiturn(instance.tokenizer, messages, system, tools)
     except Exception:  # noqa: BLE001 - a template that needs content: no frame known
         return None
-    return [list(source) for source, _ in pairs]
+    out = [list(source) for source, _ in pairs]
+    if key is not None:
+        if len(_frames) >= 4096:
+            _frames.clear()
+        _frames[key] = (instance.template, instance.tokenizer, out)
+    return out
+
+
+_frames: dict = {}  # _empty_sources's, by template, tokenizer, system, tools and emptied turns
 
 
 def _splice(handler, full, before, after):

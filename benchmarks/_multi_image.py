@@ -1,0 +1,37 @@
+"""The multi-image, multi-turn corpus of the issue-28 benchmarks (`lf_multi_image_cost.py`, `scan_scale.py
+--multi`): seeded samples of 1-3 turn pairs, 0-6 images in all (JPEG, 48 px to 1600 px, in any user turn),
+user texts of 0-300 words, answers of 1-120."""
+
+import os
+import random
+
+from tests.fixtures.tiny_models import long_text
+
+SIZES = [(48, 48), (224, 224), (336, 252), (640, 480), (800, 800), (1024, 768), (1600, 1200)]
+
+
+def multi_image_rows(directory: str, n: int, seed: int = 28) -> list:
+    """[(prompt messages, response messages, image paths)]: `n` samples, the images written once."""
+    from PIL import Image
+
+    rng = random.Random(seed)
+    files = []
+    for k, size in enumerate(SIZES * 3):
+        path = os.path.join(directory, f"img{k}.jpg")
+        Image.new("RGB", size, (37 * k % 251, 90, 150)).save(path, quality=90)
+        files.append(path)
+    rows = []
+    for i in range(n):
+        turns = rng.randint(1, 3)
+        count = rng.choice([0, 1, 2, 2, 3, 4, 5, 6])
+        turn_of = sorted(rng.randrange(turns) for _ in range(count))
+        messages, images = [], []
+        for t in range(turns):
+            words = long_text(rng.choice([rng.randint(0, 20), rng.randint(20, 300)]), seed=rng.randrange(1 << 30)).split()
+            for _ in range(turn_of.count(t)):
+                images.append(rng.choice(files))
+                words.insert(rng.randint(0, len(words)), "<image>")
+            messages.append({"role": "user", "content": " ".join(words) or "hi"})
+            messages.append({"role": "assistant", "content": long_text(rng.randint(1, 120), seed=rng.randrange(1 << 30))})
+        rows.append((messages[:-1], messages[-1:], images))
+    return rows

@@ -1,0 +1,104 @@
+"""The LLaMA-Factory patch's cost on multi-image, multi-turn data: patched vs vanilla preprocessing in one
+process, alternating rounds, ratio of the medians (issue 28's measurement).
+
+The seeded corpus of `_multi_image.py`: samples of 1-3 turn pairs, 0-6 images in all (JPEG, 48 px to 1600
+px, in any user turn), user texts of 0-300 words, answers of 1-120. Per family (the tiny processors of
+`tests/fixtures/tiny_processors.py` set up as LLaMA-Factory sets up a model's, the real plugin and
+`SupervisedDatasetProcessor`): Qwen2-VL (its plugin processes every image at preprocessing; vlpatch's
+header-only token counts off and on), LLaVA (processes images too) and Gemma 3 (writes a fixed run per
+image: its vanilla does no image work, so what is measured is vlpatch's own). Two cutoff_len per family,
+from the uncut lengths: one that cuts most samples (their 20th percentile) and one that cuts few (90th).
+
+    .venv/bin/python benchmarks/lf_multi_image_cost.py [--samples 300] [--rounds 3] [--families qwen2_vl,llava,gemma3]
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks._multi_image import multi_image_rows  # noqa: E402
+from tests.fixtures.lf_families import lf_family  # noqa: E402
+
+HEADER = "llamafactory.header_tokens"
+
+
+def columns(rows) -> dict:
+    return {
+        "_prompt": [p for p, _, _ in rows],
+        "_response": [r for _, r, _ in rows],
+        "_system": ["" for _ in rows],
+        "_tools": ["" for _ in rows],
+        "_images": [i or None for _, _, i in rows],
+        "_videos": [None for _ in rows],
+        "_audios": [None for _ in rows],
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--samples", type=int, default=300)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=100)
+    ap.add_argument("--families", default="qwen2_vl,llava,gemma3")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import logging
+
+    import torch
+
+    torch.set_num_threads(1)
+    logging.getLogger("vlpatch").setLevel(logging.ERROR)
+    import vlpatch
+    from llamafactory.data.processor import SupervisedDatasetProcessor
+    from llamafactory.hparams import DataArguments
+
+    tmp = tempfile.mkdtemp(prefix="vlpatch-multi-")
+    rows = multi_image_rows(tmp, args.samples)
+    data = columns(rows)
+    os.environ["VLPATCH_REPORT"] = os.path.join(tmp, "report.jsonl")
+    print(f"{args.samples} samples, {sum(len(i) for _, _, i in rows)} images (48-1600 px), 1-3 turn pairs; "
+          f"{args.rounds} alternating rounds, one torch thread; ratio = patched / vanilla, medians")
+    for family in args.families.split(","):
+        fam, template, _ = lf_family(family, os.path.join(tmp, family), image_max_pixels=448 * 448)
+
+        def run_once(cutoff):
+            processor = SupervisedDatasetProcessor(template=template, tokenizer=fam.tok, processor=fam.proc,
+                                                   data_args=DataArguments(cutoff_len=cutoff))
+            # each run its own media lists, as datasets' map hands each batch fresh from Arrow (a sample
+            # whose media the policy takes out loses them from its list: the output row's images)
+            batches = [{k: [list(x) if k == "_images" and x else x for x in v[start: start + args.batch]] for k, v in data.items()}
+                       for start in range(0, args.samples, args.batch)]
+            t = time.perf_counter()
+            out = []
+            for b in batches:
+                out.extend(processor.preprocess_dataset(b)["input_ids"])
+            return time.perf_counter() - t, out
+
+        vlpatch.revert()
+        lengths = sorted(len(ids) for ids in run_once(1 << 20)[1])
+        cutoffs = {"most cut": lengths[len(lengths) // 5], "few cut": lengths[len(lengths) * 9 // 10]}
+        modes = [("header counts off", [HEADER]), ("header counts on", [])] if family.startswith("qwen") else [("", [HEADER])]
+        for label, cutoff in cutoffs.items():
+            share = sum(n > cutoff for n in lengths) / len(lengths)
+            for mode, exclude in modes:
+                times = {"vanilla": [], "patched": []}
+                for _ in range(args.rounds):
+                    vlpatch.revert()
+                    times["vanilla"].append(run_once(cutoff)[0])
+                    vlpatch.apply(policy="drop", exclude=exclude)
+                    times["patched"].append(run_once(cutoff)[0])
+                vlpatch.revert()
+                v, p = statistics.median(times["vanilla"]), statistics.median(times["patched"])
+                print(f"{family:9s} cutoff_len {cutoff:5d} ({label}: {share:4.0%} of samples cut) {mode:17s} "
+                      f"vanilla {v * 1000 / args.samples:6.2f} ms/sample  patched {p * 1000 / args.samples:6.2f} ms/sample  "
+                      f"ratio {p / v:.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
