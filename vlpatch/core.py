@@ -260,10 +260,15 @@ def locate(ids: Sequence[int], expansions: Sequence[Expansion], start: int = 0) 
 def stray_marks(ids: Sequence[int], runs: Iterable[Run], marks: frozenset, skip: int = 0) -> int:
     """How many media marks of `ids` (after the first `skip` positions) lie outside every run: tokens
     the model counts that no learned span accounts for. Non-zero means the layout is not understood."""
-    inside = set()
-    for r in runs:
-        inside.update(range(r.start, r.stop))
-    return sum(1 for p in range(skip, len(ids)) if ids[p] in marks and p not in inside)
+    if not marks:
+        return 0
+    ids = list(ids)
+    counted = Counter(ids[skip:])
+    total = sum(counted[m] for m in marks)
+    for r in runs:  # runs never overlap: each mark inside one is counted once
+        inside = Counter(ids[max(r.start, skip) : r.stop])
+        total -= sum(inside[m] for m in marks)
+    return total
 
 
 # --------------------------------------------------------------------------- layouts and plans

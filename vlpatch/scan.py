@@ -179,6 +179,12 @@ class _Ticker:
                 self.total.value += k
 
 
+def _counts(ids, tokens) -> Counter:
+    """How many of each of `tokens` `ids` holds (those it holds)."""
+    every = Counter(ids)
+    return Counter({t: every[t] for t in tokens if every[t]})
+
+
 def _scan_chunk(state: _State, indices, ticker: _Ticker) -> list:
     """The passes over some samples, in this process: the whole sample, vanilla at cutoff_len, vlpatch
     at cutoff_len under the policy (and under the others, for the per-policy table). Returns their `Sample`s."""
@@ -234,7 +240,7 @@ def _scan_chunk(state: _State, indices, ticker: _Ticker) -> list:
         else:
             long.append(s)
             if found is not None:
-                marks[s.index] = (found, Counter(t for t in ids if t in found))
+                marks[s.index] = (found, _counts(ids, found))
     ticker.more(2 * len(long) + len(bad))  # over-long samples: two more passes; bad ones: one
     for s in long:  # pass 2: vanilla at cutoff_len
         try:
@@ -243,7 +249,7 @@ def _scan_chunk(state: _State, indices, ticker: _Ticker) -> list:
                 s.vanilla = "text truncated (media not checked: spans not readable)"
                 continue
             found, full = marks[s.index]
-            kept = Counter(t for t in ids if t in found)
+            kept = _counts(ids, found)
             if kept == full:
                 s.vanilla = "text truncated"
             else:  # upstream still hands every media item to the model: a lost media token is a crash

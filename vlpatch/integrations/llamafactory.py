@@ -395,13 +395,16 @@ def learn(instance, trace: _Trace) -> list:
         if not order:
             out.append(_Learned([], prefix, (), frozenset()))
             continue
-        try:
-            got = _memoized(plugin, trace.media).process_messages(**{**bound, "messages": marked})
-        except Exception as exc:
-            raise Unreadable(f"{name}.process_messages failed on the marked placeholders: {type(exc).__name__}: {exc}") from exc
-        texts, unmarked = _unmark(got, len(order))
-        if unmarked != list(result):
-            raise Unreadable(f"{name}.process_messages writes differently when its placeholders are marked")
+        texts = _predicted(plugin, bound["messages"], order, result, placeholders)
+        if texts is None:
+            try:
+                got = _memoized(plugin, trace.media).process_messages(**{**bound, "messages": marked})
+            except Exception as exc:
+                raise Unreadable(f"{name}.process_messages failed on the marked placeholders: {type(exc).__name__}: {exc}") from exc
+            texts, unmarked = _unmark(got, len(order))
+            if unmarked != list(result):
+                raise Unreadable(f"{name}.process_messages writes differently when its placeholders are marked")
+            _remember(plugin, order, texts)
         expansions, keys_of, prefix_keys, marks = [], [], [], set()
         last = None  # (message, index into expansions) of the last non-empty expansion
         for n, (kind, k, m) in enumerate(order):
@@ -415,7 +418,7 @@ def learn(instance, trace: _Trace) -> list:
                     prefix_keys.append((kind, k))
                 continue
             tokens = _tokens(tokenizer, text)
-            marks.update(t for t in tokens if t in atomic)
+            marks.update(atomic.intersection(tokens))
             expansions.append(tokens)
             keys_of.append([(kind, k)])
             last = (m, len(expansions) - 1)
@@ -424,6 +427,52 @@ def learn(instance, trace: _Trace) -> list:
         exps = [core.Expansion(tuple(keys), tokens, atomic) for keys, tokens in zip(keys_of, expansions)]
         out.append(_Learned(exps, prefix, tuple(prefix_keys), frozenset(marks)))
     return out
+
+
+_known: dict = {}  # plugin id -> (plugin, {kind: the expansion every item of that kind had}), from marked runs
+
+
+def _remember(plugin, order, texts) -> None:
+    """After a marked run: per kind, the expansion its items had where they all had one and the same
+    non-empty one (Gemma 3's fixed image run); a kind whose items differ (Qwen-VL images by size) or
+    write nothing (Qwen2.5-Omni's audio inside its video) is forgotten."""
+    seen: dict = {}
+    for (kind, _, _), text in zip(order, texts):
+        seen.setdefault(kind, set()).add(text)
+    hit = _known.get(id(plugin))
+    known = dict(hit[1]) if hit is not None and hit[0] is plugin else {}
+    for kind, found in seen.items():
+        text = next(iter(found))
+        if len(found) == 1 and text:
+            known[kind] = text
+        else:
+            known.pop(kind, None)
+    _known[id(plugin)] = (plugin, known)
+
+
+def _predicted(plugin, messages, order, result, placeholders) -> list | None:
+    """The expansions of `order`'s items without a marked run, where the plugin's output (`result`) is
+    exactly its input with every placeholder replaced by its kind's remembered expansion (`_remember`):
+    the text between placeholders pins each item's span as the markers would. None otherwise: the
+    marked run decides."""
+    hit = _known.get(id(plugin))
+    if hit is None or hit[0] is not plugin:
+        return None
+    known = hit[1]
+    kinds = {kind for kind, _, _ in order}
+    if not kinds <= known.keys():
+        return None
+    predicted = []
+    for msg in messages:
+        content = msg.get("content") if isinstance(msg, dict) else None
+        if isinstance(content, str):
+            for kind in kinds:
+                content = content.replace(placeholders[kind], known[kind])
+            msg = {**msg, "content": content}
+        predicted.append(msg)
+    if predicted != list(result):
+        return None
+    return [known[kind] for kind, _, _ in order]
 
 
 _texts: dict = {}  # (tokenizer id, text) -> (tokenizer, ids): expansions repeat (one per image size and plugin)
@@ -465,7 +514,7 @@ def _introduced(tokenizer, atomic, before, after) -> set:
 
     def found(messages):
         text = "\n".join(m["content"] for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str))
-        return {ids[t] for t in pattern.findall(text)}
+        return {ids[t] for t in set(pattern.findall(text))}
 
     return found(after) - found(before)
 
