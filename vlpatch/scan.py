@@ -179,6 +179,11 @@ class _Ticker:
                 self.total.value += k
 
 
+# the policy passes go over the over-long samples this many at a time, each block under every policy in
+# turn, sharing each sample's uncut encode (lfint.sharing): memory stays bounded however large the dataset
+SHARED_BLOCK = 64
+
+
 def _counts(ids, tokens) -> Counter:
     """How many of each of `tokens` `ids` holds (those it holds)."""
     every = Counter(ids)
@@ -260,11 +265,14 @@ def _scan_chunk(state: _State, indices, ticker: _Ticker) -> list:
     vlpatch.revert()
     # pass 3, under the policy training will use, then under the other policies for the side-by-side table
     # (`error` stops training where `drop` drops: its outcome follows from drop's)
-    outcomes = {}
-    for policy in dict.fromkeys([state.policy, "drop", "drop_media", "shrink"]):
-        if policy != state.policy:
-            ticker.more(len(long) + len(bad))
-        outcomes[policy] = _policy_pass(state, long + bad, policy, encode, lfint, vreport)
+    policies = list(dict.fromkeys([state.policy, "drop", "drop_media", "shrink"]))
+    ticker.more((len(policies) - 1) * (len(long) + len(bad)))
+    outcomes: dict = {policy: {} for policy in policies}
+    todo = long + bad
+    for start in range(0, len(todo), SHARED_BLOCK):  # the passes share each sample's uncut encode and spans
+        with lfint.sharing():
+            for policy in policies:
+                outcomes[policy].update(_policy_pass(state, todo[start : start + SHARED_BLOCK], policy, encode, lfint, vreport))
     for s in samples:
         if s.index not in outcomes[state.policy]:
             s.policies = {p: "fits" for p in POLICIES}

@@ -723,18 +723,25 @@ def _encode_wrapper(stage: str):
         mismatch = _placeholder_mismatch(bound, counts)
         if mismatch:
             return _reject(handler, instance, batch, cfg, sample, row, f"bad_input: {mismatch}")
-        trace = _Trace()
-        _traces.append(trace)
-        try:
-            full = func(_unbounded(instance, batch), **bound)
-        except Exception as exc:
-            if not _is_bad_input(exc):
-                if hasattr(exc, "add_note"):
-                    exc.add_note(f"vlpatch: while encoding sample {sample}")
-                raise
-            return _reject(handler, instance, batch, cfg, sample, row, f"bad_input: {exc}", exc)
-        finally:
-            _traces.pop()
+        key = _share_key(stage, instance, bound)
+        shared = _shared[-1].get(key) if key is not None else None
+        if shared is not None:  # vlpatch scan's next policy pass over this sample: the same uncut encode
+            full, trace = shared[0], shared[1]
+        else:
+            trace = _Trace()
+            _traces.append(trace)
+            try:
+                full = func(_unbounded(instance, batch), **bound)
+            except Exception as exc:
+                if not _is_bad_input(exc):
+                    if hasattr(exc, "add_note"):
+                        exc.add_note(f"vlpatch: while encoding sample {sample}")
+                    raise
+                return _reject(handler, instance, batch, cfg, sample, row, f"bad_input: {exc}", exc)
+            finally:
+                _traces.pop()
+            if key is not None:
+                shared = _shared[-1][key] = [full, trace, None]
 
         lengths = handler.lengths(full)
         if max(lengths) <= budget:  # upstream would not cut anything: its output as is
@@ -744,7 +751,12 @@ def _encode_wrapper(stage: str):
         module = sys.modules[type(instance).__module__]
         split = getattr(module.infer_seqlen, "__wrapped__", module.infer_seqlen)
         try:
-            learned = learn(instance, trace) if any(counts.values()) else []
+            if shared is not None and shared[2] is not None:
+                learned = shared[2]
+            else:
+                learned = learn(instance, trace) if any(counts.values()) else []
+                if shared is not None:
+                    shared[2] = learned
             if len(learned) < len(lengths) and any(counts.values()):
                 raise Unreadable(f"{len(learned)} process_messages call(s) for {len(lengths)} sequence(s)")
 
@@ -818,6 +830,31 @@ def _encode_wrapper(stage: str):
         return out
 
     return wrapper
+
+
+_shared: list = []  # vlpatch scan's (`sharing`): {sample key: [uncut output, its trace, learned spans]}
+
+
+@contextlib.contextmanager
+def sharing():
+    """For `vlpatch scan`, whose policy passes encode the same over-long samples again and differ only
+    in what they decide: within this block, a sample encoded again with the same inputs (media given as
+    paths) reuses upstream's uncut encode, its trace and the learned spans of the first time."""
+    _shared.append({})
+    try:
+        yield
+    finally:
+        _shared.pop()
+
+
+def _share_key(stage: str, instance, bound: dict):
+    """The key of a sample's inputs for `sharing`, or None (not sharing, or media that are not paths)."""
+    if not _shared:
+        return None
+    for kind in core.MEDIA_KINDS:
+        if not all(isinstance(item, str) for item in bound.get(kind + "s") or []):
+            return None
+    return (stage, id(instance.template), id(instance.tokenizer), repr(sorted(bound.items())))
 
 
 def _empty_sources(instance, bound) -> list | None:
