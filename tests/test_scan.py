@@ -75,6 +75,11 @@ def test_scan_yaml_matches_what_training_does(tmp_path, tiny_qwen2vl, data_dir):
         assert by[i]["vanilla"] == by[i]["vlpatch"] == "fits", by[i]
     assert out["recommend"]["cutoff_len_for_share"]["1.0"] == max(s["tokens"] for s in samples)
     assert out["recommend"]["image_max_pixels_for_cutoff"]["text_alone_too_long"] == [0, 2, 4]
+    # the recommendation says what it covers: not the samples no image size helps
+    from vlpatch.scan import summary
+
+    line = next(x for x in summary(out).splitlines() if x.startswith("image_max_pixels"))
+    assert "fits cutoff_len 128, except the 3 over it without their images:" in line, line
     with open(tmp_path / "scan.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert [r["vanilla"] for r in rows][:3] == ["crash: media tokens cut", "fits", "crash: media tokens cut"]

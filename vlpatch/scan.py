@@ -551,8 +551,11 @@ def summary(result: dict) -> str:
     for share, value in rec["cutoff_len_for_share"].items():
         lines.append(f"cutoff_len keeping {float(share):.0%} of {readable} whole: {value}")
     mp = rec["image_max_pixels_for_cutoff"]
-    if mp.get("value"):
-        lines.append(f"image_max_pixels at which every {readable[:-1]} fits cutoff_len {cfg['cutoff_len']}: {mp['value']} ({mp['side']}x{mp['side']})")
+    alone = len(mp.get("text_alone_too_long") or [])
+    if mp.get("value"):  # what it covers: every sample that some image size can make fit
+        but = f", except the {alone} over it without their images" if alone else ""
+        lines.append(f"image_max_pixels at which every {readable[:-1]} fits cutoff_len {cfg['cutoff_len']}{but}: "
+                     f"{mp['value']} ({mp['side']}x{mp['side']})")
     elif mp.get("why") != "no images in these samples":
         lines.append(f"image_max_pixels for cutoff_len {cfg['cutoff_len']}: none ({mp.get('why')})")
     for kind, info in (rec.get("media") or {}).items():
@@ -560,8 +563,8 @@ def summary(result: dict) -> str:
         lines.append(f"{kind}s: {info['items']} items, up to {info['max_tokens']} tokens each, counted {info['counted']}; "
                      + (f"settings that shrink them: {levers}" if levers else
                         "no LLaMA-Factory setting shrinks them: shorter clips, or a larger cutoff_len"))
-    if mp.get("text_alone_too_long"):
-        lines.append(f"  ({len(mp['text_alone_too_long'])} samples exceed cutoff_len with their text, videos and audio alone: "
+    if alone:
+        lines.append(f"  ({alone} samples exceed cutoff_len with their text, videos and audio alone: "
                      "no image size helps them)")
     cut = next((s for s in samples if s.get("preview")), None)
     if cut is not None:
