@@ -190,11 +190,18 @@ def config() -> Config:
     return _config
 
 
+_fingerprints: dict = {}  # id(obj) -> (obj, fingerprint): an object's source does not change in a process
+
+
 def fingerprint(obj) -> str:
-    """sha256 of a function's dedented source, trailing blanks ignored: what the patch was written for."""
+    """sha256 of a function's dedented source, trailing blanks ignored: what the patch was written for
+    (remembered per object: `vlpatch scan` applies its passes' patches again and again)."""
     import inspect
 
-    return fingerprint_source(inspect.getsource(obj))
+    hit = _fingerprints.get(id(obj))
+    if hit is None or hit[0] is not obj:
+        hit = _fingerprints[id(obj)] = (obj, fingerprint_source(inspect.getsource(obj)))
+    return hit[1]
 
 
 def fingerprint_source(source: str) -> str:

@@ -58,10 +58,11 @@ _exit_summary_registered = False
 _last_path: str | None = None
 
 
-def start_run(trainer: str, label: str, report_path: str | None, **meta) -> Run:
-    """Begin a run in this process; worker processes (forked or spawned) find it through the env."""
+def start_run(trainer: str, label: str, report_path: str | None, tallies: bool = True, **meta) -> Run:
+    """Begin a run in this process; worker processes (forked or spawned) find it through the env.
+    `tallies=False`: no summary counts are gathered (`vlpatch scan`, which reads each sample's rows)."""
     global _current
-    run = Run(trainer, label, report_path, stats_dir=tempfile.mkdtemp(prefix="vlpatch-"), meta=meta)
+    run = Run(trainer, label, report_path, stats_dir=tempfile.mkdtemp(prefix="vlpatch-") if tallies else "", meta=meta)
     _current = run
     os.environ[_RUN_ENV] = run.to_env()
     return run
@@ -96,6 +97,8 @@ def end_run(run: Run, quiet: bool = False) -> Counter:
         del os.environ[_RUN_ENV]
     if _current is run or (_current is not None and _current.run_id == run.run_id):
         _current = None
+    if not run.stats_dir:  # started without tallies: nothing to sum up
+        return counts
     if not seen:
         (logger.info if quiet else logger.warning)(
             "vlpatch [%s %s]: no sample went through the patch in this run (results reused from a cache?); "

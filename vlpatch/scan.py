@@ -315,7 +315,7 @@ def _policy_pass(state, todo, policy, encode, lfint, vreport) -> dict:
     out = {}
     try:
         for s in todo:  # vlpatch at cutoff_len (bad input: what training does with it)
-            run = vreport.start_run(lfint.TRAINER, "scan", path)
+            run = vreport.start_run(lfint.TRAINER, "scan", path, tallies=False)  # the sample's rows say it all
             try:
                 got: list = []
                 encode(s.index, state.cutoff, rows=got)

@@ -112,12 +112,32 @@ def _tail_intact(path: str, fmt: str) -> bool:
     return False
 
 
+_headers: dict = {}  # (path, mtime_ns, size) -> image_header's answer: a file read once per version of it
+
+
 def image_header(path) -> tuple | None:
     """(width, height) of an image file from its header (no pixel is decoded), or None when the
     shortcut cannot vouch for it: not a plain file path, another format, an unusual mode, a file whose
-    end marker is missing (truncated), or anything PIL cannot open."""
+    end marker is missing (truncated), or anything PIL cannot open. Remembered per file version (its
+    modification time and size), as a dataset names the same files again and again."""
     if not isinstance(path, str):  # what every trainer release opens as a path (0.9.2: str only)
         return None
+    import os
+
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    key = (path, st.st_mtime_ns, st.st_size)
+    if key in _headers:
+        return _headers[key]
+    if len(_headers) >= 65536:
+        _headers.clear()
+    _headers[key] = found = _read_header(path)
+    return found
+
+
+def _read_header(path: str) -> tuple | None:
     try:
         from PIL import Image
 
