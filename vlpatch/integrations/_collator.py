@@ -193,7 +193,7 @@ def chat_frames(examples, key: str | None = None) -> list | None:
     """Per example, its conversation (`key`, else `messages` or `conversations`: a preference pair's
     `prompt`) with every user and assistant message's content left out (None without messages): read
     before upstream, which changes its examples in place. Encoded by the processor's chat template only
-    for a row that must be cut (`_head`); what the row shares with that encoding at its start is its
+    for a row that must be cut (`_frame_candidates`); what the row shares with that encoding at its start is its
     chat frame (template prefix, system block, first role header)."""
     out = []
     for example in examples if isinstance(examples, (list, tuple)) else ():
@@ -207,19 +207,18 @@ def chat_frames(examples, key: str | None = None) -> list | None:
     return out
 
 
-def _head(processor, row, emptied) -> int:
-    """The chat frame `row` starts with: its longest common prefix with the emptied conversation as the
-    template writes it, tokenized with and without the tokenizer's special tokens (0 where the template
-    refuses an empty message)."""
+def _frame_candidates(processor, emptied) -> list:
+    """The emptied conversation as the template writes it, tokenized with and without the tokenizer's
+    special tokens ([] where the template refuses an empty message): a row's chat frame is its longest
+    common prefix with either (`core.frame_of`). Rendered once per example: a pair's rows share it."""
     if not emptied or not hasattr(processor, "apply_chat_template"):
-        return 0
+        return []
     tokenizer = getattr(processor, "tokenizer", processor)
     try:
         text = processor.apply_chat_template(emptied, tokenize=False, add_generation_prompt=False)
-        candidates = [tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer(text)["input_ids"]]
+        return [tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer(text)["input_ids"]]
     except Exception:  # noqa: BLE001 - a template that needs content: no frame known
-        return 0
-    return max(core.frame_of(row, c) for c in candidates)
+        return []
 
 
 def fit(site, collator, batch, budget: int, keep: str = "head", pairs: bool = False, pad_side: str | None = None,
@@ -290,7 +289,10 @@ def fit(site, collator, batch, budget: int, keep: str = "head", pairs: bool = Fa
             rows_of = [(len(parsed[i][1]), runs_of[i]) for i in members]
             again = _shrinker(site, examples[s], rows_of, recollate, finder, processor, cfg) if can_shrink else None
             first = firsts[s] if firsts and not pairs and s < len(firsts) else None
-            heads = [_head(processor, parsed[i][1], frames[s]) for i in members] if frames and s < len(frames) else None
+            heads = None
+            if frames and s < len(frames):
+                candidates = _frame_candidates(processor, frames[s])
+                heads = [max((core.frame_of(parsed[i][1], c) for c in candidates), default=0) for i in members]
             decision = core.fit_rows(rows_of, budget, policy, sample, keep="head" if pairs else keep, reencode=again, first=first,
                                      heads=heads)
             if decision.action == "shrunk":
