@@ -342,17 +342,29 @@ def _unmark(messages, n: int):
     return texts, out
 
 
+def _cached(cache: dict, key, owners: tuple, make, limit: int = 4096):
+    """`make()`, remembered in `cache` under `key` while `owners` (the objects the key names by id: a
+    tokenizer, a template) are the same objects; at `limit` entries the cache starts afresh."""
+    hit = cache.get(key)
+    if hit is None or any(a is not b for a, b in zip(hit[0], owners)):
+        if len(cache) >= limit:
+            cache.clear()
+        hit = cache[key] = (owners, make())
+    return hit[1]
+
+
 _atomic: dict = {}
 
 
 def _atomic_ids(tokenizer) -> frozenset:
     """Ids that tokenize the same wherever they stand: special and added tokens."""
-    hit = _atomic.get(id(tokenizer))
-    if hit is None or hit[0] is not tokenizer:
+
+    def make():
         ids = set(getattr(tokenizer, "all_special_ids", []) or [])
         ids.update(getattr(tokenizer, "added_tokens_decoder", {}) or {})
-        hit = _atomic[id(tokenizer)] = (tokenizer, frozenset(ids))
-    return hit[1]
+        return frozenset(ids)
+
+    return _cached(_atomic, id(tokenizer), (tokenizer,), make)
 
 
 @dataclass
@@ -480,12 +492,7 @@ _texts: dict = {}  # (tokenizer id, text) -> (tokenizer, ids): expansions repeat
 
 def _tokens(tokenizer, text: str) -> tuple:
     """`text` tokenized on its own, remembered per tokenizer (at most 4,096 texts, then started afresh)."""
-    hit = _texts.get((id(tokenizer), text))
-    if hit is None or hit[0] is not tokenizer:
-        if len(_texts) >= 4096:
-            _texts.clear()
-        hit = _texts[(id(tokenizer), text)] = (tokenizer, tuple(tokenizer.encode(text, add_special_tokens=False)))
-    return hit[1]
+    return _cached(_texts, (id(tokenizer), text), (tokenizer,), lambda: tuple(tokenizer.encode(text, add_special_tokens=False)))
 
 
 _atomic_text: dict = {}
@@ -494,16 +501,17 @@ _atomic_text: dict = {}
 def _atomic_pattern(tokenizer, atomic) -> tuple:
     """(a regex of the text of every atomic token, longest first; {text: id}): the tokenizer splits an
     added or special token out of any text it stands in, so finding its text is finding the token."""
-    hit = _atomic_text.get(id(tokenizer))
-    if hit is None or hit[0] is not tokenizer:
+
+    def make():
         texts = {}
         for i in sorted(atomic):
             text = tokenizer.convert_ids_to_tokens(i)
             if isinstance(text, str) and text:
                 texts.setdefault(text, i)
         pattern = re.compile("|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True))) if texts else None
-        hit = _atomic_text[id(tokenizer)] = (tokenizer, pattern, texts)
-    return hit[1], hit[2]
+        return pattern, texts
+
+    return _cached(_atomic_text, id(tokenizer), (tokenizer,), make)
 
 
 def _introduced(tokenizer, atomic, before, after) -> set:
@@ -867,24 +875,20 @@ def _empty_sources(instance, bound) -> list | None:
     response = list(bound.get("response") or [])[:1] or [{"role": "assistant", "content": ""}]
     messages = core.emptied(prompt + response)
     system, tools = bound.get("system"), bound.get("tools")
+
+    def make():
+        try:
+            pairs = instance.template.encode_multiturn(instance.tokenizer, messages, system, tools)
+        except Exception:  # noqa: BLE001 - a template that needs content: no frame known
+            return None
+        return [list(source) for source, _ in pairs]
+
     try:  # samples share frames: the same template, system prompt, tools and turns (remembered, as _tokens)
         key = (id(instance.template), id(instance.tokenizer), system, tools, tuple((m.get("role"), m.get("content")) for m in messages))
         hash(key)
     except TypeError:
-        key = None
-    hit = _frames.get(key) if key is not None else None
-    if hit is not None and hit[0] is instance.template and hit[1] is instance.tokenizer:
-        return hit[2]
-    try:
-        pairs = instance.template.encode_multiturn(instance.tokenizer, messages, system, tools)
-    except Exception:  # noqa: BLE001 - a template that needs content: no frame known
-        return None
-    out = [list(source) for source, _ in pairs]
-    if key is not None:
-        if len(_frames) >= 4096:
-            _frames.clear()
-        _frames[key] = (instance.template, instance.tokenizer, out)
-    return out
+        return make()
+    return _cached(_frames, key, (instance.template, instance.tokenizer), make)
 
 
 _frames: dict = {}  # _empty_sources's, by template, tokenizer, system, tools and emptied turns
