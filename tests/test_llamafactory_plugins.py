@@ -216,3 +216,61 @@ def test_drop_media_takes_a_video_out_with_its_own_audio(tmp_path, patched):
 
     (row,) = vlpatch.report.read_report(str(tmp_path / "vlpatch_report.jsonl"))
     assert row["action"] == "media_dropped" and row["media_removed"] == {"video": [1], "audio": [1]}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_spans_read_without_a_marked_run_equal_the_marked_runs(family, tmp_path):
+    """Once a plugin's marked run showed the shape of a kind's expansion, vlpatch reads the next samples'
+    spans off the plugin's own output (`_predicted`: Qwen-VL's pads between their markers, Gemma 3's and
+    LLaVA's fixed runs). On samples made to confuse that reading (items side by side, at the start and
+    the end of a message, in several turns, of several sizes) it equals what a marked run says, item by
+    item; for the families where the shape is known it does read them without a marked run."""
+    from llamafactory.data.processor import SupervisedDatasetProcessor
+    from llamafactory.hparams import DataArguments
+
+    from vlpatch.integrations import llamafactory as lfint
+
+    fam, template, _ = build(family, tmp_path)
+    processor = SupervisedDatasetProcessor(template=template, tokenizer=fam.tok, processor=fam.proc,
+                                           data_args=DataArguments(cutoff_len=10**6))
+    marked_runs = []
+    real_mark = lfint._mark
+
+    def counting_mark(*args, **kwargs):
+        marked_runs.append(1)
+        return real_mark(*args, **kwargs)
+
+    def learned(row):
+        with lfint.tracing(processor) as (recording, trace):
+            recording.preprocess_dataset({
+                "_prompt": [row[0]], "_response": [row[1]], "_system": [""], "_tools": [""],
+                **{f"_{kind}s": [row[2].get(kind)] for kind in ("image", "video", "audio")},
+            })
+        return [(tuple((e.keys, e.tokens) for e in got.expansions), got.prefix, got.prefix_keys, got.marks)
+                for got in lfint.learn(processor, trace)]
+
+    answer = [{"role": "assistant", "content": "fine answer"}]
+    for kind in fam.kinds:
+        (tmp_path / kind).mkdir()
+        items = make_media(fam, kind, 3, str(tmp_path / kind))
+        ph = {"image": "<image>", "video": "<video>", "audio": "<audio>"}[kind]
+        if kind == "video" and fam.model_args.get("use_audio_in_video"):
+            ph = "<video><audio>"
+        rows = [
+            ([{"role": "user", "content": f"{ph}{ph} two side by side, then {ph}"}], answer, items),
+            ([{"role": "user", "content": f"at the end {ph}"}, {"role": "assistant", "content": "seen"},
+              {"role": "user", "content": f"{ph}{ph}"}], answer, {k: v[::-1] for k, v in items.items()}),
+            ([{"role": "user", "content": f"{ph} first {ph} middle words {ph}"}], answer,
+             {k: [v[1], v[0], v[2]] for k, v in items.items()}),
+        ]
+        for row in rows:
+            lfint._known.clear()
+            by_markers = learned(row)  # a marked run, which the plugin's shape is remembered from
+            lfint._mark, marked_runs[:] = counting_mark, []
+            try:
+                read = learned(row)
+            finally:
+                lfint._mark = real_mark
+            assert read == by_markers, f"{fam.template} {kind}: the spans read off the output differ from the marked run's"
+            if family in ("qwen2_vl", "gemma3", "llava") and kind == "image":
+                assert not marked_runs, f"{fam.template}: the spans were not read off the plugin's output"

@@ -13,8 +13,8 @@ what to report. The invariants (checked by the property tests):
 
 from __future__ import annotations
 
+import bisect
 from collections import Counter
-
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -209,8 +209,17 @@ class Expansion:
 
     def core(self) -> tuple[int, int]:
         """[a, b) of `tokens`: first to last marked token; (0, 0) when nothing is marked."""
-        marked = [i for i, t in enumerate(self.tokens) if t in self.marks]
-        return (marked[0], marked[-1] + 1) if marked else (0, 0)
+        key = (self.tokens, self.marks)
+        hit = _cores.get(key)
+        if hit is None:
+            marked = [i for i, t in enumerate(self.tokens) if t in self.marks]
+            if len(_cores) >= 4096:
+                _cores.clear()
+            hit = _cores[key] = (marked[0], marked[-1] + 1) if marked else (0, 0)
+        return hit
+
+
+_cores: dict = {}  # (tokens, marks) -> core: the same expansion recurs in every sample with that media size
 
 
 def _find(ids: Sequence[int], needle: Sequence[int], start: int) -> int:
@@ -263,11 +272,16 @@ def stray_marks(ids: Sequence[int], runs: Iterable[Run], marks: frozenset, skip:
     if not marks:
         return 0
     ids = list(ids)
-    counted = Counter(ids[skip:])
-    total = sum(counted[m] for m in marks)
+
+    def count(part: list) -> int:  # a few marks: one C scan each; many: one count of every id
+        if len(marks) <= 8:
+            return sum(part.count(m) for m in marks)
+        counted = Counter(part)
+        return sum(counted[m] for m in marks)
+
+    total = count(ids[skip:])
     for r in runs:  # runs never overlap: each mark inside one is counted once
-        inside = Counter(ids[max(r.start, skip) : r.stop])
-        total -= sum(inside[m] for m in marks)
+        total -= count(ids[max(r.start, skip) : r.stop])
     return total
 
 
@@ -343,22 +357,26 @@ class Plan:
     left: set = field(default_factory=set)  # item keys of later turns that leave with the part cut off
 
 
-def _segment(positions: range, runs_by_start: dict, removed: set):
+def _segment(positions: range, runs: list, starts: list, removed: set, text: bool = True):
     """Positions of a segment with removed runs taken out, and the runs (whole) that lie in it (a run
-    that starts in the segment but ends after it counts as text)."""
+    that starts in the segment but ends after it counts as text). `runs` in order of `starts`, their
+    starts. `text=False`: the runs alone (positions left empty)."""
     pos: list[int] = []
     seg_runs: list[Run] = []
     p = positions.start
-    for start in sorted(s for s in runs_by_start if positions.start <= s < positions.stop):
-        run = runs_by_start[start]
-        if start < p or run.stop > positions.stop:
+    for i in range(bisect.bisect_left(starts, positions.start), bisect.bisect_left(starts, positions.stop)):
+        run = runs[i]
+        if run.start < p or run.stop > positions.stop:
             continue
-        pos.extend(range(p, start))
+        if text:
+            pos.extend(range(p, run.start))
         if not any(k in removed for k in run.keys()):
             seg_runs.append(run)
-            pos.extend(range(start, run.stop))
+            if text:
+                pos.extend(range(run.start, run.stop))
         p = run.stop
-    pos.extend(range(p, positions.stop))
+    if text:
+        pos.extend(range(p, positions.stop))
     return pos, seg_runs
 
 
@@ -400,7 +418,7 @@ def keep_head(pos: list[int], seg_runs: list[Run], keep: int, head: int = 0):
 
 # Where a turn's chat frame is known, the answer of a row vlpatch cuts keeps at least this many of its
 # tokens (all of them where it is shorter): a row whose frame and media leave its answer fewer goes to the
-# policy, as media that do not fit do (README: what a cut row keeps).
+# policy, as media that do not fit do (docs/policies.md: what a cut row keeps).
 ANSWER_FLOOR = 1
 
 
@@ -422,19 +440,24 @@ def frame_of(source: Sequence[int], empty: Sequence[int]) -> int:
     """The chat frame at the start of `source`: its longest common prefix with `empty`, the same turn
     encoded with the user's content left out (system block and role header; a token that the content
     merges into at the boundary is the content's). Never longer than `empty`."""
-    n = 0
-    for a, b in zip(source, empty):
-        if a != b:
-            break
-        n += 1
-    return n
+    n = min(len(source), len(empty))
+    a, b = list(source[:n]), list(empty[:n])
+    if a == b:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]: halve the difference with slice compares
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def _head_text(pos: list[int], seg_runs: list[Run], head: int) -> int:
     """`head` clipped to the text before the segment's first run (a frame holds no media; the caller
     keeps no frame for a segment without runs: there the trainer's own cut decides)."""
-    first = min(r.start for r in seg_runs)
-    return sum(1 for p in pos[:head] if p < first)
+    return bisect.bisect_left(pos, min(r.start for r in seg_runs), 0, min(head, len(pos)))  # `pos` ascends
 
 
 def media_split(split: SplitFn, s_len: int, t_len: int, remaining: int, s_media: int, t_media: int):
@@ -451,7 +474,8 @@ def media_split(split: SplitFn, s_len: int, t_len: int, remaining: int, s_media:
 
 
 def plan_layout(layout: Layout, removed: set = frozenset()) -> Plan:
-    runs_by_start = {r.start: r for r in layout.runs}
+    runs = sorted({r.start: r for r in layout.runs}.values(), key=lambda r: r.start)
+    starts = [r.start for r in runs]
     kept = layout.fixed_positions()
     lost: set = set()
     left: set = set()
@@ -460,12 +484,12 @@ def plan_layout(layout: Layout, removed: set = frozenset()) -> Plan:
         # the media of the turn the trainer budgets first must stay (else the policy decides); those of a
         # later turn leave with the part of it the trainer's own budget cuts off
         gone = left if index else lost
-        s_pos, s_runs = _segment(src, runs_by_start, removed)
-        t_pos, t_runs = _segment(tgt, runs_by_start, removed)
         if total >= layout.budget:  # LLaMA-Factory stops adding turns here
-            for run in s_runs + t_runs:
+            for run in _segment(src, runs, starts, removed, False)[1] + _segment(tgt, runs, starts, removed, False)[1]:
                 gone.update(run.keys())
             continue
+        s_pos, s_runs = _segment(src, runs, starts, removed)
+        t_pos, t_runs = _segment(tgt, runs, starts, removed)
         remaining = layout.budget - total
         s_media = sum(r.length for r in s_runs)
         t_media = sum(r.length for r in t_runs)

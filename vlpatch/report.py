@@ -45,13 +45,18 @@ class Run:
         raw = os.environ.get(_RUN_ENV)
         if not raw:
             return None
+        if _parsed[0] == raw:  # the same run, asked again (every sample a dataset processor encodes)
+            return _parsed[1]
         try:
-            return cls(**json.loads(raw))
+            run = cls(**json.loads(raw))
         except (TypeError, ValueError):
             return None
+        _parsed[:] = [raw, run]
+        return run
 
 
 _current: Run | None = None
+_parsed: list = [None, None]  # [the last VLPATCH_RUN value read, its Run]
 _local_counts: Counter = Counter()  # tallies made outside a run (a collator): summed up at exit
 _local_reasons: Counter = Counter()
 _exit_summary_registered = False

@@ -108,7 +108,7 @@ class _Supervised(_Handler):
         ranges, heads = [], []
         for i, (s, t) in enumerate(natural):
             ranges.append((range(pos, pos + s), range(pos + s, pos + s + t)))
-            heads.append(core.frame_of(ids[pos : pos + s], empty[i]) if empty and i < len(empty) else 0)
+            heads.append(core.frame_of(ids[pos : pos + min(s, len(empty[i]))], empty[i]) if empty and i < len(empty) else 0)
             pos += s + t
         if reverse:
             ranges.reverse()
@@ -297,29 +297,50 @@ def _recorder(plugin):
     return Recorder(plugin)
 
 
-def _mark(messages, placeholders: dict):
-    """Messages with every placeholder between markers; [(kind, index, message number)] in marker order."""
-    order, seen, out = [], {kind: 0 for kind in placeholders}, []
+def _order(messages, placeholders: dict) -> list:
+    """[(kind, index, message number)] of every placeholder in the messages' text, in text order."""
+    pattern, kind_of = _placeholder_pattern(placeholders)
+    order, seen = [], {kind: 0 for kind in placeholders}
     for m, msg in enumerate(messages):
         content = msg.get("content") if isinstance(msg, dict) else None
-        if not isinstance(content, str):
-            out.append(msg)
-            continue
-        pieces, i = [], 0
-        while True:
-            hits = [(content.find(ph, i), kind, ph) for kind, ph in placeholders.items()]
-            hits = [h for h in hits if h[0] >= 0]
-            if not hits:
-                break
-            at, kind, ph = min(hits)
-            n = len(order)
-            pieces.append(content[i:at] + f"{_OPEN}{n}{_MID}{ph}{_SHUT}{n}{_END}")
-            order.append((kind, seen[kind], m))
-            seen[kind] += 1
-            i = at + len(ph)
-        pieces.append(content[i:])
-        out.append({**msg, "content": "".join(pieces)})
-    return out, order
+        if isinstance(content, str):
+            for found in pattern.findall(content):
+                kind = kind_of[found]
+                order.append((kind, seen[kind], m))
+                seen[kind] += 1
+    return order
+
+
+def _placeholder_pattern(placeholders: dict) -> tuple:
+    """(a regex of the placeholders, {placeholder: kind}); where one placeholder starts another, at one
+    place the kind first by name wins."""
+    key = tuple(sorted(placeholders.items()))
+    hit = _patterns.get(key)
+    if hit is None:
+        kinds = {ph: kind for kind, ph in reversed(key)}
+        hit = _patterns[key] = (re.compile("|".join(re.escape(ph) for _, ph in key)), kinds)
+    return hit
+
+
+_patterns: dict = {}
+
+
+def _mark(messages, placeholders: dict):
+    """Messages with every placeholder between markers (numbered as `_order` lists them)."""
+    pattern, _ = _placeholder_pattern(placeholders)
+    counter = iter(range(1 << 30))
+    out = []
+    for msg in messages:
+        content = msg.get("content") if isinstance(msg, dict) else None
+        if isinstance(content, str):
+
+            def marked(match):
+                n = next(counter)
+                return f"{_OPEN}{n}{_MID}{match.group(0)}{_SHUT}{n}{_END}"
+
+            msg = {**msg, "content": pattern.sub(marked, content)}
+        out.append(msg)
+    return out
 
 
 def _unmark(messages, n: int):
@@ -393,7 +414,8 @@ def learn(instance, trace: _Trace) -> list:
     name = type(plugin).__name__
     atomic = _atomic_ids(tokenizer)
     placeholders = _placeholders()
-    sig = _signature(type(plugin).process_messages)
+    func = type(plugin).process_messages
+    first = next(iter(_signature(func).parameters))
     prefix = 0
     for before, after in trace.prefixes:
         if before is None or after is None or after[len(after) - len(before):] != before:
@@ -401,14 +423,16 @@ def learn(instance, trace: _Trace) -> list:
         prefix = max(prefix, len(after) - len(before)) if before is not None else prefix
     out = []
     for args, kwargs, result in trace.calls:
-        bound = sig.bind(plugin, *args, **kwargs).arguments
-        bound.pop(next(iter(sig.parameters)))
-        marked, order = _mark(bound["messages"], placeholders)
+        bound = _arguments(func, (plugin, *args), kwargs)
+        bound.pop(first)
+        order = _order(bound["messages"], placeholders)
         if not order:
             out.append(_Learned([], prefix, (), frozenset()))
             continue
         texts = _predicted(plugin, bound["messages"], order, result, placeholders)
+        predicted = texts is not None
         if texts is None:
+            marked = _mark(bound["messages"], placeholders)
             try:
                 got = _memoized(plugin, trace.media).process_messages(**{**bound, "messages": marked})
             except Exception as exc:
@@ -434,29 +458,61 @@ def learn(instance, trace: _Trace) -> list:
             expansions.append(tokens)
             keys_of.append([(kind, k)])
             last = (m, len(expansions) - 1)
-        # what the model counts: every special token the plugin put into the text, wherever it put it
-        marks.update(_introduced(tokenizer, atomic, bound["messages"], result))
+        # what the model counts: every special token the plugin put into the text, wherever it put it (where
+        # the output is the input with each placeholder replaced by its expansion, those are the expansions'
+        # own, unless an expansion's edge could join the text beside it into another special token)
+        if not predicted or any(_may_join(tokenizer, atomic, text) for text in set(texts)):
+            marks.update(_introduced(tokenizer, atomic, bound["messages"], result))
         exps = [core.Expansion(tuple(keys), tokens, atomic) for keys, tokens in zip(keys_of, expansions)]
         out.append(_Learned(exps, prefix, tuple(prefix_keys), frozenset(marks)))
     return out
 
 
-_known: dict = {}  # plugin id -> (plugin, {kind: the expansion every item of that kind had}), from marked runs
+_known: dict = {}  # plugin id -> (plugin, {kind: its items' expansion shape}), from marked runs
+
+
+def _shape(plugin, kind: str, text: str) -> tuple | None:
+    """(before, unit, after) where `text` is `before + unit * n + after` for the plugin's own token of
+    `kind` (its `image_token`...), between markers that pin the run's ends: `before` and `after` not
+    empty, `after` holding no unit and no start of one (Qwen-VL's `<|vision_start|>`, pads,
+    `<|vision_end|>`: a run that grows with the image). Else (text, "", ""): this very text (Gemma 3's
+    and LLaVA's fixed run). None for an empty text."""
+    if not text:
+        return None
+    unit = getattr(plugin, f"{kind}_token", None)
+    at = text.find(unit) if isinstance(unit, str) and unit else -1
+    if at <= 0:
+        return text, "", ""
+    stop = _unit_run(unit).match(text, at).end()
+    after = text[stop:]
+    if not after or unit in after or unit.startswith(after):
+        return text, "", ""
+    return text[:at], unit, after
+
+
+def _unit_run(unit: str):
+    pattern = _runs.get(unit)
+    if pattern is None:
+        pattern = _runs[unit] = re.compile(f"(?:{re.escape(unit)})*")
+    return pattern
+
+
+_runs: dict = {}
 
 
 def _remember(plugin, order, texts) -> None:
-    """After a marked run: per kind, the expansion its items had where they all had one and the same
-    non-empty one (Gemma 3's fixed image run); a kind whose items differ (Qwen-VL images by size) or
-    write nothing (Qwen2.5-Omni's audio inside its video) is forgotten."""
+    """After a marked run: per kind, the shape its items' expansions had (`_shape`) where they all had
+    one and the same; a kind whose items differ in shape (or write nothing: Qwen2.5-Omni's audio inside
+    its video) is forgotten."""
     seen: dict = {}
     for (kind, _, _), text in zip(order, texts):
-        seen.setdefault(kind, set()).add(text)
+        seen.setdefault(kind, set()).add(_shape(plugin, kind, text))
     hit = _known.get(id(plugin))
     known = dict(hit[1]) if hit is not None and hit[0] is plugin else {}
-    for kind, found in seen.items():
-        text = next(iter(found))
-        if len(found) == 1 and text:
-            known[kind] = text
+    for kind, shapes in seen.items():
+        shape = next(iter(shapes))
+        if len(shapes) == 1 and shape is not None:
+            known[kind] = shape
         else:
             known.pop(kind, None)
     _known[id(plugin)] = (plugin, known)
@@ -464,27 +520,43 @@ def _remember(plugin, order, texts) -> None:
 
 def _predicted(plugin, messages, order, result, placeholders) -> list | None:
     """The expansions of `order`'s items without a marked run, where the plugin's output (`result`) is
-    exactly its input with every placeholder replaced by its kind's remembered expansion (`_remember`):
-    the text between placeholders pins each item's span as the markers would. None otherwise: the
+    exactly its input with every placeholder replaced by an expansion of its kind's remembered shape
+    (`_remember`): the text between placeholders and the shape's fixed text pin each item's span as the
+    markers would (a unit run is read whole: the text after it holds no unit). None otherwise: the
     marked run decides."""
     hit = _known.get(id(plugin))
-    if hit is None or hit[0] is not plugin:
+    if hit is None or hit[0] is not plugin or len(messages) != len(result):
         return None
     known = hit[1]
-    kinds = {kind for kind, _, _ in order}
-    if not kinds <= known.keys():
+    if not {kind for kind, _, _ in order} <= known.keys():
         return None
-    predicted = []
-    for msg in messages:
+    pattern, kind_of = _placeholder_pattern(placeholders)
+    texts: list = []
+    for msg, out in zip(messages, result):
         content = msg.get("content") if isinstance(msg, dict) else None
-        if isinstance(content, str):
-            for kind in kinds:
-                content = content.replace(placeholders[kind], known[kind])
-            msg = {**msg, "content": content}
-        predicted.append(msg)
-    if predicted != list(result):
-        return None
-    return [known[kind] for kind, _, _ in order]
+        if not isinstance(content, str):
+            if msg != out:
+                return None
+            continue
+        written = out.get("content") if isinstance(out, dict) else None
+        if not isinstance(written, str) or {**msg, "content": written} != out:
+            return None
+        pieces, found = pattern.split(content), pattern.findall(content)
+        if not written.startswith(pieces[0]):
+            return None
+        pos = len(pieces[0])
+        for ph, piece in zip(found, pieces[1:]):
+            before, unit, after = known[kind_of[ph]]
+            if not written.startswith(before, pos):
+                return None
+            stop = _unit_run(unit).match(written, pos + len(before)).end() if unit else pos + len(before)
+            if not written.startswith(after + piece, stop):
+                return None
+            texts.append(written[pos : stop + len(after)])
+            pos = stop + len(after) + len(piece)
+        if pos != len(written):
+            return None
+    return texts if len(texts) == len(order) else None
 
 
 _texts: dict = {}  # (tokenizer id, text) -> (tokenizer, ids): expansions repeat (one per image size and plugin)
@@ -525,6 +597,28 @@ def _introduced(tokenizer, atomic, before, after) -> set:
         return {ids[t] for t in set(pattern.findall(text))}
 
     return found(after) - found(before)
+
+
+_joins: dict = {}
+
+
+def _may_join(tokenizer, atomic, text: str) -> bool:
+    """Whether `text`, written between other text, could form a special token across one of its edges:
+    some special token's text runs over its start or its end."""
+    tokens = _atomic_pattern(tokenizer, atomic)[1]
+    longest = max(map(len, tokens), default=0)
+    if len(text) > 2 * longest:  # only its edges matter: remembered by them (a Qwen-VL run is long)
+        text = text[:longest] + "\0" + text[-longest:]
+
+    def make():
+        for token in tokens:
+            for i in range(1, len(token)):
+                left, right = token[:i], token[i:]
+                if text.startswith(right) or right.startswith(text) or text.endswith(left) or left.endswith(text):
+                    return True
+        return False
+
+    return _cached(_joins, (id(tokenizer), text), (tokenizer,), make)
 
 
 def _signature(func):
@@ -593,11 +687,33 @@ def _batch_wrapper(overlong_drop: bool):
 
 
 def _bind(func, instance, args, kwargs) -> dict:
-    bound = _signature(func).bind(instance, *args, **kwargs)
-    return dict(bound.arguments)
+    return _arguments(func, (instance, *args), kwargs)
 
 
 _signatures: dict = {}
+_plain: dict = {}  # func -> (its parameter names, those without a default) where all are plain
+
+
+def _arguments(func, args: tuple, kwargs: dict) -> dict:
+    """`inspect.signature(func).bind(*args, **kwargs).arguments` as a new dict; read off the parameter
+    names where each is a plain positional-or-keyword one (every encode and process_messages of the
+    tested releases), else bound by `inspect`."""
+    plain = _plain.get(func)
+    if plain is None:
+        params = _signature(func).parameters.values()
+        plain = _plain[func] = (
+            (tuple(p.name for p in params), frozenset(p.name for p in params if p.default is p.empty))
+            if all(p.kind is p.POSITIONAL_OR_KEYWORD for p in params) else ()
+        )
+    if plain and len(args) <= len(plain[0]):
+        names = plain[0]
+        out = dict(zip(names, args))
+        for name in names[len(args):]:
+            if name in kwargs:
+                out[name] = kwargs[name]
+        if len(out) == len(args) + len(kwargs) and plain[1] <= out.keys():
+            return out
+    return dict(_signature(func).bind(*args, **kwargs).arguments)
 
 
 def _identify(batch: _Batch | None, prompt) -> tuple:
@@ -632,10 +748,19 @@ def _is_bad_input(exc: BaseException) -> bool:
 
 
 def _placeholders() -> dict:
-    """LLaMA-Factory's placeholder strings (its IMAGE_PLACEHOLDER etc. environment variables apply)."""
-    from llamafactory.extras import constants  # imported with the loader already
+    """LLaMA-Factory's placeholder strings (its IMAGE_PLACEHOLDER etc. environment variables apply, as
+    its constants module read them at import)."""
+    constants = sys.modules.get("llamafactory.extras.constants")
+    if constants is None:
+        from llamafactory.extras import constants  # imported with the loader already
 
-    return {kind: getattr(constants, f"{kind.upper()}_PLACEHOLDER", core.PLACEHOLDERS[kind]) for kind in core.MEDIA_KINDS}
+    def make():
+        return {kind: getattr(constants, f"{kind.upper()}_PLACEHOLDER", core.PLACEHOLDERS[kind]) for kind in core.MEDIA_KINDS}
+
+    return dict(_cached(_placeholder_strings, id(constants), (constants,), make))
+
+
+_placeholder_strings: dict = {}
 
 
 def _placeholder_mismatch(bound: dict, counts: dict) -> str:
