@@ -179,8 +179,9 @@ class _Ticker:
                 self.total.value += k
 
 
-# the policy passes go over the over-long samples this many at a time, each block under every policy in
-# turn, sharing each sample's uncut encode (lfint.sharing): memory stays bounded however large the dataset
+# the samples go through the passes this many at a time, each block through all of them (the policy passes
+# share each sample's uncut encode, lfint.sharing; every pass reuses the first's tokenized texts): memory
+# stays bounded however large the dataset
 SHARED_BLOCK = 64
 
 
@@ -190,29 +191,83 @@ def _counts(ids, tokens) -> Counter:
     return Counter({t: every[t] for t in tokens if every[t]})
 
 
-def _scan_chunk(state: _State, indices, ticker: _Ticker) -> list:
-    """The passes over some samples, in this process: the whole sample, vanilla at cutoff_len, vlpatch
-    at cutoff_len under the policy (and under the others, for the per-policy table). Returns their `Sample`s."""
-    import vlpatch
+class _Encoder:
+    """One pass over one sample through the real dataset processor, at a given cutoff_len."""
 
-    from . import report as vreport
-    from .integrations import llamafactory as lfint
+    def __init__(self, state: _State, ticker: _Ticker):
+        self.state, self.ticker = state, ticker
 
-    cutoff, data_args, columns = state.cutoff, state.data_args, state.columns
-
-    def encode(i, length, processor=None, rows=None):
+    def __call__(self, i, length, processor=None, rows=None):
         """The sample's first sequence (input_ids, or a pair's chosen), or None; `rows` gets upstream's output."""
+        state = self.state
         row = state.dataset[i]
-        data_args.cutoff_len = length
+        state.data_args.cutoff_len = length
         try:
-            out = (processor or state.processor).preprocess_dataset({c: [row.get(c)] for c in columns})
+            out = (processor or state.processor).preprocess_dataset({c: [row.get(c)] for c in state.columns})
         finally:
-            data_args.cutoff_len = cutoff
-            ticker.tick()  # a pass that raised is done too
+            state.data_args.cutoff_len = state.cutoff
+            self.ticker.tick()  # a pass that raised is done too
         if rows is not None:
             rows.append(out)
         ids = out.get("input_ids") or out.get("chosen_input_ids")  # sft / pt / kto, or rm / dpo pairs
         return ids[0] if ids else None
+
+
+class _TextMemo:
+    """The scan's tokenizer remembers what it tokenized: each sample goes through the same template
+    several times (whole, vanilla at cutoff_len, vlpatch's passes), and `tokenizer.encode` of one text
+    with the same arguments gives the same ids. At most `limit` texts, then it starts afresh."""
+
+    def __init__(self, tokenizer, limit: int = 16384):
+        self.tokenizer, self.limit, self.memo = tokenizer, limit, {}
+        self.encode = tokenizer.encode
+        self.own = tokenizer.__dict__.get("encode")  # an encode the tokenizer object itself holds: put back
+
+    def __call__(self, text, *args, **kwargs):
+        try:
+            key = (text, args, tuple(sorted(kwargs.items())))
+            hit = self.memo.get(key)
+        except TypeError:  # an argument that cannot be a key: not remembered
+            return self.encode(text, *args, **kwargs)
+        if hit is None:
+            out = self.encode(text, *args, **kwargs)
+            if not isinstance(out, list):
+                return out
+            if len(self.memo) >= self.limit:
+                self.memo.clear()
+            hit = self.memo[key] = tuple(out)
+        return list(hit)
+
+    def __enter__(self):
+        self.tokenizer.encode = self
+        return self
+
+    def __exit__(self, *exc):
+        if self.own is None:
+            self.tokenizer.__dict__.pop("encode", None)
+        else:
+            self.tokenizer.encode = self.own
+
+
+def _scan_chunk(state: _State, indices, ticker: _Ticker) -> list:
+    """The passes over some samples, in this process, a block at a time: the whole sample, vanilla at
+    cutoff_len, vlpatch at cutoff_len under the policy (and under the others, for the per-policy table).
+    Returns their `Sample`s."""
+    from .integrations import llamafactory as lfint
+
+    encode = _Encoder(state, ticker)
+    samples: list = []
+    indices = list(indices)
+    with _TextMemo(state.tokenizer):
+        for start in range(0, len(indices), SHARED_BLOCK):
+            samples.extend(_scan_block(state, indices[start : start + SHARED_BLOCK], encode, ticker, lfint))
+    return samples
+
+
+def _scan_block(state: _State, indices, encode: _Encoder, ticker: _Ticker, lfint) -> list:
+    import vlpatch
+
+    from . import report as vreport
 
     samples = []
     for i in indices:
@@ -222,9 +277,36 @@ def _scan_chunk(state: _State, indices, ticker: _Ticker) -> list:
     vlpatch.apply(patches=["llamafactory.header_tokens"])
     import llamafactory.data.mm_plugin  # noqa: F401  (attach now)
 
-    long, bad = [], []
-    marks: dict = {}  # index -> (media tokens the plugin wrote, how many of each) of over-long samples
-    for s in samples:  # pass 1: the whole sample, with each media item's span learned from the plugin
+    long, bad, marks = _whole_pass(state, samples, encode, lfint)
+    ticker.more(2 * len(long) + len(bad))  # over-long samples: two more passes; bad ones: one
+    _vanilla_pass(state, long, marks, encode)
+    vlpatch.revert()
+    # pass 3, under the policy training will use, then under the other policies for the side-by-side table
+    # (`error` stops training where `drop` drops: its outcome follows from drop's)
+    policies = list(dict.fromkeys([state.policy, "drop", "drop_media", "shrink"]))
+    ticker.more((len(policies) - 1) * (len(long) + len(bad)))
+    outcomes: dict = {policy: {} for policy in policies}
+    with lfint.sharing():  # the passes share each sample's uncut encode and spans
+        for policy in policies:
+            outcomes[policy].update(_policy_pass(state, long + bad, policy, encode, lfint, vreport))
+    for s in samples:
+        if s.index not in outcomes[state.policy]:
+            s.policies = {p: "fits" for p in POLICIES}
+            continue
+        s.vlpatch, reason = outcomes[state.policy][s.index]
+        if reason:
+            s.detail = (s.detail + "; " if s.detail else "") + reason
+        drop = outcomes["drop"][s.index][0]
+        s.policies = {"drop": drop, "drop_media": outcomes["drop_media"][s.index][0],
+                      "shrink": outcomes["shrink"][s.index][0], "error": "error" if drop == "dropped" else drop}
+    return samples
+
+
+def _whole_pass(state: _State, samples: list, encode: _Encoder, lfint) -> tuple:
+    """Pass 1: each sample whole, its media spans learned from the plugin. Returns (the over-long
+    samples, those that failed, {index: (media tokens the plugin wrote, how many of each)})."""
+    long, bad, marks = [], [], {}
+    for s in samples:
         try:
             with lfint.tracing(state.processor) as (recording, trace):
                 ids = encode(s.index, UNBOUNDED, recording)
@@ -240,16 +322,20 @@ def _scan_chunk(state: _State, indices, ticker: _Ticker) -> list:
             s.detail = f"media spans not readable: {exc}"
         s.media_tokens = _media_counts(runs)
         s.text_tokens = s.tokens - sum(r.length for r in runs)
-        if s.tokens <= cutoff:
+        if s.tokens <= state.cutoff:
             s.vanilla = s.vlpatch = "fits"
         else:
             long.append(s)
             if found is not None:
                 marks[s.index] = (found, _counts(ids, found))
-    ticker.more(2 * len(long) + len(bad))  # over-long samples: two more passes; bad ones: one
-    for s in long:  # pass 2: vanilla at cutoff_len
+    return long, bad, marks
+
+
+def _vanilla_pass(state: _State, long: list, marks: dict, encode: _Encoder) -> None:
+    """Pass 2: the over-long samples as upstream cuts them at cutoff_len: does the cut go through media?"""
+    for s in long:
         try:
-            ids = encode(s.index, cutoff)
+            ids = encode(s.index, state.cutoff)
             if s.index not in marks:
                 s.vanilla = "text truncated (media not checked: spans not readable)"
                 continue
@@ -262,28 +348,6 @@ def _scan_chunk(state: _State, indices, ticker: _Ticker) -> list:
                 s.detail = f"vanilla keeps {sum(kept.values())} of {sum(full.values())} media tokens"
         except Exception as exc:
             s.vanilla = f"error: {type(exc).__name__}: {exc}"[:300]
-    vlpatch.revert()
-    # pass 3, under the policy training will use, then under the other policies for the side-by-side table
-    # (`error` stops training where `drop` drops: its outcome follows from drop's)
-    policies = list(dict.fromkeys([state.policy, "drop", "drop_media", "shrink"]))
-    ticker.more((len(policies) - 1) * (len(long) + len(bad)))
-    outcomes: dict = {policy: {} for policy in policies}
-    todo = long + bad
-    for start in range(0, len(todo), SHARED_BLOCK):  # the passes share each sample's uncut encode and spans
-        with lfint.sharing():
-            for policy in policies:
-                outcomes[policy].update(_policy_pass(state, todo[start : start + SHARED_BLOCK], policy, encode, lfint, vreport))
-    for s in samples:
-        if s.index not in outcomes[state.policy]:
-            s.policies = {p: "fits" for p in POLICIES}
-            continue
-        s.vlpatch, reason = outcomes[state.policy][s.index]
-        if reason:
-            s.detail = (s.detail + "; " if s.detail else "") + reason
-        drop = outcomes["drop"][s.index][0]
-        s.policies = {"drop": drop, "drop_media": outcomes["drop_media"][s.index][0],
-                      "shrink": outcomes["shrink"][s.index][0], "error": "error" if drop == "dropped" else drop}
-    return samples
 
 
 def _policy_pass(state, todo, policy, encode, lfint, vreport) -> dict:
@@ -342,7 +406,7 @@ def preview(tokenizer, out: dict, start: int = 32, before: int = 12) -> dict:
     answer (the first supervised token), decoded, a token repeated 3 times or more shown once with its
     count (`<|image_pad|> x64`). Shows the chat frame a cut row keeps at its start, and whether the
     assistant header still precedes the answer (LLaMA-Factory cuts a prompt from its end, header
-    included; vlpatch keeps that: README, what a cut row keeps)."""
+    included; vlpatch keeps that: docs/policies.md, what a cut row keeps)."""
     ids = (out.get("input_ids") or out.get("chosen_input_ids") or [[]])[0]
     labels = (out.get("labels") or out.get("chosen_labels") or [[]])[0]
     answer = next((k for k, label in enumerate(labels) if label != -100), None) if len(labels) == len(ids) else None
