@@ -1,4 +1,5 @@
-"""Samples kept per policy and cutoff_len on the generated multi-turn corpus (the README's table).
+"""Samples kept per policy and cutoff_len on the generated multi-turn corpus (docs/policies.md: what each
+policy keeps, measured).
 
 The corpus of tests/test_llamafactory_corpus.py (500 sharegpt samples, 1-4 turn pairs, 0-6 images of
 8 sizes in any user turn) through LLaMA-Factory's real `get_dataset` with vlpatch applied, for each

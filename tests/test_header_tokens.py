@@ -29,7 +29,7 @@ LIMITS = [  # (image_max_pixels, image_min_pixels): LLaMA-Factory's defaults, th
 def corpus():
     require("PIL")
     # 600 files on the newest tested LLaMA-Factory, 300 from the same generator (edge sizes, 30 truncated) on
-    # older ones: CI time. VLPATCH_CORPUS_FILES=2000 runs the corpus the README's figures come from.
+    # older ones: CI time. VLPATCH_CORPUS_FILES=2000 runs the corpus docs/scan.md's figures come from.
     n = int(os.environ.get("VLPATCH_CORPUS_FILES") or (600 if is_newest("llamafactory") else 300))
     return shared_corpus(n)
 

@@ -32,7 +32,7 @@ report rows' dataset / file row are checked against the corpus). Per sample:
   one row;
 * the chat frame: a cut row starts with its uncut row's system block and first user header (turn
   order), and a sample goes to the policy exactly when its first-budgeted turn's media, that turn's
-  frame and one token of its answer do not fit together (README: what a cut row keeps).
+  frame and one token of its answer do not fit together (docs/policies.md: what a cut row keeps).
 
 Vanilla at cutoff_len 256 (both `mask_history` settings) also checks that a sample whose image runs
 upstream's own cut keeps whole comes out token for token as upstream's. Runs on every tested
@@ -66,7 +66,7 @@ MAX_PIXELS = 448 * 448
 CUTOFFS = (128, 256, 384)
 SHRINK_FLOOR = 56 * 56  # policy shrink: at this floor every image is at most 10 tokens, six of them fit in 128
 UNBOUNDED = 1 << 20
-ANSWER_FLOOR = 1  # README: a cut row's answer keeps at least one token beside its frame and media
+ANSWER_FLOOR = 1  # docs/policies.md: a cut row's answer keeps at least one token beside its frame and media
 
 
 def run_tokens(size) -> int:

@@ -211,7 +211,7 @@ def test_a_cut_row_keeps_its_chat_frame_in_every_stage(lf, patched, stage):
     """An image after 150 words and a long answer, with a system prompt: the prompt's share of the budget
     is about what the image needs, so a cut that fills the rest of it from the start would lose the frame.
     vlpatch keeps the image run whole and every sequence it cuts still starts with the frame its uncut
-    sequence starts with (system block and user header), as upstream's own cut keeps the head (README:
+    sequence starts with (system block and user header), as upstream's own cut keeps the head (docs/policies.md:
     what a cut row keeps)."""
     system = long_text(12, 11)
     answer = assistant(long_text(120, 5))

@@ -487,7 +487,7 @@ def refusal_message(hook_module: str, refused: list) -> str:
     ids = ",".join(st.id for st in refused)
     lines += [
         "Ways on:",
-        "  - upgrade vlpatch (a newer release may know this code): pip install -U vlpatch",
+        "  - upgrade vlpatch (a newer one may know this code): install it again from a newer clone or wheel",
         "  - VLPATCH_FORCE=1: try the patch on it anyway" + (f" (the nearest tested code: {nearest})" if nearest else "")
         + "; `vlpatch doctor` then reports it as forced",
         f"  - VLPATCH_EXCLUDE={ids}: train knowingly unprotected",

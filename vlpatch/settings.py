@@ -64,6 +64,10 @@ SETTINGS = {
         Setting("VLPATCH_CORPUS_FILES", "tooling", "tests: image files in the header-token corpus"),
         Setting("VLPATCH_CORPUS_SAMPLES", "tooling", "tests: samples in the multi-turn corpus"),
         Setting("VLPATCH_TEST_FRESH", "tooling", "tests: every console command in a fresh interpreter, not a fork"),
+        Setting("VLPATCH_TEST_CORES", "tooling", "scripts/sessions.py: cores the sessions share"),
+        Setting("VLPATCH_NOX_PHASE", "tooling", "scripts/sessions.py: noxfile.py's install pass"),
+        Setting("VLPATCH_INDEX_URL", "tooling", "scripts/lock.py: the package index it reads releases from"),
+        Setting("VLPATCH_WHEEL_CACHE", "tooling", "scripts/lock.py: where it keeps the wheels it reads"),
     )
 }
 
