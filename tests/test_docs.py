@@ -1,6 +1,7 @@
 """The documentation says what the code does: README.md, docs/*.md and DEVELOPMENT.md against the settings
 table (vlpatch/settings.py), the command line (vlpatch/cli.py), the report's reason codes, the files they
-link to and the commands .ci/run runs. Upstream-free and fast: imports vlpatch and the standard library only.
+link to and the commands .ci/run runs. Upstream-free and fast: imports vlpatch and the standard library only
+(the wheel test runs uv, as scripts/setup.sh installs it).
 
 The README's two generated tables (`vlpatch coverage`, `vlpatch releases`) are checked by tests/test_matrix.py.
 """
@@ -12,6 +13,7 @@ import glob
 import inspect
 import os
 import re
+import sys
 
 import pytest
 
@@ -204,3 +206,34 @@ def test_the_report_page_names_every_action_and_reason_code():
 def test_a_cut_rows_rule_has_its_heading():
     """The tests and the code cite "what a cut row keeps": docs/policies.md has that heading."""
     assert "what-a-cut-row-keeps" in anchors(os.path.join(ROOT, "docs", "policies.md"))
+
+
+def test_every_subcommand_the_readme_shows_is_run_by_a_test():
+    """Each `vlpatch <subcommand>` of the README runs in a test (its own name as an argument there)."""
+    tests = "".join(read(p) for p in glob.glob(os.path.join(ROOT, "tests", "test_*.py")) if not p.endswith("test_docs.py"))
+    for name, _ in shown_commands(read(README)):
+        assert f'"{name}"' in tests, f"the README shows `vlpatch {name}`, which no test runs"
+
+
+def test_the_wheel_the_readme_installs_works(tmp_path):
+    """README, Install: a wheel built from the clone holds the start-up line, the matrix and its lock, and
+    installed into a new environment it runs `vlpatch status`."""
+    import shutil
+    import subprocess
+    import zipfile
+
+    uv = shutil.which("uv") or os.path.join(ROOT, ".venv-tools", "bin", "uv")
+    if not os.path.exists(uv):
+        pytest.skip("no uv (scripts/setup.sh --tools makes .venv-tools with it)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLPATCH")}
+    subprocess.run([uv, "build", "--wheel", "--out-dir", str(tmp_path / "dist"), ROOT], check=True, env=env,
+                   capture_output=True, timeout=300)
+    [wheel] = glob.glob(str(tmp_path / "dist" / "vlpatch-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for inside in ("vlpatch_autoenable.pth", "vlpatch/compat_matrix.yaml", "vlpatch/compat_lock.json", "vlpatch/cli.py"):
+        assert inside in names, f"the wheel lacks {inside}"
+    subprocess.run([uv, "venv", "-q", "--python", sys.executable, str(tmp_path / "env")], check=True, env=env, timeout=300)
+    python = str(tmp_path / "env" / "bin" / "python")
+    subprocess.run([uv, "pip", "install", "-q", "--python", python, wheel], check=True, env=env, capture_output=True, timeout=300)
+    out = subprocess.run([str(tmp_path / "env" / "bin" / "vlpatch"), "status"], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "llamafactory.truncation" in out.stdout, out.stdout + out.stderr

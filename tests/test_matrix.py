@@ -63,14 +63,15 @@ def test_the_start_up_index_equals_the_full_parse():
     assert [tuple(e) for e in vmatrix.index(vmatrix.MATRIX_PATH)] == full and len(full) >= 6
 
 
-def test_readme_coverage_table_is_the_matrix():
+def test_readme_coverage_table_is_the_matrix(capsys):
     """The README's plugin coverage table is `vlpatch coverage`'s output, generated from the matrix."""
     import os
 
-    from vlpatch.cli import coverage_markdown
+    from vlpatch.cli import main
 
+    assert main(["coverage"]) == 0
     readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
-    assert coverage_markdown() in readme, "regenerate the table with `vlpatch coverage`"
+    assert capsys.readouterr().out.strip() in readme, "regenerate the table with `vlpatch coverage`"
 
 
 # Code shapes the lock knows that no session tests yet: a release with one of them stops a protected
@@ -118,11 +119,12 @@ def test_every_shape_has_one_tested_representative():
     assert untested == SHAPES_NOT_YET_TESTED, "shapes without a session changed: " + repr(sorted(untested ^ SHAPES_NOT_YET_TESTED))
 
 
-def test_readme_release_table_is_the_lock():
+def test_readme_release_table_is_the_lock(capsys):
     """The README's protected-release table is `vlpatch releases`' output, generated from the matrix and its lock."""
     import os
 
-    from vlpatch.cli import releases_markdown
+    from vlpatch.cli import main
 
+    assert main(["releases"]) == 0
     readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
-    assert releases_markdown() in readme, "regenerate the table with `vlpatch releases`"
+    assert capsys.readouterr().out.strip() in readme, "regenerate the table with `vlpatch releases`"
