@@ -47,39 +47,16 @@ class _Logger:
 logger = _Logger()
 
 
-def _path(value):
-    return os.fspath(value) if isinstance(value, os.PathLike) else value
-
-
-# apply()'s valued arguments: (check, parse), the same checks as their VLPATCH_* variables
-_ARGUMENTS = {
-    "policy": (_settings.check_policy, lambda v: v),
-    "report": (_settings.check_report, _path),
-    "max_bad": (_settings.check_share, _settings.parse_share),
-    "shrink_min_pixels": (_settings.check_pixels, _settings.parse_pixels),
-    "shrink_min_frames": (_settings.check_frames, _settings.parse_frames),
-    "shrink_fallback": (_settings.check_fallback, lambda v: v),
-    "shrink_dir": (_settings.check_dir, _path),
-}
-
-
 class Config:
-    def __init__(self, policy="drop", media_first=False, force=False, report=None, log_level=None, max_bad=_settings.DEFAULT_MAX_BAD,
-                 shrink_min_pixels=_settings.DEFAULT_SHRINK_MIN_PIXELS, shrink_min_frames=_settings.DEFAULT_SHRINK_MIN_FRAMES,
-                 shrink_fallback="drop", shrink_dir=None):
-        self.policy: str = policy
-        self.max_bad: float = max_bad  # above this share of bad input, preprocessing stops
-        self.shrink_min_pixels: int = shrink_min_pixels  # policy shrink: the floor
-        self.shrink_min_frames: int = shrink_min_frames  # policy shrink: a video's frames floor
-        self.shrink_fallback: str = shrink_fallback  # policy shrink: below the floor
-        self.shrink_dir: str | None = shrink_dir  # policy shrink: LLaMA-Factory's downsized images
-        self.media_first: bool = media_first
-        self.force: bool = force
-        self.report: str | None = report
-        self.patches: frozenset | None = None  # None: every patch in the matrix
-        self.exclude: frozenset = frozenset()
-        self.log_level: str | None = log_level  # VLPATCH_LOG_LEVEL: a stderr handler for the "vlpatch" logger
-        self.sources: dict = {}  # field -> where its value came from ("VLPATCH_EXCLUDE", "apply(exclude=...)")
+    """The settings of this process: one attribute per `field` of the settings table (vlpatch/settings.py),
+    and `sources`: field -> where its value came from ("VLPATCH_EXCLUDE", "apply(exclude=...)")."""
+
+    def __init__(self, **values):
+        for name, setting in _settings.FIELDS.items():
+            setattr(self, name, values.pop(name, setting.default))
+        if values:
+            raise TypeError(f"Config() got unknown settings {sorted(values)}")
+        self.sources: dict = {}
 
     @classmethod
     def from_env(cls, env=None, **overrides) -> "Config":
@@ -89,34 +66,19 @@ class Config:
         setting, the value, the valid values and the closest match. Nothing is guessed or ignored."""
         env = os.environ if env is None else env
         problems = _settings.check_env(env, _known_ids)
-        cfg = cls(
-            policy=env.get("VLPATCH_POLICY", "").strip() or "drop",
-            media_first=_settings.switch(env, "VLPATCH_MEDIA_FIRST"),
-            force=_settings.switch(env, "VLPATCH_FORCE"),
-            report=env.get("VLPATCH_REPORT", "").strip() or None,
-            log_level=env.get("VLPATCH_LOG_LEVEL", "").strip().upper() or None,
-            max_bad=_settings.parse_share(env.get("VLPATCH_MAX_BAD", "").strip() or _settings.DEFAULT_MAX_BAD) or 0.0,
-            shrink_min_pixels=_settings.parse_pixels(env.get("VLPATCH_SHRINK_MIN_PIXELS", "").strip() or _settings.DEFAULT_SHRINK_MIN_PIXELS)
-            or _settings.DEFAULT_SHRINK_MIN_PIXELS,
-            shrink_min_frames=_settings.parse_frames(env.get("VLPATCH_SHRINK_MIN_FRAMES", "").strip() or _settings.DEFAULT_SHRINK_MIN_FRAMES)
-            or _settings.DEFAULT_SHRINK_MIN_FRAMES,
-            shrink_fallback=env.get("VLPATCH_SHRINK_FALLBACK", "").strip() or "drop",
-            shrink_dir=env.get("VLPATCH_SHRINK_DIR", "").strip() or None,
-        )
-        for name, var in (("policy", "VLPATCH_POLICY"), ("report", "VLPATCH_REPORT"), ("force", "VLPATCH_FORCE"),
-                          ("media_first", "VLPATCH_MEDIA_FIRST"), ("patches", "VLPATCH_PATCHES"), ("exclude", "VLPATCH_EXCLUDE"),
-                          ("max_bad", "VLPATCH_MAX_BAD"), ("shrink_min_pixels", "VLPATCH_SHRINK_MIN_PIXELS"),
-                          ("shrink_min_frames", "VLPATCH_SHRINK_MIN_FRAMES"), ("shrink_fallback", "VLPATCH_SHRINK_FALLBACK"), ("shrink_dir", "VLPATCH_SHRINK_DIR")):
-            if env.get(var, "").strip():
-                cfg.sources[name] = var
-        if env.get("VLPATCH_PATCHES", "").strip():
-            cfg.patches = frozenset(_settings.split_ids(env["VLPATCH_PATCHES"]))
-        cfg.exclude = frozenset(_settings.split_ids(env.get("VLPATCH_EXCLUDE", "")))
+        cfg = cls()
+        for name, setting in _settings.FIELDS.items():
+            raw = env.get(setting.name, "").strip()
+            if raw:
+                value = _settings.parse(setting, raw)
+                if value is not None:  # else the check above reported it
+                    setattr(cfg, name, value)
+                cfg.sources[name] = setting.name
         for key, value in overrides.items():
             if value is None:
                 continue
-            source = f"apply({key}=...)"
-            if key in ("patches", "exclude"):
+            setting, source = _settings.FIELDS[key], f"apply({key}=...)"
+            if setting.kind == "ids":
                 value = [value] if isinstance(value, str) else value
                 try:
                     value = frozenset(value)
@@ -124,16 +86,16 @@ class Config:
                     problems.append(f"{source}: {value!r} is not a list of patch ids")
                     continue
                 problems += _settings.check_ids(source, sorted(value, key=str), _known_ids())
-            elif key in _ARGUMENTS:
-                check, parse = _ARGUMENTS[key]
-                problem = check(source, value)
+            elif setting.kind == "switch":
+                if not isinstance(value, bool):
+                    problems.append(f"{source}: {value!r} is not True or False")
+                    continue
+            else:
+                problem = _settings.CHECKS[setting.kind](source, value)
                 if problem:
                     problems.append(problem)
                     continue
-                value = parse(value)
-            elif not isinstance(value, bool):
-                problems.append(f"{source}: {value!r} is not True or False")
-                continue
+                value = _settings.parse(setting, value)
             setattr(cfg, key, value)
             cfg.sources[key] = source
         if problems:
@@ -362,8 +324,7 @@ def _announce(patch_id: str) -> None:
     logger.info("vlpatch: %s: %s %s (%s)", process_tag(), patch_id, st.state, st.reason)
 
 
-_PUBLISHED = ("VLPATCH_POLICY", "VLPATCH_MEDIA_FIRST", "VLPATCH_REPORT", "VLPATCH_MAX_BAD", "VLPATCH_SHRINK_MIN_PIXELS",
-              "VLPATCH_SHRINK_MIN_FRAMES", "VLPATCH_SHRINK_FALLBACK", "VLPATCH_SHRINK_DIR")
+_PUBLISHED = tuple(name for name, setting in _settings.SETTINGS.items() if setting.publish)
 _saved_env: dict | None = None
 
 
@@ -375,17 +336,9 @@ def _publish_config() -> None:
     global _saved_env
     if _saved_env is None:
         _saved_env = {k: os.environ.get(k) for k in _PUBLISHED}
-    values = {
-        "VLPATCH_POLICY": _config.policy,
-        "VLPATCH_MEDIA_FIRST": "1" if _config.media_first else None,
-        "VLPATCH_REPORT": _config.report,
-        "VLPATCH_MAX_BAD": None if _config.max_bad == _settings.DEFAULT_MAX_BAD else repr(_config.max_bad),
-        "VLPATCH_SHRINK_MIN_PIXELS": None if _config.shrink_min_pixels == _settings.DEFAULT_SHRINK_MIN_PIXELS else str(_config.shrink_min_pixels),
-        "VLPATCH_SHRINK_MIN_FRAMES": None if _config.shrink_min_frames == _settings.DEFAULT_SHRINK_MIN_FRAMES else str(_config.shrink_min_frames),
-        "VLPATCH_SHRINK_FALLBACK": None if _config.shrink_fallback == "drop" else _config.shrink_fallback,
-        "VLPATCH_SHRINK_DIR": _config.shrink_dir,
-    }
-    for key, value in values.items():
+    for key in _PUBLISHED:
+        setting = _settings.SETTINGS[key]
+        value = _settings.published(setting, getattr(_config, setting.field))
         if value is None:
             os.environ.pop(key, None)
         else:

@@ -29,49 +29,6 @@ class SettingsError(VLPatchError):
         super().__init__(text + (f"\n{note}" if note else ""))
 
 
-class Setting:
-    __slots__ = ("name", "kind", "meaning")
-
-    def __init__(self, name: str, kind: str, meaning: str):
-        self.name = name
-        self.kind = kind  # switch | policy | ids | report | matrix | level | share | pixels | fallback | dir | tooling | internal
-        self.meaning = meaning
-
-
-SETTINGS = {
-    s.name: s
-    for s in (
-        Setting("VLPATCH", "switch", "patch every Python process of this environment at start-up"),
-        Setting("VLPATCH_POLICY", "policy", "what happens to a sample whose media alone do not fit"),
-        Setting("VLPATCH_REPORT", "report", "path of the JSON Lines report"),
-        Setting("VLPATCH_PATCHES", "ids", "patch ids to enable (default: all)"),
-        Setting("VLPATCH_EXCLUDE", "ids", "patch ids to leave off"),
-        Setting("VLPATCH_FORCE", "switch", "apply patches to upstream versions the matrix does not list"),
-        Setting("VLPATCH_MEDIA_FIRST", "switch", "move media placeholders before the text of their message"),
-        Setting("VLPATCH_MAX_BAD", "share", "the largest share of samples with bad input that is dropped and reported; above it preprocessing stops (default 5%)"),
-        Setting("VLPATCH_SHRINK_MIN_PIXELS", "pixels", "policy shrink: no image is made smaller than this many pixels (default 65536, 256x256)"),
-        Setting("VLPATCH_SHRINK_MIN_FRAMES", "frames", "policy shrink: a video keeps at least this many of the frames the trainer samples (default 4); its frames shrink to VLPATCH_SHRINK_MIN_PIXELS first"),
-        Setting("VLPATCH_SHRINK_FALLBACK", "fallback", "policy shrink: what happens when the media do not fit even at the floor (default drop)"),
-        Setting("VLPATCH_SHRINK_DIR", "dir", "policy shrink: where LLaMA-Factory's downsized videos, frame lists and images given as bytes are written (default: vlpatch_media in output_dir)"),
-        Setting("VLPATCH_MATRIX", "matrix", "read another compat matrix file"),
-        Setting("VLPATCH_LOG_LEVEL", "level", "a stderr handler for the vlpatch logger"),
-        Setting("VLPATCH_RUN", "internal", "set by vlpatch itself: the report run of this process tree"),
-        # read by vlpatch's own scripts and tests, not by the library
-        Setting("VLPATCH_TORCH_SPEC", "tooling", "scripts/setup.sh: the torch stack"),
-        Setting("VLPATCH_SESSIONS", "tooling", "scripts/sessions.py: sessions to run"),
-        Setting("VLPATCH_STRICT", "tooling", "tests: upstream packages a session must have"),
-        Setting("VLPATCH_EXPECT", "tooling", "tests: what a session expects of its upstream"),
-        Setting("VLPATCH_CORPUS_FILES", "tooling", "tests: image files in the header-token corpus"),
-        Setting("VLPATCH_CORPUS_SAMPLES", "tooling", "tests: samples in the multi-turn corpus"),
-        Setting("VLPATCH_TEST_FRESH", "tooling", "tests: every console command in a fresh interpreter, not a fork"),
-        Setting("VLPATCH_TEST_CORES", "tooling", "scripts/sessions.py: cores the sessions share"),
-        Setting("VLPATCH_NOX_PHASE", "tooling", "scripts/sessions.py: noxfile.py's install pass"),
-        Setting("VLPATCH_INDEX_URL", "tooling", "scripts/lock.py: the package index it reads releases from"),
-        Setting("VLPATCH_WHEEL_CACHE", "tooling", "scripts/lock.py: where it keeps the wheels it reads"),
-    )
-}
-
-
 def closest(value: str, valid) -> str:
     """`; did you mean 'x'?` for the closest valid value, or nothing."""
     import difflib
@@ -207,6 +164,8 @@ def check_share(source: str, value) -> str | None:
     return f"{source}={value!r} is not a share between 0 and 1 (e.g. 0.05 or 5%)"
 
 
+PARSERS = {"share": parse_share, "pixels": parse_pixels, "frames": parse_frames}
+
 # one check per kind of setting (`ids` needs the matrix's patch ids: check_env calls check_ids itself)
 CHECKS = {
     "switch": check_switch,
@@ -220,6 +179,89 @@ CHECKS = {
     "fallback": check_fallback,
     "dir": check_dir,
 }
+
+
+class Setting:
+    """One `VLPATCH_*` variable. `field`: the `engine.Config` attribute it sets (and the `apply()`
+    argument of that name, where apply() has one), `default` its value when unset; `publish`: how
+    apply() hands it on to worker processes through the environment ("always", "changed": only a
+    value other than the default, None: not at all)."""
+
+    __slots__ = ("name", "kind", "meaning", "field", "default", "publish")
+
+    def __init__(self, name: str, kind: str, meaning: str, field: str | None = None, default=None, publish: str | None = None):
+        self.name = name
+        self.kind = kind  # switch | policy | ids | report | matrix | level | share | pixels | fallback | dir | tooling | internal
+        self.meaning = meaning
+        self.field = field
+        self.default = default
+        self.publish = publish
+
+
+SETTINGS = {
+    s.name: s
+    for s in (
+        Setting("VLPATCH", "switch", "patch every Python process of this environment at start-up"),
+        Setting("VLPATCH_POLICY", "policy", "what happens to a sample whose media alone do not fit", "policy", "drop", "always"),
+        Setting("VLPATCH_REPORT", "report", "path of the JSON Lines report", "report", None, "changed"),
+        Setting("VLPATCH_PATCHES", "ids", "patch ids to enable (default: all)", "patches", None),
+        Setting("VLPATCH_EXCLUDE", "ids", "patch ids to leave off", "exclude", frozenset()),
+        Setting("VLPATCH_FORCE", "switch", "apply patches to upstream versions the matrix does not list", "force", False),
+        Setting("VLPATCH_MEDIA_FIRST", "switch", "move media placeholders before the text of their message", "media_first", False, "changed"),
+        Setting("VLPATCH_MAX_BAD", "share", "the largest share of samples with bad input that is dropped and reported; above it preprocessing stops (default 5%)",
+                "max_bad", DEFAULT_MAX_BAD, "changed"),
+        Setting("VLPATCH_SHRINK_MIN_PIXELS", "pixels", "policy shrink: no image is made smaller than this many pixels (default 65536, 256x256)",
+                "shrink_min_pixels", DEFAULT_SHRINK_MIN_PIXELS, "changed"),
+        Setting("VLPATCH_SHRINK_MIN_FRAMES", "frames", "policy shrink: a video keeps at least this many of the frames the trainer samples (default 4); its frames shrink to VLPATCH_SHRINK_MIN_PIXELS first",
+                "shrink_min_frames", DEFAULT_SHRINK_MIN_FRAMES, "changed"),
+        Setting("VLPATCH_SHRINK_FALLBACK", "fallback", "policy shrink: what happens when the media do not fit even at the floor (default drop)",
+                "shrink_fallback", "drop", "changed"),
+        Setting("VLPATCH_SHRINK_DIR", "dir", "policy shrink: where LLaMA-Factory's downsized videos, frame lists and images given as bytes are written (default: vlpatch_media in output_dir)",
+                "shrink_dir", None, "changed"),
+        Setting("VLPATCH_MATRIX", "matrix", "read another compat matrix file"),
+        Setting("VLPATCH_LOG_LEVEL", "level", "a stderr handler for the vlpatch logger", "log_level", None),
+        Setting("VLPATCH_RUN", "internal", "set by vlpatch itself: the report run of this process tree"),
+        # read by vlpatch's own scripts and tests, not by the library
+        Setting("VLPATCH_TORCH_SPEC", "tooling", "scripts/setup.sh: the torch stack"),
+        Setting("VLPATCH_SESSIONS", "tooling", "scripts/sessions.py: sessions to run"),
+        Setting("VLPATCH_STRICT", "tooling", "tests: upstream packages a session must have"),
+        Setting("VLPATCH_EXPECT", "tooling", "tests: what a session expects of its upstream"),
+        Setting("VLPATCH_CORPUS_FILES", "tooling", "tests: image files in the header-token corpus"),
+        Setting("VLPATCH_CORPUS_SAMPLES", "tooling", "tests: samples in the multi-turn corpus"),
+        Setting("VLPATCH_TEST_FRESH", "tooling", "tests: every console command in a fresh interpreter, not a fork"),
+        Setting("VLPATCH_TEST_CORES", "tooling", "scripts/sessions.py: cores the sessions share"),
+        Setting("VLPATCH_NOX_PHASE", "tooling", "scripts/sessions.py: noxfile.py's install pass"),
+        Setting("VLPATCH_INDEX_URL", "tooling", "scripts/lock.py: the package index it reads releases from"),
+        Setting("VLPATCH_WHEEL_CACHE", "tooling", "scripts/lock.py: where it keeps the wheels it reads"),
+    )
+}
+
+# the settings that fill `engine.Config`, by its field
+FIELDS = {s.field: s for s in SETTINGS.values() if s.field}
+
+
+def parse(setting: Setting, value):
+    """The value of a setting from its variable's text or an `apply()` argument (checked first: None
+    where it is not valid)."""
+    kind = setting.kind
+    if kind == "switch":
+        return value if isinstance(value, bool) else str(value).strip().lower() in TRUE
+    if kind == "ids":
+        return frozenset(split_ids(value) if isinstance(value, str) else value)
+    if kind in PARSERS:
+        return PARSERS[kind](value)
+    if kind == "level":
+        return value.strip().upper()
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
+def published(setting: Setting, value) -> str | None:
+    """The variable's text that hands `value` on to worker processes (`Setting.publish`), or None: unset."""
+    if setting.publish is None or (setting.publish == "changed" and value == setting.default) or value is None:
+        return None
+    if setting.kind == "switch":
+        return "1" if value else None
+    return repr(value) if setting.kind == "share" else str(value)
 
 
 def check_env(env, known_ids) -> list:
