@@ -104,7 +104,7 @@ def main():
 
     plugin, ip = template.mm_plugin, proc.image_processor
     limits = dict(image_max_pixels=getattr(proc, "image_max_pixels", 768 * 768), image_min_pixels=getattr(proc, "image_min_pixels", 32 * 32))
-    vision = tokens.QwenVision(ip.patch_size, ip.merge_size, *(lf_header._geometry(ip)[2:]) if lf_header._geometry(ip) else (56 * 56, 28 * 28 * 1280))
+    vision = tokens.QwenVision(ip.patch_size, ip.merge_size, *(lf_header.geometry(ip)[2:]) if lf_header.geometry(ip) else (56 * 56, 28 * 28 * 1280))
 
     def by_processor():
         t = time.perf_counter()

@@ -93,7 +93,7 @@ def test_corpus_token_counts_equal_the_processor_path(lf, corpus, limits, patche
     # and the arithmetic `vlpatch scan` uses for its image_max_pixels recommendation, per image
     from vlpatch import tokens
 
-    patch, merge, lo, hi = lf_header._geometry(processor.image_processor, lf_header._options)
+    patch, merge, lo, hi = lf_header.geometry(processor.image_processor, lf_header.patch_options())
     vision = tokens.QwenVision(patch, merge, lo, hi)
     for (path, size, _), (state, content) in zip(corpus, vanilla):
         if state == "ok":

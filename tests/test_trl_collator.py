@@ -653,3 +653,40 @@ def test_family_vanilla_cuts_the_run_and_patched_keeps_it_whole(trl, fam, patche
     assert all(r["tokens_after"] <= budget and r["media_tokens_after"] == r["media_tokens"] for r in out), out
     print(f"patched trl {trl.installed} {fam.name}: {len(out)} report rows: "
           + "; ".join(f"#{r['index']} {r['action']} tokens_after={r['tokens_after']} media={r['media_tokens_after']}" for r in out))
+
+
+def test_each_trl_patch_keeps_its_own_matrix_options():
+    """The SFT and the DPO patch each attach with their own options, on their own Site, and
+    `filter_dataset` takes the Site of the patch that wraps the collator's class. (Both patches once
+    attached to one shared Site: the second replaced the first's options, unnoticed while the matrix tied
+    the two option tables together.) Upstream-free: runs wherever the TRL files do."""
+    import dataclasses
+
+    from vlpatch import matrix as vmatrix
+    from vlpatch.integrations import trl as vtrl
+
+    specs = {p.id: p for p in vmatrix.load(vmatrix.MATRIX_PATH).patches if p.distribution == "trl"}
+    sft = dataclasses.replace(specs["trl.sft_collator"], options={"media_tokens": {"Qwen2VLProcessor": {}}})
+    dpo = dataclasses.replace(specs["trl.dpo_collator"], options={"media_tokens": {}})
+    saved = dict(vtrl.SITES)
+    try:
+        vtrl.SITES.clear()
+        by_sft, by_dpo = vtrl.wrappers(sft), vtrl.wrappers(dpo)
+        sft_site, dpo_site = vtrl.SITES["trl.sft_collator"], vtrl.SITES["trl.dpo_collator"]
+        assert sft_site is not dpo_site
+        assert sft_site.options is sft.options and dpo_site.options is dpo.options
+        assert by_sft["collate_sft"].args == (sft_site,) and by_dpo["collate_dpo"].args == (dpo_site,)
+
+        class DataCollatorForVisionPreference:  # the DPO patch's class, by name, as a user's subclass has it
+            pass
+
+        class Mine(DataCollatorForVisionPreference):
+            pass
+
+        class DataCollatorForVisionLanguageModeling:
+            pass
+
+        assert vtrl._site_of(Mine()) is dpo_site and vtrl._site_of(DataCollatorForVisionLanguageModeling()) is sft_site
+    finally:
+        vtrl.SITES.clear()
+        vtrl.SITES.update(saved)

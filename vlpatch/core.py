@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 from .errors import POLICY_NAMES, SampleError, VLPatchError  # noqa: F401  (re-exported)
 
 MEDIA_KINDS = ("image", "video", "audio")
+UNBOUNDED = 1 << 40  # a token budget no sample reaches: the trainer's own encode, uncut
 PLACEHOLDERS = {"image": "<image>", "video": "<video>", "audio": "<audio>"}
 
 SplitFn = Callable[[int, int, int], "tuple[int, int]"]
@@ -568,6 +569,8 @@ class Overflow:
 
 class Policy:
     name = "?"
+    reencodes = False  # it may encode a sample again with smaller media (`Overflow.reencode`): shrink
+    stops = False  # a sample it cannot keep, bad input included, stops the run rather than leave: error
 
     def resolve(self, case: Overflow) -> Decision:  # pragma: no cover - interface
         raise NotImplementedError
@@ -582,6 +585,7 @@ class DropPolicy(Policy):
 
 class ErrorPolicy(Policy):
     name = "error"
+    stops = True
 
     def resolve(self, case: Overflow) -> Decision:
         raise SampleError(case.sample, "media do not fit the budget", case.describe())
@@ -724,6 +728,7 @@ class ShrinkPolicy(Policy):
     """
 
     name = "shrink"
+    reencodes = True
 
     def __init__(self, fallback: Policy | None = None):
         self.fallback = fallback or DropPolicy()
@@ -894,6 +899,18 @@ def resolve(layouts: list[Layout], policy: Policy, sample: str, reencode: Callab
         decision.removed = sorted(set(decision.removed) | left)
         decision.reason += "; " + _left_reason(layouts, left)
     return decision
+
+
+def reason_code(reason: str | None) -> str:
+    """The code a decision's reason starts with (`media_exceed_budget: ...` -> `media_exceed_budget`):
+    what the summary counts; a cut without a reason is `text_over_budget`."""
+    return (reason or "text_over_budget").split(":")[0]
+
+
+def too_much_bad(bad: int, total: int, share: float) -> bool:
+    """Whether `bad` of `total` samples is more bad input than the share VLPATCH_MAX_BAD allows (then
+    training stops before it starts, rather than drop a large part of a dataset)."""
+    return bool(total) and bad > share * total
 
 
 def _left_reason(layouts, left) -> str:

@@ -36,9 +36,10 @@ class Run:
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     stats_dir: str = ""
     meta: dict = field(default_factory=dict)  # copied into every row (dataset, split, stage ...)
+    reasons: Counter = field(default_factory=Counter)  # summed by end_run: each reason code, how often
 
-    def to_env(self) -> str:
-        return json.dumps({f: getattr(self, f) for f in self.__dataclass_fields__})
+    def to_env(self) -> str:  # what worker processes need of the run (not its sums)
+        return json.dumps({f: getattr(self, f) for f in self.__dataclass_fields__ if f != "reasons"})
 
     @classmethod
     def from_env(cls) -> "Run | None":
@@ -114,6 +115,19 @@ def end_run(run: Run, quiet: bool = False) -> Counter:
         return counts
     logger.warning("vlpatch [%s %s]: %s", run.trainer, run.label, format_summary(counts, reasons, run.report_path))
     return counts
+
+
+def resized_row(key: tuple, before, after, runs_before, runs_after) -> dict:
+    """One entry of a report row's `media_resized`: item `key` ((kind, index)) downsized by policy
+    shrink from `before` to `after` ((width, height[, frames])), with its tokens in the runs before
+    and after (`core.Run`s)."""
+    kind, k = key
+    row = {"item": f"{kind}#{k}", "before": list(before[:2]), "after": list(after[:2]),
+           "tokens_before": sum(r.length for r in runs_before if key in r.keys()),
+           "tokens_after": sum(r.length for r in runs_after if key in r.keys())}
+    if kind == "video":
+        row.update(frames_before=before[2], frames_after=after[2])
+    return row
 
 
 def format_summary(counts: Counter, reasons: Counter, report_path: str | None) -> str:

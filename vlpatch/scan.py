@@ -19,7 +19,7 @@ import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-UNBOUNDED = 1 << 30
+from . import core
 
 
 class ScanSetupError(Exception):
@@ -132,7 +132,7 @@ def scan(config: dict, policy: str = "drop", limit: int | None = None, progress=
     return {
         # training stops before it starts when bad input exceeds VLPATCH_MAX_BAD (policies drop / drop_media)
         "bad_input": {"samples": bad, "of": len(samples), "max_bad": max_bad,
-                      "training_stops": policy != "error" and bad > max_bad * len(samples)},
+                      "training_stops": not core.get_policy(policy).stops and core.too_much_bad(bad, len(samples), max_bad)},
         "config": {"dataset": data_args.dataset, "template": data_args.template, "cutoff_len": cutoff, "policy": policy,
                    "image_max_pixels": getattr(model_args, "image_max_pixels", None),
                    "image_min_pixels": getattr(model_args, "image_min_pixels", None)},
@@ -309,7 +309,7 @@ def _whole_pass(state: _State, samples: list, encode: _Encoder, lfint) -> tuple:
     for s in samples:
         try:
             with lfint.tracing(state.processor) as (recording, trace):
-                ids = encode(s.index, UNBOUNDED, recording)
+                ids = encode(s.index, core.UNBOUNDED, recording)
         except Exception as exc:  # vanilla training dies on it; pass 3 asks vlpatch what it does
             s.vanilla = f"error: {type(exc).__name__}: {exc}"[:300]
             bad.append(s)
@@ -544,7 +544,7 @@ def _max_pixels_for(samples, cutoff: int, mm_processor, model_args) -> dict:
     if not any(s.images for s in samples if s.tokens is not None):
         return {"value": None, "why": "no images in these samples"}
     ip = getattr(mm_processor, "image_processor", None)
-    geometry = lf_header._geometry(ip) if ip is not None else None
+    geometry = lf_header.geometry(ip) if ip is not None else None
     if geometry is None:
         return {"value": None, "why": "only for Qwen-VL image processors"}
     patch, merge, lo, hi = geometry

@@ -5,25 +5,36 @@ cut row by row with whole media runs (`core.fit_sequence`; preference pairs toge
 Trainer-independent: `vlpatch.integrations.unsloth` (UnslothVisionDataCollator) and
 `vlpatch.integrations.trl` (TRL's vision collators) each hold a `Site`: the trainer name for the report,
 the matrix options of their patch (`media_tokens`, `pixel_layout`, `video_runs`, `audio_tensors`), the
-finder cache, the name of the length setting and the error for a batch left empty.
+finder cache and the name of the length setting. A batch left empty raises `EmptyBatchError`; a processor
+the matrix has no token table for is left to upstream, warned once (`Site.covers`).
 """
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 
 from .. import core, engine, report
 from . import _media
 
+logger = logging.getLogger("vlpatch")
+
 DEFAULT_REPORT = "vlpatch_report.jsonl"  # in the working directory: a collator does not know output_dir
 
 
-class Site:
-    """One integration's state: set `spec` when the engine attaches its patch (`wrappers`)."""
+class EmptyBatchError(core.VLPatchError):
+    """Every example of a batch was dropped: filter the dataset before training (each collator
+    integration's `filter_dataset`)."""
 
-    def __init__(self, trainer: str, empty_error: type, budget_name: str, filter_hint: str, report_path: str = DEFAULT_REPORT):
+
+_warned: set = set()  # (trainer, processor class name): warned once that it is left to upstream
+
+
+class Site:
+    """One patch's state: set `spec` when the engine attaches the patch (its integration's `wrappers`)."""
+
+    def __init__(self, trainer: str, budget_name: str, filter_hint: str, report_path: str = DEFAULT_REPORT):
         self.trainer = trainer
-        self.empty_error = empty_error
         self.budget_name = budget_name  # max_seq_length (Unsloth), max_length (TRL)
         self.filter_hint = filter_hint
         self.report = report_path
@@ -47,6 +58,17 @@ class Site:
     def finder(self, processor):
         """The RunFinder of this processor class (None: not in the matrix's table, left to upstream)."""
         return _finder(self, processor)
+
+    def covers(self, processor, label: str) -> bool:
+        """Whether the matrix has a token table for this processor; where not, it is left to upstream,
+        which `label` (the trainer as users name it) then truncates: warned once per processor class."""
+        if self.finder(processor) is not None:
+            return True
+        name = type(processor).__name__
+        if (self.trainer, name) not in _warned:
+            _warned.add((self.trainer, name))
+            logger.warning("vlpatch: %s is not covered: %s truncates it as upstream does", name, label)
+        return False
 
 
 def _finder(site, processor) -> core.RunFinder | None:
@@ -250,90 +272,135 @@ def fit(site, collator, batch, budget: int, keep: str = "head", pairs: bool = Fa
         if not site.filtering:
             report.tally(Counter({"kept": ids.shape[0] // (2 if pairs else 1)}), Counter())
         return batch
-    cfg = engine.config()
-    if shrunk is not None:  # the second pass: what still does not fit goes to the fallback
-        policy = core.get_policy(cfg.shrink_fallback)
+    cut = _Cut(site, collator, batch, budget, keep, pairs, finder, shrunk)
+    cut.decide_all(examples, recollate, firsts, frames)
+    if cut.to_shrink:  # collate again with the downsized images: the processor's own tensors for them
+        again_examples = list(examples)
+        for s, info in cut.to_shrink.items():
+            again_examples[s] = _with_media(examples[s], *_resized_media(examples[s], info["sizes"], blank=False))
+        return fit(site, collator, recollate(again_examples), budget, keep, pairs, pad_side, again_examples, recollate,
+                   shrunk=cut.to_shrink, firsts=firsts, frames=frames)
+    rows_kept, removed, base, rows = cut.apply()
+    if site.filtering:  # filter_dataset reports what it removes; training reports its own cuts
+        site.filtering[1].extend(rows)
     else:
-        policy = core.get_policy(cfg.policy, cfg.shrink_fallback)
-    can_shrink = cfg.policy == "shrink" and shrunk is None and examples is not None and recollate is not None
-    layout = _pixel_layout(site, processor)
-    B, L = ids.shape
-    parsed = _parse(site, batch, finder, processor)
-    _check_table(site, parsed, batch, layout, processor)
-    half = B // 2 if pairs else B
-    samples = [(i, i + half) for i in range(half)] if pairs else [(i,) for i in range(B)]
-    decided: dict = {}  # row -> (decision, index of the row's layout in it, sample index)
-    runs_of: dict = {}
-    to_shrink: dict = {}  # sample -> its shrink decision (first pass)
-    rows, counts, reasons = [], Counter(), Counter()
-    for s, members in enumerate(samples):
-        if all(len(parsed[i][1]) <= budget for i in members):
-            if shrunk and s in shrunk:  # shrunk, and now whole
-                for k, i in enumerate(members):
-                    runs_of[i] = finder.assign_items(parsed[i][1], parsed[i][2], parsed[i][3])
-                    decided[i] = (core.Decision("shrunk", [list(range(len(parsed[j][1]))) for j in members], reason=shrunk[s]["reason"]), k, s)
-                counts["shrunk"] += 1
-                reasons["media_shrunk"] += 1
+        report.write_rows(rows, site.report)
+        report.tally(cut.counts, cut.reasons)
+    if not rows_kept:
+        names = ", ".join(dict.fromkeys(f"example {r['index']}" for r in rows))
+        raise EmptyBatchError(
+            f"vlpatch: every example of this batch was dropped ({names}: media do not fit "
+            f"{site.budget_name}={budget}); filter the dataset first with {site.filter_hint}"
+        )
+    return _rebuild(site, collator, batch, rows_kept, removed, base, cut.layout, torch, pad_side)
+
+
+class _Cut:
+    """One pass of `fit` over a collated batch that holds a row longer than the budget: each sample's
+    decision (`decide_all`), then the kept positions, the media that leave and the report rows (`apply`)."""
+
+    def __init__(self, site, collator, batch, budget, keep, pairs, finder, shrunk):
+        self.site, self.processor, self.budget, self.keep, self.pairs = site, collator.processor, budget, keep, pairs
+        self.finder, self.shrunk = finder, shrunk
+        cfg = engine.config()
+        self.cfg = cfg
+        # the second pass of shrink: what still does not fit goes to the fallback
+        self.policy = core.get_policy(cfg.shrink_fallback) if shrunk is not None else core.get_policy(cfg.policy, cfg.shrink_fallback)
+        self.layout = _pixel_layout(site, self.processor)
+        B = batch["input_ids"].shape[0]
+        self.parsed = _parse(site, batch, finder, self.processor)
+        _check_table(site, self.parsed, batch, self.layout, self.processor)
+        self.half = B // 2 if pairs else B
+        self.samples = [(i, i + self.half) for i in range(self.half)] if pairs else [(i,) for i in range(B)]
+        self.decided: dict = {}  # row -> (decision, index of the row's layout in it, sample index)
+        self.runs_of: dict = {}
+        self.to_shrink: dict = {}  # sample -> its shrink decision (first pass)
+        self.counts, self.reasons = Counter(), Counter()
+
+    def error_row(self, s: int) -> dict:
+        """The report row of sample `s` when it stops the run (under filter_dataset: its dataset index)."""
+        err = {"trainer": self.site.trainer, "index": s, "action": "error", "budget": self.budget}
+        if self.site.filtering:
+            err = {**err, "index": self.site.filtering[0], "stage": "filter_dataset"}
+        return err
+
+    def decide_all(self, examples, recollate, firsts, frames) -> None:
+        can_shrink = core.get_policy(self.cfg.policy).reencodes and self.shrunk is None and examples is not None and recollate is not None
+        for s, members in enumerate(self.samples):
+            parsed = self.parsed
+            if all(len(parsed[i][1]) <= self.budget for i in members):
+                if self.shrunk and s in self.shrunk:  # shrunk, and now whole
+                    for k, i in enumerate(members):
+                        self.runs_of[i] = self.finder.assign_items(parsed[i][1], parsed[i][2], parsed[i][3])
+                        whole = [list(range(len(parsed[j][1]))) for j in members]
+                        self.decided[i] = (core.Decision("shrunk", whole, reason=self.shrunk[s]["reason"]), k, s)
+                    self.counts["shrunk"] += 1
+                    self.reasons["media_shrunk"] += 1
+                    continue
+                self.counts["kept"] += 1
                 continue
-            counts["kept"] += 1
-            continue
+            for i in members:
+                self.runs_of[i] = self.finder.assign_items(parsed[i][1], parsed[i][2], parsed[i][3])
+            again = examples[s] if can_shrink else None
+            decision = self.decide(s, members, again, recollate, firsts, frames)
+            if decision is None:
+                continue
+            for k, i in enumerate(members):
+                self.decided[i] = (decision, k, s)
+            self.counts[decision.action] += 1
+            self.reasons[core.reason_code(decision.reason)] += 1
+
+    def decide(self, s, members, example, recollate, firsts, frames):
+        """Sample `s`'s decision (None: it is shrunk, and collated again with its new sizes)."""
+        site, parsed, pairs = self.site, self.parsed, self.pairs
         sample = f"dataset[{site.filtering[0]}]" if site.filtering else f"batch example {s}"
         if pairs:
             sample += " (chosen and rejected)"
-        for i in members:
-            runs_of[i] = finder.assign_items(parsed[i][1], parsed[i][2], parsed[i][3])
-        err = {"trainer": site.trainer, "index": s, "action": "error", "budget": budget}
-        if site.filtering:
-            err = {**err, "index": site.filtering[0], "stage": "filter_dataset"}
         try:
-            rows_of = [(len(parsed[i][1]), runs_of[i]) for i in members]
-            again = _shrinker(site, examples[s], rows_of, recollate, finder, processor, cfg) if can_shrink else None
+            rows_of = [(len(parsed[i][1]), self.runs_of[i]) for i in members]
+            again = _shrinker(site, example, rows_of, recollate, self.finder, self.processor, self.cfg) if example is not None else None
             first = firsts[s] if firsts and not pairs and s < len(firsts) else None
             heads = None
             if frames and s < len(frames):
-                candidates = _frame_candidates(processor, frames[s])
+                candidates = _frame_candidates(self.processor, frames[s])
                 heads = [max((core.frame_of(parsed[i][1], c) for c in candidates), default=0) for i in members]
-            decision = core.fit_rows(rows_of, budget, policy, sample, keep="head" if pairs else keep, reencode=again, first=first,
-                                     heads=heads)
+            decision = core.fit_rows(rows_of, self.budget, self.policy, sample, keep="head" if pairs else self.keep, reencode=again,
+                                     first=first, heads=heads)
             if decision.action == "shrunk":
-                to_shrink[s] = _shrink_info(decision, rows_of)
-                continue
-            if shrunk and s in shrunk and decision.action in ("kept", "truncated"):
+                self.to_shrink[s] = _shrink_info(decision, rows_of)
+                return None
+            if self.shrunk and s in self.shrunk and decision.action in ("kept", "truncated"):
                 decision.action = "shrunk"
-                decision.reason = shrunk[s]["reason"] + ("; " + decision.reason if decision.reason else "")
-            if decision.removed and layout == "per_row":  # one image cannot leave a row's pixel slots
-                why = f"{decision.reason}; {type(processor).__name__} keeps images per row: example dropped"
+                decision.reason = self.shrunk[s]["reason"] + ("; " + decision.reason if decision.reason else "")
+            if decision.removed and self.layout == "per_row":  # one image cannot leave a row's pixel slots
+                why = f"{decision.reason}; {type(self.processor).__name__} keeps images per row: example dropped"
                 decision = core.Decision("dropped", None, reason=why)
         except core.SampleError:
-            report.write_rows([{**err, "reason": "media_exceed_budget"}], site.report)
+            report.write_rows([{**self.error_row(s), "reason": "media_exceed_budget"}], site.report)
             raise
-        for k, i in enumerate(members):
-            decided[i] = (decision, k, s)
-        counts[decision.action] += 1
-        reasons[(decision.reason or "text_over_budget").split(":")[0]] += 1
-    if to_shrink:  # collate again with the downsized images: the processor's own tensors for them
-        again_examples = list(examples)
-        for s, info in to_shrink.items():
-            again_examples[s] = _with_media(examples[s], *_resized_media(examples[s], info["sizes"], blank=False))
-        return fit(site, collator, recollate(again_examples), budget, keep, pairs, pad_side, again_examples, recollate,
-                   shrunk=to_shrink, firsts=firsts, frames=frames)
-    rows_kept = []
-    removed: dict = {}  # kind -> batch-wide indices of the items that leave
-    base: Counter = Counter()  # kind -> batch-wide index of this row's first item
-    for i, (pos, row, runs, items) in enumerate(parsed):
-        if i not in decided:
-            rows_kept.append((i, pos))
+        return decision
+
+    def apply(self) -> tuple:
+        """(rows kept with their kept positions, kind -> batch-wide indices of the items that leave,
+        items per kind in the batch, report rows)."""
+        rows_kept, rows = [], []
+        removed: dict = {}  # kind -> batch-wide indices of the items that leave
+        base: Counter = Counter()  # kind -> batch-wide index of this row's first item
+        for i, (pos, row, runs, items) in enumerate(self.parsed):
+            if i in self.decided:
+                self.apply_row(i, pos, row, items, rows_kept, removed, base, rows)
+            else:
+                rows_kept.append((i, pos))
             base.update(items)
-            continue
-        decision, k, s = decided[i]
-        runs = runs_of[i]
-        media = sum(r.length for r in runs)
-        err = {"trainer": site.trainer, "index": s, "action": "error", "budget": budget}
-        if site.filtering:
-            err = {**err, "index": site.filtering[0], "stage": "filter_dataset"}
-        part = {"part": "chosen" if i < half else "rejected"} if pairs else {}
+        return rows_kept, removed, base, rows
+
+    def apply_row(self, i, pos, row, items, rows_kept, removed, base, rows) -> None:
+        decision, k, s = self.decided[i]
+        site, layout, processor = self.site, self.layout, self.processor
+        runs = self.runs_of[i]
+        part = {"part": "chosen" if i < self.half else "rejected"} if self.pairs else {}
         entry = {
-            "trainer": site.trainer, "index": s, **part, "budget": budget, "tokens_before": len(row),
+            "trainer": site.trainer, "index": s, **part, "budget": self.budget, "tokens_before": len(row),
             "media": {"image": items["image"], **{k: n for k, n in sorted(items.items()) if n and k != "image"}},
         }
         # the kinds this decision takes out: every item of the row when it is dropped, else those removed
@@ -344,7 +411,7 @@ def fit(site, collator, batch, budget: int, keep: str = "head", pairs: bool = Fa
         if stuck:  # kept whole when text is cut, but this processor's tensors for them cannot be taken apart
             what = ", ".join(f"{kind}s" for kind in stuck)
             why = f"{type(processor).__name__} {what} cannot be taken out of its batch tensors ({decision.reason})"
-            report.write_rows([{**err, "reason": "media_not_removable: " + why}], site.report)
+            report.write_rows([{**self.error_row(s), "reason": "media_not_removable: " + why}], site.report)
             raise core.SampleError(
                 f"batch example {s}" if not site.filtering else f"dataset[{site.filtering[0]}]",
                 f"a sample with {what} does not fit {site.budget_name}", why + "; filter the dataset first",
@@ -353,46 +420,29 @@ def fit(site, collator, batch, budget: int, keep: str = "head", pairs: bool = Fa
             for kind in leaving:
                 removed.setdefault(kind, []).extend(range(base[kind], base[kind] + items[kind]))
             rows.append({**entry, "action": "dropped", "reason": decision.reason})
-        else:
-            kept = decision.kept[k]
-            gone: dict = {}
-            for kind, n in sorted(decision.removed):
-                gone.setdefault(kind, []).append(n)
-                removed.setdefault(kind, []).append(base[kind] + n)
-            rows_kept.append((i, [pos[p] for p in kept]))
-            if pairs and len(kept) == len(row) and decision.action != "shrunk":
-                base.update(items)
-                continue  # the other row of the pair was cut: this one is whole (no report row)
-            kept_media = sum(r.length for r in runs if not set(r.keys()) & set(decision.removed))
-            extra = {}
-            if decision.action == "shrunk":
-                info = shrunk[s]
-                extra = {"tokens_before": info["tokens_before"][k], "media_tokens": info["media_tokens"][k], "media_resized": info["resized"]}
-            rows.append(
-                {
-                    **entry,
-                    "action": decision.action,
-                    "reason": decision.reason or "text_over_budget",
-                    "tokens_after": len(kept),
-                    "media_tokens": media,
-                    "media_tokens_after": kept_media,
-                    "media_removed": gone,
-                    **extra,
-                }
-            )
-        base.update(items)
-    if site.filtering:  # filter_dataset reports what it removes; training reports its own cuts
-        site.filtering[1].extend(rows)
-    else:
-        report.write_rows(rows, site.report)
-        report.tally(counts, reasons)
-    if not rows_kept:
-        names = ", ".join(dict.fromkeys(f"example {r['index']}" for r in rows))
-        raise site.empty_error(
-            f"vlpatch: every example of this batch was dropped ({names}: media do not fit "
-            f"{site.budget_name}={budget}); filter the dataset first with {site.filter_hint}"
-        )
-    return _rebuild(site, collator, batch, rows_kept, removed, base, layout, torch, pad_side)
+            return
+        kept = decision.kept[k]
+        gone: dict = {}
+        for kind, n in sorted(decision.removed):
+            gone.setdefault(kind, []).append(n)
+            removed.setdefault(kind, []).append(base[kind] + n)
+        rows_kept.append((i, [pos[p] for p in kept]))
+        if self.pairs and len(kept) == len(row) and decision.action != "shrunk":
+            return  # the other row of the pair was cut: this one is whole (no report row)
+        extra = {}
+        if decision.action == "shrunk":
+            info = self.shrunk[s]
+            extra = {"tokens_before": info["tokens_before"][k], "media_tokens": info["media_tokens"][k], "media_resized": info["resized"]}
+        rows.append({
+            **entry,
+            "action": decision.action,
+            "reason": decision.reason or "text_over_budget",
+            "tokens_after": len(kept),
+            "media_tokens": sum(r.length for r in runs),
+            "media_tokens_after": sum(r.length for r in runs if not set(r.keys()) & set(decision.removed)),
+            "media_removed": gone,
+            **extra,
+        })
 
 
 # --------------------------------------------------------------------------- policy shrink
@@ -401,7 +451,7 @@ def fit(site, collator, batch, budget: int, keep: str = "head", pairs: bool = Fa
 def pristine(examples, always: bool = False):
     """Deep copies of the examples under policy `shrink` (upstream's collators may change their
     examples in place, and shrink hands some of them to upstream again); else None."""
-    if not always and engine.config().policy != "shrink":
+    if not always and not core.get_policy(engine.config().policy).reencodes:
         return None
     import copy
 
@@ -566,19 +616,8 @@ def _shrinker(site, example, rows, recollate, finder, processor, cfg):
 def _shrink_info(decision, rows_before) -> dict:
     """What the second pass needs of a first-pass shrink decision: the new sizes, the reason, and for the
     report each row's tokens and each item's tokens before."""
-    runs_before = rows_before[0][1]
-
-    def tokens(runs, key):
-        return sum(r.length for r in runs if key in r.keys())
-
-    after_runs = decision.resized.layouts[0].runs
-    resized = []
-    for (kind, k), b, a in decision.resized.sizes:
-        row = {"item": f"{kind}#{k}", "before": list(b[:2]), "after": list(a[:2]),
-               "tokens_before": tokens(runs_before, (kind, k)), "tokens_after": tokens(after_runs, (kind, k))}
-        if kind == "video":
-            row.update(frames_before=b[2], frames_after=a[2])
-        resized.append(row)
+    runs_before, runs_after = rows_before[0][1], decision.resized.layouts[0].runs
+    resized = [report.resized_row(key, b, a, runs_before, runs_after) for key, b, a in decision.resized.sizes]
     return {
         "sizes": decision.resized.sizes,
         "reason": decision.reason,
@@ -751,11 +790,11 @@ def filter_dataset(site, dataset, collator, is_bad_input, prepare=None):
         try:
             collator([prepare(example) if prepare else example])
             return True
-        except site.empty_error:
+        except EmptyBatchError:
             removed.extend({**row, "index": index, "stage": "filter_dataset"} for row in site.filtering[1])
             return False
         except Exception as exc:  # bad input: a placeholder count that differs, an unreadable image
-            if not is_bad_input(exc) or cfg.policy == "error":
+            if not is_bad_input(exc) or core.get_policy(cfg.policy).stops:
                 raise
             why = exc.reason + (f" ({exc.detail})" if exc.detail else "") if isinstance(exc, core.SampleError) else f"{type(exc).__name__}: {exc}"
             removed.append({"trainer": site.trainer, "index": index, "stage": "filter_dataset", "action": "dropped",
@@ -769,10 +808,10 @@ def filter_dataset(site, dataset, collator, is_bad_input, prepare=None):
     else:
         out = [ex for i, ex in enumerate(dataset) if fits(ex, i)]
     report.write_rows(removed, site.report)
-    reasons = Counter(r["reason"].split(":")[0] for r in removed)
+    reasons = Counter(core.reason_code(r["reason"]) for r in removed)
     report.tally(Counter({"dropped": len(removed)}), reasons)
     bad = reasons.get("bad_input", 0)
-    if seen[0] and bad > cfg.max_bad * seen[0]:  # a wrong path loses much of a dataset: stop, do not filter it away
+    if core.too_much_bad(bad, seen[0], cfg.max_bad):  # a wrong path loses much of a dataset: stop, do not filter it away
         first = "; ".join(f"example {r['index']}: {r['reason'][:160]}" for r in removed if r["reason"].startswith("bad_input"))
         raise core.VLPatchError(
             f"vlpatch: {bad} of {seen[0]} examples ({bad / seen[0]:.0%}) have bad input, more than VLPATCH_MAX_BAD "

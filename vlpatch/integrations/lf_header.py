@@ -28,11 +28,16 @@ stats: Counter = Counter()  # images counted from headers / handed to upstream (
 _options: dict = {}
 
 
-def _geometry(image_processor, options: dict | None = None):
+def patch_options() -> dict:
+    """The patch's matrix options: those of the applied patch, else the matrix's."""
+    return _options or _matrix_options()
+
+
+def geometry(image_processor, options: dict | None = None):
     """(patch, merge, min_pixels, max_pixels) as the installed image processor resizes, or None.
-    `options`: the patch's matrix options (default: those of the applied patch, else the matrix's)."""
+    `options`: the patch's matrix options (default: `patch_options()`)."""
     if options is None:
-        options = _options or _matrix_options()
+        options = patch_options()
     if type(image_processor).__name__ not in options.get("image_processors", ()):
         return None
     if not getattr(image_processor, "do_resize", True):
@@ -72,12 +77,12 @@ def size_grids(sizes, processor) -> list | None:
     processor, an ambiguous geometry)."""
     if not sizes or any(size is None for size in sizes):
         return None
-    geometry = _geometry(getattr(processor, "image_processor", None))
-    if geometry is None:
+    resize = geometry(getattr(processor, "image_processor", None))
+    if resize is None:
         return None
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
-    patch, merge, lo, hi = geometry
+    patch, merge, lo, hi = resize
     defaults = _options.get("pre_resize_defaults", {})
     max_pixels = getattr(processor, "image_max_pixels", defaults.get("image_max_pixels"))
     min_pixels = getattr(processor, "image_min_pixels", defaults.get("image_min_pixels"))
@@ -99,7 +104,7 @@ def size_tokens(sizes, processor) -> list | None:
     found = size_grids(sizes, processor)
     if found is None:
         return None
-    merge = _geometry(getattr(processor, "image_processor", None))[1]
+    merge = geometry(getattr(processor, "image_processor", None))[1]
     return [t * h * w // merge**2 for t, h, w in found]
 
 

@@ -24,6 +24,7 @@ import functools
 import hashlib
 import inspect
 import io
+import itertools
 import os
 import re
 import shutil
@@ -37,7 +38,7 @@ from ..errors import unreadable_media
 from . import _media, lf_header
 
 IGNORE_INDEX = -100
-UNBOUNDED = 1 << 40
+UNBOUNDED = core.UNBOUNDED
 INDEX_COLUMN = "_vlpatch_index"
 SOURCE_COLUMN = "_vlpatch_source"  # the dataset (its name in dataset_info.json) a merged row came from
 ROW_COLUMN = "_vlpatch_row"  # and its row there, as the user's file numbers it (0-based)
@@ -328,7 +329,7 @@ _patterns: dict = {}
 def _mark(messages, placeholders: dict):
     """Messages with every placeholder between markers (numbered as `_order` lists them)."""
     pattern, _ = _placeholder_pattern(placeholders)
-    counter = iter(range(1 << 30))
+    counter = itertools.count()
     out = []
     for msg in messages:
         content = msg.get("content") if isinstance(msg, dict) else None
@@ -835,134 +836,160 @@ def _encode_wrapper(stage: str):
         batch = _batches[-1] if _batches else None
         if batch is not None:
             batch.calls += 1
-        index, position, source, source_row = _identify(batch, bound.get("prompt"))
+        where = _identify(batch, bound.get("prompt"))  # by the batch's own prompt object: before media_first
         cfg = engine.config()
         if cfg.media_first and "prompt" in bound:
             bound["prompt"] = _media_first(bound["prompt"])
-        media = {kind: bound.get(kind + "s") or [] for kind in core.MEDIA_KINDS}
-        counts = {kind: len(items) for kind, items in media.items()}
-        budget = instance.data_args.cutoff_len
-        sample = _describe(index, position, source, source_row)
-        row = {
-            "stage": stage,
-            "index": index,
-            "source_dataset": source,
-            "source_row": source_row,
-            "batch_position": position,
-            "budget": budget,
-            "media": {kind: n for kind, n in counts.items() if n},
-        }
+        return _Encode(stage, handler, func, instance, bound, batch, cfg, where).run()
 
-        mismatch = _placeholder_mismatch(bound, counts)
+    return wrapper
+
+
+class _Encode:
+    """One sample through a patched `_encode_data_example`: upstream's encode uncut, its media spans,
+    the layouts, the policy's decision, and the output with the report row."""
+
+    def __init__(self, stage, handler, func, instance, bound, batch, cfg, where):
+        self.handler, self.func, self.instance, self.bound, self.batch, self.cfg = handler, func, instance, bound, batch, cfg
+        self.media = {kind: bound.get(kind + "s") or [] for kind in core.MEDIA_KINDS}
+        counts = {kind: len(items) for kind, items in self.media.items()}
+        self.has_media = any(counts.values())
+        self.budget = instance.data_args.cutoff_len
+        index, position, source, source_row = where  # _identify's
+        self.sample = _describe(index, position, source, source_row)
+        self.key = _share_key(stage, instance, bound)
+        self.counts = counts
+        self.row = {"stage": stage, "index": index, "source_dataset": source, "source_row": source_row,
+                    "batch_position": position, "budget": self.budget, "media": {kind: n for kind, n in counts.items() if n}}
+
+    def reject(self, reason, exc=None, decided=False):
+        return _reject(self.handler, self.instance, self.batch, self.cfg, self.sample, self.row, reason, exc, decided)
+
+    def run(self):
+        mismatch = _placeholder_mismatch(self.bound, self.counts)
         if mismatch:
-            return _reject(handler, instance, batch, cfg, sample, row, f"bad_input: {mismatch}")
-        key = _share_key(stage, instance, bound)
-        shared = _shared[-1].get(key) if key is not None else None
-        if shared is not None:  # vlpatch scan's next policy pass over this sample: the same uncut encode
-            full, trace = shared[0], shared[1]
-        else:
-            trace = _Trace()
-            _traces.append(trace)
-            try:
-                full = func(_unbounded(instance, batch), **bound)
-            except Exception as exc:
-                if not _is_bad_input(exc):
-                    if hasattr(exc, "add_note"):
-                        exc.add_note(f"vlpatch: while encoding sample {sample}")
-                    raise
-                return _reject(handler, instance, batch, cfg, sample, row, f"bad_input: {exc}", exc)
-            finally:
-                _traces.pop()
-            if key is not None:
-                shared = _shared[-1][key] = [full, trace, None]
-
-        lengths = handler.lengths(full)
-        if max(lengths) <= budget:  # upstream would not cut anything: its output as is
-            _count(batch, "kept")
+            return self.reject(f"bad_input: {mismatch}")
+        try:
+            full, trace, shared = self.uncut()
+        except _BadInput as bad:
+            return self.reject(f"bad_input: {bad.exc}", bad.exc)
+        lengths = self.handler.lengths(full)
+        if max(lengths) <= self.budget:  # upstream would not cut anything: its output as is
+            _count(self.batch, "kept")
             return full
-
-        module = sys.modules[type(instance).__module__]
-        split = getattr(module.infer_seqlen, "__wrapped__", module.infer_seqlen)
+        module = sys.modules[type(self.instance).__module__]
+        self.split = getattr(module.infer_seqlen, "__wrapped__", module.infer_seqlen)
         try:
-            if shared is not None and shared[2] is not None:
-                learned = shared[2]
-            else:
-                learned = learn(instance, trace) if any(counts.values()) else []
-                if shared is not None:
-                    shared[2] = learned
-            if len(learned) < len(lengths) and any(counts.values()):
-                raise Unreadable(f"{len(learned)} process_messages call(s) for {len(lengths)} sequence(s)")
-
-            def spans(n, ids):
-                return learned[n].runs(ids) if learned else []
-
-            empty = _empty_sources(instance, bound) if any(counts.values()) else None  # a frame stays beside media
-            layouts = handler.layouts(instance, full, trace.splits, spans, budget, split, empty)
+            self.empty = _empty_sources(self.instance, self.bound) if self.has_media else None  # a frame stays beside media
+            layouts = self.layouts(full, trace, shared[2] if shared is not None else None, len(lengths))
+            if shared is not None:
+                shared[2] = self.learned
         except (Unreadable, ValueError) as exc:  # never cut what is not understood: refused, reported
-            plugin = type(instance.template.mm_plugin).__name__
-            return _reject(handler, instance, batch, cfg, sample, row, f"uncovered_media: {plugin}: {exc}", exc)
-        media_tokens = sum(r.length for r in layouts[0].runs)
-        row.update(tokens_before=max(lengths), media_tokens=media_tokens)
-        made, reencode = [], None
-        if cfg.policy == "shrink":
+            plugin = type(self.instance.template.mm_plugin).__name__
+            return self.reject(f"uncovered_media: {plugin}: {exc}", exc)
+        self.row.update(tokens_before=max(lengths), media_tokens=sum(r.length for r in layouts[0].runs))
+        return self.decide(full, layouts)
 
-            def encode(new_media):
-                trace = _Trace()
-                _traces.append(trace)
-                try:
-                    again = func(_unbounded(instance, batch), **{**bound, **{k + "s": v for k, v in new_media.items() if k + "s" in bound}})
-                finally:
-                    _traces.pop()
-                got = learn(instance, trace)
+    def uncut(self) -> tuple:
+        """(upstream's output with nothing cut, its trace, the `sharing` entry or None); raises _BadInput."""
+        shared = _shared[-1].get(self.key) if self.key is not None else None
+        if shared is not None:  # vlpatch scan's next policy pass over this sample: the same uncut encode
+            return shared[0], shared[1], shared
+        full, trace = self.encode(self.bound)
+        if self.key is not None:
+            shared = _shared[-1][self.key] = [full, trace, None]
+        return full, trace, shared
 
-                def spans(n, ids):
-                    return got[n].runs(ids) if got else []
+    def encode(self, bound) -> tuple:
+        """(upstream's output for `bound` with an unbounded cutoff_len, its trace); raises _BadInput."""
+        trace = _Trace()
+        _traces.append(trace)
+        try:
+            return self.func(_unbounded(self.instance, self.batch), **bound), trace
+        except Exception as exc:
+            if not _is_bad_input(exc):
+                if hasattr(exc, "add_note"):
+                    exc.add_note(f"vlpatch: while encoding sample {self.sample}")
+                raise
+            raise _BadInput(exc) from exc
+        finally:
+            _traces.pop()
 
-                return again, handler.layouts(instance, again, trace.splits, spans, budget, split, empty)
+    def layouts(self, full, trace, learned, sequences: int) -> list:
+        """The sample's layouts from its learned media spans (`learned`, where known already)."""
+        if learned is None:
+            learned = learn(self.instance, trace) if self.has_media else []
+        self.learned = learned
+        if len(learned) < sequences and self.has_media:
+            raise Unreadable(f"{len(learned)} process_messages call(s) for {sequences} sequence(s)")
 
-            def reencode(scale):  # the shrinker is made when the media do not fit (not for a cut of text alone)
-                if not made:
-                    made.append(_Shrinker(instance, media, layouts, cfg, encode, lambda after: _splice(handler, full, layouts, after)))
-                return made[0].reencode(scale)
+        def spans(n, ids):
+            return learned[n].runs(ids) if learned else []
+
+        return self.handler.layouts(self.instance, full, trace.splits, spans, self.budget, self.split, self.empty)
+
+    def decide(self, full, layouts):
+        """The policy's decision on a sample upstream would cut, and its output (or a drop)."""
+        policy = core.get_policy(self.cfg.policy, self.cfg.shrink_fallback)
+        made: list = []
+
+        def shrunk(new_media):  # the sample encoded again with other media, and its layouts
+            try:
+                again, trace = self.encode({**self.bound, **{k + "s": v for k, v in new_media.items() if k + "s" in self.bound}})
+            except _BadInput as bad:
+                raise bad.exc from None
+            return again, self.layouts(again, trace, None, 0)
+
+        def reencode(scale):  # the shrinker is made when the media do not fit (not for a cut of text alone)
+            if not made:
+                made.append(_Shrinker(self.instance, self.media, layouts, self.cfg, shrunk,
+                                      lambda after: _splice(self.handler, full, layouts, after)))
+            return made[0].reencode(scale)
 
         try:
-            decision = core.resolve(layouts, core.get_policy(cfg.policy, cfg.shrink_fallback), sample, reencode)
-            shrinker = made[0] if made else None
+            decision = core.resolve(layouts, policy, self.sample, reencode if policy.reencodes else None)
             if decision.resized is not None:
-                decision, full, layouts = shrinker.commit(decision, sample)
+                decision, full, layouts = made[0].commit(decision, self.sample)
         except core.SampleError:
-            _emit(batch, {**row, "action": "error", "reason": "media_exceed_budget"})
+            _emit(self.batch, {**self.row, "action": "error", "reason": "media_exceed_budget"})
             raise
         finally:
             if made:
                 made[0].close()
         if decision.action == "dropped":
-            return _reject(handler, instance, batch, cfg, sample, row, decision.reason, decided=True)
+            return self.reject(decision.reason, decided=True)
         if decision.resized is not None:
-            row["media_resized"] = shrinker.resized_rows(decision.resized)
+            self.row["media_resized"] = made[0].resized_rows(decision.resized)
+        return self.finish(full, layouts, decision)
+
+    def finish(self, full, layouts, decision):
+        """The kept output, the removed media out of the sample's lists, the report row and tallies."""
         if decision.removed:
             for kind, k in sorted(decision.removed, reverse=True):
-                del media[kind][k]
-        out = handler.build(full, decision.kept)
+                del self.media[kind][k]
+        out = self.handler.build(full, decision.kept)
         after = max(len(k) for k in decision.kept)
         kept_media = sum(r.length for r in layouts[0].runs if not set(r.keys()) & set(decision.removed))
-        _count(batch, decision.action, decision.reason.split(":")[0] if decision.reason else "text_over_budget")
-        _emit(
-            batch,
-            {
-                **row,
-                "action": decision.action,
-                "reason": decision.reason or "text_over_budget",
-                "tokens_after": after,
-                "text_tokens_before": max(lengths) - media_tokens,
-                "text_tokens_after": after - kept_media,
-                "media_tokens_after": kept_media,
-                "media_removed": _removed(decision.removed),
-            }
-        )
+        _count(self.batch, decision.action, core.reason_code(decision.reason))
+        _emit(self.batch, {
+            **self.row,
+            "action": decision.action,
+            "reason": decision.reason or "text_over_budget",
+            "tokens_after": after,
+            "text_tokens_before": self.row["tokens_before"] - self.row["media_tokens"],
+            "text_tokens_after": after - kept_media,
+            "media_tokens_after": kept_media,
+            "media_removed": _removed(decision.removed),
+        })
         return out
 
-    return wrapper
+
+class _BadInput(Exception):
+    """Upstream's encode failed on bad input (an unreadable media file, its own placeholder check)."""
+
+    def __init__(self, exc: BaseException):
+        super().__init__(str(exc))
+        self.exc = exc
 
 
 _shared: list = []  # vlpatch scan's (`sharing`): {sample key: [uncut output, its trace, learned spans]}
@@ -1099,7 +1126,7 @@ class _Shrinker:
         """{image key: its vision tokens now, from the header arithmetic} where that arithmetic covers
         the plugin and agrees with the encoded run (the run is those tokens and at most its two
         boundary tokens), else None: the search encodes every candidate."""
-        options = lf_header._options or lf_header._matrix_options()
+        options = lf_header.patch_options()
         keys = [key for key in self.items if key[0] == "image"]
         if not keys or type(plugin).__name__ not in options.get("plugins", ()):
             return None
@@ -1183,19 +1210,13 @@ class _Shrinker:
         self.scratch = None
 
     def resized_rows(self, resized) -> list:
-        def tokens(layouts, key):
-            return sum(r.length for r in layouts[0].runs if key in r.keys())
-
         rows = []
         for (kind, k), b, a in resized.sizes:
+            row = report.resized_row((kind, k), b, a, self.layouts[0].runs, self.final[0].runs)
             entry = self.media[kind][k]
             named = entry if isinstance(entry, str) else entry.get("path") if isinstance(entry, dict) else None
-            row = {"item": f"{kind}#{k}", "before": list(b[:2]), "after": list(a[:2]),
-                   "tokens_before": tokens(self.layouts, (kind, k)), "tokens_after": tokens(self.final, (kind, k))}
             if named is not None:  # a sized entry (nothing written), or the downsized file written
                 row["sized_entry" if _media.unmark(named) else "file"] = named
-            if kind == "video":
-                row.update(frames_before=b[2], frames_after=a[2])
             rows.append(row)
         return rows
 
@@ -1234,11 +1255,11 @@ def _count(batch: _Batch | None, action: str, reason: str | None = None) -> None
 
 def _reject(handler, instance, batch, cfg, sample, row, reason, exc=None, decided=False):
     """Drop the sample (reported), or raise naming it under policy `error`."""
-    if not decided and cfg.policy == "error":
+    if not decided and core.get_policy(cfg.policy).stops:
         _emit(batch, {**row, "action": "error", "reason": reason})
         raise core.SampleError(sample, reason) from exc
     _emit(batch, {**row, "action": "dropped", "reason": reason})
-    _count(batch, "dropped", reason.split(":")[0])
+    _count(batch, "dropped", core.reason_code(reason))
     if batch is not None and not batch.overlong_drop:
         batch.drop_rows.append(batch.calls - 1)
     return handler.dropped(instance, batch is not None and batch.overlong_drop)
@@ -1293,7 +1314,8 @@ def _run_wrapper(wrapped, instance, args, kwargs):
     path = cfg.report or os.path.join(getattr(training_args, "output_dir", None) or ".", "vlpatch_report.jsonl")
     split = "eval" if is_eval else "train"
     meta = {}
-    if cfg.policy == "shrink":
+    reencodes = core.get_policy(cfg.policy).reencodes
+    if reencodes:
         meta["shrink_dir"] = os.path.abspath(cfg.shrink_dir or os.path.join(getattr(training_args, "output_dir", None) or ".", "vlpatch_media"))
     run = report.start_run(
         TRAINER,
@@ -1308,7 +1330,7 @@ def _run_wrapper(wrapped, instance, args, kwargs):
     if not getattr(data_args, "streaming", False) and hasattr(dataset, "add_column") and hasattr(dataset, "__len__"):
         old = getattr(dataset, "_fingerprint", "") or ""
         tag = f"{old}|vlpatch {__version__}|{cfg.policy}|{cfg.media_first}"
-        if cfg.policy == "shrink":
+        if reencodes:
             tag += f"|{cfg.shrink_min_pixels}|{cfg.shrink_min_frames}|{cfg.shrink_fallback}|{meta['shrink_dir']}"
         a["dataset"] = dataset.add_column(
             INDEX_COLUMN, list(range(len(dataset))), new_fingerprint=hashlib.sha256(tag.encode()).hexdigest()[:16]
@@ -1328,9 +1350,9 @@ def too_much_bad_input(run, counts, max_bad: float, where: str) -> None:
     """Bad input is dropped and reported one sample at a time, but a wrong media_dir or dataset path
     makes much of a dataset bad: above `max_bad` (VLPATCH_MAX_BAD) of the samples, stop before training,
     with the count and the first few samples."""
-    bad = getattr(run, "reasons", {}).get("bad_input", 0)
+    bad = run.reasons.get("bad_input", 0)
     total = sum(counts.values())
-    if not total or bad <= max_bad * total:
+    if not core.too_much_bad(bad, total, max_bad):
         return
     first = report.run_rows(run, limit=3, where=lambda r: str(r.get("reason", "")).startswith("bad_input"))
     named = "; ".join(

@@ -23,35 +23,28 @@ the trainers' `__init__`, untouched). Media token layouts per processor class: t
 
 from __future__ import annotations
 
-import logging
+import functools
 
-from .. import core
 from ..errors import unreadable_media
 from . import _collator
 
 TRAINER = "trl"
-logger = logging.getLogger("vlpatch")
 
 
-class EmptyBatchError(core.VLPatchError):
-    """Every example of a batch was dropped: filter the dataset before training."""
+EmptyBatchError = _collator.EmptyBatchError  # every example of a batch was dropped
 
 
-SITE = _collator.Site(TRAINER, EmptyBatchError, "max_length", "vlpatch.integrations.trl.filter_dataset(dataset, collator)")
-_warned: set = set()
+def _site() -> _collator.Site:
+    return _collator.Site(TRAINER, "max_length", "vlpatch.integrations.trl.filter_dataset(dataset, collator)")
 
 
-def _uncovered(instance) -> bool:
+# one Site per patch (`trl.sft_collator`, `trl.dpo_collator`): each holds its own matrix options
+SITES: dict = {}
+
+
+def _uncovered(site: _collator.Site, instance) -> bool:
     """No budget, or a processor the matrix has no token table for (left to upstream, warned once)."""
-    if not getattr(instance, "max_length", None):
-        return True
-    if SITE.finder(instance.processor) is None:
-        name = type(instance.processor).__name__
-        if name not in _warned:
-            _warned.add(name)
-            logger.warning("vlpatch: %s is not covered: TRL truncates it as upstream does", name)
-        return True
-    return False
+    return not getattr(instance, "max_length", None) or not site.covers(instance.processor, "TRL")
 
 
 def _uncut(wrapped, instance, args, kwargs):
@@ -74,10 +67,10 @@ def _uncut(wrapped, instance, args, kwargs):
         instance.max_length = budget
 
 
-def _collate_sft(wrapped, instance, args, kwargs):
+def _collate_sft(site: _collator.Site, wrapped, instance, args, kwargs):
     """`DataCollatorForVisionLanguageModeling.torch_call`."""
     examples = args[0] if args else kwargs["examples"]
-    if _uncovered(instance) or not examples:
+    if _uncovered(site, instance) or not examples:
         return wrapped(*args, **kwargs)
     first = examples[0]
     language_modeling = "messages" in first or getattr(instance, "dataset_text_field", "text") in first
@@ -89,18 +82,18 @@ def _collate_sft(wrapped, instance, args, kwargs):
     if language_modeling:  # the processor cut on the tokenizer's truncation side; prompt/completion: the head
         tokenizer = getattr(instance.processor, "tokenizer", instance.processor)
         keep = "tail" if getattr(tokenizer, "truncation_side", "right") == "left" else "head"
-    return _collator.fit(SITE, instance, batch, budget, keep=keep, pad_side="right", examples=pristine, recollate=recollate,
+    return _collator.fit(site, instance, batch, budget, keep=keep, pad_side="right", examples=pristine, recollate=recollate,
                          firsts=firsts, frames=frames)
 
 
-def _collate_dpo(wrapped, instance, args, kwargs):
+def _collate_dpo(site: _collator.Site, wrapped, instance, args, kwargs):
     """`DataCollatorForVisionPreference.torch_call`: rows [chosen..., rejected...], one pair per example."""
     examples = args[0] if args else kwargs["examples"]
-    if _uncovered(instance) or not examples:
+    if _uncovered(site, instance) or not examples:
         return wrapped(*args, **kwargs)
     frames = _collator.chat_frames(examples, key="prompt")  # both rows of a pair start with the prompt's frame
     batch, budget, pristine, recollate = _uncut(wrapped, instance, args, kwargs)
-    return _collator.fit(SITE, instance, batch, budget, keep="head", pairs=True, pad_side="right", examples=pristine, recollate=recollate,
+    return _collator.fit(site, instance, batch, budget, keep="head", pairs=True, pad_side="right", examples=pristine, recollate=recollate,
                          frames=frames)
 
 
@@ -115,7 +108,16 @@ def filter_dataset(dataset, collator):
     time), so that no batch ends up empty; each removed example gets a report row naming its dataset
     index (`"stage": "filter_dataset"`). Works on a `datasets.Dataset` or a list. Bad input (an
     unreadable image) is removed and reported too, up to VLPATCH_MAX_BAD of the examples."""
-    return _collator.filter_dataset(SITE, dataset, collator, unreadable_media, prepare=_copy)
+    return _collator.filter_dataset(_site_of(collator), dataset, collator, unreadable_media, prepare=_copy)
+
+
+def _site_of(collator) -> _collator.Site:
+    """The Site of the patch that wraps this collator's class (a subclass's too); the SFT one by default."""
+    names = {cls.__name__ for cls in type(collator).__mro__}
+    for site in SITES.values():
+        if site.spec is not None and any(t.symbol.split(".")[0] in names for t in site.spec.targets if t.wrapper):
+            return site
+    return SITES.get("trl.sft_collator") or SITES.setdefault("trl.sft_collator", _site())
 
 
 def details(spec) -> dict:
@@ -126,5 +128,7 @@ WRAPPERS = {"collate_sft": _collate_sft, "collate_dpo": _collate_dpo}
 
 
 def wrappers(spec, version=None) -> dict:
-    SITE.attach(spec)
-    return WRAPPERS
+    """The wrappers of patch `spec`, on its own Site (its matrix options)."""
+    site = SITES.setdefault(spec.id, _site())
+    site.attach(spec)
+    return {name: functools.partial(wrapper, site) for name, wrapper in WRAPPERS.items()}

@@ -26,8 +26,6 @@ tensors hold images: `options.pixel_layout`, which tensors hold one entry per au
 from __future__ import annotations
 
 import sys
-
-import logging
 from collections import Counter
 
 from .. import core
@@ -36,22 +34,15 @@ from . import _collator
 from ._collator import DEFAULT_REPORT  # noqa: F401  (re-exported)
 
 TRAINER = "unsloth"
-logger = logging.getLogger("vlpatch")
 
 _active: set = set()
 _batches: list = []  # stack of the example lists being collated
-_warned: set = set()
 
 
-class EmptyBatchError(core.VLPatchError):
-    """Every example of a batch was dropped: filter the dataset before training."""
-
+EmptyBatchError = _collator.EmptyBatchError  # every example of a batch was dropped
 
 # the media-run arithmetic and tensor rebuild shared with the TRL integration (vlpatch/integrations/_collator.py)
-SITE = _collator.Site(
-    TRAINER, EmptyBatchError, "max_seq_length", "vlpatch.integrations.unsloth.filter_dataset(dataset, collator)"
-)
-_filtering = SITE.filtering  # filter_dataset: [dataset index, rows of that one-example batch]
+SITE = _collator.Site(TRAINER, "max_seq_length", "vlpatch.integrations.unsloth.filter_dataset(dataset, collator)")
 
 
 # --------------------------------------------------------------------------- multi_image
@@ -229,11 +220,8 @@ def _collate(wrapped, instance, args, kwargs):
                     key = "messages" if "messages" in example else "conversations" if "conversations" in example else None
                     if key is not None:
                         _checked(example, example["images"], example[key])
-        if "truncation" not in _active or not budget or SITE.finder(instance.processor) is None:
+        if "truncation" not in _active or not budget or not SITE.covers(instance.processor, "Unsloth"):
             # an uncovered processor is left to upstream entirely (listed by status(); warned once)
-            if "truncation" in _active and budget and type(instance.processor).__name__ not in _warned:
-                _warned.add(type(instance.processor).__name__)
-                logger.warning("vlpatch: %s is not covered: Unsloth truncates it as upstream does", type(instance.processor).__name__)
             return wrapped(*args, **kwargs)
         pristine = _collator.pristine(examples)  # policy shrink collates some examples again
 
