@@ -1,4 +1,4 @@
-"""The smoke suite as nox sessions, generated from compat_matrix.yaml (`smoke:`), with uv as the backend.
+"""The smoke suite as nox sessions, generated from sessions.yaml (`smoke:`), with uv as the backend.
 
     nox -l                              one session per tested upstream release, plus the canaries
     nox -s llamafactory-0.9.2           one session (environment under .nox/, reused)

@@ -1,4 +1,4 @@
-"""The smoke sessions of compat_matrix.yaml (`smoke:`) as data, for noxfile.py, and the runner around nox.
+"""The smoke sessions of sessions.yaml (`smoke:`) as data, for noxfile.py, and the runner around nox.
 
     python scripts/sessions.py list                      the sessions, one line each
     python scripts/sessions.py test [NAME ...] [-- PYTEST ARGS]
@@ -23,7 +23,7 @@ import time
 import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MATRIX = os.path.join(ROOT, "vlpatch", "compat_matrix.yaml")
+SESSIONS = os.path.join(ROOT, "sessions.yaml")  # the test sessions: repository data, not in the wheel
 TIMINGS = os.path.join(ROOT, ".nox", "vlpatch-timings.jsonl")
 INSTALLS = os.path.join(ROOT, ".nox", "vlpatch-installs.jsonl")  # [session, seconds, ok] from the install pass
 INSTALL_LOG = os.path.join(ROOT, ".nox", "vlpatch-installs.log")
@@ -52,7 +52,7 @@ def uv_env() -> dict:
 
 
 def load() -> dict:
-    with open(MATRIX, encoding="utf-8") as fh:
+    with open(SESSIONS, encoding="utf-8") as fh:
         return yaml.safe_load(fh)
 
 

@@ -2,7 +2,7 @@
 # Set up the tools and the main environment. Idempotent: a second run only checks.
 #   .venv-tools   nox, uv and PyYAML (pip, a few seconds): what runs the smoke sessions (noxfile.py)
 #   .venv         the torch stack, LLaMA-Factory 0.9.5 (the session marked `demo: true` in
-#                 compat_matrix.yaml) and vlpatch itself, editable, with its test extras: installed by uv
+#                 sessions.yaml) and vlpatch itself, editable, with its test extras: installed by uv
 # `--tools`: the tools only (scripts/test.sh; nox makes each session's environment under .nox/).
 # VLPATCH_TORCH_SPEC replaces the torch stack (e.g. "torch==2.9.1 torchvision==0.24.1 torchaudio==2.9.1").
 set -euo pipefail

@@ -66,7 +66,7 @@ def is_newest(distribution: str) -> bool:
 def newest_only(distribution: str, why: str = "") -> None:
     """Skip unless the installed release is the newest the matrix tests: every case runs there, and a
     representative set on the older releases (keeps CI time flat as releases are added; DEVELOPMENT.md
-    lists which cases run where). The older LLaMA-Factory sessions name their set in compat_matrix.yaml
+    lists which cases run where). The older LLaMA-Factory sessions name their set in sessions.yaml
     (suite `llamafactory_older`), so there this skip only matters to a run of the whole directory by
     hand; within a trainer's files run whole (TRL) it is what keeps the older sessions short."""
     if not is_newest(distribution):

@@ -1,15 +1,20 @@
 """compat_matrix.yaml and its generated lock agree: every tested version is in the lock (its fingerprints)
-and has one smoke session (scripts/sessions.py runs them), every session is a tested version or a release
-the matrix must refuse, and every code shape of the lock has one tested representative."""
+and has one smoke session (sessions.yaml; scripts/sessions.py runs them), every session is a tested version
+or a release the matrix must refuse, and every code shape of the lock has one tested representative."""
+
+import os
 
 import yaml
 from packaging.version import Version
 
 import vlpatch.matrix as vmatrix
 
+SESSIONS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sessions.yaml")
+
 
 def raw():
-    with open(vmatrix.MATRIX_PATH, encoding="utf-8") as fh:
+    """sessions.yaml (the test sessions: repository data, not in the wheel)."""
+    with open(SESSIONS, encoding="utf-8") as fh:
         return yaml.safe_load(fh)
 
 
@@ -128,3 +133,33 @@ def test_readme_release_table_is_the_lock(capsys):
     assert main(["releases"]) == 0
     readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
     assert capsys.readouterr().out.strip() in readme, "regenerate the table with `vlpatch releases`"
+
+
+def test_the_shipped_matrix_is_patches_and_processors_only():
+    """The wheel's matrix holds what vlpatch reads (patches, the processors' media layouts, the lock's
+    name); the test sessions live in sessions.yaml, in the repository. A YAML alias never ties one
+    trainer's patch to another's data: trainers share processor layouts through `processors:`, by name."""
+    import re
+
+    with open(vmatrix.MATRIX_PATH, encoding="utf-8") as fh:
+        text = fh.read()
+    assert set(yaml.safe_load(text)) == {"schema", "lock", "patches", "processors"}
+    owner, anchors, aliases = None, {}, []
+    distribution = {}
+    for line in text.splitlines():
+        code = line.split(" #", 1)[0]
+        if line.startswith("  - id:"):
+            owner = line.split(":", 1)[1].strip()
+        elif not line.startswith(" ") and line.strip() and not line.startswith("#"):
+            owner = None if not line.startswith("patches:") else owner
+        m = re.match(r"\s+distribution:\s*(\S+)", code)
+        if m and owner:
+            distribution[owner] = m.group(1)
+        anchors.update({a: owner for a in re.findall(r"&([\w-]+)", code)})
+        aliases.extend((a, owner) for a in re.findall(r"\*([\w-]+)", code))
+    for alias, user in aliases:
+        assert distribution.get(anchors[alias]) == distribution.get(user), f"{user} uses *{alias} of {anchors[alias]}"
+    layouts = yaml.safe_load(text)["processors"]
+    for p in vmatrix.load(vmatrix.MATRIX_PATH).patches:
+        for name in p.options.get("processors", []):
+            assert "media_tokens" in layouts[name], f"{p.id}: {name} has no media_tokens"

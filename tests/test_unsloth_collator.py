@@ -231,13 +231,11 @@ def test_a_token_table_that_does_not_match_the_processor_refuses_to_cut(uz, patc
     # table finds no image run where the processor put one. vlpatch must refuse, not cut blindly.
     from tests.fixtures import matrix_copy
 
-    def mismatch(data):
-        for raw in data["patches"]:
-            if raw["distribution"] == "unsloth_zoo":
-                table = raw["options"]["media_tokens"][type(uz.processor).__name__]["image"]
-                table.pop("start", None)
-                table.pop("end", None)
-                table["body"] = "<|endoftext|>" if uz.family != "gemma3" else "<eos>"  # a token that is not the image's
+    def mismatch(data):  # the processor's layout in the matrix's `processors:` section, which the patches name
+        table = data["processors"][type(uz.processor).__name__]["media_tokens"]["image"]
+        table.pop("start", None)
+        table.pop("end", None)
+        table["body"] = "<|endoftext|>" if uz.family != "gemma3" else "<eos>"  # a token that is not the image's
 
     monkeypatch.setenv("VLPATCH_MATRIX", matrix_copy.edited_copy(tmp_path, mismatch))
     patched(report=str(tmp_path / "r.jsonl"))

@@ -100,8 +100,30 @@ class Shape:
     fingerprints: dict  # target key -> fingerprint (None: not found in that release's wheel)
 
 
+# what a collator patch reads per processor class (`processors:` of the matrix), by its options key
+PROCESSOR_KEYS = ("media_tokens", "pixel_layout", "video_runs", "audio_tensors")
+
+
+def _options(raw: dict, processors: dict) -> dict:
+    """A patch's options, with the layouts of the processor classes it lists (`options.processors`)
+    gathered from the matrix's `processors:` section under their keys (`media_tokens`: class -> table ...)."""
+    options = dict(raw.get("options") or {})
+    names = options.get("processors")
+    if names is None:
+        return options
+    missing = [n for n in names if n not in processors]
+    if missing:
+        raise ValueError(f"{raw['id']}: options.processors names {missing}, which the matrix's processors section lacks")
+    for key in PROCESSOR_KEYS:
+        table = {n: processors[n][key] for n in names if key in processors[n]}
+        if table:
+            options[key] = table
+    return options
+
+
 def parse(data: dict, lock: dict | None = None) -> Matrix:
     patches = []
+    processors = data.get("processors") or {}
     locked = (lock or {}).get("patches", {})
     for raw in data.get("patches", []):
         shapes = [Shape(s["name"], tuple(s["releases"]), dict(s["fingerprints"])) for s in locked.get(raw["id"], {}).get("shapes", [])]
@@ -125,7 +147,7 @@ def parse(data: dict, lock: dict | None = None) -> Matrix:
                 shapes=shapes,
                 optional=bool(raw.get("optional")),
                 summary=raw.get("summary", ""),
-                options=raw.get("options") or {},
+                options=_options(raw, processors),
                 parts=[
                     Part(
                         name,

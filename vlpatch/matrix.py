@@ -50,7 +50,7 @@ def _index(path: str) -> list:
             elif current is not None and line.startswith(("    distribution:", "    hook:")):
                 current[line.split(":", 1)[0].strip()] = _scalar(line)
             elif line[:1].isalpha() and not line.startswith("patches:"):
-                current = None  # the next top-level key (smoke:) ends the patches
+                current = None  # a top-level key after `patches:` ends them
     _indexes[path] = [Entry((p["id"], p["distribution"], p["hook"])) for p in out]
     return _indexes[path]
 

@@ -4,7 +4,8 @@ cut row by row with whole media runs (`core.fit_sequence`; preference pairs toge
 
 Trainer-independent: `vlpatch.integrations.unsloth` (UnslothVisionDataCollator) and
 `vlpatch.integrations.trl` (TRL's vision collators) each hold a `Site`: the trainer name for the report,
-the matrix options of their patch (`media_tokens`, `pixel_layout`, `video_runs`, `audio_tensors`), the
+the matrix options of their patch (`media_tokens`, `pixel_layout`, `video_runs`, `audio_tensors`, gathered
+from the matrix's `processors:` section for the classes the patch covers), the
 finder cache and the name of the length setting. A batch left empty raises `EmptyBatchError`; a processor
 the matrix has no token table for is left to upstream, warned once (`Site.covers`).
 """

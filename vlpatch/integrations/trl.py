@@ -17,8 +17,9 @@ removed images leave pixel_values / image_grid_thw. Preference pairs are decided
 and rejected rows of one example are kept, cut, lose the same media, or are dropped as one.
 
 TRL's own refusal of `truncation_mode="keep_end"` for vision datasets stays as it is (its check is in
-the trainers' `__init__`, untouched). Media token layouts per processor class: the matrix
-(`options.media_tokens`); any other processor is left to upstream (warned once).
+the trainers' `__init__`, untouched). Media token layouts per processor class: the matrix (its
+`processors:` section, shared with Unsloth's patches by class name); any other processor is left to
+upstream (warned once).
 """
 
 from __future__ import annotations

@@ -18,9 +18,9 @@ Which symbols and versions: `compat_matrix.yaml` (patch `unsloth.collator`, part
   input_features / input_features_mask). A kind whose tensors vlpatch cannot take apart makes a sample
   that would lose it a `SampleError` naming it, never a blind cut.
 
-Media token layouts per processor class are data in the matrix (`options.media_tokens`, how the pixel
-tensors hold images: `options.pixel_layout`, which tensors hold one entry per audio clip:
-`options.audio_tensors`).
+Media token layouts per processor class are data in the matrix (its `processors:` section, gathered into
+the patch's `options.media_tokens`; how the pixel tensors hold images: `options.pixel_layout`; which
+tensors hold one entry per audio clip: `options.audio_tensors`).
 """
 
 from __future__ import annotations
