@@ -839,7 +839,7 @@ def _item_position(layouts, key) -> int:
     return -1
 
 
-POLICIES: dict = {p.name: p for p in (DropPolicy(), DropMediaPolicy(), ErrorPolicy(), ShrinkPolicy())}
+POLICIES: dict = {p.name: p for p in (DropPolicy(), DropMediaPolicy(), ShrinkPolicy(), ErrorPolicy())}
 assert tuple(POLICIES) == POLICY_NAMES, "errors.POLICY_NAMES lists the policies for the start-up path"
 _SHRINKS: dict = {}
 

@@ -1,6 +1,6 @@
 """vlpatch's own errors and the names of its policies: what the start-up path needs, and nothing else."""
 
-POLICY_NAMES = ("drop", "drop_media", "error", "shrink")  # core.POLICIES holds their implementations
+POLICY_NAMES = ("drop", "drop_media", "shrink", "error")  # core.POLICIES holds their implementations, in this order
 
 
 class VLPatchError(Exception):

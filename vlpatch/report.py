@@ -27,7 +27,7 @@ _RUN_ENV = "VLPATCH_RUN"
 
 
 @dataclass
-class Run:
+class ReportRun:
     """One unit of work (LLaMA-Factory: one dataset split being preprocessed)."""
 
     trainer: str
@@ -42,7 +42,7 @@ class Run:
         return json.dumps({f: getattr(self, f) for f in self.__dataclass_fields__ if f != "reasons"})
 
     @classmethod
-    def from_env(cls) -> "Run | None":
+    def from_env(cls) -> "ReportRun | None":
         raw = os.environ.get(_RUN_ENV)
         if not raw:
             return None
@@ -56,33 +56,33 @@ class Run:
         return run
 
 
-_current: Run | None = None
-_parsed: list = [None, None]  # [the last VLPATCH_RUN value read, its Run]
+_current: ReportRun | None = None
+_parsed: list = [None, None]  # [the last VLPATCH_RUN value read, its ReportRun]
 _local_counts: Counter = Counter()  # tallies made outside a run (a collator): summed up at exit
 _local_reasons: Counter = Counter()
 _exit_summary_registered = False
 _last_path: str | None = None
 
 
-def start_run(trainer: str, label: str, report_path: str | None, tallies: bool = True, **meta) -> Run:
+def start_run(trainer: str, label: str, report_path: str | None, tallies: bool = True, **meta) -> ReportRun:
     """Begin a run in this process; worker processes (forked or spawned) find it through the env.
     `tallies=False`: no summary counts are gathered (`vlpatch scan`, which reads each sample's rows)."""
     global _current
-    run = Run(trainer, label, report_path, stats_dir=tempfile.mkdtemp(prefix="vlpatch-") if tallies else "", meta=meta)
+    run = ReportRun(trainer, label, report_path, stats_dir=tempfile.mkdtemp(prefix="vlpatch-") if tallies else "", meta=meta)
     _current = run
     os.environ[_RUN_ENV] = run.to_env()
     return run
 
 
-def current_run() -> Run | None:
+def current_run() -> ReportRun | None:
     global _current
-    env_run = Run.from_env()
+    env_run = ReportRun.from_env()
     if env_run is not None and (_current is None or _current.run_id != env_run.run_id):
         _current = env_run
     return _current
 
 
-def end_run(run: Run, quiet: bool = False) -> Counter:
+def end_run(run: ReportRun, quiet: bool = False) -> Counter:
     """Collect every process's tallies, log the summary, clean up. Returns the counts (the reasons
     are left on `run.reasons`)."""
     global _current
@@ -201,7 +201,7 @@ def _append(path: str, text: str) -> None:
         os.close(fd)
 
 
-def run_rows(run: Run, limit: int | None = None, where=None) -> list[dict]:
+def run_rows(run: ReportRun, limit: int | None = None, where=None) -> list[dict]:
     """The rows this run wrote (read back from its report file), those `where` accepts, at most `limit`."""
     out = []
     if not run.report_path or not os.path.exists(run.report_path):

@@ -27,7 +27,7 @@ class ScanSetupError(Exception):
 KEEP_SHARES = (0.9, 0.95, 0.99, 1.0)
 
 
-POLICIES = ("drop", "drop_media", "shrink", "error")  # the side-by-side table: outcome under each
+POLICIES = core.POLICY_NAMES  # the side-by-side table: outcome under each
 
 @dataclass
 class Sample:
@@ -283,7 +283,7 @@ def _scan_block(state: _State, indices, encode: _Encoder, ticker: _Ticker, lfint
     vlpatch.revert()
     # pass 3, under the policy training will use, then under the other policies for the side-by-side table
     # (`error` stops training where `drop` drops: its outcome follows from drop's)
-    policies = list(dict.fromkeys([state.policy, "drop", "drop_media", "shrink"]))
+    policies = list(dict.fromkeys([state.policy, *(p for p in POLICIES if not core.get_policy(p).stops)]))
     ticker.more((len(policies) - 1) * (len(long) + len(bad)))
     outcomes: dict = {policy: {} for policy in policies}
     with lfint.sharing():  # the passes share each sample's uncut encode and spans
