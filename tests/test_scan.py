@@ -240,3 +240,28 @@ def test_scan_in_two_workers_equals_one_process_and_names_file_rows(tmp_path, ti
         assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
     text = scan(yaml_path, "--workers", "2")
     assert "2 workers" in text and "  sample bad[1]: error: " in text, text
+
+
+def test_the_policy_passes_start_from_the_whole_pass_encode(tiny_qwen2vl, data_dir, monkeypatch):
+    """The scan encodes each over-long sample uncut once, in its whole-sample pass: the policy passes
+    decide on that encode (its budget splits and learned spans) rather than encode it again."""
+    newest_only("llamafactory", "scan's own passes")
+    from vlpatch import scan as vscan
+    from vlpatch.integrations import llamafactory as lfint
+
+    encodes = []
+    real = lfint._Encode.encode
+
+    def counting(self, bound):
+        encodes.append(self.sample)
+        return real(self, bound)
+
+    monkeypatch.setattr(lfint._Encode, "encode", counting)
+    for key in [k for k in os.environ if k.startswith("VLPATCH")]:
+        monkeypatch.delenv(key)
+    config = {"model_name_or_path": tiny_qwen2vl, "dataset": "longimg", "dataset_dir": data_dir, "template": "qwen2_vl",
+              "cutoff_len": 128, "stage": "sft", "finetuning_type": "full"}
+    out = vscan.scan(config, policy="drop")
+    over = [s for s in out["samples"] if s["tokens"] > 128]
+    assert len(over) == 3 and all(s["vlpatch"] == "truncated" for s in over), out["samples"]
+    assert encodes == [], f"the policy passes encoded again: {encodes}"

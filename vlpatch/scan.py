@@ -273,22 +273,22 @@ def _scan_block(state: _State, indices, encode: _Encoder, ticker: _Ticker, lfint
     for i in indices:
         row = state.dataset[i]
         samples.append(Sample(i, row.get(lfint.SOURCE_COLUMN), row.get(lfint.ROW_COLUMN), images=list(row.get("_images") or [])))
-    vlpatch.revert()  # apply() publishes each pass's settings; revert() puts the environment back
-    vlpatch.apply(patches=["llamafactory.header_tokens"])
-    import llamafactory.data.mm_plugin  # noqa: F401  (attach now)
+    outcomes: dict = {}
+    with lfint.sharing():  # the passes share each over-long sample's uncut encode and spans (the whole pass's)
+        vlpatch.revert()  # apply() publishes each pass's settings; revert() puts the environment back
+        vlpatch.apply(patches=["llamafactory.header_tokens"])
+        import llamafactory.data.mm_plugin  # noqa: F401  (attach now)
 
-    long, bad, marks = _whole_pass(state, samples, encode, lfint)
-    ticker.more(2 * len(long) + len(bad))  # over-long samples: two more passes; bad ones: one
-    _vanilla_pass(state, long, marks, encode)
-    vlpatch.revert()
-    # pass 3, under the policy training will use, then under the other policies for the side-by-side table
-    # (`error` stops training where `drop` drops: its outcome follows from drop's)
-    policies = list(dict.fromkeys([state.policy, *(p for p in POLICIES if not core.get_policy(p).stops)]))
-    ticker.more((len(policies) - 1) * (len(long) + len(bad)))
-    outcomes: dict = {policy: {} for policy in policies}
-    with lfint.sharing():  # the passes share each sample's uncut encode and spans
+        long, bad, marks = _whole_pass(state, samples, encode, lfint)
+        ticker.more(2 * len(long) + len(bad))  # over-long samples: two more passes; bad ones: one
+        _vanilla_pass(state, long, marks, encode)
+        vlpatch.revert()
+        # pass 3, under the policy training will use, then under the other policies for the side-by-side table
+        # (`error` stops training where `drop` drops: its outcome follows from drop's)
+        policies = list(dict.fromkeys([state.policy, *(p for p in POLICIES if not core.get_policy(p).stops)]))
+        ticker.more((len(policies) - 1) * (len(long) + len(bad)))
         for policy in policies:
-            outcomes[policy].update(_policy_pass(state, long + bad, policy, encode, lfint, vreport))
+            outcomes[policy] = _policy_pass(state, long + bad, policy, encode, lfint, vreport)
     for s in samples:
         if s.index not in outcomes[state.policy]:
             s.policies = {p: "fits" for p in POLICIES}
@@ -328,6 +328,7 @@ def _whole_pass(state: _State, samples: list, encode: _Encoder, lfint) -> tuple:
             long.append(s)
             if found is not None:
                 marks[s.index] = (found, _counts(ids, found))
+                lfint.share(state.processor, trace)  # the policy passes start from this encode
     return long, bad, marks
 
 

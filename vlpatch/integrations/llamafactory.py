@@ -233,6 +233,8 @@ class _Trace:
     calls: list = field(default_factory=list)  # (args, kwargs, messages out)
     prefixes: list = field(default_factory=list)  # (ids in, ids out)
     media: dict = field(default_factory=dict)  # _memoized's: the plugin's processed media, by its arguments
+    encodes: list = field(default_factory=list)  # tracing() in sharing(): (arguments, output) of the encode
+    learned: list | None = None  # media_runs': the learned spans
 
 
 class Unreadable(Exception):
@@ -809,21 +811,55 @@ def _unbounded(instance, batch: _Batch | None):
 @contextlib.contextmanager
 def tracing(instance):
     """For `vlpatch scan`: (a recording copy of the dataset processor, its trace); after the copy encoded
-    a sample, `media_runs(instance, trace, ids)` gives the media spans of its first sequence."""
+    a sample, `media_runs(instance, trace, ids)` gives the media spans of its first sequence. Within
+    `sharing()`, the copy's encode (uncut: the scan's whole-sample pass) is kept with upstream's budget
+    splits, for `share` to hand to the policy passes that follow."""
     trace = _Trace()
     _traces.append(trace)
+    clone = _recording(instance)
+    module = sys.modules[type(instance).__module__]
+    split = getattr(module, "infer_seqlen", None)
+    recorded = _shared and split is not None and not hasattr(split, "__wrapped__")  # else the patch records them
+    if _shared:
+        func = getattr(type(instance)._encode_data_example, "__wrapped__", type(instance)._encode_data_example)
+
+        def encode(**kwargs):
+            out = func(clone, **kwargs)
+            trace.encodes.append((kwargs, out))
+            return out
+
+        clone._encode_data_example = encode
+    if recorded:
+
+        def recording_split(*args, **kwargs):
+            return _record_split(split, None, args, kwargs)
+
+        module.infer_seqlen = recording_split
     try:
-        yield _recording(instance), trace
+        yield clone, trace
     finally:
+        if recorded:
+            module.infer_seqlen = split
         _traces.remove(trace)
 
 
 def media_runs(instance, trace: _Trace, ids) -> tuple:
     """(runs, marks) of the first sequence a traced encode produced; raises Unreadable."""
-    learned = learn(instance, trace)
+    learned = trace.learned = learn(instance, trace)
     if not learned:
         return [], frozenset()
     return learned[0].runs(ids), learned[0].marks
+
+
+def share(instance, trace: _Trace) -> None:
+    """Within `sharing()`: the traced whole-sample encode (`tracing`, `media_runs`) becomes the uncut
+    encode of the policy passes that encode the same sample next, as their own first one would be."""
+    if not _shared or len(trace.encodes) != 1 or trace.learned is None:
+        return
+    bound, full = trace.encodes[0]
+    key = _share_key(instance, bound)
+    if key is not None:
+        _shared[-1][key] = [full, trace, trace.learned]
 
 
 def _encode_wrapper(stage: str):
@@ -857,7 +893,7 @@ class _Encode:
         self.budget = instance.data_args.cutoff_len
         index, position, source, source_row = where  # _identify's
         self.sample = _describe(index, position, source, source_row)
-        self.key = _share_key(stage, instance, bound)
+        self.key = _share_key(instance, bound)
         self.counts = counts
         self.row = {"stage": stage, "index": index, "source_dataset": source, "source_row": source_row,
                     "batch_position": position, "budget": self.budget, "media": {kind: n for kind, n in counts.items() if n}}
@@ -1007,14 +1043,14 @@ def sharing():
         _shared.pop()
 
 
-def _share_key(stage: str, instance, bound: dict):
+def _share_key(instance, bound: dict):
     """The key of a sample's inputs for `sharing`, or None (not sharing, or media that are not paths)."""
     if not _shared:
         return None
     for kind in core.MEDIA_KINDS:
         if not all(isinstance(item, str) for item in bound.get(kind + "s") or []):
             return None
-    return (stage, id(instance.template), id(instance.tokenizer), repr(sorted(bound.items())))
+    return (type(instance).__qualname__, id(instance.template), id(instance.tokenizer), repr(sorted(bound.items())))
 
 
 def _empty_sources(instance, bound) -> list | None:
