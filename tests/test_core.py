@@ -176,6 +176,28 @@ def test_media_that_take_the_prompts_share_leave_the_frame_in_place():
     assert [ids[p] for p in core.resolve([unframed], core.get_policy("drop"), "x").kept[0]] == [START] + [IMG] * 8 + [END] + TEXT[:4]
 
 
+@given(st.integers(0, 600), st.integers(0, 600), st.integers(1, 600))
+def test_seqlen_split_is_llamafactorys_arithmetic(source, target, cutoff):
+    """`core.seqlen_split` (ms-swift's split) is LLaMA-Factory's `infer_seqlen`, the reference here."""
+    assert core.seqlen_split(source, target, cutoff) == lf_split(source, target, cutoff)
+
+
+def test_an_assistant_header_at_the_answers_head_stays_with_at_least_one_answer_token():
+    """`Layout.tails`: the header counted to the answer side (ms-swift) is kept before the answer, and the
+    answer floor counts on top of it: frame, media, header and one answer token, or the policy."""
+    header = [48, 49, 50]
+    ids = FRAME[:4] + TEXT[:6] + [START] + [IMG] * 8 + [END] + header + TEXT[:8]
+    runs = FINDER.assign_items(ids, FINDER.find(ids), {"image": 1})
+    src, tgt = range(0, 20), range(20, 31)
+    layout = core.Layout(len(ids), runs, [(src, tgt)], 19, core.seqlen_split, heads=[4], tails=[3])
+    kept = [ids[p] for p in core.resolve([layout], core.get_policy("drop"), "x").kept[0]]
+    assert kept == FRAME[:4] + [START] + [IMG] * 8 + [END] + header + TEXT[:2]
+    tight = core.Layout(len(ids), runs, [(src, tgt)], 17, core.seqlen_split, heads=[4], tails=[3])
+    assert core.resolve([tight], core.get_policy("drop"), "x").action == "dropped"  # header alone: no answer token
+    assert core.resolve([core.Layout(len(ids), runs, [(src, tgt)], 18, core.seqlen_split, heads=[4], tails=[3])],
+                        core.get_policy("drop"), "x").action == "truncated"
+
+
 def test_text_first_cut_is_moved_off_the_image():
     # 20 text tokens then an image run of 12: a budget of 25 cuts inside the run upstream
     ids = TEXT[:20] + [START] + [IMG] * 10 + [END] + [TEXT[0]] * 3

@@ -302,6 +302,9 @@ class Layout:
     keeps together with that turn's media; where it is known (> 0) the answer keeps at least
     `ANSWER_FLOOR` of its tokens too, and a frame, media and floor that do not fit together go to the
     policy as media that do not fit do. Empty: no frame known, today's arithmetic.
+    `tails[i]`: the frame at the start of turn i's target that comes before the answer proper (the
+    assistant header, where the integration counts it to the answer side so that the answer keeps its
+    role): the answer's floor counts on top of it. Empty: none.
     """
 
     length: int
@@ -311,9 +314,13 @@ class Layout:
     split: SplitFn
     reserved: int = 0
     heads: list = field(default_factory=list)
+    tails: list = field(default_factory=list)
 
     def head(self, index: int) -> int:
         return self.heads[index] if index < len(self.heads) else 0
+
+    def tail(self, index: int) -> int:
+        return self.tails[index] if index < len(self.tails) else 0
 
     def fixed_positions(self) -> list[int]:
         """The positions outside every turn, in order."""
@@ -461,6 +468,20 @@ def _head_text(pos: list[int], seg_runs: list[Run], head: int) -> int:
     return bisect.bisect_left(pos, min(r.start for r in seg_runs), 0, min(head, len(pos)))  # `pos` ascends
 
 
+def seqlen_split(source_len: int, target_len: int, cutoff_len: int) -> tuple:
+    """LLaMA-Factory's `infer_seqlen` arithmetic, for a trainer that has no split of its own (ms-swift):
+    an answer shorter than half the budget keeps all of it, a prompt shorter than half keeps all of it,
+    else each side keeps its share of the budget."""
+    if target_len * 2 < cutoff_len:
+        max_target = cutoff_len
+    elif source_len * 2 < cutoff_len:
+        max_target = cutoff_len - source_len
+    else:
+        max_target = int(cutoff_len * (target_len / (source_len + target_len)))
+    target = min(max_target, target_len)
+    return min(max(cutoff_len - target, 0), source_len), target
+
+
 def media_split(split: SplitFn, s_len: int, t_len: int, remaining: int, s_media: int, t_media: int):
     """The trainer's own split, widened so each side can hold its media (and the source its frame, the
     target its floor: both counted in `s_media` / `t_media` by the caller) where both fit."""
@@ -495,7 +516,7 @@ def plan_layout(layout: Layout, removed: set = frozenset()) -> Plan:
         s_media = sum(r.length for r in s_runs)
         t_media = sum(r.length for r in t_runs)
         head = _head_text(s_pos, s_runs, layout.head(index)) if s_runs else 0  # text alone: the trainer's cut
-        floor = min(len(t_pos) - t_media, ANSWER_FLOOR) if head else 0
+        floor = min(len(t_pos) - t_media, layout.tail(index) + ANSWER_FLOOR) if head else 0
         s, t = media_split(layout.split, len(s_pos), len(t_pos), remaining, s_media + head, t_media + floor)
         if not index and head and s_media + head + t_media + floor > remaining:
             # the frame, the media and the answer's floor do not fit together: the media that do not fit

@@ -1,0 +1,183 @@
+"""ms-swift (`swift.truncation`): its real template and its real `swift sft`, on a tiny Qwen2-VL built
+offline with Qwen's real special-token ids (ms-swift's Qwen templates hard-code `<|image_pad|>` 151655).
+
+Vanilla `right` loses the vision markers, the chat frame and the answer, and keeps a 2,500-token image
+in a row of `max_length` 256; patched, every row fits with whole media spans equal to their grids, the
+chat frame and the assistant header, and answer tokens; media that do not fit go to the policy; under
+`delete` every deleted row is reported with the row upstream served instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+from tests.conftest import require
+from tests.fixtures import console
+from tests.fixtures.swift_rows import BIG, IMAGE_PAD, build_rows, spans
+
+BUDGET = 256
+
+
+@pytest.fixture(scope="module")
+def swift_env(tmp_path_factory):
+    require("swift")
+    from tests.fixtures.tiny_models import build_tiny_qwen2vl
+
+    root = tmp_path_factory.mktemp("swift")
+    model = build_tiny_qwen2vl(str(root / "model"), real_ids=True)
+    data, rows = build_rows(str(root / "data"))
+    return model, data, rows, build_rows(str(root / "data_short"), short=6)[0]
+
+
+def _template(model, strategy):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from swift.model import get_processor
+    from swift.template import get_template
+
+    import swift.dataset.utils  # noqa: F401 - the patch's hook module, as training imports it
+
+    template = get_template(get_processor(model, model_type="qwen2_vl"), template_type="qwen2_vl", max_length=BUDGET,
+                            truncation_strategy=strategy)
+    template.set_mode("train")
+    return template
+
+
+def _encode(template, row):
+    from swift.template import MaxLengthError
+
+    try:
+        return template.encode(json.loads(json.dumps(row)))
+    except MaxLengthError as exc:
+        return exc
+
+
+def _grid_tokens(encoded) -> list:
+    grid = encoded.get("image_grid_thw")
+    return [] if grid is None else [int(g.prod()) // 4 for g in grid]
+
+
+def test_vanilla_right_cuts_markers_frame_and_answer(swift_env, patched):
+    model, _, rows, _ = swift_env
+    import vlpatch
+
+    vlpatch.revert()
+    template = _template(model, "right")
+    first, second, big = (_encode(template, rows[i]) for i in range(3))
+    assert ("broken", 64) in spans(first["input_ids"])  # the pads kept without their markers
+    assert not any(label != -100 for label in first["labels"])  # no answer left: a step at loss 0
+    assert ("broken", 64) in spans(second["input_ids"])  # the second image's pads after the cut text
+    assert len(big["input_ids"]) == (BIG // 14) ** 2 // 4 > BUDGET  # the 2,500-token image trains whole
+
+
+@pytest.mark.parametrize("strategy", ["right", "left"])
+def test_patched_rows_fit_with_whole_spans_frame_and_answer(swift_env, patched, tmp_path, strategy):
+    model, _, rows, _ = swift_env
+    patched(policy="drop", report=str(tmp_path / "report.jsonl"))
+    template = _template(model, strategy)
+    from swift.template import MaxLengthError
+
+    whole = {}
+    for i, row in enumerate(rows):
+        encoded = _encode(template, row)
+        if i == 2:
+            assert isinstance(encoded, MaxLengthError) and "media_exceed_budget" in str(encoded)
+            continue
+        ids = encoded["input_ids"]
+        assert len(ids) <= BUDGET and len(encoded["labels"]) == len(ids)
+        assert spans(ids) == [("image", n) for n in _grid_tokens(encoded)]  # every span whole, as its grid says
+        if encoded.get("pixel_values") is not None:
+            assert encoded["pixel_values"].shape[0] == 4 * sum(_grid_tokens(encoded))
+        if encoded.get("mm_token_type_ids") is not None:  # ms-swift 4.2 on, transformers 5.3 on
+            assert encoded["mm_token_type_ids"].tolist() == [1 if t == IMAGE_PAD else 0 for t in ids]
+        answer = [p for p, label in enumerate(encoded["labels"]) if label != -100]
+        assert answer, f"row {i} kept no answer"
+        text = template.tokenizer.decode(ids)
+        assert text.startswith("<|im_start|>system\n"), text[:80]
+        if i < 4:  # rows vlpatch cuts: the frame and the assistant header stay
+            assert template.tokenizer.decode(ids[: answer[0]]).endswith("<|im_end|>\n<|im_start|>assistant\n")
+        whole[i] = len(ids)
+    assert len(_encode(_template(model, strategy), rows[3])["input_ids"]) < BUDGET  # the short row is untouched
+    report = [json.loads(line) for line in open(tmp_path / "report.jsonl")]
+    by_reason = {}
+    for r in report:
+        by_reason.setdefault(r["action"], []).append(r)
+    assert len(by_reason["dropped"]) == 1 and by_reason["dropped"][0]["tokens_before"] > 2500  # once, not per retry
+    assert len(by_reason["truncated"]) == 3  # rows 0, 1 and the text-only row 4
+    assert all(r["tokens_after"] <= BUDGET for r in by_reason["truncated"])
+
+
+def test_policies_on_media_that_alone_exceed_max_length(swift_env, patched, tmp_path):
+    model, _, rows, _ = swift_env
+    from vlpatch.errors import SampleError
+
+    patched(policy="drop_media", report=str(tmp_path / "r1.jsonl"))
+    out = _encode(_template(model, "right"), rows[2])
+    assert IMAGE_PAD not in out["input_ids"] and "pixel_values" not in out and "image_grid_thw" not in out
+    assert any(label != -100 for label in out["labels"])
+    row = [json.loads(line) for line in open(tmp_path / "r1.jsonl")][0]
+    assert row["action"] == "media_dropped" and row["media_removed"] == {"image": [0]}
+
+    patched(policy="shrink", report=str(tmp_path / "r2.jsonl"))
+    out = _encode(_template(model, "right"), rows[2])
+    assert len(out["input_ids"]) <= BUDGET and spans(out["input_ids"]) == [("image", n) for n in _grid_tokens(out)]
+    assert out["pixel_values"].shape[0] == 4 * sum(_grid_tokens(out)) and _grid_tokens(out)[0] > 16
+    row = [json.loads(line) for line in open(tmp_path / "r2.jsonl")][0]
+    assert row["action"] == "shrunk" and row["media_resized"][0]["tokens_after"] < 2500
+
+    patched(policy="error", report=str(tmp_path / "r3.jsonl"))
+    with pytest.raises(SampleError, match="describe"):
+        _template(model, "right").encode(json.loads(json.dumps(rows[2])))
+
+
+def _sft(model, data, out, strategy, env_extra, script=None):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "VLPATCH": "", **env_extra}
+    args = ["--model", model, "--model_type", "qwen2_vl", "--template", "qwen2_vl", "--dataset", data,
+            "--tuner_type", "full", "--torch_dtype", "float32", "--check_model", "false", "--max_length", str(BUDGET),
+            "--truncation_strategy", strategy, "--num_train_epochs", "1", "--per_device_train_batch_size", "1",
+            "--gradient_accumulation_steps", "1", "--output_dir", str(out), "--save_strategy", "no", "--report_to", "none",
+            "--dataloader_num_workers", "0", "--dataloader_persistent_workers", "false", "--logging_steps", "1", "--dataset_shuffle", "false", "--split_dataset_ratio", "0"]
+    if script:
+        argv = [sys.executable, script, *args]
+    else:
+        argv = [os.path.join(os.path.dirname(sys.executable), "swift"), "sft", *args]
+    return console.run(argv, env=env, cwd=str(out), timeout=900, fresh=True)
+
+
+@pytest.mark.slow
+def test_swift_sft_with_the_env_var_trains_and_names_every_deleted_row(swift_env, tmp_path):
+    """`swift sft` with its default `--truncation_strategy delete` and VLPATCH=1: rows 0, 1, 2 and 4
+    are over the budget and deleted, as upstream deletes them, each named in the report with the row
+    served in its place (one of the short rows 3, 5-10); the run trains."""
+    model, _, _, data = swift_env
+    report = tmp_path / "report.jsonl"
+    proc = _sft(model, data, tmp_path, "delete", {"VLPATCH": "1", "VLPATCH_REPORT": str(report)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in open(report)]
+    deleted = [r for r in rows if r["action"] == "dropped"]
+    assert deleted and {r["index"] for r in deleted} <= {0, 1, 2, 4}
+    assert all(r["reason"].startswith("truncation_strategy_delete") for r in deleted)
+    assert all(r.get("replaced_by") in {3, 5, 6, 7, 8, 9, 10} for r in deleted), deleted
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["right", "left"])
+def test_swift_sft_trains_cut_rows_with_apply(swift_env, tmp_path, strategy):
+    """The real `sft_main` in a script that calls `vlpatch.apply()` first: every row but the 2,500-token
+    one trains (it is deleted and replaced by upstream, reported), and no step is at loss 0."""
+    model, data, _, _ = swift_env
+    script = tmp_path / "train.py"
+    script.write_text("import vlpatch\nvlpatch.apply(policy='drop')\nfrom swift.pipelines import sft_main\nsft_main()\n")
+    report = tmp_path / "report.jsonl"
+    proc = _sft(model, data, tmp_path, strategy, {"VLPATCH_REPORT": str(report)}, script=str(script))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in open(report)]
+    assert {r["index"] for r in rows if r["action"] == "truncated"} == {0, 1, 4}
+    assert [r["index"] for r in rows if r["action"] == "dropped"] == [2]
+    logged = [json.loads(line) for line in open(next(tmp_path.glob("v*/logging.jsonl")))]
+    losses = [float(entry["loss"]) for entry in logged if "loss" in entry]
+    assert len(losses) == 5 and all(loss > 0 for loss in losses), losses  # one step per row, each with answer tokens
