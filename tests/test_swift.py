@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import require
 from tests.fixtures import console
-from tests.fixtures.swift_rows import BIG, IMAGE_PAD, build_rows, spans
+from tests.fixtures.swift_rows import BIG, IMAGE_PAD, build_rows, build_tiny_qwen2_5vl, spans, video_frames
 
 BUDGET = 256
 
@@ -33,14 +33,14 @@ def swift_env(tmp_path_factory):
     return model, data, rows, build_rows(str(root / "data_short"), short=6)[0]
 
 
-def _template(model, strategy):
+def _template(model, strategy, family="qwen2_vl", budget=BUDGET):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from swift.model import get_processor
     from swift.template import get_template
 
     import swift.dataset.utils  # noqa: F401 - the patch's hook module, as training imports it
 
-    template = get_template(get_processor(model, model_type="qwen2_vl"), template_type="qwen2_vl", max_length=BUDGET,
+    template = get_template(get_processor(model, model_type=family), template_type=family, max_length=budget,
                             truncation_strategy=strategy)
     template.set_mode("train")
     return template
@@ -131,6 +131,38 @@ def test_policies_on_media_that_alone_exceed_max_length(swift_env, patched, tmp_
     patched(policy="error", report=str(tmp_path / "r3.jsonl"))
     with pytest.raises(SampleError, match="describe"):
         _template(model, "right").encode(json.loads(json.dumps(rows[2])))
+
+
+def test_qwen2_5_vl_video_and_image_spans_stay_whole(tmp_path, patched):
+    """Qwen2.5-VL, a video (four frames) and an image after 150 words: vanilla keeps only pad tokens; the
+    patch keeps both spans whole at 400 tokens, and under `drop_media` at 320 the image leaves with its
+    pixel rows and grid while the video (and its `second_per_grid_ts`) stays."""
+    require("swift")
+    model = build_tiny_qwen2_5vl(str(tmp_path / "q25"))
+    words = " ".join(["the a picture image shows describe what"] * 22)
+    row = {"messages": [{"role": "user", "content": words + " <video> and <image> what?"},
+                        {"role": "assistant", "content": "a picture of the image " * 5}],
+           "videos": [video_frames(str(tmp_path), "v")], "images": [build_rows(str(tmp_path / "rows"))[1][3]["images"][0]]}
+    import vlpatch
+
+    def tokens(encoded, grid):
+        return [int(g.prod()) // 4 for g in encoded[grid]]
+
+    vlpatch.revert()
+    vanilla = _encode(_template(model, "right", "qwen2_5_vl", 400), row)
+    assert all(kind == "broken" for kind, _ in spans(vanilla["input_ids"]))  # the markers are gone
+    patched(policy="drop", report=str(tmp_path / "r.jsonl"))
+    out = _encode(_template(model, "right", "qwen2_5_vl", 400), row)
+    assert len(out["input_ids"]) == 400
+    assert spans(out["input_ids"]) == [("video", *tokens(out, "video_grid_thw")), ("image", *tokens(out, "image_grid_thw"))]
+    assert any(label != -100 for label in out["labels"])
+    patched(policy="drop_media", report=str(tmp_path / "r2.jsonl"))
+    out = _encode(_template(model, "right", "qwen2_5_vl", 320), row)
+    assert spans(out["input_ids"]) == [("video", *tokens(out, "video_grid_thw"))] and len(out["input_ids"]) <= 320
+    assert "pixel_values" not in out and "image_grid_thw" not in out and len(out["second_per_grid_ts"]) == 1
+    assert out["pixel_values_videos"].shape[0] == 4 * sum(tokens(out, "video_grid_thw"))
+    row = [json.loads(line) for line in open(tmp_path / "r2.jsonl")][0]
+    assert row["action"] == "media_dropped" and row["media_removed"] == {"image": [0]}
 
 
 def _sft(model, data, out, strategy, env_extra, script=None):
