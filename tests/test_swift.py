@@ -35,19 +35,35 @@ def swift_env(tmp_path_factory):
 
 def _template(model, strategy, family="qwen2_vl", budget=BUDGET):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from swift.model import get_processor
-    from swift.template import get_template
+    try:  # 4.x
+        from swift.model import get_processor
+        from swift.template import get_template
 
-    import swift.dataset.utils  # noqa: F401 - the patch's hook module, as training imports it
+        import swift.dataset.utils  # noqa: F401 - the patch's hook module, as training imports it
 
-    template = get_template(get_processor(model, model_type=family), template_type=family, max_length=budget,
-                            truncation_strategy=strategy)
+        template = get_template(get_processor(model, model_type=family), template_type=family, max_length=budget,
+                                truncation_strategy=strategy)
+    except ImportError:  # 3.x: under swift.llm, the template type first
+        from swift.llm import get_model_tokenizer, get_template
+
+        import swift.llm.dataset.utils  # noqa: F401
+
+        processor = get_model_tokenizer(model, model_type=family, load_model=False)[1]
+        template = get_template(family, processor, max_length=budget, truncation_strategy=strategy)
     template.set_mode("train")
     return template
 
 
+def _max_length_error():
+    try:
+        from swift.template import MaxLengthError
+    except ImportError:  # 3.x
+        from swift.llm.template import MaxLengthError
+    return MaxLengthError
+
+
 def _encode(template, row):
-    from swift.template import MaxLengthError
+    MaxLengthError = _max_length_error()
 
     try:
         return template.encode(json.loads(json.dumps(row)))
@@ -78,7 +94,7 @@ def test_patched_rows_fit_with_whole_spans_frame_and_answer(swift_env, patched, 
     model, _, rows, _ = swift_env
     patched(policy="drop", report=str(tmp_path / "report.jsonl"))
     template = _template(model, strategy)
-    from swift.template import MaxLengthError
+    MaxLengthError = _max_length_error()
 
     whole = {}
     for i, row in enumerate(rows):
@@ -165,11 +181,19 @@ def test_qwen2_5_vl_video_and_image_spans_stay_whole(tmp_path, patched):
     assert row["action"] == "media_dropped" and row["media_removed"] == {"image": [0]}
 
 
+def _four() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("swift.model") is not None  # 3.x: everything under swift.llm
+
+
 def _sft(model, data, out, strategy, env_extra, script=None):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "VLPATCH": "", **env_extra}
-    args = ["--model", model, "--model_type", "qwen2_vl", "--template", "qwen2_vl", "--dataset", data,
-            "--tuner_type", "full", "--torch_dtype", "float32", "--check_model", "false", "--max_length", str(BUDGET),
+    # 4.x: --tuner_type, and --check_model false (else it asks the hub); 3.x: --train_type
+    tuner = ["--tuner_type", "full", "--check_model", "false"] if _four() else ["--train_type", "full"]
+    args = ["--model", model, "--model_type", "qwen2_vl", "--template", "qwen2_vl", "--dataset", data, *tuner,
+            "--torch_dtype", "float32", "--max_length", str(BUDGET),
             "--truncation_strategy", strategy, "--num_train_epochs", "1", "--per_device_train_batch_size", "1",
             "--gradient_accumulation_steps", "1", "--output_dir", str(out), "--save_strategy", "no", "--report_to", "none",
             "--dataloader_num_workers", "0", "--dataloader_persistent_workers", "false", "--logging_steps", "1", "--dataset_shuffle", "false", "--split_dataset_ratio", "0"]
@@ -203,7 +227,8 @@ def test_swift_sft_trains_cut_rows_with_apply(swift_env, tmp_path, strategy):
     one trains (it is deleted and replaced by upstream, reported), and no step is at loss 0."""
     model, data, _, _ = swift_env
     script = tmp_path / "train.py"
-    script.write_text("import vlpatch\nvlpatch.apply(policy='drop')\nfrom swift.pipelines import sft_main\nsft_main()\n")
+    main = "swift.pipelines" if _four() else "swift.llm"
+    script.write_text(f"import vlpatch\nvlpatch.apply(policy='drop')\nfrom {main} import sft_main\nsft_main()\n")
     report = tmp_path / "report.jsonl"
     proc = _sft(model, data, tmp_path, strategy, {"VLPATCH_REPORT": str(report)}, script=str(script))
     assert proc.returncode == 0, proc.stderr[-3000:]

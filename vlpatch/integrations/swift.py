@@ -1,6 +1,7 @@
 """ms-swift: `Template._encode_truncated` with whole media spans, and no silent swap of over-long rows.
 
-Which symbols and versions: `compat_matrix.yaml` (patch `swift.truncation`). Upstream encodes a row
+Which symbols and versions: `compat_matrix.yaml` (patches `swift.truncation`, 4.x, and
+`swift.truncation_3x`, the same code under `swift.llm` in 3.x). Upstream encodes a row
 (media already expanded into their pad tokens), then measures it against `max_length`: `raise` (the
 CLI's default `--truncation_strategy delete`) raises `MaxLengthError`, which `LazyLLMDataset` answers
 by encoding another row instead, without a word (`--lazy_tokenize false`: the row is deleted, one count
@@ -143,10 +144,13 @@ def _uncut(wrapped, template, args, kwargs=None):
         template.max_length = budget
 
 
-def _swift():
-    from swift.template import MaxLengthError  # noqa: PLC0415 - upstream is imported by now
+def _max_length_error(template):
+    """ms-swift's `MaxLengthError`, from the module that defines the template's `_encode_truncated`
+    (swift.template.base on 4.x, swift.llm.template.base on 3.x)."""
+    import sys
 
-    return MaxLengthError
+    owner = next(c for c in type(template).__mro__ if "_encode_truncated" in vars(c))
+    return sys.modules[owner.__module__].MaxLengthError
 
 
 class _Row:
@@ -177,7 +181,7 @@ class _Row:
                 self.fetch.deleted.append(row)  # written when the fetch ends, with the row served instead
             else:
                 report.write_rows([row], self.site.report)
-        raise _swift()(f"vlpatch: {self.name}: {reason}")
+        raise _max_length_error(self.template)(f"vlpatch: {self.name}: {reason}")
 
     def layouts(self, encoded, runs) -> list:
         """One turn per answer (the prompt before it, the answer with its assistant header), in the order
@@ -213,9 +217,7 @@ class _Row:
         message left out (`core.emptied`): its head is the row's chat frame, the end of each prompt its
         assistant header. ([], []) where the template cannot encode it."""
         if self._empty is None:
-            from swift.template import StdTemplateInputs  # noqa: PLC0415 - upstream is imported by now
-
-            empty = StdTemplateInputs(messages=core.emptied(self.inputs.messages), system=self.inputs.system)
+            empty = type(self.inputs)(messages=core.emptied(self.inputs.messages), system=self.inputs.system)
             try:
                 self.template._preprocess_inputs(empty)
                 got = self.template._encode(empty)
