@@ -310,6 +310,8 @@ def check_case(lf, cutoff: int, mask_history: bool, policy: str) -> Counter:
         if not mask_history:  # a cut row keeps the chat frame its uncut row starts with (system block, header)
             assert ids[: u.frame] == u.ids[: u.frame], (where, r, ids[: u.frame + 3], u.ids[: u.frame + 3])
         assert r["tokens_before"] == len(u.ids) and r["tokens_after"] == len(ids), (where, r)
+        answer = sum(1 for x in labels if x != -100)  # the report says how much of the answer gave way
+        assert (r["answer_tokens_before"], r["answer_tokens_after"]) == (sum(1 for x in u.labels if x != -100), answer), (where, r)
         assert r["media_removed"].get("image", []) == removed and len(removed) == len(s.images) - len(images), (where, r)
         if s.index in must_go:  # drop_media: the first-budgeted turn's trailing runs go until the rest fits
             assert r["action"] == "media_dropped" and r["reason"].startswith("media_exceed_budget"), (where, r)

@@ -124,6 +124,7 @@ def test_patched_rows_fit_with_whole_spans_frame_and_answer(swift_env, patched, 
     assert len(by_reason["dropped"]) == 1 and by_reason["dropped"][0]["tokens_before"] > 2500  # once, not per retry
     assert len(by_reason["truncated"]) == 3  # rows 0, 1 and the text-only row 4
     assert all(r["tokens_after"] <= BUDGET for r in by_reason["truncated"])
+    assert all(0 < r["answer_tokens_after"] <= r["answer_tokens_before"] for r in by_reason["truncated"])
 
 
 def test_policies_on_media_that_alone_exceed_max_length(swift_env, patched, tmp_path):

@@ -82,6 +82,11 @@ class _Handler:
     def build(self, full, kept) -> Any:
         raise NotImplementedError
 
+    def answers(self, full, kept) -> dict:
+        """Report fields: the answer tokens (supervised labels) before and after the cut, where the
+        handler's output has one label sequence (else none)."""
+        return {}
+
     def dropped(self, instance, overlong: bool) -> Any:
         raise NotImplementedError
 
@@ -118,6 +123,11 @@ class _Supervised(_Handler):
 
     def build(self, full, kept):
         return _pick(full[0], kept[0]), _pick(full[1], kept[0])
+
+    def answers(self, full, kept):
+        labels = full[1]
+        return {"answer_tokens_before": sum(1 for x in labels if x != IGNORE_INDEX),
+                "answer_tokens_after": sum(1 for p in kept[0] if labels[p] != IGNORE_INDEX)}
 
     def dropped(self, instance, overlong):
         if overlong:
@@ -1016,6 +1026,7 @@ class _Encode:
             "text_tokens_after": after - kept_media,
             "media_tokens_after": kept_media,
             "media_removed": _removed(decision.removed),
+            **self.handler.answers(full, decision.kept),
         })
         return out
 

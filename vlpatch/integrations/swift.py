@@ -255,11 +255,19 @@ class _Row:
         row = {**self.entry, "action": decision.action, "reason": decision.reason or "text_over_budget",
                "tokens_after": len(kept), "media_tokens": sum(r.length for r in runs_now),
                "media_tokens_after": sum(r.length for r in runs_now if not set(r.keys()) & set(decision.removed)),
-               "media_removed": gone, **extra}
+               "media_removed": gone, **_answer_tokens(encoded.get("labels"), kept), **extra}
         if self.fresh:
             report.write_rows([row], self.site.report)
             report.tally(Counter({decision.action: 1}), Counter({core.reason_code(decision.reason): 1}))
         return out
+
+
+def _answer_tokens(labels, kept) -> dict:
+    """Report fields: the row's answer tokens (supervised labels) before and after the cut."""
+    if not labels:
+        return {}
+    return {"answer_tokens_before": sum(1 for x in labels if x != -100),
+            "answer_tokens_after": sum(1 for p in kept if labels[p] != -100)}
 
 
 def _common_suffix(a, b) -> int:
