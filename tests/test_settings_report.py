@@ -119,3 +119,14 @@ def test_reason_codes_and_the_bad_input_share():
     assert not core.too_much_bad(5, 100, 0.05) and core.too_much_bad(6, 100, 0.05) and not core.too_much_bad(0, 0, 0.0)
     summary = report.format_summary(Counter({"kept": 2, "dropped": 1}), Counter({"bad_input": 1}), None)
     assert summary == "samples: 2 kept, 0 truncated, 0 media_dropped, 1 dropped; reasons: bad_input x1; no report file set"
+
+
+def test_a_sample_error_survives_pickling():
+    """A worker process (datasets.map, a data loader) hands its error back pickled: sample and reason stay."""
+    import pickle
+
+    from vlpatch.errors import SampleError
+
+    err = pickle.loads(pickle.dumps(SampleError("dataset row 3", "media do not fit", "image#0")))
+    assert (err.sample, err.reason, err.detail) == ("dataset row 3", "media do not fit", "image#0")
+    assert str(err) == "vlpatch: sample dataset row 3: media do not fit (image#0)"

@@ -150,6 +150,47 @@ def test_policies_on_media_that_alone_exceed_max_length(swift_env, patched, tmp_
         _template(model, "right").encode(json.loads(json.dumps(rows[2])))
 
 
+def test_preference_rows_keep_their_media_together(swift_env, patched, tmp_path):
+    """`rlhf` mode (DPO): chosen and rejected are encoded one at a time, each cut with whole spans; a row
+    whose media would have to leave one side is deleted under `drop_media` rather than pair a side with
+    an image and a side without."""
+    model, _, rows, _ = swift_env
+    patched(policy="drop_media", report=str(tmp_path / "r.jsonl"))
+    template = _template(model, "right")
+    template.set_mode("rlhf")
+    for i in (0, 1):
+        out = _encode(template, {**rows[i], "rejected_response": "no " * 40})
+        for side in ("chosen", "rejected"):
+            ids = out[f"{side}_input_ids"]
+            assert len(ids) <= BUDGET and spans(ids) == [("image", n) for n in _grid_tokens({"image_grid_thw": out[f"{side}_image_grid_thw"]})]
+            assert any(label != -100 for label in out[f"{side}_labels"])
+    deleted = _encode(template, {**rows[2], "rejected_response": "no " * 40})
+    assert isinstance(deleted, _max_length_error()) and "keeps its media together" in str(deleted)
+
+
+def test_without_lazy_tokenization_each_row_is_reported_and_error_stops(swift_env, patched, tmp_path):
+    """`--lazy_tokenize false`: upstream's batched preprocessing deletes a row on any error; vlpatch reports
+    the deleted row, and policy `error` stops the run instead of a silent deletion."""
+    model, _, rows, _ = swift_env
+    from datasets import Dataset
+
+    try:
+        from swift.dataset.utils import EncodePreprocessor
+    except ImportError:  # 3.x
+        from swift.llm.dataset.utils import EncodePreprocessor
+    from vlpatch.errors import SampleError
+
+    dataset = Dataset.from_list([{**row, "images": row.get("images", [])} for row in rows])
+    patched(policy="drop", report=str(tmp_path / "r.jsonl"))
+    out = EncodePreprocessor(template=_template(model, "right"))(dataset, num_proc=1, strict=False, load_from_cache_file=False)
+    assert len(out) == 4 and all(len(ids) <= BUDGET for ids in out["input_ids"])
+    report = [json.loads(line) for line in open(tmp_path / "r.jsonl")]
+    assert [r["sample"] for r in report if r["action"] == "dropped"] == ["<image> describe"]
+    patched(policy="error", report=str(tmp_path / "r2.jsonl"))
+    with pytest.raises(SampleError, match="describe"):
+        EncodePreprocessor(template=_template(model, "right"))(dataset, num_proc=1, strict=False, load_from_cache_file=False)
+
+
 def test_qwen2_5_vl_video_and_image_spans_stay_whole(tmp_path, patched):
     """Qwen2.5-VL, a video (four frames) and an image after 150 words: vanilla keeps only pad tokens; the
     patch keeps both spans whole at 400 tokens, and under `drop_media` at 320 the image leaves with its

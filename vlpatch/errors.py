@@ -22,6 +22,9 @@ class SampleError(VLPatchError):
         self.detail = detail
         super().__init__(f"vlpatch: sample {sample}: {reason}" + (f" ({detail})" if detail else ""))
 
+    def __reduce__(self):  # pickled whole (a worker process, a copy): Exception's own keeps only the message
+        return type(self), (self.sample, self.reason, self.detail)
+
 
 def unreadable_media(exc: BaseException) -> bool:
     """A media file that cannot be read (missing, truncated, not an image, a decompression bomb): bad
