@@ -20,6 +20,7 @@ import time
 import nox
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts"))
+import canary  # noqa: E402  (scripts/canary.py: the newest releases, for the canary sessions)
 import sessions as smoke  # noqa: E402  (scripts/sessions.py: the matrix's sessions as data)
 
 os.environ.update(smoke.uv_env())
@@ -77,18 +78,18 @@ def _canary_session(c: dict):
         row = [dist, "-", "-", "-", "SETUP FAILED"]
 
         def probe(python: str) -> list:
-            out = session.run(python, "-c", smoke.CANARY_PROBE, dist, silent=True, env=smoke.TEST_ENV, external=True)
-            return smoke.canary_row(next((json.loads(x[7:]) for x in out.splitlines() if x.startswith("CANARY ")), None), dist)
+            out = session.run(python, "-c", canary.CANARY_PROBE, dist, silent=True, env=smoke.TEST_ENV, external=True)
+            return canary.canary_row(next((json.loads(x[7:]) for x in out.splitlines() if x.startswith("CANARY ")), None), dist)
 
         try:
-            newest = smoke.newest_release(dist)
+            newest = canary.newest_release(dist)
             if newest is None:
                 row[4] = "SETUP FAILED: no release of it found on the index"
                 return
             spec = [*smoke.torch_spec(SMOKE), f"{dist}=={newest}", *c.get("with", [])]
             # resolved, not installed: where that is within a tested session that passed in this run (every
             # distribution at the same version), the probe runs there and nothing is installed or repeated
-            twin = smoke.tested_twin(SMOKE, dist, newest, smoke.resolve(spec))
+            twin = canary.tested_twin(SMOKE, dist, newest, smoke.resolve(spec))
             if twin:
                 row = probe(smoke.session_python(twin))
                 if row[2] == "tested":  # (a release protected by identical code runs its own smoke below)
@@ -101,14 +102,14 @@ def _canary_session(c: dict):
                 session.run("python", "scripts/lock.py", "--check", external=True, success_codes=[0, 1])
             s = {**c, "version": row[1], "suite": c["suite"] if expect is None else "refused", "expect": expect or ""}
             row[4] = "FAILED" if expect is None else "FAILED: not refused cleanly"
-            twin = expect is None and smoke.tested_twin(SMOKE, dist, row[1], smoke.freeze(os.path.join(session.bin, "python")))
+            twin = expect is None and canary.tested_twin(SMOKE, dist, row[1], smoke.freeze(os.path.join(session.bin, "python")))
             if twin:  # its distributions, each at the same version: the tested session's tests passed just now
                 row[4] = f"passed: its environment is within {twin}'s, whose tests passed in this run"
                 return
             _pytest(session, s, session.posargs)
             row[4] = "passed" if expect is None else "refused: a protected process stops at its import, upstream untouched"
         finally:
-            smoke.record(smoke.CANARY, row)
+            smoke.record(canary.CANARY, row)
 
     run.__doc__ = f"the newest {c['distribution']} from PyPI: matrix status, fingerprint drift, smoke"
     return nox.session(name=f"canary-{c['distribution']}", python=PYTHON, tags=["canary"])(run)

@@ -1,7 +1,7 @@
 """Samples kept per policy and cutoff_len on the generated multi-turn corpus (docs/policies.md: what each
 policy keeps, measured).
 
-The corpus of tests/test_llamafactory_corpus.py (500 sharegpt samples, 1-4 turn pairs, 0-6 images of
+The corpus of tests/test_llamafactory_corpus.py (tests/fixtures/sharegpt_corpus.py: 500 sharegpt samples, 1-4 turn pairs, 0-6 images of
 8 sizes in any user turn) through LLaMA-Factory's real `get_dataset` with vlpatch applied, for each
 cutoff_len, mask_history setting and policy; counts from vlpatch's own report (a sample without a row
 came out whole). Policy shrink runs with the floor the corpus test uses (56x56) and with the default
@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from tests.fixtures.tiny_models import build_tiny_qwen2vl  # noqa: E402
-from tests.test_llamafactory_corpus import MAX_PIXELS, build_corpus  # noqa: E402
+from tests.fixtures.sharegpt_corpus import MAX_PIXELS, build_corpus  # noqa: E402
 
 CASES = [(128, False), (128, True), (256, False), (256, True), (384, False), (384, True)]
 POLICIES = [("drop", {}), ("drop_media", {}), ("shrink", {"shrink_min_pixels": 56 * 56}), ("shrink", {})]

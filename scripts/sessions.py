@@ -1,4 +1,5 @@
-"""The smoke sessions of sessions.yaml (`smoke:`) as data, for noxfile.py, and the runner around nox.
+"""The smoke sessions of sessions.yaml (`smoke:`) as data, for noxfile.py, and the runner around nox (the
+canary, which tries the newest upstream releases, is scripts/canary.py; `canary` below runs it).
 
     python scripts/sessions.py list                      the sessions, one line each
     python scripts/sessions.py test [NAME ...] [-- PYTEST ARGS]
@@ -28,7 +29,6 @@ TIMINGS = os.path.join(ROOT, ".nox", "vlpatch-timings.jsonl")
 INSTALLS = os.path.join(ROOT, ".nox", "vlpatch-installs.jsonl")  # [session, seconds, ok] from the install pass
 INSTALL_LOG = os.path.join(ROOT, ".nox", "vlpatch-installs.log")
 PHASE = "VLPATCH_NOX_PHASE"  # "install": noxfile.py's sessions make their environment and stop
-CANARY = os.path.join(ROOT, ".nox", "vlpatch-canary.jsonl")
 TEST_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
@@ -95,13 +95,6 @@ def cmd_versions(smoke, names, _) -> int:
     print("sessions:", " | ".join(f"{d} {v(d)}" for d in [*names, "transformers", "torch"]))
     return 0
 
-CANARY_PROBE = """
-import json, sys
-from vlpatch import doctor
-print("CANARY " + json.dumps(doctor.report(distributions=[sys.argv[1]], selftest=False)))
-"""
-
-
 FREEZE = "import importlib.metadata as m, json; print(json.dumps(sorted({d.metadata['Name'] + '==' + d.version for d in m.distributions()})))"
 
 
@@ -140,62 +133,8 @@ def _without_vlpatch(pins) -> list:
     return [p for p in pins if not p.startswith("vlpatch==")]
 
 
-def newest_release(dist: str) -> str | None:
-    """The newest release of `dist` on the index for this Python (its own requirements aside: resolving it
-    with its dependencies can pick an older release, as uv did for llamafactory, 0.8.3 over 0.9.5, once a
-    transformers newer than 0.9.5's cap came out)."""
-    pins = resolve([dist], no_deps=True)
-    return pins[0].partition("==")[2] if pins else None
-
-
-def tested_twin(smoke: dict, dist: str, version: str, mine: list | None) -> str | None:
-    """The tested session of `dist` `version` whose environment holds every distribution of `mine` (the
-    canary's, installed or resolved), each at the same version, and whose tests passed in the last test run
-    (TIMINGS), else None. (The tested session may hold more: llamafactory-0.9.5 adds torchcodec.)"""
-    if mine is None:
-        return None
-    for s in smoke["sessions"]:
-        name = name_of(s)
-        if s["distribution"] != dist or s["version"] != version or s.get("expect"):
-            continue
-        if not any(r[0] == name and r[3] == "passed" for r in rows_of(TIMINGS)):
-            continue
-        python = session_python(name)
-        theirs = freeze(python) if os.path.exists(python) else None
-        if theirs is not None and set(mine) <= set(theirs):
-            return name
-    return None
-
-
 def session_python(name: str) -> str:
     return os.path.join(ROOT, ".nox", re.sub(r"[^\w\-]", "-", name), "bin", "python")
-
-
-def canary_row(probe: dict | None, dist: str) -> list:
-    """[upstream, newest, compat matrix, fingerprint drift, smoke] from vlpatch doctor's report."""
-    if probe is None:
-        return [dist, "-", "-", "-", "PROBE FAILED"]
-    version = probe["versions"].get(dist)
-    patches = [p for p in probe["patches"] if p["distribution"] == dist]
-    listed = any(version in p["tested"] for p in patches)
-    vouched = sorted({p["vouched_by"] for p in patches if p.get("vouched_by")})
-    refused = [p["id"] for p in patches if p["state"] == "refused"]
-    if listed:
-        says = "tested"
-    elif vouched and not refused:  # the lock's rule: its code equals a tested release's, protected as it is
-        says = f"protected: code identical to tested {', '.join(vouched)}"
-    elif refused:
-        says = (f"NEW CODE SHAPE, refused ({', '.join(refused)}): run `python scripts/lock.py` (its lines below), then "
-                f"add `{version}` to the patch's `tested` and a session {{distribution: {dist}, version: \"{version}\", suite: ...}}")
-    else:
-        says = "outside"
-    drift = [
-        f"{target.split(':')[1]} vs {d['against']}"
-        for p in patches
-        for target, d in (p.get("drift") or {}).items()
-        if d["found"] != d["expected"]
-    ]
-    return [dist, version, says, ", ".join(drift) or "none", "-"]
 
 
 def record(path: str, row: list) -> None:
@@ -274,7 +213,7 @@ def cmd_test(smoke, names, pytest_args) -> int:
                     break
                 name = pending.pop(0)
                 flags = ["-R"] if made else []  # -R: reuse the environment, install nothing
-                running[name] = _start(name, [*flags, "--sessions", name, *extra], need[name] < total)
+                running[name] = start_session(name, [*flags, "--sessions", name, *extra], need[name] < total)
                 free -= need[name]
             for name, (proc, path, began) in list(running.items()):
                 if proc.poll() is None:
@@ -282,7 +221,7 @@ def cmd_test(smoke, names, pytest_args) -> int:
                 del running[name]
                 free += need[name]
                 code = proc.returncode or code
-                _print_log(name, proc, path, began)
+                print_session_log(name, proc, path, began)
             time.sleep(0.5)
     finally:
         for proc, _path, _began in running.values():
@@ -308,7 +247,7 @@ def cmd_test(smoke, names, pytest_args) -> int:
     return code
 
 
-def _start(name: str, args: list, to_log: bool) -> tuple:
+def start_session(name: str, args: list, to_log: bool) -> tuple:
     """A nox run of one session: (process, its log or None where it writes to this terminal, start time)."""
     path = os.path.join(ROOT, ".nox", f"vlpatch-session-{name}.log") if to_log else None
     out = open(path, "w", encoding="utf-8") if path else None  # noqa: SIM115 (the child holds it)
@@ -322,7 +261,7 @@ def _start(name: str, args: list, to_log: bool) -> tuple:
     return proc, path, time.time()
 
 
-def _print_log(name: str, proc, path: str | None, began: float) -> None:
+def print_session_log(name: str, proc, path: str | None, began: float) -> None:
     """A finished session's log, whole (nothing where it wrote to this terminal)."""
     if path:
         with open(path, encoding="utf-8", errors="replace") as fh:
@@ -345,25 +284,6 @@ def _install_state(name: str, installer) -> bool | None:
     return False if finished else None
 
 
-def cmd_canary(smoke, names, pytest_args) -> int:
-    """The canary sessions side by side (each mostly waits on the index and on importing its upstream:
-    23 s one after another, on CI), each one's output printed whole when it ends; then the table."""
-    if os.path.exists(CANARY):
-        os.unlink(CANARY)
-    dists = [c["distribution"] for c in smoke["canary"]]
-    extra = ["--", *pytest_args] if pytest_args else []
-    running = [(f"canary-{d}", _start(f"canary-{d}", ["--sessions", f"canary-{d}", *extra], True)) for d in dists]
-    code = 0
-    for name, (proc, path, began) in running:
-        proc.wait()
-        code = proc.returncode or code
-        _print_log(name, proc, path, began)
-    rows = sorted(rows_of(CANARY), key=lambda r: dists.index(r[0]) if r[0] in dists else len(dists))
-    print("\ncanary: the newest release of each upstream")
-    print(table(rows, ["upstream", "newest", "compat matrix", "fingerprint drift", "smoke"]))
-    return code
-
-
 def cmd_requirements(smoke, names, _) -> int:
     """One requirement per line: the torch stack and the selected session's pins (scripts/setup.sh)."""
     for s in select(smoke, names):
@@ -384,7 +304,11 @@ def main(argv: list) -> int:
         argv, pytest_args = argv[:i], argv[i + 1 :]
     else:
         pytest_args = []
-    commands = {"list": cmd_list, "test": cmd_test, "canary": cmd_canary, "requirements": cmd_requirements, "versions": cmd_versions}
+    if argv and argv[0] == "canary":  # scripts/canary.py: the newest releases, whatever the matrix says
+        import canary
+
+        return canary.cmd_canary(load()["smoke"], argv[1:], pytest_args)
+    commands = {"list": cmd_list, "test": cmd_test, "requirements": cmd_requirements, "versions": cmd_versions}
     if not argv or argv[0] not in commands:
         print(__doc__)
         return 2

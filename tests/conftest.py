@@ -29,6 +29,24 @@ def tiny_qwen2vl(tmp_path_factory):
     return build_tiny_qwen2vl(str(tmp_path_factory.mktemp("tiny_qwen2vl")))
 
 
+@pytest.fixture(scope="module")
+def trl():
+    """The trl module, its release as `trl.installed`; skipped where TRL is not installed, outside the trl
+    sessions (the TRL collators are the patched code there) and before 0.22.0 (no vision collator)."""
+    require("trl")
+    if STRICT and "trl" not in STRICT:
+        pytest.skip("runs in the trl sessions (the TRL collators are the patched code there)")
+    import importlib.metadata
+
+    import trl
+    from packaging.version import Version
+
+    trl.installed = Version(importlib.metadata.version("trl"))  # trl.__version__ reads "unknown" on some releases
+    if trl.installed < Version("0.22.0"):
+        pytest.skip(f"trl {trl.installed} has no vision collator")
+    return trl
+
+
 @pytest.fixture
 def patched(tmp_path):
     """vlpatch applied for one test, reverted after it (upstream restored exactly).
@@ -45,6 +63,34 @@ def patched(tmp_path):
 
     yield _apply
     vlpatch.revert()
+
+
+@pytest.fixture(scope="module")
+def vision_utils():
+    """The installed unsloth_zoo's real `unsloth_zoo.vision_utils` module, imported on this CPU machine
+    (tests/fixtures/unsloth_import.py)."""
+    require("unsloth_zoo")
+    from tests.fixtures.unsloth_import import import_vision_utils
+
+    return import_vision_utils()
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2vl_model(tiny_qwen2vl):
+    """The tiny Qwen2-VL model (`tiny_qwen2vl`), loaded."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    return Qwen2VLForConditionalGeneration.from_pretrained(tiny_qwen2vl)
+
+
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen3_vl", "gemma3", "mllama", "pixtral"])
+def unsloth_collator(request, vision_utils, tiny_qwen2vl_model, tiny_qwen2vl, tmp_path_factory):
+    """The real Unsloth collator around each image family's real processor (Qwen2-VL: the tiny model's
+    own): tests/fixtures/unsloth_collators.py's `image_collator`."""
+    from tests.fixtures.unsloth_collators import image_collator
+
+    tmp_dir = str(tmp_path_factory.mktemp("p"))
+    return image_collator(request.param, vision_utils, tiny_qwen2vl_model, tiny_qwen2vl, tmp_dir)
 
 
 def is_newest(distribution: str) -> bool:

@@ -18,7 +18,7 @@ import sys
 import pytest
 
 import vlpatch
-from vlpatch import cli, report
+from vlpatch import cli, core, report
 from vlpatch.settings import SETTINGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -193,6 +193,7 @@ def test_the_report_page_names_every_action_and_reason_code():
             assert f"`{action}`" in text, f"docs/report.md does not explain the action {action}"
     codes = re.findall(r"^\| `([a-z_]+)` \|", text.split("### Reason codes", 1)[1].split("\n### ", 1)[0], re.M)
     assert codes, "docs/report.md has no reason-code table"
+    assert set(codes) == set(core.REASON_CODES), "docs/report.md's reason codes are not vlpatch.core.REASON_CODES"
     source = "".join(read(p) for p in glob.glob(os.path.join(ROOT, "vlpatch", "**", "*.py"), recursive=True))
     for code in codes:
         assert re.search(rf"\b{code}\b", source), f"docs/report.md documents {code}, which vlpatch never writes"

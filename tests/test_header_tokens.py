@@ -35,7 +35,7 @@ def corpus():
 
 
 @pytest.fixture(scope="module", params=["qwen2_vl", "qwen3_vl"])
-def lf(request, tiny_qwen2vl, tmp_path_factory):
+def llamafactory_processor(request, tiny_qwen2vl, tmp_path_factory):
     """(template, tokenizer, processor) of a real processor: the tiny Qwen2-VL model's (also what
     Qwen2.5-VL uses: the same plugin and image processor class), or a tiny Qwen3-VL one (patch 16)."""
     require("llamafactory")
@@ -71,11 +71,11 @@ def expand(plugin, processor, path):
 
 @pytest.mark.heavy
 @pytest.mark.parametrize("limits", LIMITS, ids=["lf-defaults", "small"])
-def test_corpus_token_counts_equal_the_processor_path(lf, corpus, limits, patched):
+def test_corpus_token_counts_equal_the_processor_path(llamafactory_processor, corpus, limits, patched):
     import vlpatch
     from vlpatch.integrations import lf_header
 
-    template, _, processor = lf
+    template, _, processor = llamafactory_processor
     processor.image_max_pixels, processor.image_min_pixels = limits  # as LLaMA-Factory's patch_processor sets them
     plugin = template.mm_plugin
     vlpatch.revert()
@@ -104,14 +104,14 @@ def test_corpus_token_counts_equal_the_processor_path(lf, corpus, limits, patche
     assert sum(v[0] == "ok" for v in vanilla) >= len(corpus) - truncated - 10
 
 
-def test_preprocessed_samples_equal_vanilla(lf, corpus, tmp_path, patched):
+def test_preprocessed_samples_equal_vanilla(llamafactory_processor, corpus, tmp_path, patched):
     """input_ids / labels of LLaMA-Factory's real SupervisedDatasetProcessor, patched vs vanilla, for
     samples of one to three images that fit cutoff_len."""
     import vlpatch
     from llamafactory.data.processor import SupervisedDatasetProcessor
     from llamafactory.hparams import DataArguments
 
-    template, tokenizer, processor = lf
+    template, tokenizer, processor = llamafactory_processor
     processor.image_max_pixels, processor.image_min_pixels = LIMITS[1]
     data_args = DataArguments(template=template.mm_plugin.__class__.__name__ == "Qwen3VLPlugin" and "qwen3_vl" or "qwen2_vl", cutoff_len=100_000)
     proc = SupervisedDatasetProcessor(template=template, tokenizer=tokenizer, processor=processor, data_args=data_args)
@@ -135,7 +135,7 @@ def test_preprocessed_samples_equal_vanilla(lf, corpus, tmp_path, patched):
     assert header["input_ids"] == vanilla["input_ids"] and header["labels"] == vanilla["labels"]
 
 
-def test_an_image_shrunk_to_nothing_fails_as_upstream_fails(lf, tmp_path, patched):
+def test_an_image_shrunk_to_nothing_fails_as_upstream_fails(llamafactory_processor, tmp_path, patched):
     # an 8000x1 strip under image_max_pixels 4000: LLaMA-Factory's pre-resize makes it 0 px high and
     # upstream refuses it; the header path must hand it to upstream, not fail in its own arithmetic
     from PIL import Image
@@ -143,7 +143,7 @@ def test_an_image_shrunk_to_nothing_fails_as_upstream_fails(lf, tmp_path, patche
     import vlpatch
     from vlpatch.integrations import lf_header
 
-    template, _, processor = lf
+    template, _, processor = llamafactory_processor
     processor.image_max_pixels, processor.image_min_pixels = 4000, 32 * 32
     strip = str(tmp_path / "strip.png")
     Image.new("L", (8000, 1)).save(strip)

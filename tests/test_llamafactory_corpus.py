@@ -1,6 +1,6 @@
 """The real `llamafactory.data.get_dataset` (as training calls it) on a generated multi-turn corpus.
 
-The corpus (fixed seed): 500 sharegpt samples (250 on the older releases, VLPATCH_CORPUS_SAMPLES) of 1-4 user / assistant turn pairs with 0-6 images in
+The corpus (fixed seed; tests/fixtures/sharegpt_corpus.py): 500 sharegpt samples (250 on the older releases, VLPATCH_CORPUS_SAMPLES) of 1-4 user / assistant turn pairs with 0-6 images in
 all, each `<image>` anywhere in a random user turn, user texts of 0-150 words and assistant texts of
 1-80, half of them with a system prompt of their own (3-40 words; the others the template's default),
 images one PNG file each in 8 sizes (image runs of 6 to 258 tokens); uncut, the samples are
@@ -44,94 +44,25 @@ from __future__ import annotations
 
 import json
 import os
-import random
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 
 from tests.conftest import require
 from tests.fixtures.chat_frame import QWEN_USER_FRAME, common_prefix, qwen_frame
-from tests.fixtures.tiny_models import _register, long_text
+from tests.fixtures.sharegpt_corpus import MAX_PIXELS, N, SIZES, Sample, build_corpus, run_tokens
 
 pytestmark = pytest.mark.llamafactory
 
-# the corpus's size: 500 samples on the newest release, 250 on older ones (the suite's
-# VLPATCH_CORPUS_SAMPLES, CI time; the same generator, every case still covered: see the first test)
-N = int(os.environ.get("VLPATCH_CORPUS_SAMPLES") or 500)
-# (width, height) -> tokens of the run: (w/28) * (h/28) merged patches + <|vision_start|> + <|vision_end|>
-SIZES = [(56, 56), (112, 84), (112, 112), (224, 112), (224, 224), (336, 224), (448, 336), (448, 448)]
-SIZE_WEIGHTS = [5, 5, 5, 4, 4, 3, 1, 1]
-MAX_PIXELS = 448 * 448
 CUTOFFS = (128, 256, 384)
 SHRINK_FLOOR = 56 * 56  # policy shrink: at this floor every image is at most 10 tokens, six of them fit in 128
 UNBOUNDED = 1 << 20
 ANSWER_FLOOR = 1  # docs/policies.md: a cut row's answer keeps at least one token beside its frame and media
 
 
-def run_tokens(size) -> int:
-    w, h = size
-    return (w // 28) * (h // 28) + 2
-
-
-@dataclass
-class Sample:
-    index: int  # position in the merged dataset
-    dataset: str
-    row: int  # row in its dataset's file
-    messages: list
-    images: list  # file paths as LLaMA-Factory resolves them
-    sizes: list
-    turn_of: list  # the user turn (0-based) of each image, in image order
-    turns: int = 0
-    system: str = ""  # its own system prompt ("" : the template's default)
-
-
-@dataclass
-class Corpus:
-    data_dir: str
-    samples: list = field(default_factory=list)
-
-
-def build_corpus(directory: str, n: int = N, seed: int = 1234) -> Corpus:
-    from PIL import Image
-
-    rng = random.Random(seed)
-    with_images, text_only = [], []
-    for i in range(n):
-        turns = rng.randint(1, 4)
-        count = rng.choice([0, 1, 1, 2, 2, 3, 3, 4, 5, 6])
-        turn_of = sorted(rng.randrange(turns) for _ in range(count))
-        messages, files, sizes = [], [], []
-        for t in range(turns):
-            n_words = rng.choice([rng.randint(0, 12), rng.randint(10, 60), rng.randint(60, 150)])
-            words = long_text(n_words, seed=rng.randrange(1 << 30)).split() if n_words else []
-            for _ in range(turn_of.count(t)):
-                size = rng.choices(SIZES, SIZE_WEIGHTS)[0]
-                name = f"s{i:04d}_{len(files)}.png"
-                Image.new("RGB", size, (i % 251, 40 * len(files) % 251, 150)).save(os.path.join(directory, name))
-                files.append(name)
-                sizes.append(size)
-                words.insert(rng.randint(0, len(words)), "<image>")
-            messages.append({"role": "user", "content": " ".join(words) or "hi"})
-            n_words = rng.choice([rng.randint(1, 8), rng.randint(8, 80)])
-            messages.append({"role": "assistant", "content": long_text(n_words, seed=rng.randrange(1 << 30))})
-        system = long_text(rng.randint(3, 40), seed=rng.randrange(1 << 30)) if rng.random() < 0.5 else ""
-        entry = (messages, files, sizes, turn_of, turns, system)
-        (with_images if files else text_only).append(entry)
-    _register(directory, "corpus_img", [{"messages": m, "images": f, "system": sy} for m, f, *_, sy in with_images],
-              {"messages": "messages", "images": "images", "system": "system"})
-    _register(directory, "corpus_text", [{"messages": m, "system": sy} for m, *_, sy in text_only], {"messages": "messages", "system": "system"})
-    corpus = Corpus(directory)
-    for name, group in (("corpus_img", with_images), ("corpus_text", text_only)):
-        for row, (messages, files, sizes, turn_of, turns, system) in enumerate(group):
-            paths = [os.path.join(directory, f) for f in files]
-            corpus.samples.append(Sample(len(corpus.samples), name, row, messages, paths, sizes, turn_of, turns, system))
-    return corpus
-
-
 @pytest.fixture(scope="module")
-def lf(tiny_qwen2vl, tmp_path_factory):
+def corpus_pipeline(tiny_qwen2vl, tmp_path_factory):
     """get_dataset on the corpus: `lf.run(cutoff, mask_history, policy)`; policy None is vanilla."""
     require("llamafactory")
     import torch
@@ -194,20 +125,20 @@ def lf(tiny_qwen2vl, tmp_path_factory):
     torch.set_num_threads(threads)
 
 
-def image_runs(lf, ids) -> list:
+def image_runs(corpus_pipeline, ids) -> list:
     """Lengths of the image runs of `ids`; fails on a split run or a stray vision token."""
     runs, i, n = [], 0, len(ids)
     while i < n:
         tok = ids[i]
-        if tok == lf.start:
+        if tok == corpus_pipeline.start:
             j = i + 1
-            while j < n and ids[j] == lf.pad:
+            while j < n and ids[j] == corpus_pipeline.pad:
                 j += 1
-            assert j > i + 1 and j < n and ids[j] == lf.end, f"image run at {i} is not whole: {ids[i:j + 1][-5:]}"
+            assert j > i + 1 and j < n and ids[j] == corpus_pipeline.end, f"image run at {i} is not whole: {ids[i:j + 1][-5:]}"
             runs.append(j + 1 - i)
             i = j + 1
         else:
-            assert tok not in (lf.pad, lf.end), f"stray vision token {tok} at {i}"
+            assert tok not in (corpus_pipeline.pad, corpus_pipeline.end), f"stray vision token {tok} at {i}"
             i += 1
     return runs
 
@@ -237,14 +168,14 @@ class Reference:
         return self.first_media > 0 and self.first_media + self.frame + ANSWER_FLOOR > cutoff
 
 
-def reference(lf, mask_history: bool) -> list:
-    if mask_history in lf.references:
-        return lf.references[mask_history]
-    rows, report = lf.run(UNBOUNDED, mask_history, None)
-    assert not report and len(rows) == len(lf.corpus.samples)
+def reference(corpus_pipeline, mask_history: bool) -> list:
+    if mask_history in corpus_pipeline.references:
+        return corpus_pipeline.references[mask_history]
+    rows, report = corpus_pipeline.run(UNBOUNDED, mask_history, None)
+    assert not report and len(rows) == len(corpus_pipeline.corpus.samples)
     out = []
-    for s, row in zip(lf.corpus.samples, rows):
-        runs = image_runs(lf, row["input_ids"])
+    for s, row in zip(corpus_pipeline.corpus.samples, rows):
+        runs = image_runs(corpus_pipeline, row["input_ids"])
         assert runs == [run_tokens(size) for size in s.sizes], (s.index, runs, s.sizes)
         assert (row["images"] or []) == s.images
         first = first_budgeted(s, mask_history)
@@ -253,20 +184,20 @@ def reference(lf, mask_history: bool) -> list:
         # user header of the first turn (the sample's system prompt or the template's default), the user
         # header of a later one
         if first:  # a later turn: its source starts at the last user header
-            header = lf.tok.encode(QWEN_USER_FRAME, add_special_tokens=False)
+            header = corpus_pipeline.tok.encode(QWEN_USER_FRAME, add_special_tokens=False)
             start = max(i for i in range(len(ids)) if ids[i : i + len(header)] == header)
             frame = common_prefix(ids[start:], header)
         else:
-            start, frame = 0, qwen_frame(lf.tok, ids, s.system)
+            start, frame = 0, qwen_frame(corpus_pipeline.tok, ids, s.system)
         out.append(Reference(ids, row["labels"], runs, sum(r for r, t in zip(runs, s.turn_of) if t == first), frame, start))
-    lf.references[mask_history] = out
+    corpus_pipeline.references[mask_history] = out
     return out
 
 
-def check_case(lf, cutoff: int, mask_history: bool, policy: str) -> Counter:
-    samples = lf.corpus.samples
-    ref = reference(lf, mask_history)
-    rows, report = lf.run(cutoff, mask_history, policy)
+def check_case(corpus_pipeline, cutoff: int, mask_history: bool, policy: str) -> Counter:
+    samples = corpus_pipeline.corpus.samples
+    ref = reference(corpus_pipeline, mask_history)
+    rows, report = corpus_pipeline.run(cutoff, mask_history, policy)
     by_index = {}
     for r in report:
         assert r["index"] not in by_index, f"two report rows for sample {r['index']}"
@@ -295,7 +226,7 @@ def check_case(lf, cutoff: int, mask_history: bool, policy: str) -> Counter:
         ids, labels, images = row["input_ids"], row["labels"], row["images"] or []
         assert len(ids) <= cutoff, where
         assert len(labels) == len(ids) == len(row["attention_mask"]), where
-        runs = image_runs(lf, ids)
+        runs = image_runs(corpus_pipeline, ids)
         assert len(runs) == len(images), (where, runs, images)
         assert is_subsequence(images, s.images), (where, images)
         kept_items = [k for k, path in enumerate(s.images) if path in images]
@@ -337,15 +268,15 @@ def check_case(lf, cutoff: int, mask_history: bool, policy: str) -> Counter:
     return counts
 
 
-def test_the_corpus_covers_every_case(lf):
-    samples = lf.corpus.samples
+def test_the_corpus_covers_every_case(corpus_pipeline):
+    samples = corpus_pipeline.corpus.samples
     assert len(samples) == N
     assert {s.turns for s in samples} == {1, 2, 3, 4}
     assert {len(s.images) for s in samples} == set(range(7))
     assert {size for s in samples for size in s.sizes} == set(SIZES)
     assert {t for s in samples for t in s.turn_of} == {0, 1, 2, 3}
     for mask_history in (False, True):
-        ref = reference(lf, mask_history)
+        ref = reference(corpus_pipeline, mask_history)
         for cutoff in CUTOFFS:
             fit = sum(len(u.ids) <= cutoff for u in ref)
             go = sum(u.must_go(cutoff) for u in ref)
@@ -359,22 +290,22 @@ def test_the_corpus_covers_every_case(lf):
 
 @pytest.mark.parametrize("mask_history", [False, True], ids=["turn_order", "mask_history"])
 @pytest.mark.parametrize("cutoff", CUTOFFS)
-def test_drop(lf, cutoff, mask_history):
-    counts = check_case(lf, cutoff, mask_history, "drop")
+def test_drop(corpus_pipeline, cutoff, mask_history):
+    counts = check_case(corpus_pipeline, cutoff, mask_history, "drop")
     print(f"cutoff_len {cutoff} mask_history {mask_history} drop: {dict(counts)}")
     assert counts["truncated, media_left_with_turn"] and counts["truncated, text only"] and counts["kept whole"]
     assert counts["dropped"]
 
 
-def test_drop_media(lf):
-    counts = check_case(lf, CUTOFFS[0], False, "drop_media")
+def test_drop_media(corpus_pipeline):
+    counts = check_case(corpus_pipeline, CUTOFFS[0], False, "drop_media")
     print(f"cutoff_len {CUTOFFS[0]} mask_history False drop_media: {dict(counts)}")
     assert counts["media_dropped"] and not counts["dropped"]
     # every sample whose first-budgeted turn fits comes out as under drop
-    drop_rows, drop_report = lf.run(CUTOFFS[0], False, "drop")
-    media_rows, _ = lf.run(CUTOFFS[0], False, "drop_media")
+    drop_rows, drop_report = corpus_pipeline.run(CUTOFFS[0], False, "drop")
+    media_rows, _ = corpus_pipeline.run(CUTOFFS[0], False, "drop_media")
     dropped = {r["index"] for r in drop_report if r["action"] == "dropped"}
-    indices = [s.index for s in lf.corpus.samples]
+    indices = [s.index for s in corpus_pipeline.corpus.samples]
     assert len(media_rows) == len(indices)
     by_index = dict(zip([i for i in indices if i not in dropped], drop_rows))
     for i, row in zip(indices, media_rows):
@@ -382,13 +313,13 @@ def test_drop_media(lf):
             assert row == by_index[i], f"sample {i}"
 
 
-def collated_image_tokens(lf, rows) -> list:
+def collated_image_tokens(corpus_pipeline, rows) -> list:
     """LLaMA-Factory's own collator on the rows, as training runs it (it re-reads every image from the
     row's `images`): the image tokens of each image (grid / merge^2), in order."""
     from llamafactory.data import SFTDataCollatorWith4DAttentionMask
 
-    collator = SFTDataCollatorWith4DAttentionMask(template=lf.template, processor=lf.processor, tokenizer=lf.tok, label_pad_token_id=-100)
-    merge = lf.processor.image_processor.merge_size ** 2
+    collator = SFTDataCollatorWith4DAttentionMask(template=corpus_pipeline.template, processor=corpus_pipeline.processor, tokenizer=corpus_pipeline.tok, label_pad_token_id=-100)
+    merge = corpus_pipeline.processor.image_processor.merge_size ** 2
     out = []
     for k in range(0, len(rows), 16):
         feats = [{**{key: row[key] for key in ("input_ids", "attention_mask", "labels")}, "images": row["images"] or [],
@@ -399,17 +330,17 @@ def collated_image_tokens(lf, rows) -> list:
 
 
 @pytest.mark.parametrize("cutoff,mask_history", [(128, False), (256, True)], ids=["128-turn_order", "256-mask_history"])
-def test_shrink(lf, cutoff, mask_history):
+def test_shrink(corpus_pipeline, cutoff, mask_history):
     """Policy shrink: nothing is dropped (at the floor every first-budgeted turn fits), the samples that
     drop loses are shrunk, every other sample comes out as under drop, and LLaMA-Factory's own collator,
     reading the images the rows name at their new sizes, gives every image exactly the tokens its run
     holds."""
     from vlpatch.integrations import _media
 
-    samples = lf.corpus.samples
-    ref = reference(lf, mask_history)
-    rows, report = lf.run(cutoff, mask_history, "shrink")
-    drop_rows, drop_report = lf.run(cutoff, mask_history, "drop")
+    samples = corpus_pipeline.corpus.samples
+    ref = reference(corpus_pipeline, mask_history)
+    rows, report = corpus_pipeline.run(cutoff, mask_history, "shrink")
+    drop_rows, drop_report = corpus_pipeline.run(cutoff, mask_history, "drop")
     by_index = {r["index"]: r for r in report}
     dropped_by_drop = {r["index"] for r in drop_report if r["action"] == "dropped"}
     must_go = {s.index for s in samples if ref[s.index].must_go(cutoff)}
@@ -428,7 +359,7 @@ def test_shrink(lf, cutoff, mask_history):
         r = by_index[s.index]
         ids, images = row["input_ids"], row["images"] or []
         assert len(ids) <= cutoff and len(row["labels"]) == len(ids), where
-        runs = image_runs(lf, ids)
+        runs = image_runs(corpus_pipeline, ids)
         assert len(runs) == len(images) and r["tokens_after"] == len(ids), (where, r)
         assert r["reason"].startswith("media_shrunk: "), (where, r)
         resized = {int(x["item"].split("#")[1]): x for x in r["media_resized"]}
@@ -455,7 +386,7 @@ def test_shrink(lf, cutoff, mask_history):
     with tempfile.TemporaryDirectory() as scratch:
         vlpatch.apply(report=os.path.join(scratch, "collate.jsonl"))
         try:
-            got = collated_image_tokens(lf, [row for row, _ in checked])
+            got = collated_image_tokens(corpus_pipeline, [row for row, _ in checked])
         finally:
             vlpatch.revert()
     assert got == [n - 2 for _, runs in checked for n in runs]
@@ -464,19 +395,19 @@ def test_shrink(lf, cutoff, mask_history):
 
 
 @pytest.mark.parametrize("mask_history", [False, True], ids=["turn_order", "mask_history"])
-def test_upstream_cut_that_keeps_runs_whole_is_unchanged(lf, mask_history):
+def test_upstream_cut_that_keeps_runs_whole_is_unchanged(corpus_pipeline, mask_history):
     """Where vanilla's own cut at the same cutoff_len keeps every image run whole (and every image),
     vlpatch's row is vanilla's, token for token."""
     cutoff = CUTOFFS[1]
-    vanilla, _ = lf.run(cutoff, mask_history, None)
-    patched, report = lf.run(cutoff, mask_history, "drop")
-    assert len(vanilla) == len(lf.corpus.samples)
+    vanilla, _ = corpus_pipeline.run(cutoff, mask_history, None)
+    patched, report = corpus_pipeline.run(cutoff, mask_history, "drop")
+    assert len(vanilla) == len(corpus_pipeline.corpus.samples)
     dropped = {r["index"] for r in report if r["action"] == "dropped"}
-    ours = dict(zip([s.index for s in lf.corpus.samples if s.index not in dropped], patched))
+    ours = dict(zip([s.index for s in corpus_pipeline.corpus.samples if s.index not in dropped], patched))
     same = cut = 0
-    for s, row in zip(lf.corpus.samples, vanilla):
+    for s, row in zip(corpus_pipeline.corpus.samples, vanilla):
         try:
-            runs = image_runs(lf, row["input_ids"])
+            runs = image_runs(corpus_pipeline, row["input_ids"])
         except AssertionError:
             continue  # upstream cut a run
         if len(runs) != len(s.images):
@@ -486,7 +417,7 @@ def test_upstream_cut_that_keeps_runs_whole_is_unchanged(lf, mask_history):
         for key in ("input_ids", "labels", "attention_mask", "images"):
             assert mine[key] == row[key], f"sample {s.index}: {key} differs from vanilla's"
         same += 1
-        cut += len(row["input_ids"]) < len(reference(lf, mask_history)[s.index].ids)
+        cut += len(row["input_ids"]) < len(reference(corpus_pipeline, mask_history)[s.index].ids)
     print(f"cutoff_len {cutoff} mask_history {mask_history}: {same} samples as vanilla's, {cut} of them cut")
     # enough samples compared to mean something, in proportion to the corpus (500: 187 and 50)
     assert same >= N * 3 // 8 and cut >= N // 10, (same, cut)

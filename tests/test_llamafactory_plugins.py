@@ -228,26 +228,26 @@ def test_spans_read_without_a_marked_run_equal_the_marked_runs(family, tmp_path)
     from llamafactory.data.processor import SupervisedDatasetProcessor
     from llamafactory.hparams import DataArguments
 
-    from vlpatch.integrations import llamafactory as lfint
+    from vlpatch.integrations import llamafactory as lf_integration
 
     fam, template, _ = build(family, tmp_path)
     processor = SupervisedDatasetProcessor(template=template, tokenizer=fam.tok, processor=fam.proc,
                                            data_args=DataArguments(cutoff_len=10**6))
     marked_runs = []
-    real_mark = lfint._mark
+    real_mark = lf_integration._mark
 
     def counting_mark(*args, **kwargs):
         marked_runs.append(1)
         return real_mark(*args, **kwargs)
 
     def learned(row):
-        with lfint.tracing(processor) as (recording, trace):
+        with lf_integration.tracing(processor) as (recording, trace):
             recording.preprocess_dataset({
                 "_prompt": [row[0]], "_response": [row[1]], "_system": [""], "_tools": [""],
                 **{f"_{kind}s": [row[2].get(kind)] for kind in ("image", "video", "audio")},
             })
         return [(tuple((e.keys, e.tokens) for e in got.expansions), got.prefix, got.prefix_keys, got.marks)
-                for got in lfint.learn(processor, trace)]
+                for got in lf_integration.learn(processor, trace)]
 
     answer = [{"role": "assistant", "content": "fine answer"}]
     for kind in fam.kinds:
@@ -264,13 +264,13 @@ def test_spans_read_without_a_marked_run_equal_the_marked_runs(family, tmp_path)
              {k: [v[1], v[0], v[2]] for k, v in items.items()}),
         ]
         for row in rows:
-            lfint._known.clear()
+            lf_integration._known.clear()
             by_markers = learned(row)  # a marked run, which the plugin's shape is remembered from
-            lfint._mark, marked_runs[:] = counting_mark, []
+            lf_integration._mark, marked_runs[:] = counting_mark, []
             try:
                 read = learned(row)
             finally:
-                lfint._mark = real_mark
+                lf_integration._mark = real_mark
             assert read == by_markers, f"{fam.template} {kind}: the spans read off the output differ from the marked run's"
             if family in ("qwen2_vl", "gemma3", "llava") and kind == "image":
                 assert not marked_runs, f"{fam.template}: the spans were not read off the plugin's output"

@@ -17,7 +17,10 @@ CUTOFF = 128
 
 
 @pytest.fixture(scope="module")
-def lf(tiny_qwen2vl, tmp_path_factory):
+def llamafactory_qwen2vl(tiny_qwen2vl, tmp_path_factory):
+    """LLaMA-Factory's qwen2_vl template, the tiny Qwen2-VL's tokenizer and processor (images at most 224 px
+    square), three test images, the image token ids, and `processor(cls_name, **data_kwargs)`: one of
+    LLaMA-Factory's real dataset processors on them."""
     require("llamafactory")
     from llamafactory.data import get_template_and_fix_tokenizer
     from llamafactory.hparams import DataArguments, ModelArguments
@@ -33,11 +36,11 @@ def lf(tiny_qwen2vl, tmp_path_factory):
     class LF:
         pass
 
-    lf = LF()
-    lf.tok, lf.proc, lf.template, lf.images = tok, proc, template, images
-    lf.pad = tok.convert_tokens_to_ids("<|image_pad|>")
-    lf.start = tok.convert_tokens_to_ids("<|vision_start|>")
-    lf.end = tok.convert_tokens_to_ids("<|vision_end|>")
+    out = LF()
+    out.tok, out.proc, out.template, out.images = tok, proc, template, images
+    out.pad = tok.convert_tokens_to_ids("<|image_pad|>")
+    out.start = tok.convert_tokens_to_ids("<|vision_start|>")
+    out.end = tok.convert_tokens_to_ids("<|vision_end|>")
 
     def processor(cls_name, **data_kwargs):
         import llamafactory.data.processor as P
@@ -45,8 +48,8 @@ def lf(tiny_qwen2vl, tmp_path_factory):
         data_args = DataArguments(template="qwen2_vl", cutoff_len=data_kwargs.pop("cutoff_len", CUTOFF), **data_kwargs)
         return getattr(P, cls_name)(template=template, tokenizer=tok, processor=proc, data_args=data_args)
 
-    lf.processor = processor
-    return lf
+    out.processor = processor
+    return out
 
 
 def lf_status(rows):
@@ -74,46 +77,46 @@ def batch(rows):
     }
 
 
-def runs_whole(lf, ids, n_images):
+def runs_whole(llamafactory_qwen2vl, ids, n_images):
     """Every image run is <|vision_start|> + 64 pads + <|vision_end|>, and there are n_images of them."""
     runs, i = 0, 0
     while i < len(ids):
-        if ids[i] == lf.start:
+        if ids[i] == llamafactory_qwen2vl.start:
             j = i + 1
-            while j < len(ids) and ids[j] == lf.pad:
+            while j < len(ids) and ids[j] == llamafactory_qwen2vl.pad:
                 j += 1
-            assert j - i - 1 == IMAGE_TOKENS and j < len(ids) and ids[j] == lf.end, f"run at {i} cut: {j - i - 1} pads"
+            assert j - i - 1 == IMAGE_TOKENS and j < len(ids) and ids[j] == llamafactory_qwen2vl.end, f"run at {i} cut: {j - i - 1} pads"
             runs += 1
             i = j
-        elif ids[i] == lf.pad:
+        elif ids[i] == llamafactory_qwen2vl.pad:
             raise AssertionError(f"stray image tokens at {i}")
         i += 1
-    assert ids.count(lf.pad) == IMAGE_TOKENS * n_images
+    assert ids.count(llamafactory_qwen2vl.pad) == IMAGE_TOKENS * n_images
     assert runs == n_images
 
 
-def sft_rows(lf):
+def sft_rows(llamafactory_qwen2vl):
     return [
-        ([user(long_text(150, 1) + " <image>")], [assistant("a red square")], lf.images[:1]),  # cut lands in the run
-        ([user("<image> short")], [assistant("fits")], lf.images[1:2]),  # fits: untouched
+        ([user(long_text(150, 1) + " <image>")], [assistant("a red square")], llamafactory_qwen2vl.images[:1]),  # cut lands in the run
+        ([user("<image> short")], [assistant("fits")], llamafactory_qwen2vl.images[1:2]),  # fits: untouched
         ([user(long_text(150, 2))], [assistant(long_text(100, 3))], []),  # text only, cut
     ]
 
 
-def test_vanilla_supervised_cuts_through_the_image(lf):
-    out = lf.processor("SupervisedDatasetProcessor").preprocess_dataset(batch(sft_rows(lf)))
-    assert out["input_ids"][0].count(lf.pad) < IMAGE_TOKENS, "upstream keeps a partial or no image run"
+def test_vanilla_supervised_cuts_through_the_image(llamafactory_qwen2vl):
+    out = llamafactory_qwen2vl.processor("SupervisedDatasetProcessor").preprocess_dataset(batch(sft_rows(llamafactory_qwen2vl)))
+    assert out["input_ids"][0].count(llamafactory_qwen2vl.pad) < IMAGE_TOKENS, "upstream keeps a partial or no image run"
 
 
-def test_patched_supervised(lf, patched, tmp_path):
-    vanilla = lf.processor("SupervisedDatasetProcessor").preprocess_dataset(batch(sft_rows(lf)))
+def test_patched_supervised(llamafactory_qwen2vl, patched, tmp_path):
+    vanilla = llamafactory_qwen2vl.processor("SupervisedDatasetProcessor").preprocess_dataset(batch(sft_rows(llamafactory_qwen2vl)))
     report_path = tmp_path / "r.jsonl"
     patched(report=str(report_path))
-    out = lf.processor("SupervisedDatasetProcessor").preprocess_dataset(batch(sft_rows(lf)))
+    out = llamafactory_qwen2vl.processor("SupervisedDatasetProcessor").preprocess_dataset(batch(sft_rows(llamafactory_qwen2vl)))
     assert len(out["input_ids"]) == 3
     for ids, labels, mask, imgs in zip(out["input_ids"], out["labels"], out["attention_mask"], out["images"]):
         assert len(ids) <= CUTOFF and len(labels) == len(ids) == len(mask)
-        runs_whole(lf, ids, len(imgs or []))
+        runs_whole(llamafactory_qwen2vl, ids, len(imgs or []))
     assert out["input_ids"][1] == vanilla["input_ids"][1] and out["labels"][1] == vanilla["labels"][1]
     assert out["input_ids"][2] == vanilla["input_ids"][2], "text-only samples are cut exactly as upstream cuts them"
     # the response survives: its labels are kept
@@ -124,77 +127,77 @@ def test_patched_supervised(lf, patched, tmp_path):
 
 
 @pytest.mark.parametrize("mask_history,train_on_prompt", [(False, False), (True, False), (False, True)])
-def test_patched_multiturn_keeps_upstream_semantics(lf, patched, mask_history, train_on_prompt):
+def test_patched_multiturn_keeps_upstream_semantics(llamafactory_qwen2vl, patched, mask_history, train_on_prompt):
     rows = [
         (
             [user(long_text(30, 4) + " <image>"), assistant(long_text(20, 5)), user(long_text(40, 6) + " <image> why")],
             [assistant(long_text(25, 7))],
-            lf.images[:2],
+            llamafactory_qwen2vl.images[:2],
         ),
-        ([user("<image> a"), assistant("b"), user("<image> c")], [assistant("d")], lf.images[:2]),
+        ([user("<image> a"), assistant("b"), user("<image> c")], [assistant("d")], llamafactory_qwen2vl.images[:2]),
     ]
     kw = dict(mask_history=mask_history, train_on_prompt=train_on_prompt, cutoff_len=400)
-    vanilla = lf.processor("SupervisedDatasetProcessor", **kw).preprocess_dataset(batch(rows))
+    vanilla = llamafactory_qwen2vl.processor("SupervisedDatasetProcessor", **kw).preprocess_dataset(batch(rows))
     patched()
-    out = lf.processor("SupervisedDatasetProcessor", **kw).preprocess_dataset(batch(rows))
+    out = llamafactory_qwen2vl.processor("SupervisedDatasetProcessor", **kw).preprocess_dataset(batch(rows))
     assert out["input_ids"][1] == vanilla["input_ids"][1] and out["labels"][1] == vanilla["labels"][1]
     for budget in (400, 250, 200, 160):
         kw["cutoff_len"] = budget
-        out = lf.processor("SupervisedDatasetProcessor", **kw).preprocess_dataset(batch(rows))
+        out = llamafactory_qwen2vl.processor("SupervisedDatasetProcessor", **kw).preprocess_dataset(batch(rows))
         for ids, labels, imgs in zip(out["input_ids"], out["labels"], out["images"]):
             assert len(ids) <= budget and len(labels) == len(ids)
-            runs_whole(lf, ids, len(imgs))
+            runs_whole(llamafactory_qwen2vl, ids, len(imgs))
             # labels are upstream's labels at the kept positions: every label is IGNORE or the token itself
             assert all(lab in (-100, tok) for lab, tok in zip(labels, ids))
 
 
-def test_patched_packed_supervised(lf, patched):
-    rows = sft_rows(lf) + [([user(long_text(5, 9) + " <image>")], [assistant("x")], lf.images[2:])]
+def test_patched_packed_supervised(llamafactory_qwen2vl, patched):
+    rows = sft_rows(llamafactory_qwen2vl) + [([user(long_text(5, 9) + " <image>")], [assistant("x")], llamafactory_qwen2vl.images[2:])]
     patched()
-    out = lf.processor("PackedSupervisedDatasetProcessor", cutoff_len=CUTOFF).preprocess_dataset(batch(rows))
+    out = llamafactory_qwen2vl.processor("PackedSupervisedDatasetProcessor", cutoff_len=CUTOFF).preprocess_dataset(batch(rows))
     n_images = sum(len(x or []) for x in out["images"])
     assert n_images == 3
     for ids, imgs in zip(out["input_ids"], out["images"]):
         assert len(ids) == CUTOFF + 1
-        runs_whole(lf, ids, len(imgs or []))
+        runs_whole(llamafactory_qwen2vl, ids, len(imgs or []))
 
 
-def test_patched_pairwise(lf, patched):
-    rows = [([user(long_text(150, 1) + " <image>")], [assistant("good " * 10), assistant("bad " * 30)], lf.images[:1])]
-    vanilla = lf.processor("PairwiseDatasetProcessor").preprocess_dataset(batch(rows))
-    assert vanilla["chosen_input_ids"][0].count(lf.pad) < IMAGE_TOKENS
+def test_patched_pairwise(llamafactory_qwen2vl, patched):
+    rows = [([user(long_text(150, 1) + " <image>")], [assistant("good " * 10), assistant("bad " * 30)], llamafactory_qwen2vl.images[:1])]
+    vanilla = llamafactory_qwen2vl.processor("PairwiseDatasetProcessor").preprocess_dataset(batch(rows))
+    assert vanilla["chosen_input_ids"][0].count(llamafactory_qwen2vl.pad) < IMAGE_TOKENS
     patched()
-    out = lf.processor("PairwiseDatasetProcessor").preprocess_dataset(batch(rows))
+    out = llamafactory_qwen2vl.processor("PairwiseDatasetProcessor").preprocess_dataset(batch(rows))
     for key in ("chosen", "rejected"):
         ids, labels = out[f"{key}_input_ids"][0], out[f"{key}_labels"][0]
         assert len(ids) <= CUTOFF and len(labels) == len(ids)
-        runs_whole(lf, ids, 1)
+        runs_whole(llamafactory_qwen2vl, ids, 1)
         assert [t for t in labels if t != -100] == [t for t in vanilla[f"{key}_labels"][0] if t != -100]
 
 
-def test_patched_feedback(lf, patched):
+def test_patched_feedback(llamafactory_qwen2vl, patched):
     rows = [
-        ([user(long_text(150, 1) + " <image>")], [assistant("yes"), assistant("")], lf.images[:1]),
-        ([user(long_text(140, 2) + " <image>")], [assistant(""), assistant("no")], lf.images[1:2]),
+        ([user(long_text(150, 1) + " <image>")], [assistant("yes"), assistant("")], llamafactory_qwen2vl.images[:1]),
+        ([user(long_text(140, 2) + " <image>")], [assistant(""), assistant("no")], llamafactory_qwen2vl.images[1:2]),
     ]
     patched()
-    out = lf.processor("FeedbackDatasetProcessor").preprocess_dataset(batch(rows))
+    out = llamafactory_qwen2vl.processor("FeedbackDatasetProcessor").preprocess_dataset(batch(rows))
     assert out["kto_tags"] == [True, False]
     for k in range(2):
         for key in ("", "kl_"):
             ids, labels = out[f"{key}input_ids"][k], out[f"{key}labels"][k]
             assert len(ids) <= CUTOFF and len(labels) == len(ids)
-            runs_whole(lf, ids, 1)
+            runs_whole(llamafactory_qwen2vl, ids, 1)
 
 
-def test_patched_unsupervised(lf, patched):
-    rows = [([user(long_text(150, 1) + " <image>")], [assistant("a red square")], lf.images[:1])]
-    vanilla = lf.processor("UnsupervisedDatasetProcessor").preprocess_dataset(batch(rows))
-    assert vanilla["input_ids"][0].count(lf.pad) < IMAGE_TOKENS
+def test_patched_unsupervised(llamafactory_qwen2vl, patched):
+    rows = [([user(long_text(150, 1) + " <image>")], [assistant("a red square")], llamafactory_qwen2vl.images[:1])]
+    vanilla = llamafactory_qwen2vl.processor("UnsupervisedDatasetProcessor").preprocess_dataset(batch(rows))
+    assert vanilla["input_ids"][0].count(llamafactory_qwen2vl.pad) < IMAGE_TOKENS
     patched()
-    out = lf.processor("UnsupervisedDatasetProcessor").preprocess_dataset(batch(rows))
+    out = llamafactory_qwen2vl.processor("UnsupervisedDatasetProcessor").preprocess_dataset(batch(rows))
     assert len(out["input_ids"][0]) + len(out["labels"][0]) <= CUTOFF
-    runs_whole(lf, out["input_ids"][0], 1)
+    runs_whole(llamafactory_qwen2vl, out["input_ids"][0], 1)
     assert out["labels"][0] == vanilla["labels"][0]
 
 
@@ -207,7 +210,7 @@ SEQUENCES = {  # the token sequences each stage writes per sample
 
 
 @pytest.mark.parametrize("stage", list(SEQUENCES))
-def test_a_cut_row_keeps_its_chat_frame_in_every_stage(lf, patched, stage):
+def test_a_cut_row_keeps_its_chat_frame_in_every_stage(llamafactory_qwen2vl, patched, stage):
     """An image after 150 words and a long answer, with a system prompt: the prompt's share of the budget
     is about what the image needs, so a cut that fills the rest of it from the start would lose the frame.
     vlpatch keeps the image run whole and every sequence it cuts still starts with the frame its uncut
@@ -217,67 +220,67 @@ def test_a_cut_row_keeps_its_chat_frame_in_every_stage(lf, patched, stage):
     answer = assistant(long_text(120, 5))
     responses = {"PairwiseDatasetProcessor": [answer, assistant(long_text(100, 6))],
                  "FeedbackDatasetProcessor": [answer, assistant("")]}.get(stage, [answer])
-    rows = [([user(long_text(150, k) + " <image>")], responses, lf.images[k : k + 1]) for k in range(2)]
+    rows = [([user(long_text(150, k) + " <image>")], responses, llamafactory_qwen2vl.images[k : k + 1]) for k in range(2)]
     data = {**batch(rows), "_system": [system, system]}
-    uncut = lf.processor(stage, cutoff_len=4096).preprocess_dataset(data)
-    header = len(lf.tok.encode(QWEN_SYSTEM_FRAME.format(system), add_special_tokens=False))
+    uncut = llamafactory_qwen2vl.processor(stage, cutoff_len=4096).preprocess_dataset(data)
+    header = len(llamafactory_qwen2vl.tok.encode(QWEN_SYSTEM_FRAME.format(system), add_special_tokens=False))
     patched()
-    out = lf.processor(stage).preprocess_dataset(data)
+    out = llamafactory_qwen2vl.processor(stage).preprocess_dataset(data)
     for key in SEQUENCES[stage]:
         for k in range(2):
             full, ids = uncut[key][k], out[key][k]
-            frame = qwen_frame(lf.tok, full, system)
+            frame = qwen_frame(llamafactory_qwen2vl.tok, full, system)
             assert frame >= header - 1, "the uncut sequence starts with the frame"
             assert len(ids) < len(full) and len(ids) <= CUTOFF, (key, k, len(ids), len(full))
-            runs_whole(lf, ids, 1)
+            runs_whole(llamafactory_qwen2vl, ids, 1)
             assert ids[:frame] == full[:frame], f"{stage} {key}[{k}]: the cut sequence lost its chat frame"
 
 
-def media_heavy_rows(lf):
+def media_heavy_rows(llamafactory_qwen2vl):
     return [
-        ([user("two pictures <image> and <image> then text")], [assistant("ok")], lf.images[:2]),
+        ([user("two pictures <image> and <image> then text")], [assistant("ok")], llamafactory_qwen2vl.images[:2]),
         ([user("short")], [assistant("fine")], []),
     ]
 
 
-def test_policy_drop(lf, patched, tmp_path):
+def test_policy_drop(llamafactory_qwen2vl, patched, tmp_path):
     patched(report=str(tmp_path / "r.jsonl"))
-    out = lf.processor("SupervisedDatasetProcessor", cutoff_len=100).preprocess_dataset(batch(media_heavy_rows(lf)))
+    out = llamafactory_qwen2vl.processor("SupervisedDatasetProcessor", cutoff_len=100).preprocess_dataset(batch(media_heavy_rows(llamafactory_qwen2vl)))
     assert len(out["input_ids"]) == 1 and not out["images"][0]
     (row,) = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
     assert row["action"] == "dropped" and row["reason"].startswith("media_exceed_budget") and row["batch_position"] == 0
 
 
-def test_policy_drop_media(lf, patched, tmp_path):
+def test_policy_drop_media(llamafactory_qwen2vl, patched, tmp_path):
     patched(policy="drop_media", report=str(tmp_path / "r.jsonl"))
-    examples = batch(media_heavy_rows(lf))
-    out = lf.processor("SupervisedDatasetProcessor", cutoff_len=100).preprocess_dataset(examples)
+    examples = batch(media_heavy_rows(llamafactory_qwen2vl))
+    out = llamafactory_qwen2vl.processor("SupervisedDatasetProcessor", cutoff_len=100).preprocess_dataset(examples)
     assert len(out["input_ids"]) == 2
-    assert out["images"][0] == lf.images[:1], "the trailing image left the sample's list"
-    runs_whole(lf, out["input_ids"][0], 1)
+    assert out["images"][0] == llamafactory_qwen2vl.images[:1], "the trailing image left the sample's list"
+    runs_whole(llamafactory_qwen2vl, out["input_ids"][0], 1)
     assert len(out["input_ids"][0]) <= 100
     (row,) = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
     assert row["action"] == "media_dropped" and row["media_removed"] == {"image": [1]}
 
 
-def test_policy_error_names_the_sample(lf, patched):
+def test_policy_error_names_the_sample(llamafactory_qwen2vl, patched):
     import vlpatch
 
     patched(policy="error")
     with pytest.raises(vlpatch.SampleError, match=r"sample \?\[batch position 0\]: media do not fit"):
-        lf.processor("SupervisedDatasetProcessor", cutoff_len=100).preprocess_dataset(batch(media_heavy_rows(lf)))
+        llamafactory_qwen2vl.processor("SupervisedDatasetProcessor", cutoff_len=100).preprocess_dataset(batch(media_heavy_rows(llamafactory_qwen2vl)))
 
 
-def test_bad_input_is_a_reported_drop_or_a_named_error(lf, patched, tmp_path):
+def test_bad_input_is_a_reported_drop_or_a_named_error(llamafactory_qwen2vl, patched, tmp_path):
     import vlpatch
 
     rows = [
-        ([user("two placeholders <image> <image>")], [assistant("x")], lf.images[:1]),
+        ([user("two placeholders <image> <image>")], [assistant("x")], llamafactory_qwen2vl.images[:1]),
         ([user("<image> missing file")], [assistant("x")], [str(tmp_path / "nope.png")]),
-        ([user("<image> good")], [assistant("x")], lf.images[:1]),
+        ([user("<image> good")], [assistant("x")], llamafactory_qwen2vl.images[:1]),
     ]
     patched(report=str(tmp_path / "r.jsonl"))
-    out = lf.processor("SupervisedDatasetProcessor").preprocess_dataset(batch(rows))
+    out = llamafactory_qwen2vl.processor("SupervisedDatasetProcessor").preprocess_dataset(batch(rows))
     assert len(out["input_ids"]) == 1
     reported = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
     assert [(r["batch_position"], r["action"]) for r in reported] == [(0, "dropped"), (1, "dropped")]
@@ -285,20 +288,20 @@ def test_bad_input_is_a_reported_drop_or_a_named_error(lf, patched, tmp_path):
     assert reported[1]["reason"].startswith("bad_input") and "nope.png" in reported[1]["reason"]
     patched(policy="error")
     with pytest.raises(vlpatch.SampleError, match=r"batch position 0\]: bad_input"):
-        lf.processor("SupervisedDatasetProcessor").preprocess_dataset(batch(rows))
+        llamafactory_qwen2vl.processor("SupervisedDatasetProcessor").preprocess_dataset(batch(rows))
 
 
-def test_media_first_is_opt_in(lf, patched):
-    rows = [([user(long_text(150, 1) + " <image>")], [assistant("a")], lf.images[:1])]
+def test_media_first_is_opt_in(llamafactory_qwen2vl, patched):
+    rows = [([user(long_text(150, 1) + " <image>")], [assistant("a")], llamafactory_qwen2vl.images[:1])]
     patched(media_first=True)
-    out = lf.processor("SupervisedDatasetProcessor").preprocess_dataset(batch(rows))
+    out = llamafactory_qwen2vl.processor("SupervisedDatasetProcessor").preprocess_dataset(batch(rows))
     ids = out["input_ids"][0]
-    runs_whole(lf, ids, 1)
-    before = lf.tok.decode(ids[: ids.index(lf.start)])
+    runs_whole(llamafactory_qwen2vl, ids, 1)
+    before = llamafactory_qwen2vl.tok.decode(ids[: ids.index(llamafactory_qwen2vl.start)])
     assert before.endswith("<|im_start|>user\n"), f"the image stands at the start of the user turn: {before!r}"
 
 
-def test_status_lists_every_plugin_as_covered(lf, patched):
+def test_status_lists_every_plugin_as_covered(llamafactory_qwen2vl, patched):
     from llamafactory.data.mm_plugin import PLUGINS
 
     st = lf_status(patched().status())
@@ -307,7 +310,7 @@ def test_status_lists_every_plugin_as_covered(lf, patched):
     assert len(st["covered_plugins"]) == len(PLUGINS) and not st["uncovered_plugins"]
 
 
-def test_drifted_upstream_is_refused_and_left_untouched(lf, tmp_path, monkeypatch):
+def test_drifted_upstream_is_refused_and_left_untouched(llamafactory_qwen2vl, tmp_path, monkeypatch):
     """The real installed LLaMA-Factory against a matrix whose fingerprint of one target is different."""
     import vlpatch
     from llamafactory.data.processor import SupervisedDatasetProcessor

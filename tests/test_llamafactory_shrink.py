@@ -20,7 +20,10 @@ CUTOFF = 128
 
 
 @pytest.fixture(scope="module")
-def lf(tiny_qwen2vl, tmp_path_factory):
+def llamafactory_qwen2vl(tiny_qwen2vl, tmp_path_factory):
+    """LLaMA-Factory's qwen2_vl template, the tiny Qwen2-VL's tokenizer and processor (images up to 1024 px
+    square), a directory for test photos, the image token ids, and `processor(cls_name, **data_kwargs)`:
+    one of LLaMA-Factory's real dataset processors on them."""
     require("llamafactory")
     from llamafactory.data import get_template_and_fix_tokenizer
     from llamafactory.hparams import DataArguments, ModelArguments
@@ -35,11 +38,11 @@ def lf(tiny_qwen2vl, tmp_path_factory):
     class LF:
         pass
 
-    lf = LF()
-    lf.tok, lf.proc, lf.template, lf.dir = tok, proc, template, d
-    lf.pad = tok.convert_tokens_to_ids("<|image_pad|>")
-    lf.start = tok.convert_tokens_to_ids("<|vision_start|>")
-    lf.end = tok.convert_tokens_to_ids("<|vision_end|>")
+    out = LF()
+    out.tok, out.proc, out.template, out.dir = tok, proc, template, d
+    out.pad = tok.convert_tokens_to_ids("<|image_pad|>")
+    out.start = tok.convert_tokens_to_ids("<|vision_start|>")
+    out.end = tok.convert_tokens_to_ids("<|vision_end|>")
 
     def processor(cls_name, **data_kwargs):
         import llamafactory.data.processor as P
@@ -47,14 +50,14 @@ def lf(tiny_qwen2vl, tmp_path_factory):
         data_args = DataArguments(template="qwen2_vl", cutoff_len=data_kwargs.pop("cutoff_len", CUTOFF), **data_kwargs)
         return getattr(P, cls_name)(template=template, tokenizer=tok, processor=proc, data_args=data_args)
 
-    lf.processor = processor
-    return lf
+    out.processor = processor
+    return out
 
 
-def _photo(lf, w, h, seed=0):
+def _photo(llamafactory_qwen2vl, w, h, seed=0):
     from PIL import Image
 
-    path = str(lf.dir / f"p{w}x{h}_{seed}.jpg")
+    path = str(llamafactory_qwen2vl.dir / f"p{w}x{h}_{seed}.jpg")
     if not os.path.exists(path):
         img = Image.new("RGB", (w, h), (40 * seed % 255, 100, 150))
         for x in range(0, w, max(1, w // 16)):  # some structure, so resizing is not trivial
@@ -83,35 +86,35 @@ def assistant(text):
     return {"role": "assistant", "content": text}
 
 
-def runs(lf, ids):
+def runs(llamafactory_qwen2vl, ids):
     """Lengths of the image-pad runs, each checked whole (start, pads, end)."""
     out, i = [], 0
     while i < len(ids):
-        if ids[i] == lf.start:
+        if ids[i] == llamafactory_qwen2vl.start:
             j = i + 1
-            while j < len(ids) and ids[j] == lf.pad:
+            while j < len(ids) and ids[j] == llamafactory_qwen2vl.pad:
                 j += 1
-            assert j < len(ids) and ids[j] == lf.end, f"run at {i} cut"
+            assert j < len(ids) and ids[j] == llamafactory_qwen2vl.end, f"run at {i} cut"
             out.append(j - i - 1)
             i = j
-        elif ids[i] == lf.pad:
+        elif ids[i] == llamafactory_qwen2vl.pad:
             raise AssertionError(f"stray image token at {i}")
         i += 1
     return out
 
 
-def collate(lf, out, rows, kind="image"):
+def collate(llamafactory_qwen2vl, out, rows, kind="image"):
     """LLaMA-Factory's own collator on the processed rows: the features of each `kind` item (grid /
     merge^2), and the collated input_ids."""
     from llamafactory.data import SFTDataCollatorWith4DAttentionMask
 
-    collator = SFTDataCollatorWith4DAttentionMask(template=lf.template, processor=lf.proc, tokenizer=lf.tok, label_pad_token_id=-100)
+    collator = SFTDataCollatorWith4DAttentionMask(template=llamafactory_qwen2vl.template, processor=llamafactory_qwen2vl.proc, tokenizer=llamafactory_qwen2vl.tok, label_pad_token_id=-100)
     feats = []
     for k in rows:
         media = {"images": [], "videos": [], "audios": [], f"{kind}s": out[f"{kind}s"][k] or []}
         feats.append({"input_ids": out["input_ids"][k], "attention_mask": out["attention_mask"][k], "labels": out["labels"][k], **media})
     got = collator(feats)
-    merge = lf.proc.image_processor.merge_size ** 2
+    merge = llamafactory_qwen2vl.proc.image_processor.merge_size ** 2
     return [int(g.prod()) // merge for g in got[f"{kind}_grid_thw"]], got["input_ids"]
 
 
@@ -119,19 +122,19 @@ def report_rows(path):
     return [json.loads(x) for x in open(path, encoding="utf-8").read().splitlines()]
 
 
-def test_shrink_keeps_a_sample_whose_image_alone_is_over_budget(lf, patched, tmp_path):
-    big = _photo(lf, 1200, 900)
+def test_shrink_keeps_a_sample_whose_image_alone_is_over_budget(llamafactory_qwen2vl, patched, tmp_path):
+    big = _photo(llamafactory_qwen2vl, 1200, 900)
     rows = [
         ([user(long_text(40, 1) + " <image>")], [assistant("a red square")], [big]),
-        ([user("<image> " + long_text(30, 2))], [assistant("fits? no")], [_photo(lf, 640, 640, 3)]),
-        ([user("<image> short")], [assistant("fits")], [_photo(lf, 112, 112, 4)]),
+        ([user("<image> " + long_text(30, 2))], [assistant("fits? no")], [_photo(llamafactory_qwen2vl, 640, 640, 3)]),
+        ([user("<image> short")], [assistant("fits")], [_photo(llamafactory_qwen2vl, 112, 112, 4)]),
     ]
     # vanilla: the 1200x900 photo is 1,386 image tokens, ten times the budget
     report_path = tmp_path / "r.jsonl"
     patched(report=str(report_path), policy="shrink", shrink_dir=str(tmp_path / "media"), shrink_min_pixels=56 * 56)
     data = batch(rows)
     originals = [list(x) for x in data["_images"]]
-    out = lf.processor("SupervisedDatasetProcessor").preprocess_dataset(data)
+    out = llamafactory_qwen2vl.processor("SupervisedDatasetProcessor").preprocess_dataset(data)
     assert len(out["input_ids"]) == 3, "nothing is dropped"
     got = report_rows(report_path)
     shrunk = [r for r in got if r["action"] == "shrunk"]
@@ -147,7 +150,7 @@ def test_shrink_keeps_a_sample_whose_image_alone_is_over_budget(lf, patched, tmp
     for k in range(3):
         ids = out["input_ids"][k]
         assert len(ids) <= CUTOFF and len(out["labels"][k]) == len(ids)
-        assert len(runs(lf, ids)) == 1
+        assert len(runs(llamafactory_qwen2vl, ids)) == 1
     # the rows name the originals at the reported size (the originals are untouched; nothing is written)
     from vlpatch.integrations import _media
 
@@ -159,17 +162,17 @@ def test_shrink_keeps_a_sample_whose_image_alone_is_over_budget(lf, patched, tmp
     assert out["images"][2] == originals[2]
     assert not os.path.exists(tmp_path / "media")
     # LLaMA-Factory's own collator re-reads the rows' media: features == tokens for every row
-    features, _ = collate(lf, out, [0, 1, 2])
-    assert features == [runs(lf, out["input_ids"][k])[0] for k in range(3)]
+    features, _ = collate(llamafactory_qwen2vl, out, [0, 1, 2])
+    assert features == [runs(llamafactory_qwen2vl, out["input_ids"][k])[0] for k in range(3)]
 
 
-def test_shrink_is_the_largest_size_that_fits(lf, patched, tmp_path):
+def test_shrink_is_the_largest_size_that_fits(llamafactory_qwen2vl, patched, tmp_path):
     """A larger image than the one chosen would not fit: shrink does not throw away more than it must."""
-    big = _photo(lf, 1000, 750, 5)
+    big = _photo(llamafactory_qwen2vl, 1000, 750, 5)
     rows = [([user(long_text(10, 1) + " <image>")], [assistant("ok")], [big])]
     report_path = tmp_path / "r.jsonl"
     patched(report=str(report_path), policy="shrink", shrink_dir=str(tmp_path / "media"), shrink_min_pixels=56 * 56)
-    out = lf.processor("SupervisedDatasetProcessor").preprocess_dataset(batch(rows))
+    out = llamafactory_qwen2vl.processor("SupervisedDatasetProcessor").preprocess_dataset(batch(rows))
     (row,) = report_rows(report_path)
     (item,) = row["media_resized"]
     w, h = item["after"]
@@ -181,19 +184,19 @@ def test_shrink_is_the_largest_size_that_fits(lf, patched, tmp_path):
     bigger = str(tmp_path / "bigger.png")
     Image.open(big).resize((int(w * 1.05) + 1, int(h * 1.05) + 1)).save(bigger)
     patched(report=str(tmp_path / "drop.jsonl"), policy="drop")
-    again = lf.processor("SupervisedDatasetProcessor").preprocess_dataset(batch([(rows[0][0], rows[0][1], [bigger])]))
+    again = llamafactory_qwen2vl.processor("SupervisedDatasetProcessor").preprocess_dataset(batch([(rows[0][0], rows[0][1], [bigger])]))
     if again["input_ids"]:
-        assert runs(lf, again["input_ids"][0]) == [item["tokens_after"] - 2], item
+        assert runs(llamafactory_qwen2vl, again["input_ids"][0]) == [item["tokens_after"] - 2], item
     else:
         assert report_rows(tmp_path / "drop.jsonl")[0]["action"] == "dropped"
 
 
-def test_below_the_floor_the_fallback_decides(lf, patched, tmp_path):
-    big = _photo(lf, 1200, 900)
+def test_below_the_floor_the_fallback_decides(llamafactory_qwen2vl, patched, tmp_path):
+    big = _photo(llamafactory_qwen2vl, 1200, 900)
     rows = [([user(long_text(40, 1) + " <image>")], [assistant("a red square")], [big])]
     report_path = tmp_path / "r.jsonl"
     patched(report=str(report_path), policy="shrink", shrink_dir=str(tmp_path / "media"), shrink_min_pixels=448 * 448)
-    out = lf.processor("SupervisedDatasetProcessor").preprocess_dataset(batch(rows))
+    out = llamafactory_qwen2vl.processor("SupervisedDatasetProcessor").preprocess_dataset(batch(rows))
     assert out["input_ids"] == []
     (row,) = report_rows(report_path)
     assert row["action"] == "dropped" and "shrink_failed: it does not fit even with its media at the floor" in row["reason"], row
@@ -201,23 +204,23 @@ def test_below_the_floor_the_fallback_decides(lf, patched, tmp_path):
     import vlpatch
 
     with pytest.raises(vlpatch.SampleError, match="media do not fit"):
-        lf.processor("SupervisedDatasetProcessor").preprocess_dataset(batch(rows))
+        llamafactory_qwen2vl.processor("SupervisedDatasetProcessor").preprocess_dataset(batch(rows))
 
 
 @pytest.mark.parametrize("stage", ["PairwiseDatasetProcessor", "FeedbackDatasetProcessor", "UnsupervisedDatasetProcessor", "PackedSupervisedDatasetProcessor"])
-def test_shrink_in_every_stage(lf, patched, tmp_path, stage):
-    big = _photo(lf, 1200, 900)
+def test_shrink_in_every_stage(llamafactory_qwen2vl, patched, tmp_path, stage):
+    big = _photo(llamafactory_qwen2vl, 1200, 900)
     prompt = [user(long_text(20, 1) + " <image>")]
     if stage == "PairwiseDatasetProcessor":
         rows = [(prompt, [assistant("chosen one"), assistant("rejected")], [big])]
     elif stage == "FeedbackDatasetProcessor":
-        rows = [(prompt, [assistant("yes"), assistant("")], [big]), ([user("<image> kl")], [assistant(""), assistant("no")], [_photo(lf, 112, 112, 2)])]
+        rows = [(prompt, [assistant("yes"), assistant("")], [big]), ([user("<image> kl")], [assistant(""), assistant("no")], [_photo(llamafactory_qwen2vl, 112, 112, 2)])]
     else:
         rows = [(prompt, [assistant("a red square")], [big])]
     data = batch(rows)
     report_path = tmp_path / "r.jsonl"
     patched(report=str(report_path), policy="shrink", shrink_dir=str(tmp_path / "media"), shrink_min_pixels=56 * 56)
-    out = lf.processor(stage).preprocess_dataset(data)
+    out = llamafactory_qwen2vl.processor(stage).preprocess_dataset(data)
     got = report_rows(report_path)
     assert [r["action"] for r in got if r["batch_position"] == 0] == ["shrunk"], got
     first = next(k for k in out if k.endswith("input_ids"))
@@ -226,14 +229,14 @@ def test_shrink_in_every_stage(lf, patched, tmp_path, stage):
         for k, ids in enumerate(out[key]):
             extra = len(out["labels"][k]) if stage.startswith("Unsupervised") else 0
             assert len(ids) + extra <= limit
-            assert len(runs(lf, ids)) == 1
+            assert len(runs(llamafactory_qwen2vl, ids)) == 1
     assert out[first], "the sample is kept"
     (entry,) = out["images"][0]
     assert entry.startswith(big + "#vlpatch-size="), entry
 
 
 @pytest.mark.parametrize("stage", ["SupervisedDatasetProcessor", "SupervisedDatasetProcessor+mask_history", "PairwiseDatasetProcessor", "UnsupervisedDatasetProcessor"])
-def test_the_arithmetic_search_decides_as_the_encoding_search(lf, patched, tmp_path, monkeypatch, stage):
+def test_the_arithmetic_search_decides_as_the_encoding_search(llamafactory_qwen2vl, patched, tmp_path, monkeypatch, stage):
     """Qwen-VL images: the search predicts each candidate's layouts from the header arithmetic instead of
     encoding it, and the chosen size's output is the sample's ids with the runs shortened (a splice),
     not encoded either; every decision, row and token equals what the search that encodes every
@@ -245,12 +248,12 @@ def test_the_arithmetic_search_decides_as_the_encoding_search(lf, patched, tmp_p
     two = "Pairwise" in stage
     reply = (lambda t: [assistant(t), assistant("no")]) if two else (lambda t: [assistant(t)])
     rows = [
-        ([user(long_text(30, 1) + " <image>")], reply("one photo"), [_photo(lf, 1200, 900, 1)]),
-        ([user("<image> <image> " + long_text(12, 2))], reply("two in one turn"), [_photo(lf, 900, 1200, 2), _photo(lf, 640, 480, 3)]),
+        ([user(long_text(30, 1) + " <image>")], reply("one photo"), [_photo(llamafactory_qwen2vl, 1200, 900, 1)]),
+        ([user("<image> <image> " + long_text(12, 2))], reply("two in one turn"), [_photo(llamafactory_qwen2vl, 900, 1200, 2), _photo(llamafactory_qwen2vl, 640, 480, 3)]),
         ([user("<image> " + long_text(8, 3)), assistant(long_text(20, 4)), user("<image> later " + long_text(30, 5))],
-         reply("the later image leaves"), [_photo(lf, 1000, 700, 4), _photo(lf, 300, 300, 5)]),
-        ([user(long_text(60, 6) + " <image>")], reply(long_text(40, 7)), [_photo(lf, 2000, 500, 6)]),
-        ([user("<image> fits")], reply("yes"), [_photo(lf, 112, 112, 8)]),
+         reply("the later image leaves"), [_photo(llamafactory_qwen2vl, 1000, 700, 4), _photo(llamafactory_qwen2vl, 300, 300, 5)]),
+        ([user(long_text(60, 6) + " <image>")], reply(long_text(40, 7)), [_photo(llamafactory_qwen2vl, 2000, 500, 6)]),
+        ([user("<image> fits")], reply("yes"), [_photo(llamafactory_qwen2vl, 112, 112, 8)]),
     ]
     calls = {"predicted": 0, "encoded": 0, "spliced": 0}
 
@@ -274,7 +277,7 @@ def test_the_arithmetic_search_decides_as_the_encoding_search(lf, patched, tmp_p
             monkeypatch.setattr(glue, "_splice", counted("spliced", glue._splice))
         path = tmp_path / f"{mode}.jsonl"
         patched(report=str(path), policy="shrink", shrink_dir=str(tmp_path / "media"), shrink_min_pixels=56 * 56)
-        outs[mode] = lf.processor(stage, cutoff_len=160, **options).preprocess_dataset(batch(rows))
+        outs[mode] = llamafactory_qwen2vl.processor(stage, cutoff_len=160, **options).preprocess_dataset(batch(rows))
         reports[mode] = [{k: v for k, v in r.items() if k != "time"} for r in report_rows(path)]
         if mode == "encoded":
             encoded_calls, calls["encoded"] = calls["encoded"], 0
@@ -286,26 +289,26 @@ def test_the_arithmetic_search_decides_as_the_encoding_search(lf, patched, tmp_p
     assert shrunk >= 3 and calls["spliced"] == shrunk, (calls, reports["predicted"])
     if stage == "SupervisedDatasetProcessor":
         out = outs["predicted"]
-        features, _ = collate(lf, out, range(len(out["input_ids"])))
-        assert features == [n for ids in out["input_ids"] for n in runs(lf, ids)]
+        features, _ = collate(llamafactory_qwen2vl, out, range(len(out["input_ids"])))
+        assert features == [n for ids in out["input_ids"] for n in runs(llamafactory_qwen2vl, ids)]
 
 
-def test_shrink_keeps_the_entry_form_of_hub_datasets(lf, patched, tmp_path):
+def test_shrink_keeps_the_entry_form_of_hub_datasets(llamafactory_qwen2vl, patched, tmp_path):
     """Datasets loaded from the hub hold images as {"bytes", "path"} dicts: the downsized entry stays a
     dict (naming the written file), and the collator reads it."""
-    big = _photo(lf, 1200, 900, 7)
+    big = _photo(llamafactory_qwen2vl, 1200, 900, 7)
     with open(big, "rb") as fh:
         entry = {"bytes": fh.read(), "path": None}
     rows = [([user(long_text(40, 1) + " <image>")], [assistant("a red square")], [entry])]
     patched(report=str(tmp_path / "r.jsonl"), policy="shrink", shrink_dir=str(tmp_path / "media"), shrink_min_pixels=56 * 56)
-    out = lf.processor("SupervisedDatasetProcessor").preprocess_dataset(batch(rows))
+    out = llamafactory_qwen2vl.processor("SupervisedDatasetProcessor").preprocess_dataset(batch(rows))
     (got,) = out["images"][0]
     assert isinstance(got, dict) and got["bytes"] is None and got["path"].startswith(str(tmp_path / "media")), got
-    features, _ = collate(lf, out, [0])
-    assert features == runs(lf, out["input_ids"][0])
+    features, _ = collate(llamafactory_qwen2vl, out, [0])
+    assert features == runs(llamafactory_qwen2vl, out["input_ids"][0])
 
 
-def test_a_sized_entry_is_read_at_its_size_and_fails_loudly_without_vlpatch(lf, patched, tmp_path):
+def test_a_sized_entry_is_read_at_its_size_and_fails_loudly_without_vlpatch(llamafactory_qwen2vl, patched, tmp_path):
     """LLaMA-Factory's own `_regularize_images` (what its collator calls on every row) reads a sized
     entry as the original downsized to exactly that size, with the pixels of the original; with vlpatch
     off it raises, naming the entry, instead of reading the full-size original (which would not match
@@ -316,7 +319,7 @@ def test_a_sized_entry_is_read_at_its_size_and_fails_loudly_without_vlpatch(lf, 
     from llamafactory.data.mm_plugin import get_mm_plugin
     from vlpatch.integrations import _media
 
-    big = _photo(lf, 800, 600, 9)
+    big = _photo(llamafactory_qwen2vl, 800, 600, 9)
     plugin = get_mm_plugin("qwen2_vl", image_token="<|image_pad|>")
     kwargs = dict(image_max_pixels=1024 * 1024, image_min_pixels=28 * 28)
     entry = _media.sized(big, (400, 300))
@@ -343,10 +346,10 @@ def test_a_sized_entry_is_read_at_its_size_and_fails_loudly_without_vlpatch(lf, 
 VIDEO_SIDE, VIDEO_FRAMES = 224, 16  # 8 s at 2 fps: LLaMA-Factory samples all 16 frames (video_fps 2)
 
 
-def _video(lf, name="clip.mp4", seed=0):
+def _video(llamafactory_qwen2vl, name="clip.mp4", seed=0):
     from tests.fixtures.tiny_qwen3vl import write_video
 
-    path = str(lf.dir / name)
+    path = str(llamafactory_qwen2vl.dir / name)
     if not os.path.exists(path):
         write_video(path, frames=VIDEO_FRAMES, fps=2, side=VIDEO_SIDE, seed=seed)
     return path
@@ -358,8 +361,8 @@ def video_batch(rows):
     return data
 
 
-def video_runs(lf, ids):
-    pad, out, n = lf.tok.convert_tokens_to_ids("<|video_pad|>"), [], 0
+def video_runs(llamafactory_qwen2vl, ids):
+    pad, out, n = llamafactory_qwen2vl.tok.convert_tokens_to_ids("<|video_pad|>"), [], 0
     for t in ids:
         if t == pad:
             n += 1
@@ -369,18 +372,18 @@ def video_runs(lf, ids):
     return out
 
 
-def _shrunk_video(lf, patched, tmp_path, **settings):
-    clip = _video(lf)
+def _shrunk_video(llamafactory_qwen2vl, patched, tmp_path, **settings):
+    clip = _video(llamafactory_qwen2vl)
     rows = [([user(long_text(20, 1) + " <video>")], [assistant("a moving square")], [clip])]
     patched(report=str(tmp_path / "v.jsonl"), policy="drop")
-    assert lf.processor("SupervisedDatasetProcessor", cutoff_len=400).preprocess_dataset(video_batch(rows))["input_ids"] == [], "too long as it comes"
+    assert llamafactory_qwen2vl.processor("SupervisedDatasetProcessor", cutoff_len=400).preprocess_dataset(video_batch(rows))["input_ids"] == [], "too long as it comes"
     report_path = tmp_path / "r.jsonl"
     patched(report=str(report_path), policy="shrink", shrink_dir=str(tmp_path / "media"), **settings)
-    out = lf.processor("SupervisedDatasetProcessor", cutoff_len=400).preprocess_dataset(video_batch(rows))
+    out = llamafactory_qwen2vl.processor("SupervisedDatasetProcessor", cutoff_len=400).preprocess_dataset(video_batch(rows))
     return out, report_rows(report_path)
 
 
-def check_video_row(lf, out, row, shrink_dir):
+def check_video_row(llamafactory_qwen2vl, out, row, shrink_dir):
     """The row names the new MPEG-4 file, its tokens are the report's, and LLaMA-Factory's own collator,
     reading the file, gives the video exactly as many features as the row has video tokens."""
     assert row["action"] == "shrunk" and row["tokens_after"] <= 400 and " frames" in row["reason"], row
@@ -390,42 +393,42 @@ def check_video_row(lf, out, row, shrink_dir):
     assert path == item["file"] and path.endswith(".mp4") and os.path.dirname(path) == str(shrink_dir)
     ids = out["input_ids"][0]
     assert len(ids) <= 400 and len(out["labels"][0]) == len(ids)
-    got = video_runs(lf, ids)
+    got = video_runs(llamafactory_qwen2vl, ids)
     assert sum(got) + 2 * len(got) == item["tokens_after"] < item["tokens_before"], (got, item)
-    assert collate(lf, out, [0], kind="video")[0] == got
+    assert collate(llamafactory_qwen2vl, out, [0], kind="video")[0] == got
     return item
 
 
-def test_shrink_drops_frames_of_a_video_at_its_pixels_floor(lf, patched, tmp_path):
+def test_shrink_drops_frames_of_a_video_at_its_pixels_floor(llamafactory_qwen2vl, patched, tmp_path):
     """With the frames at the pixels floor already, the video loses frames (spread over its length)
     until the sample fits, and no more: two frames more (one temporal patch) would not fit."""
-    out, (row,) = _shrunk_video(lf, patched, tmp_path, shrink_min_pixels=VIDEO_SIDE * VIDEO_SIDE, shrink_min_frames=2)
-    item = check_video_row(lf, out, row, tmp_path / "media")
+    out, (row,) = _shrunk_video(llamafactory_qwen2vl, patched, tmp_path, shrink_min_pixels=VIDEO_SIDE * VIDEO_SIDE, shrink_min_frames=2)
+    item = check_video_row(llamafactory_qwen2vl, out, row, tmp_path / "media")
     assert item["after"] == [VIDEO_SIDE, VIDEO_SIDE] and 2 <= item["frames_after"] < VIDEO_FRAMES, item
     per_pair = item["tokens_after"] // ((item["frames_after"] + 1) // 2)
     assert row["tokens_after"] + per_pair > 400, "the largest frame count that fits"
 
 
-def test_shrink_takes_video_pixels_before_frames(lf, patched, tmp_path):
+def test_shrink_takes_video_pixels_before_frames(llamafactory_qwen2vl, patched, tmp_path):
     """Pixels first, then frames: a video keeps all its frames while smaller frames still gain tokens;
     where the processor has a minimum frame size (Qwen2-VL's video processor on transformers 4.52 on
     upscales small frames), smaller frames gain nothing and the video keeps its pixels and loses frames."""
-    out, (row,) = _shrunk_video(lf, patched, tmp_path, shrink_min_pixels=56 * 56, shrink_min_frames=2)
-    item = check_video_row(lf, out, row, tmp_path / "media")
+    out, (row,) = _shrunk_video(llamafactory_qwen2vl, patched, tmp_path, shrink_min_pixels=56 * 56, shrink_min_frames=2)
+    item = check_video_row(llamafactory_qwen2vl, out, row, tmp_path / "media")
     if item["frames_after"] < VIDEO_FRAMES:
         assert item["after"] == [VIDEO_SIDE, VIDEO_SIDE] or item["after"][0] * item["after"][1] <= 58 * 58, item
     else:
         assert item["after"][0] < VIDEO_SIDE, item
 
 
-def test_shrink_videos_below_the_frames_floor_fall_back(lf, patched, tmp_path):
-    out, (row,) = _shrunk_video(lf, patched, tmp_path, shrink_min_pixels=VIDEO_SIDE * VIDEO_SIDE, shrink_min_frames=VIDEO_FRAMES)
+def test_shrink_videos_below_the_frames_floor_fall_back(llamafactory_qwen2vl, patched, tmp_path):
+    out, (row,) = _shrunk_video(llamafactory_qwen2vl, patched, tmp_path, shrink_min_pixels=VIDEO_SIDE * VIDEO_SIDE, shrink_min_frames=VIDEO_FRAMES)
     assert out["input_ids"] == []
     assert row["action"] == "dropped" and "VLPATCH_SHRINK_MIN_FRAMES" in row["reason"], row
     assert not os.path.exists(tmp_path / "media") or not os.listdir(tmp_path / "media"), "nothing written for a dropped sample"
 
 
-def test_shrink_a_video_given_as_frame_images(lf, patched, tmp_path):
+def test_shrink_a_video_given_as_frame_images(llamafactory_qwen2vl, patched, tmp_path):
     """LLaMA-Factory also takes a video as a list of frame images (every frame used): shrink keeps fewer of
     them, spread over the list, each downsized as a PNG file; the collator's features equal the row's."""
     from PIL import Image
@@ -442,10 +445,10 @@ def test_shrink_a_video_given_as_frame_images(lf, patched, tmp_path):
         frames.append(path)
     rows = [([user(long_text(20, 1) + " <video>")], [assistant("a moving square")], [frames])]
     patched(report=str(tmp_path / "v.jsonl"), policy="drop")
-    assert lf.processor("SupervisedDatasetProcessor", cutoff_len=400).preprocess_dataset(video_batch(rows))["input_ids"] == []
+    assert llamafactory_qwen2vl.processor("SupervisedDatasetProcessor", cutoff_len=400).preprocess_dataset(video_batch(rows))["input_ids"] == []
     report_path = tmp_path / "r.jsonl"
     patched(report=str(report_path), policy="shrink", shrink_dir=str(tmp_path / "media"), shrink_min_pixels=VIDEO_SIDE * VIDEO_SIDE, shrink_min_frames=2)
-    out = lf.processor("SupervisedDatasetProcessor", cutoff_len=400).preprocess_dataset(video_batch(rows))
+    out = llamafactory_qwen2vl.processor("SupervisedDatasetProcessor", cutoff_len=400).preprocess_dataset(video_batch(rows))
     (row,) = report_rows(report_path)
     assert row["action"] == "shrunk", row
     (item,) = row["media_resized"]
@@ -454,9 +457,9 @@ def test_shrink_a_video_given_as_frame_images(lf, patched, tmp_path):
     assert len(kept) == item["frames_after"] and all(os.path.dirname(p) == str(tmp_path / "media") for p in kept), kept
     assert all(Image.open(p).size == tuple(item["after"]) for p in kept)
     ids = out["input_ids"][0]
-    got = video_runs(lf, ids)
+    got = video_runs(llamafactory_qwen2vl, ids)
     assert len(ids) <= 400 and sum(got) + 2 * len(got) == item["tokens_after"] < item["tokens_before"], (got, item)
-    assert collate(lf, out, [0], kind="video")[0] == got
+    assert collate(llamafactory_qwen2vl, out, [0], kind="video")[0] == got
     assert frames == [str(tmp_path / f"frame{i:02d}.png") for i in range(VIDEO_FRAMES)], "the caller's list is untouched"
 
 

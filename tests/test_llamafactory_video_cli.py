@@ -31,7 +31,9 @@ VIDEO_CFG = dict(template="qwen3_vl", video_max_pixels=VIDEO_SIDE * VIDEO_SIDE, 
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def tiny_qwen3vl_and_videos(tmp_path_factory):
+    """(the tiny Qwen3-VL model's directory, a dataset directory of long-text video examples); the newest
+    LLaMA-Factory only, skipped where it or transformers has no Qwen3-VL, or PyAV is missing."""
     require("llamafactory")
     newest_only("llamafactory", "the other releases run the same patch on the processor-level video tests")
     require("transformers")
@@ -55,15 +57,15 @@ def env_with(extra=None) -> dict:
     return env
 
 
-def config(tmp_path, setup) -> str:
-    model, data = setup
+def config(tmp_path, tiny_qwen3vl_and_videos) -> str:
+    model, data = tiny_qwen3vl_and_videos
     out = tmp_path / "out"
     shutil.rmtree(out, ignore_errors=True)
     return write_train_yaml(str(tmp_path / "train.yaml"), model, data, DATASET, str(out), CUTOFF, **VIDEO_CFG)
 
 
-def train(tmp_path, setup, env=None):
-    yaml_path = config(tmp_path, setup)
+def train(tmp_path, tiny_qwen3vl_and_videos, env=None):
+    yaml_path = config(tmp_path, tiny_qwen3vl_and_videos)
     cmd = [os.path.join(BIN, "llamafactory-cli"), "train", yaml_path]
     proc = console.run(cmd, env=env_with(env), timeout=600, cwd=str(tmp_path))
     report = tmp_path / "out" / "vlpatch_report.jsonl"
@@ -71,15 +73,15 @@ def train(tmp_path, setup, env=None):
     return proc, rows
 
 
-def test_vanilla_dies_on_the_cut_video(tmp_path, setup):
-    proc, rows = train(tmp_path, setup)
+def test_vanilla_dies_on_the_cut_video(tmp_path, tiny_qwen3vl_and_videos):
+    proc, rows = train(tmp_path, tiny_qwen3vl_and_videos)
     log = proc.stdout + proc.stderr
     assert proc.returncode != 0 and any(m in log for m in MISMATCH), log[-3000:]
     assert "train_runtime" not in log and not rows
 
 
-def test_env_var_keeps_the_video_whole_and_trains(tmp_path, setup):
-    proc, rows = train(tmp_path, setup, env={"VLPATCH": "1"})
+def test_env_var_keeps_the_video_whole_and_trains(tmp_path, tiny_qwen3vl_and_videos):
+    proc, rows = train(tmp_path, tiny_qwen3vl_and_videos, env={"VLPATCH": "1"})
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "train_runtime" in log, log[-3000:]
     assert log.count("'loss':") == 2, "two optimizer steps"
@@ -95,8 +97,8 @@ def test_env_var_keeps_the_video_whole_and_trains(tmp_path, setup):
     assert len({r["media_tokens"] for r in rows}) == 1, "the same video length in both samples"
 
 
-def test_scan_reports_the_vanilla_crash_and_the_video_tokens(tmp_path, setup):
-    yaml_path = config(tmp_path, setup)
+def test_scan_reports_the_vanilla_crash_and_the_video_tokens(tmp_path, tiny_qwen3vl_and_videos):
+    yaml_path = config(tmp_path, tiny_qwen3vl_and_videos)
     cmd = [sys.executable, "-m", "vlpatch", "scan", yaml_path, "--json", "--no-progress"]
     proc = console.run(cmd, env=env_with(), timeout=600, cwd=str(tmp_path))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]

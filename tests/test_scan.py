@@ -247,16 +247,16 @@ def test_the_policy_passes_start_from_the_whole_pass_encode(tiny_qwen2vl, data_d
     decide on that encode (its budget splits and learned spans) rather than encode it again."""
     newest_only("llamafactory", "scan's own passes")
     from vlpatch import scan as vscan
-    from vlpatch.integrations import llamafactory as lfint
+    from vlpatch.integrations import llamafactory as lf_integration
 
     encodes = []
-    real = lfint._Encode.encode
+    real = lf_integration._Encode.encode
 
     def counting(self, bound):
         encodes.append(self.sample)
         return real(self, bound)
 
-    monkeypatch.setattr(lfint._Encode, "encode", counting)
+    monkeypatch.setattr(lf_integration._Encode, "encode", counting)
     for key in [k for k in os.environ if k.startswith("VLPATCH")]:
         monkeypatch.delenv(key)
     config = {"model_name_or_path": tiny_qwen2vl, "dataset": "longimg", "dataset_dir": data_dir, "template": "qwen2_vl",

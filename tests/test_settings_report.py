@@ -114,8 +114,12 @@ def test_a_shrunk_items_report_entry():
 
 
 def test_reason_codes_and_the_bad_input_share():
-    assert core.reason_code("media_exceed_budget: the media need 900 of 512 tokens") == "media_exceed_budget"
-    assert core.reason_code("") == core.reason_code(None) == "text_over_budget"
+    """A decision carries its code as data (what the summary counts); its reason starts with it."""
+    assert core.because("media_exceed_budget", "the media need 900 of 512 tokens") == {
+        "code": "media_exceed_budget", "reason": "media_exceed_budget: the media need 900 of 512 tokens"}
+    with pytest.raises(AssertionError):
+        core.because("no_such_code", "")
+    assert core.Decision("truncated", [[0]]).code == core.TEXT_OVER_BUDGET == "text_over_budget"
     assert not core.too_much_bad(5, 100, 0.05) and core.too_much_bad(6, 100, 0.05) and not core.too_much_bad(0, 0, 0.0)
     summary = report.format_summary(Counter({"kept": 2, "dropped": 1}), Counter({"bad_input": 1}), None)
     assert summary == "samples: 2 kept, 0 truncated, 0 media_dropped, 1 dropped; reasons: bad_input x1; no report file set"

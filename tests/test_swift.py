@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import require
 from tests.fixtures import console
-from tests.fixtures.swift_rows import BIG, IMAGE_PAD, build_rows, build_tiny_qwen2_5vl, spans, video_frames
+from tests.fixtures.swift_rows import BIG, IMAGE_PAD, VIDEO_PAD, build_rows, build_tiny_qwen2_5vl, spans, video_frames
 
 BUDGET = 256
 
@@ -231,19 +231,77 @@ def test_qwen2_5_vl_video_and_image_spans_stay_whole(tmp_path, patched):
     assert row["action"] == "media_dropped" and row["media_removed"] == {"image": [0]}
 
 
+def _qwen3_vl_row(directory) -> dict:
+    """150 words, then a video (four 64 px frames: two frame groups of 144 tokens, each after its timestamp)
+    and a 224 px image (49 tokens at Qwen3-VL's patch 16), then a 60-token answer."""
+    words = " ".join(["the a picture image shows describe what"] * 22)
+    return {"messages": [{"role": "user", "content": words + " <video> and <image> what?"},
+                         {"role": "assistant", "content": "a picture of the image " * 12}],
+            "videos": [video_frames(str(directory), "v3", side=64)],
+            "images": [build_rows(str(directory / "rows"))[1][3]["images"][0]]}
+
+
+@pytest.fixture(scope="module")
+def qwen3_vl_model(tmp_path_factory):
+    require("swift")
+    from tests.fixtures.tiny_qwen3vl import build_tiny_qwen3vl, has_qwen3vl
+
+    if not has_qwen3vl():
+        pytest.skip("this transformers has no Qwen3-VL")
+    return build_tiny_qwen3vl(str(tmp_path_factory.mktemp("q3") / "model"), real_ids=True)
+
+
+def test_qwen3_vl_video_frame_groups_and_image_stay_whole(qwen3_vl_model, tmp_path, patched):
+    """Qwen3-VL (`qwen3_vl`): a video is one span per frame group, a timestamp before each. Vanilla keeps
+    only pad tokens; the patch keeps the video's groups and the image whole, and under `drop_media` the
+    image leaves with its pixel rows (330) or both leave with theirs (256); `mm_token_type_ids` follows."""
+    row = _qwen3_vl_row(tmp_path)
+    import vlpatch
+
+    def tokens(encoded, grid, groups=False):
+        return [int(h * w) // 4 for t, h, w in encoded[grid].tolist() for _ in range(int(t) if groups else 1)]
+
+    vlpatch.revert()
+    vanilla = _encode(_template(qwen3_vl_model, "right", "qwen3_vl", 400), row)
+    assert all(kind == "broken" for kind, _ in spans(vanilla["input_ids"]))
+    patched(policy="drop", report=str(tmp_path / "r.jsonl"))
+    out = _encode(_template(qwen3_vl_model, "right", "qwen3_vl", 450), row)
+    assert len(out["input_ids"]) == 450
+    video = [("video", n) for n in tokens(out, "video_grid_thw", groups=True)]
+    assert len(video) == 2 and spans(out["input_ids"]) == video + [("image", *tokens(out, "image_grid_thw"))]
+    assert any(label != -100 for label in out["labels"])
+    types = out.get("mm_token_type_ids")
+    if types is not None and types.dim() == 1:  # ms-swift 4.2 on: the row's own, one a token (1 image, 2 video)
+        pads = {IMAGE_PAD: 1, VIDEO_PAD: 2}
+        assert types.tolist() == [pads.get(t, 0) for t in out["input_ids"]]
+    elif types is not None:  # 4.1: the video processor's types for its own text, not the row's: left as upstream made it
+        assert types.tolist() == vanilla["mm_token_type_ids"].tolist()
+    for budget, left in ((330, ["video"]), (256, [])):
+        patched(policy="drop_media", report=str(tmp_path / f"r{budget}.jsonl"))
+        out = _encode(_template(qwen3_vl_model, "right", "qwen3_vl", budget), row)
+        assert len(out["input_ids"]) == budget and {kind for kind, _ in spans(out["input_ids"])} == set(left)
+        assert "pixel_values" not in out and "image_grid_thw" not in out
+        assert ("pixel_values_videos" in out) == ("video_grid_thw" in out) == bool(left)
+        if left:
+            assert out["pixel_values_videos"].shape[0] == 4 * sum(tokens(out, "video_grid_thw", groups=True))
+        assert any(label != -100 for label in out["labels"])
+        report = [json.loads(line) for line in open(tmp_path / f"r{budget}.jsonl")]
+        assert report[0]["media_removed"] == {"image": [0], **({} if left else {"video": [0]})}
+
+
 def _four() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("swift.model") is not None  # 3.x: everything under swift.llm
 
 
-def _sft(model, data, out, strategy, env_extra, script=None):
+def _sft(model, data, out, strategy, env_extra, script=None, family="qwen2_vl", budget=BUDGET):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "VLPATCH": "", **env_extra}
     # 4.x: --tuner_type, and --check_model false (else it asks the hub); 3.x: --train_type
     tuner = ["--tuner_type", "full", "--check_model", "false"] if _four() else ["--train_type", "full"]
-    args = ["--model", model, "--model_type", "qwen2_vl", "--template", "qwen2_vl", "--dataset", data, *tuner,
-            "--torch_dtype", "float32", "--max_length", str(BUDGET),
+    args = ["--model", model, "--model_type", family, "--template", family, "--dataset", data, *tuner,
+            "--torch_dtype", "float32", "--max_length", str(budget),
             "--truncation_strategy", strategy, "--num_train_epochs", "1", "--per_device_train_batch_size", "1",
             "--gradient_accumulation_steps", "1", "--output_dir", str(out), "--save_strategy", "no", "--report_to", "none",
             "--dataloader_num_workers", "0", "--dataloader_persistent_workers", "false", "--logging_steps", "1", "--dataset_shuffle", "false", "--split_dataset_ratio", "0"]
@@ -288,3 +346,21 @@ def test_swift_sft_trains_cut_rows_with_apply(swift_env, tmp_path, strategy):
     logged = [json.loads(line) for line in open(next(tmp_path.glob("v*/logging.jsonl")))]
     losses = [float(entry["loss"]) for entry in logged if "loss" in entry]
     assert len(losses) == 5 and all(loss > 0 for loss in losses), losses  # one step per row, each with answer tokens
+
+
+@pytest.mark.slow
+def test_swift_sft_trains_qwen3_vl_rows_cut_around_video_and_images(qwen3_vl_model, tmp_path):
+    """`swift sft` on Qwen3-VL with VLPATCH=1 and `right` at 400: the video row and the long rows are cut
+    with whole spans and train (the model's forward checks every span against its features), loss > 0."""
+    _, rows = build_rows(str(tmp_path / "rows"))
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in (rows[0], rows[1], _qwen3_vl_row(tmp_path), rows[3])))
+    report = tmp_path / "report.jsonl"
+    proc = _sft(qwen3_vl_model, str(data), tmp_path, "right", {"VLPATCH": "1", "VLPATCH_REPORT": str(report)},
+                family="qwen3_vl", budget=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in open(report)]
+    assert sorted(r["index"] for r in rows if r["action"] == "truncated") == [0, 2]  # row 1 fits in 400
+    logged = [json.loads(line) for line in open(next(tmp_path.glob("v*/logging.jsonl")))]
+    losses = [float(entry["loss"]) for entry in logged if "loss" in entry]
+    assert len(losses) == 4 and all(loss > 0 for loss in losses), losses

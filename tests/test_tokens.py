@@ -43,7 +43,9 @@ def test_smart_resize_matches_transformers():
 
 
 @pytest.fixture(scope="module")
-def lf_qwen(tiny_qwen2vl):
+def llamafactory_qwen2vl_plugin(tiny_qwen2vl):
+    """(the qwen2_vl template's mm_plugin, the tiny Qwen2-VL's processor, its `QwenVision` sizes, the pixel
+    limits it was loaded with)."""
     require("llamafactory")
     from llamafactory.data import get_template_and_fix_tokenizer
     from llamafactory.hparams import DataArguments, ModelArguments
@@ -63,11 +65,11 @@ def lf_qwen(tiny_qwen2vl):
     return template.mm_plugin, loaded["processor"], vision, limits
 
 
-def test_llamafactory_qwen_tokens_from_the_header_size(lf_qwen):
+def test_llamafactory_qwen_tokens_from_the_header_size(llamafactory_qwen2vl_plugin):
     """The number of <|image_pad|> tokens LLaMA-Factory's real qwen2_vl plugin writes, from the size alone."""
     from PIL import Image
 
-    plugin, processor, vision, limits = lf_qwen
+    plugin, processor, vision, limits = llamafactory_qwen2vl_plugin
     checked = 0
     for w, h in sizes(150, seed=2):
         image = Image.new("1", (w, h))

@@ -8,7 +8,6 @@ tiny real processors through the real `DataCollatorForVisionLanguageModeling`, c
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -16,30 +15,16 @@ import textwrap
 
 import pytest
 
-from tests.conftest import STRICT, newest_only, require
+from tests.conftest import newest_only
+from tests.fixtures import batch_check
 from tests.fixtures.chat_frame import QWEN_SYSTEM_FRAME, qwen_frame, unpadded
-from tests.fixtures.tiny_models import long_text
+from tests.fixtures.tiny_models import image, long_text
+from tests.fixtures.tiny_processors import CHAT_TEMPLATES
+from tests.fixtures.trl_rows import BUDGET, VANILLA_ERRORS, messages_rows, report_rows, user
 
 pytestmark = pytest.mark.trl
 
-BUDGET = 96  # the long examples: ~60 words of text before one 224 px image (66 tokens): the cut lands in its run
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def trl():
-    require("trl")
-    if STRICT and "trl" not in STRICT:
-        pytest.skip("runs in the trl sessions (the TRL collators are the patched code there)")
-    import importlib.metadata
-
-    import trl
-    from packaging.version import Version
-
-    trl.installed = Version(importlib.metadata.version("trl"))  # trl.__version__ reads "unknown" on some releases
-    if trl.installed < Version("0.22.0"):
-        pytest.skip(f"trl {trl.installed} has no vision collator")
-    return trl
 
 
 @pytest.fixture(scope="module")
@@ -47,32 +32,6 @@ def processor(tiny_qwen2vl):
     from transformers import AutoProcessor
 
     return AutoProcessor.from_pretrained(tiny_qwen2vl)
-
-
-def image(side=224, seed=0):
-    from PIL import Image
-
-    return Image.new("RGB", (side, side), (40 * seed % 255, 100, 150))
-
-
-def user(words, seed, side=224):
-    return [{"type": "text", "text": long_text(words, seed)}, {"type": "image"}, {"type": "text", "text": "what is it"}]
-
-
-def messages_rows(n=4, big=False):
-    """Even rows: long text before the image (over BUDGET); odd rows fit. `big`: row 0's image alone is
-    258 tokens (448 px), more than BUDGET."""
-    rows = []
-    for i in range(n):
-        side = 448 if big and i == 0 else 224
-        rows.append({
-            "messages": [
-                {"role": "user", "content": user(60 if i % 2 == 0 else 5, i)},
-                {"role": "assistant", "content": [{"type": "text", "text": "a red square"}]},
-            ],
-            "images": [image(side, i)],
-        })
-    return rows
 
 
 def pc_rows(n=4):
@@ -103,31 +62,9 @@ def preference_rows(n=4, big=False):
 
 
 def check_batch(processor, batch, budget=BUDGET):
-    """Every row within budget; every image run whole, in order, equal to its image_grid_thw entry."""
-    tok = processor.tokenizer
-    start, pad, end = (tok.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>"))
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    assert ids.shape[1] <= budget, ids.shape
-    grids = batch["image_grid_thw"].prod(dim=-1).div(4).long().tolist() if "image_grid_thw" in batch else []
-    g = 0
-    for i in range(ids.shape[0]):
-        row = ids[i][mask[i].bool()].tolist()
-        j = 0
-        while j < len(row):
-            if row[j] == start:
-                k = j + 1
-                while k < len(row) and row[k] == pad:
-                    k += 1
-                assert k < len(row) and row[k] == end, f"row {i}: image run at {j} is cut"
-                assert k - j - 1 == grids[g], f"row {i}: {k - j - 1} image tokens for a grid of {grids[g]}"
-                g, j = g + 1, k
-            j += 1
-    assert g == len(grids), f"{g} image runs, {len(grids)} images in the pixel tensors"
-    if grids:
-        assert batch["pixel_values"].shape[0] == sum(grids) * 4
-    for key in ("labels", "completion_mask", "token_type_ids", "mm_token_type_ids"):
-        if key in batch:
-            assert batch[key].shape == ids.shape, key
+    """`batch_check.check` on a Qwen2-VL batch: input_ids at most `budget` wide; every image run whole, in
+    order, equal to its image_grid_thw entry; per-token tensors as wide as input_ids."""
+    batch_check.check(batch, batch_check.layout("qwen2_vl", processor.tokenizer), batch_check.sizes("qwen2_vl", batch), width=budget)
 
 
 class Recording:
@@ -154,20 +91,6 @@ def sft_trainer(trl, model_dir, processor, rows, tmp_path, **cfg):
     )
     model = Qwen2VLForConditionalGeneration.from_pretrained(model_dir)
     return trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=processor)
-
-
-def report_rows(path):
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
-
-
-# vanilla: the processor's own check (messages path) or the forward pass (prompt/completion; TRL 1.x
-# wraps the latter in its "`max_length` is too short" message)
-VANILLA_ERRORS = (
-    "Mismatch in `image` token count between text and `input_ids`",
-    "Image features and image tokens do not match",
-    "is too short and causes image placeholder tokens in `input_ids` to be truncated",
-)
 
 
 @pytest.mark.parametrize("path", ["messages", "prompt_completion"])
@@ -206,7 +129,7 @@ def test_env_var_alone_makes_sft_train(trl, tiny_qwen2vl, tmp_path):
         sys.path.insert(0, {ROOT!r})
         import datasets, trl
         from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
-        from tests.test_trl_collator import messages_rows, BUDGET
+        from tests.fixtures.trl_rows import messages_rows, BUDGET
         args = trl.SFTConfig(output_dir={str(tmp_path / 'out')!r}, max_length=BUDGET, per_device_train_batch_size=2,
                              max_steps=2, report_to="none", save_strategy="no", use_cpu=True, dataloader_num_workers=0,
                              bf16=False)
@@ -507,44 +430,25 @@ def test_dpo_shrink_keeps_the_pair(dpo, processor, patched, tmp_path):
 # Gemma 3, Llama-3.2-Vision (Mllama) and Pixtral: tiny real processors (tests/fixtures/tiny_processors.py),
 # TRL's real DataCollatorForVisionLanguageModeling called directly on messages examples with images.
 
-FAMILY_TEMPLATES = {
-    "gemma3": (
-        "{% for message in messages %}<start_of_turn>{{ message['role'] }}\n{% for c in message['content'] %}"
-        "{% if c['type'] == 'image' %}<start_of_image>{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
-        "{% endfor %}<end_of_turn>\n{% endfor %}"
-    ),
-    "mllama": (
-        "{% for message in messages %}{{ message['role'] }}: {% for c in message['content'] %}"
-        "{% if c['type'] == 'image' %}<|image|>{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}\n{% endfor %}"
-    ),
-}
-FAMILY_TEMPLATES["pixtral"] = FAMILY_TEMPLATES["mllama"].replace("<|image|>", "[IMG]")
-
-
 @pytest.fixture(scope="module", params=["gemma3", "mllama", "pixtral"])
-def fam(request, trl, tmp_path_factory):
-    """A family's tiny real processor and the ids of its image tokens (named here, not read from vlpatch)."""
+def tiny_family(request, trl, tmp_path_factory):
+    """Gemma 3, Mllama or Pixtral: the family's tiny real processor with a chat template, and its media
+    layout (`batch_check.layout`: the ids of its image tokens, named in tests/fixtures, not read from vlpatch)."""
     from tests.fixtures import tiny_processors
 
     try:
         built = getattr(tiny_processors, request.param)(str(tmp_path_factory.mktemp("p")))
     except (ImportError, AttributeError, TypeError) as exc:
         pytest.skip(f"this transformers cannot build a {request.param} processor: {exc!r}")
-    proc, media = (built.proc, built.media) if hasattr(built, "proc") else (built[1], built[3])
-    proc.chat_template = FAMILY_TEMPLATES[request.param]
+    proc = built.proc if hasattr(built, "proc") else built[1]
+    proc.chat_template = CHAT_TEMPLATES[request.param]
 
     class Fam:
         pass
 
     f = Fam()
     f.name, f.processor = request.param, proc
-    ids = [proc.tokenizer.convert_tokens_to_ids(t) for t in media]
-    if f.name == "gemma3":  # boi, eoi, soft token
-        f.start, f.end, f.body = ids[0], ids[1], {ids[2]}
-    elif f.name == "mllama":  # one <|image|> per image
-        f.start, f.end, f.body = None, None, {ids[0]}
-    else:  # pixtral: [IMG] rows closed by [IMG_BREAK], the last by [IMG_END]
-        f.start, f.end, f.body = None, ids[2], {ids[0], ids[1]}
+    f.layout = batch_check.layout(f.name, proc.tokenizer)
     return f
 
 
@@ -562,103 +466,53 @@ def family_rows(n=4):
     ]
 
 
-def family_runs(f, row):
-    """(first, length) of each image run of a row, or raises AssertionError naming a cut run."""
-    runs, j = [], 0
-    while j < len(row):
-        if f.name == "mllama":
-            if row[j] in f.body:
-                runs.append((j, 1))
-        elif f.name == "gemma3" and row[j] == f.start:
-            k = j + 1
-            while k < len(row) and row[k] in f.body:
-                k += 1
-            assert k < len(row) and row[k] == f.end, f"image run at {j} is cut"
-            runs.append((j, k - j + 1))
-            j = k
-        elif f.name == "pixtral" and row[j] in f.body:
-            k = j
-            while k < len(row) and row[k] in f.body:
-                k += 1
-            assert k < len(row) and row[k] == f.end, f"image run at {j} is cut"
-            runs.append((j, k - j + 1))
-            j = k
-        elif row[j] in f.body or row[j] == f.end:
-            raise AssertionError(f"image token at {j} outside a run: the run is cut")
-        j += 1
-    return runs
-
-
-def family_image_tokens(f, batch, i=None):
-    """Body tokens per image, from the pixel tensors (Gemma 3: 16 soft tokens; Pixtral: rows x (columns + 1);
-    Mllama: one token per filled slot of the row's aspect_ratio_ids)."""
-    if f.name == "gemma3":
-        return [16] * batch["pixel_values"].shape[0]
-    if f.name == "pixtral":
-        return [int(h) // 16 * (int(w) // 16 + 1) for h, w in batch["image_sizes"].tolist()]
-    return [1] * int((batch["aspect_ratio_ids"][i] != 0).sum())
-
-
 def check_family_batch(f, batch, budget):
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    assert ids.shape[1] <= budget, ids.shape
-    g, sizes = 0, ([] if f.name == "mllama" else family_image_tokens(f, batch))
-    for i in range(ids.shape[0]):
-        row = ids[i][mask[i].bool()].tolist()
-        runs = family_runs(f, row)
-        if f.name == "mllama":
-            assert len(runs) == len(family_image_tokens(f, batch, i)), f"row {i}: image tokens and pixel slots differ"
-            continue
-        for _, length in runs:
-            body = length - (2 if f.name == "gemma3" else 0)
-            assert body == sizes[g], f"row {i}: {body} image tokens for an image of {sizes[g]}"
-            g += 1
-    assert f.name == "mllama" or g == len(sizes), f"{g} image runs, {len(sizes)} images in the pixel tensors"
-    for key in ("labels", "token_type_ids", "mm_token_type_ids"):
-        if key in batch:
-            assert batch[key].shape == ids.shape, key
+    """`batch_check.check`: input_ids at most `budget` wide, every image run whole and as long as its image
+    in the pixel tensors (Mllama: as many runs per row as its filled pixel slots)."""
+    batch_check.check(batch, f.layout, batch_check.sizes(f.name, batch), width=budget)
 
 
-def test_family_vanilla_cuts_the_run_and_patched_keeps_it_whole(trl, fam, patched, tmp_path):
+def test_family_vanilla_cuts_the_run_and_patched_keeps_it_whole(trl, tiny_family, patched, tmp_path):
     import vlpatch
     from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
     vlpatch.revert()
-    full = DataCollatorForVisionLanguageModeling(fam.processor)(family_rows())  # no max_length: nothing cut
+    full = DataCollatorForVisionLanguageModeling(tiny_family.processor)(family_rows())  # no max_length: nothing cut
     row = full["input_ids"][0][full["attention_mask"][0].bool()].tolist()
-    (first, length), = family_runs(fam, row)
+    (run,) = batch_check.runs(row, tiny_family.layout)
+    first, length = run.start, run.stop - run.start
     budget = first + max(length // 2, 0)  # the cut lands inside row 0's image run (Mllama: on its one token)
     assert budget < len(row)
 
     try:
-        vanilla = DataCollatorForVisionLanguageModeling(fam.processor, max_length=budget)(family_rows())
-        check_family_batch(fam, vanilla, budget)
+        vanilla = DataCollatorForVisionLanguageModeling(tiny_family.processor, max_length=budget)(family_rows())
+        check_family_batch(tiny_family, vanilla, budget)
     except (ValueError, AssertionError, IndexError, RuntimeError) as exc:
         assert isinstance(exc, AssertionError) or "image" in str(exc).lower(), repr(exc)
-        print(f"vanilla trl {trl.installed} {fam.name} (max_length {budget}, row 0 {len(row)} tokens, image run at "
+        print(f"vanilla trl {trl.installed} {tiny_family.name} (max_length {budget}, row 0 {len(row)} tokens, image run at "
               f"{first}..{first + length}): {type(exc).__name__}: {exc}")
     else:
-        pytest.fail(f"vanilla {fam.name}: max_length {budget} left every image run whole")
+        pytest.fail(f"vanilla {tiny_family.name}: max_length {budget} left every image run whole")
 
     report = tmp_path / "report.jsonl"
     vp = patched(report=str(report))
     state = {r["id"]: r for r in vp.status()}["trl.sft_collator"]
     assert state["state"] == "applied", state
-    batch = DataCollatorForVisionLanguageModeling(fam.processor, max_length=budget)(family_rows())
-    check_family_batch(fam, batch, budget)
+    batch = DataCollatorForVisionLanguageModeling(tiny_family.processor, max_length=budget)(family_rows())
+    check_family_batch(tiny_family, batch, budget)
     assert batch["input_ids"].shape[0] == 4
     out = report_rows(report)
     assert out and {r["index"] for r in out} == {0, 2}, out
     assert all(r["trainer"] == "trl" and r["action"] == "truncated" for r in out), out
     assert all(r["tokens_after"] <= budget and r["media_tokens_after"] == r["media_tokens"] for r in out), out
-    print(f"patched trl {trl.installed} {fam.name}: {len(out)} report rows: "
+    print(f"patched trl {trl.installed} {tiny_family.name}: {len(out)} report rows: "
           + "; ".join(f"#{r['index']} {r['action']} tokens_after={r['tokens_after']} media={r['media_tokens_after']}" for r in out))
 
 
 def test_each_trl_patch_keeps_its_own_matrix_options():
-    """The SFT and the DPO patch each attach with their own options, on their own Site, and
-    `filter_dataset` takes the Site of the patch that wraps the collator's class. (Both patches once
-    attached to one shared Site: the second replaced the first's options, unnoticed while the matrix tied
+    """The SFT and the DPO patch each attach with their own options, on their own CollatorPatch, and
+    `filter_dataset` takes the CollatorPatch of the patch that wraps the collator's class. (Both patches once
+    attached to one shared CollatorPatch: the second replaced the first's options, unnoticed while the matrix tied
     the two option tables together.) Upstream-free: runs wherever the TRL files do."""
     import dataclasses
 

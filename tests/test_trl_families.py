@@ -27,38 +27,27 @@ import copy
 
 import pytest
 
-from tests import test_trl_collator as base
 from tests.conftest import newest_only
-from tests.fixtures.tiny_models import long_text
-from tests.test_trl_collator import FAMILY_TEMPLATES, VANILLA_ERRORS, image, report_rows
+from tests.fixtures import batch_check
+from tests.fixtures.tiny_models import image, long_text
+from tests.fixtures.tiny_processors import CHAT_TEMPLATES
+from tests.fixtures.trl_rows import VANILLA_ERRORS, report_rows
 
 pytestmark = pytest.mark.trl
-trl = base.trl  # the fixture: TRL with `.installed`, skipped outside the trl sessions and before 0.22.0
 
 FAMILIES = ["gemma3", "mllama", "pixtral", "qwen2_5_vl", "qwen3_vl"]
-QWEN_MARKS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>")
 
 
 class Fam:
-    """A family's tiny real processor, its model builder and the ids of its image tokens (named here, not
-    read from vlpatch): `start` / `end` bound a run of `body` tokens (Gemma 3, Qwen); Pixtral has no
-    start, rows of [IMG] / [IMG_BREAK] closed by [IMG_END]; Mllama one <|image|> per image."""
+    """A family's tiny real processor, its model builder and its media layout (`batch_check.layout`: the
+    ids of its image tokens, named in tests/fixtures, not read from vlpatch)."""
 
-    def __init__(self, name, processor, media):
+    def __init__(self, name, processor):
         from tests.fixtures.tiny_vlm_models import MODELS
 
         self.name, self.processor, self.build = name, processor, MODELS[name]
-        self.qwen = name.startswith("qwen")
-        self.side = 224 if self.qwen else 64  # Qwen2.5-VL: 64 image tokens, Qwen3-VL: 16 (128 px at most)
-        ids = [processor.tokenizer.convert_tokens_to_ids(t) for t in media]
-        if name == "gemma3":  # boi, eoi, soft token
-            self.start, self.end, self.body = ids[0], ids[1], {ids[2]}
-        elif name == "mllama":
-            self.start, self.end, self.body = None, None, {ids[0]}
-        elif name == "pixtral":
-            self.start, self.end, self.body = None, ids[2], {ids[0], ids[1]}
-        else:
-            self.start, self.end, self.body = ids[0], ids[2], {ids[1]}
+        self.side = 224 if name.startswith("qwen") else 64  # Qwen2.5-VL: 64 image tokens, Qwen3-VL: 16 (128 px at most)
+        self.layout = batch_check.layout(name, processor.tokenizer)
 
     def model(self):
         return self.build(self.processor)
@@ -87,7 +76,9 @@ def class_defaults_kept():
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
-def fam(request, trl, tmp_path_factory):
+def tiny_family(request, trl, tmp_path_factory):
+    """Each of FAMILIES as a `Fam`: its tiny real processor, its tiny model's builder, its media layout;
+    skipped where this transformers cannot build the processor or the model."""
     from tests.fixtures import tiny_processors, unsloth_families
 
     name = request.param
@@ -95,12 +86,11 @@ def fam(request, trl, tmp_path_factory):
         with class_defaults_kept():
             if name.startswith("qwen"):
                 proc, _ = getattr(unsloth_families, name)(str(tmp_path_factory.mktemp("p")))
-                media = list(QWEN_MARKS)
             else:
                 built = getattr(tiny_processors, name)(str(tmp_path_factory.mktemp("p")))
-                proc, media = (built.proc, built.media) if hasattr(built, "proc") else (built[1], built[3])
-                proc.chat_template = FAMILY_TEMPLATES[name]
-        f = Fam(name, proc, media)
+                proc = built.proc if hasattr(built, "proc") else built[1]
+                proc.chat_template = CHAT_TEMPLATES[name]
+        f = Fam(name, proc)
         f.model()  # the model builds with this transformers
     except (ImportError, AttributeError, TypeError) as exc:
         pytest.skip(f"this transformers cannot build a tiny {name}: {exc!r}")
@@ -156,71 +146,16 @@ ROWS = {"messages": messages_rows, "prompt_completion": pc_rows}
 
 
 def runs(f, row):
-    """(first, length, body tokens) of each image run of a row; AssertionError naming a cut run."""
-    out, j = [], 0
-    while j < len(row):
-        t = row[j]
-        if f.start is not None and t == f.start:
-            k = j + 1
-            while k < len(row) and row[k] in f.body:
-                k += 1
-            assert k < len(row) and row[k] == f.end, f"image run at {j} is cut"
-            out.append((j, k - j + 1, k - j - 1))
-            j = k + 1
-        elif f.end is None and t in f.body:  # Mllama
-            out.append((j, 1, 1))
-            j += 1
-        elif f.start is None and t in f.body:  # Pixtral: rows x (columns + one break or end token)
-            k = j
-            while k < len(row) and row[k] in f.body:
-                k += 1
-            assert k < len(row) and row[k] == f.end, f"image run at {j} is cut"
-            out.append((j, k - j + 1, k - j + 1))
-            j = k + 1
-        else:
-            assert t not in f.body and t != f.end, f"image token at {j} outside a run: the run is cut"
-            j += 1
-    return out
-
-
-def sizes(f, batch):
-    """Body tokens per image from the pixel tensors, in batch order (Mllama: per row, from aspect_ratio_ids)."""
-    if f.qwen:
-        grid = batch.get("image_grid_thw")
-        return [] if grid is None else grid.prod(dim=-1).div(4).long().tolist()
-    if f.name == "gemma3":
-        return [16] * (batch["pixel_values"].shape[0] if "pixel_values" in batch else 0)
-    if f.name == "pixtral":
-        return [int(h) // 16 * (int(w) // 16 + 1) for h, w in batch["image_sizes"].tolist()] if "image_sizes" in batch else []
-    return [int(n) for n in (batch["aspect_ratio_ids"] != 0).sum(dim=-1).tolist()]
-
-
-def rows_of(batch):
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    return [ids[i][mask[i].bool()].tolist() for i in range(ids.shape[0])]
+    """The image runs of a row (`batch_check.Run`s); AssertionError naming a cut run."""
+    return batch_check.runs(row, f.layout)
 
 
 def check(f, batch, budget, prompt_only=()):
-    """Rows within budget; every image run whole and equal, in order, to its image in the pixel tensors;
-    every per-token tensor as long as input_ids (but `prompt_only`: keys upstream leaves at the prompt's
-    length)."""
-    ids = batch["input_ids"]
-    assert ids.shape[1] <= budget, ids.shape
-    expected, g = sizes(f, batch), 0
-    for i, row in enumerate(rows_of(batch)):
-        found = runs(f, row)
-        if f.name == "mllama":
-            assert len(found) == expected[i], f"row {i}: {len(found)} image tokens, {expected[i]} images in its pixel slots"
-            continue
-        for _, _, body in found:
-            assert g < len(expected) and body == expected[g], f"row {i}: {body} image tokens, the image has {expected[g:g + 1]}"
-            g += 1
-    assert f.name == "mllama" or g == len(expected), f"{g} image runs, {len(expected)} images in the pixel tensors"
-    if f.qwen and expected:
-        assert batch["pixel_values"].shape[0] == sum(expected) * 4
-    for key in ("labels", "completion_mask", "token_type_ids", "mm_token_type_ids"):
-        if key in batch and key not in prompt_only:
-            assert batch[key].shape == ids.shape, key
+    """`batch_check.check`: input_ids at most `budget` wide; every image run whole and equal, in order, to
+    its image in the pixel tensors; every per-token tensor as wide as input_ids (but `prompt_only`: keys
+    upstream leaves at the prompt's length). Returns the runs per row."""
+    per_token = [k for k in batch_check.PER_TOKEN if k not in prompt_only]
+    return batch_check.check(batch, f.layout, batch_check.sizes(f.name, batch), width=budget, per_token=per_token)
 
 
 def prompt_only_keys(trl) -> tuple:
@@ -257,9 +192,10 @@ def cut_budget(f, collator_cls, rows, **kw):
     unbounded vanilla batch (vlpatch reverted): room for the whole run beside the row's chat frame where
     text precedes the run, so that vlpatch keeps it whole."""
     full = collator_cls(f.processor, **kw)(rows)
-    row = rows_of(full)[0]
-    first, length, _ = runs(f, row)[0]
-    budget = first + length - max(1, min(2, length // 2))
+    row = batch_check.rows(full)[0]
+    run = runs(f, row)[0]
+    length = run.stop - run.start
+    budget = run.stop - max(1, min(2, length // 2))
     assert budget < len(row)
     return budget
 
@@ -310,76 +246,76 @@ def sft_trainer(trl, f, rows, budget, tmp_path):
 
 
 @pytest.mark.parametrize("path", ["messages", "prompt_completion"])
-def test_sft_trainer_vanilla_dies_and_patched_trains(trl, fam, path, patched, tmp_path):
+def test_sft_trainer_vanilla_dies_and_patched_trains(trl, tiny_family, path, patched, tmp_path):
     import vlpatch
 
     newest_only("trl", "the trainer runs (the collator tests run on every TRL session)")
-    if path == "prompt_completion" and upstream_breaks_the_model(trl, fam):
-        pytest.skip(f"TRL {trl.installed}'s prompt/completion collator leaves {fam.name}'s per-token tensors at the "
+    if path == "prompt_completion" and upstream_breaks_the_model(trl, tiny_family):
+        pytest.skip(f"TRL {trl.installed}'s prompt/completion collator leaves {tiny_family.name}'s per-token tensors at the "
                     "prompt's length: the model fails with or without max_length (test_prompt_completion_upstream_limits)")
     vlpatch.revert()
-    budget = cut_budget(fam, sft_collator(), ROWS[path](fam))
-    trainer = sft_trainer(trl, fam, ROWS[path](fam), budget, tmp_path)
+    budget = cut_budget(tiny_family, sft_collator(), ROWS[path](tiny_family))
+    trainer = sft_trainer(trl, tiny_family, ROWS[path](tiny_family), budget, tmp_path)
     with pytest.raises(ValueError) as info:
         trainer.train()
     assert any(e in str(info.value) for e in VANILLA_ERRORS), repr(info.value)
-    print(f"vanilla trl {trl.installed} {fam.name} {path} (max_length {budget}): {type(info.value).__name__}: {info.value}")
+    print(f"vanilla trl {trl.installed} {tiny_family.name} {path} (max_length {budget}): {type(info.value).__name__}: {info.value}")
 
     report = tmp_path / "report.jsonl"
     vp = patched(report=str(report))
     assert {r["id"]: r for r in vp.status()}["trl.sft_collator"]["state"] == "applied"
-    trainer = sft_trainer(trl, fam, ROWS[path](fam), budget, tmp_path)
-    trainer.data_collator = recording = Recording(trainer.data_collator, fam, budget)
+    trainer = sft_trainer(trl, tiny_family, ROWS[path](tiny_family), budget, tmp_path)
+    trainer.data_collator = recording = Recording(trainer.data_collator, tiny_family, budget)
     trainer.train()
     assert trainer.state.global_step == 2 and recording.batches >= 2
     out = report_rows(report)
     assert out and {r["index"] for r in out} <= {0, 1} and all(r["trainer"] == "trl" for r in out), out
     assert all(r["action"] == "truncated" and r["tokens_after"] <= budget and r["media_tokens_after"] == r["media_tokens"] for r in out), out
-    print(f"patched trl {trl.installed} {fam.name} {path}: {len(out)} rows truncated, "
+    print(f"patched trl {trl.installed} {tiny_family.name} {path}: {len(out)} rows truncated, "
           f"media tokens kept {sorted({r['media_tokens_after'] for r in out})}, loss {trainer.state.log_history[-1].get('train_loss')}")
 
 
 # --------------------------------------------------------------------------- the SFT collator, every TRL session
 
 
-def test_prompt_completion_collator_keeps_runs_whole(trl, fam, patched, tmp_path):
+def test_prompt_completion_collator_keeps_runs_whole(trl, tiny_family, patched, tmp_path):
     import vlpatch
 
     vlpatch.revert()
     cls = sft_collator()
-    budget = cut_budget(fam, cls, pc_rows(fam))
+    budget = cut_budget(tiny_family, cls, pc_rows(tiny_family))
     prompt_only = prompt_only_keys(trl)
-    print(f"vanilla trl {trl.installed} {fam.name} prompt/completion (max_length {budget}): "
-          + vanilla_cuts(fam, cls(fam.processor, max_length=budget), pc_rows(fam), budget, prompt_only))
+    print(f"vanilla trl {trl.installed} {tiny_family.name} prompt/completion (max_length {budget}): "
+          + vanilla_cuts(tiny_family, cls(tiny_family.processor, max_length=budget), pc_rows(tiny_family), budget, prompt_only))
 
     report = tmp_path / "report.jsonl"
     patched(report=str(report))
-    batch = cls(fam.processor, max_length=budget)(pc_rows(fam))
-    check(fam, batch, budget, prompt_only)
+    batch = cls(tiny_family.processor, max_length=budget)(pc_rows(tiny_family))
+    check(tiny_family, batch, budget, prompt_only)
     assert batch["input_ids"].shape[0] == 4
     out = report_rows(report)
     assert {0, 2} <= {r["index"] for r in out}, out  # (Gemma 3's short rows too: its turn marks are plain text here)
     assert all(r["action"] == "truncated" and r["media_tokens_after"] == r["media_tokens"] for r in out), out
-    if not upstream_breaks_the_model(trl, fam):  # see test_prompt_completion_upstream_limits
-        forward(fam, batch)
+    if not upstream_breaks_the_model(trl, tiny_family):  # see test_prompt_completion_upstream_limits
+        forward(tiny_family, batch)
 
 
-def test_prompt_completion_upstream_limits(trl, fam):
+def test_prompt_completion_upstream_limits(trl, tiny_family):
     """Why Mllama (and Gemma 3 before TRL 0.24.0) have no prompt/completion trainer test: TRL's collator
     concatenates prompt and completion input_ids but keeps the processor's cross_attention_mask (Mllama)
     or token_type_ids (before 0.24.0) of the prompts alone, so even an unbounded vanilla batch does not
     fit the model. When TRL fixes this, this test fails: add the family to the trainer test then."""
     import vlpatch
 
-    if not upstream_breaks_the_model(trl, fam):
-        pytest.skip(f"TRL {trl.installed}'s prompt/completion batches of {fam.name} fit its model")
+    if not upstream_breaks_the_model(trl, tiny_family):
+        pytest.skip(f"TRL {trl.installed}'s prompt/completion batches of {tiny_family.name} fit its model")
     vlpatch.revert()
-    batch = sft_collator()(fam.processor)(pc_rows(fam))
-    key = "cross_attention_mask" if fam.name == "mllama" else "token_type_ids"
+    batch = sft_collator()(tiny_family.processor)(pc_rows(tiny_family))
+    key = "cross_attention_mask" if tiny_family.name == "mllama" else "token_type_ids"
     assert batch[key].shape[1] < batch["input_ids"].shape[1], {k: tuple(v.shape) for k, v in batch.items()}
     with pytest.raises((IndexError, RuntimeError)) as info:
-        forward(fam, batch)
-    print(f"trl {trl.installed} {fam.name} prompt/completion, no max_length, vlpatch reverted: {key} "
+        forward(tiny_family, batch)
+    print(f"trl {trl.installed} {tiny_family.name} prompt/completion, no max_length, vlpatch reverted: {key} "
           f"{tuple(batch[key].shape)}, input_ids {tuple(batch['input_ids'].shape)}: {type(info.value).__name__}: {info.value}")
 
 
@@ -393,45 +329,46 @@ def big_example_rows(f, n):
 
 
 @pytest.mark.parametrize("policy", ["drop", "drop_media", "error"])
-def test_policies_on_the_sft_collator(trl, fam, policy, patched, tmp_path):
+def test_policies_on_the_sft_collator(trl, tiny_family, policy, patched, tmp_path):
     """Example 0's images alone exceed max_length: dropped, its trailing images taken out (Mllama keeps
     images per row: dropped instead), or a SampleError naming it; the batch left goes through the model."""
     import vlpatch
 
     vlpatch.revert()
     cls = sft_collator()
-    budget = cut_budget(fam, cls, big_example_rows(fam, 1)[2:])  # inside example 2's run
-    length = runs(fam, rows_of(cls(fam.processor)(big_example_rows(fam, 1)[:1]))[0])[0][1]
+    budget = cut_budget(tiny_family, cls, big_example_rows(tiny_family, 1)[2:])  # inside example 2's run
+    run = runs(tiny_family, batch_check.rows(cls(tiny_family.processor)(big_example_rows(tiny_family, 1)[:1]))[0])[0]
+    length = run.stop - run.start
     n = budget // length + 2  # example 0's images alone: more than the budget
-    rows = big_example_rows(fam, n)
+    rows = big_example_rows(tiny_family, n)
     report = tmp_path / "report.jsonl"
     patched(policy=policy, report=str(report))
-    collator = cls(fam.processor, max_length=budget)
+    collator = cls(tiny_family.processor, max_length=budget)
     if policy == "error":
         with pytest.raises(vlpatch.SampleError, match="batch example 0"):
             collator(rows)
         return
     batch = collator(rows)
-    check(fam, batch, budget)
+    images = sum(map(len, check(tiny_family, batch, budget)))
     out = {r["index"]: r for r in report_rows(report)}
     assert {0, 2} <= set(out) <= {0, 1, 2}, out  # 1: a short example, but Gemma 3's turn marks are plain text here
     assert all(out[i]["action"] == "truncated" and out[i]["media_tokens_after"] == out[i]["media_tokens"] for i in set(out) - {0})
-    if policy == "drop" or fam.name == "mllama":
+    if policy == "drop" or tiny_family.name == "mllama":
         assert out[0]["action"] == "dropped", out[0]
-        assert batch["input_ids"].shape[0] == 2 and len(sizes(fam, batch)) == 2
+        assert batch["input_ids"].shape[0] == 2 and images == 2
     else:
         assert out[0]["action"] == "media_dropped", out[0]
         gone = out[0]["media_removed"]["image"]
         assert gone and gone == list(range(n - len(gone), n)), gone  # the trailing ones
-        assert batch["input_ids"].shape[0] == 3 and len(sizes(fam, batch)) == n - len(gone) + 2
-    forward(fam, batch)
+        assert batch["input_ids"].shape[0] == 3 and images == n - len(gone) + 2
+    forward(tiny_family, batch)
 
 
 # --------------------------------------------------------------------------- DPO collator (TRL 1.0 on)
 
 
 @pytest.mark.parametrize("policy", ["drop", "drop_media", "error"])
-def test_dpo_collator_pairs(trl, fam, policy, patched, tmp_path):
+def test_dpo_collator_pairs(trl, tiny_family, policy, patched, tmp_path):
     """DataCollatorForVisionPreference: the long pair is cut with whole runs in both rows (vanilla cuts
     the run); example 0, whose images alone exceed max_length, is handled as one pair (Mllama keeps images
     per row: dropped under drop_media too). The kept batch goes through the model (not Mllama's: the
@@ -445,33 +382,34 @@ def test_dpo_collator_pairs(trl, fam, policy, patched, tmp_path):
     from trl.trainer.dpo_trainer import DataCollatorForVisionPreference as cls
 
     vlpatch.revert()
-    budget = cut_budget(fam, cls, preference_rows(fam))
+    budget = cut_budget(tiny_family, cls, preference_rows(tiny_family))
     if policy == "drop":
-        vanilla = vanilla_cuts(fam, cls(fam.processor, max_length=budget), preference_rows(fam), budget)
-        print(f"vanilla trl {trl.installed} {fam.name} dpo (max_length {budget}): {vanilla}")
-    length = runs(fam, rows_of(cls(fam.processor)(preference_rows(fam, 1)))[0])[0][1]
+        vanilla = vanilla_cuts(tiny_family, cls(tiny_family.processor, max_length=budget), preference_rows(tiny_family), budget)
+        print(f"vanilla trl {trl.installed} {tiny_family.name} dpo (max_length {budget}): {vanilla}")
+    run = runs(tiny_family, batch_check.rows(cls(tiny_family.processor)(preference_rows(tiny_family, 1)))[0])[0]
+    length = run.stop - run.start
     n = budget // length + 2  # example 0: n images after three words, more than the budget
 
     report = tmp_path / "report.jsonl"
     patched(policy=policy, report=str(report))
-    collator = cls(fam.processor, max_length=budget)
-    rows = preference_rows(fam, 3, n_images=n)
+    collator = cls(tiny_family.processor, max_length=budget)
+    rows = preference_rows(tiny_family, 3, n_images=n)
     rows[0]["prompt"][0]["content"][0]["text"] = long_text(3, 0)
     if policy == "error":
         with pytest.raises(vlpatch.SampleError, match=r"batch example 0 \(chosen and rejected\)"):
             collator(rows)
         return
     batch = collator(rows)
-    check(fam, batch, budget)
+    check(tiny_family, batch, budget)
     out = report_rows(report)
     zero = [r for r in out if r["index"] == 0]
     assert sorted(r["part"] for r in zero) == ["chosen", "rejected"], out
     two = [r for r in out if r["index"] == 2]
     assert two and all(r["action"] == "truncated" and r["media_tokens_after"] == r["media_tokens"] for r in two), out
     half = batch["input_ids"].shape[0] // 2
-    per_row = [len(runs(fam, row)) for row in rows_of(batch)]
+    per_row = [len(runs(tiny_family, row)) for row in batch_check.rows(batch)]
     assert per_row[:half] == per_row[half:], per_row  # chosen and rejected of a pair: the same images
-    if policy == "drop" or fam.name == "mllama":
+    if policy == "drop" or tiny_family.name == "mllama":
         assert {r["action"] for r in zero} == {"dropped"} and half == 2
     else:
         assert {r["action"] for r in zero} == {"media_dropped"} and half == 3
@@ -479,14 +417,14 @@ def test_dpo_collator_pairs(trl, fam, policy, patched, tmp_path):
         assert zero[1]["media_removed"] == zero[0]["media_removed"] and gone == list(range(n - len(gone), n)), zero
     # the prompts of a pair are the same tokens up to the completion
     for i in range(half):
-        a, b = rows_of(batch)[i], rows_of(batch)[i + half]
-        last = max((start + size for start, size, _ in runs(fam, a)), default=0)
+        a, b = batch_check.rows(batch)[i], batch_check.rows(batch)[i + half]
+        last = max((run.stop for run in runs(tiny_family, a)), default=0)
         assert a[:last] == b[:last], i
-    if fam.name != "mllama":
-        forward(fam, batch)
+    if tiny_family.name != "mllama":
+        forward(tiny_family, batch)
 
 
-def test_dpo_trainer_gemma3(trl, fam, patched, tmp_path):
+def test_dpo_trainer_gemma3(trl, tiny_family, patched, tmp_path):
     """The real `DPOTrainer(...).train()` with a non-Qwen family (Gemma 3, newest TRL): vanilla dies on
     the cut run, patched trains 2 optimizer steps with every batch's runs whole."""
     import datasets
@@ -494,31 +432,31 @@ def test_dpo_trainer_gemma3(trl, fam, patched, tmp_path):
     import vlpatch
 
     newest_only("trl", "the trainer runs")
-    if fam.name != "gemma3":
+    if tiny_family.name != "gemma3":
         pytest.skip("Gemma 3 only (Qwen2-VL: tests/test_trl_collator.py)")
     from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
 
     vlpatch.revert()
-    budget = cut_budget(fam, DataCollatorForVisionPreference, preference_rows(fam))
+    budget = cut_budget(tiny_family, DataCollatorForVisionPreference, preference_rows(tiny_family))
 
     def trainer():
         args = trl.DPOConfig(
             output_dir=str(tmp_path / "out"), max_length=budget, per_device_train_batch_size=2, max_steps=2,
             report_to="none", save_strategy="no", use_cpu=True, logging_steps=1, dataloader_num_workers=0, bf16=False,
         )
-        return trl.DPOTrainer(model=fam.model(), ref_model=fam.model(), args=args, processing_class=fam.processor,
-                              train_dataset=datasets.Dataset.from_list(preference_rows(fam)))
+        return trl.DPOTrainer(model=tiny_family.model(), ref_model=tiny_family.model(), args=args, processing_class=tiny_family.processor,
+                              train_dataset=datasets.Dataset.from_list(preference_rows(tiny_family)))
 
     with pytest.raises(ValueError) as info:
         trainer().train()
     assert any(e in str(info.value) for e in VANILLA_ERRORS), repr(info.value)
-    print(f"vanilla trl {trl.installed} {fam.name} DPOTrainer (max_length {budget}): {type(info.value).__name__}: {info.value}")
+    print(f"vanilla trl {trl.installed} {tiny_family.name} DPOTrainer (max_length {budget}): {type(info.value).__name__}: {info.value}")
 
     report = tmp_path / "report.jsonl"
     vp = patched(report=str(report))
     assert {r["id"]: r for r in vp.status()}["trl.dpo_collator"]["state"] == "applied"
     t = trainer()
-    t.data_collator = recording = Recording(t.data_collator, fam, budget)
+    t.data_collator = recording = Recording(t.data_collator, tiny_family, budget)
     t.train()
     assert t.state.global_step == 2 and recording.batches >= 2
     out = report_rows(report)

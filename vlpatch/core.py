@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 from collections import Counter
 from dataclasses import dataclass, field, replace
+from itertools import chain, starmap
 from typing import Callable, Iterable, Mapping, Sequence
 
 from .errors import POLICY_NAMES, SampleError, VLPatchError  # noqa: F401  (re-exported)
@@ -242,7 +243,8 @@ def locate(ids: Sequence[int], expansions: Sequence[Expansion], start: int = 0) 
     """The runs of `expansions` in `ids`, in their order from `start`: each marked core found exactly,
     widened by the text tokens around it that match. An expansion without a marked token holds nothing
     the model counts and gets no run. Raises ValueError (naming the item) when a core is not there."""
-    ids = list(ids)
+    if not isinstance(ids, list):
+        ids = list(ids)
     runs: list[Run] = []
     pos = start
     for exp in expansions:
@@ -272,17 +274,19 @@ def stray_marks(ids: Sequence[int], runs: Iterable[Run], marks: frozenset, skip:
     the model counts that no learned span accounts for. Non-zero means the layout is not understood."""
     if not marks:
         return 0
-    ids = list(ids)
+    if not isinstance(ids, list):
+        ids = list(ids)
 
     def count(part: list) -> int:  # a few marks: one C scan each; many: one count of every id
         if len(marks) <= 8:
-            return sum(part.count(m) for m in marks)
+            return sum(map(part.count, marks))
         counted = Counter(part)
         return sum(counted[m] for m in marks)
 
-    total = count(ids[skip:])
+    total = count(ids[skip:] if skip else ids)
     for r in runs:  # runs never overlap: each mark inside one is counted once
-        total -= count(ids[max(r.start, skip) : r.stop])
+        if r.stop > skip:
+            total -= count(ids[max(r.start, skip) : r.stop])
     return total
 
 
@@ -322,14 +326,16 @@ class Layout:
     def tail(self, index: int) -> int:
         return self.tails[index] if index < len(self.tails) else 0
 
-    def fixed_positions(self) -> list[int]:
-        """The positions outside every turn, in order."""
-        out: list[int] = []
+    def fixed_spans(self) -> list[tuple[int, int]]:
+        """The positions outside every turn, as [start, stop) spans in order."""
+        out: list[tuple[int, int]] = []
         p = 0
         for a, b in sorted((r.start, r.stop) for turn in self.turns for r in turn if len(r)):
-            out.extend(range(p, a))
+            if a > p:
+                out.append((p, a))
             p = max(p, b)
-        out.extend(range(p, self.length))
+        if self.length > p:
+            out.append((p, self.length))
         return out
 
 
@@ -365,62 +371,79 @@ class Plan:
     left: set = field(default_factory=set)  # item keys of later turns that leave with the part cut off
 
 
-def _segment(positions: range, runs: list, starts: list, removed: set, text: bool = True):
-    """Positions of a segment with removed runs taken out, and the runs (whole) that lie in it (a run
+@dataclass
+class _Segment:
+    """One side of a turn with removed runs taken out: `pieces` in order, each a [start, stop) span of
+    text (`run` None) or a whole run; `runs` the runs among them; `text` and `media` their positions."""
+
+    pieces: list
+    runs: list
+    text: int
+    media: int
+
+    @property
+    def length(self) -> int:
+        return self.text + self.media
+
+
+def _segment(positions: range, runs: list, starts: list, removed: set) -> _Segment:
+    """The segment `positions` with removed runs taken out, and the runs (whole) that lie in it (a run
     that starts in the segment but ends after it counts as text). `runs` in order of `starts`, their
-    starts. `text=False`: the runs alone (positions left empty)."""
-    pos: list[int] = []
+    starts. Spans, not positions: a plan costs per run, not per token."""
+    pieces: list = []
     seg_runs: list[Run] = []
+    text = media = 0
     p = positions.start
     for i in range(bisect.bisect_left(starts, positions.start), bisect.bisect_left(starts, positions.stop)):
         run = runs[i]
         if run.start < p or run.stop > positions.stop:
             continue
-        if text:
-            pos.extend(range(p, run.start))
-        if not any(k in removed for k in run.keys()):
+        if run.start > p:
+            pieces.append((p, run.start, None))
+            text += run.start - p
+        if not (removed and any(k in removed for k in run.keys())):
             seg_runs.append(run)
-            if text:
-                pos.extend(range(run.start, run.stop))
+            pieces.append((run.start, run.stop, run))
+            media += run.stop - run.start
         p = run.stop
-    if text:
-        pos.extend(range(p, positions.stop))
-    return pos, seg_runs
+    if positions.stop > p:
+        pieces.append((p, positions.stop, None))
+        text += positions.stop - p
+    return _Segment(pieces, seg_runs, text, media)
 
 
-def keep_head(pos: list[int], seg_runs: list[Run], keep: int, head: int = 0):
-    """Keep `keep` of `pos`: the first `head` text tokens (the chat frame, which lies before the first
-    run), whole runs in order while they fit beside it, then the next text tokens. Where the frame alone
-    takes `keep` or more, every run is lost and the first `keep` positions stay, as the trainer keeps them.
+def keep_head(seg: _Segment, keep: int, head: int = 0):
+    """Keep `keep` positions of `seg`: the first `head` text tokens (the chat frame, which lies before
+    the first run), whole runs in order while they fit beside it, then the next text tokens. Where the
+    frame alone takes `keep` or more, every run is lost and the first `keep` positions stay, as the
+    trainer keeps them.
 
-    Without media this is exactly `pos[:keep]`, LLaMA-Factory's own slice. Returns (kept, lost runs).
+    Without media this is exactly the segment's first `keep` positions, LLaMA-Factory's own slice.
+    Returns (kept [start, stop) spans in order, lost runs).
     """
-    if keep >= len(pos):
-        return list(pos), []
+    if keep >= seg.length:
+        return [(a, b) for a, b, _ in seg.pieces], []
     media_budget = keep - head
-    kept_runs, lost = [], []
-    for run in seg_runs:
+    keeping, lost = set(), []
+    text_left = keep
+    for run in seg.runs:
         if run.length <= media_budget:
-            kept_runs.append(run)
+            keeping.add(run.start)
             media_budget -= run.length
+            text_left -= run.length
         else:
             lost.append(run)
             media_budget = -1  # later runs are lost too: media stay in order, trailing ones go
-    text_left = keep - sum(r.length for r in kept_runs)
-    # in the order of `pos`: the kept runs whole, and the first `text_left` text positions (each run lies
-    # in `pos` as one block, in order)
-    kept: list[int] = []
-    keeping = {run.start for run in kept_runs}
-    i = 0
-    for run in seg_runs:
-        j = pos.index(run.start, i)
-        take = min(j - i, text_left)
-        kept.extend(pos[i : i + take])
-        text_left -= take
-        if run.start in keeping:
-            kept.extend(pos[j : j + run.length])
-        i = j + run.length
-    kept.extend(pos[i : i + max(text_left, 0)])
+    # in order: the first `text_left` text positions, and the kept runs whole
+    kept: list = []
+    for a, b, run in seg.pieces:
+        if run is None:
+            take = min(b - a, text_left)
+            if take > 0:
+                kept.append((a, a + take))
+                text_left -= take
+        elif run.start in keeping:
+            kept.append((a, b))
     return kept, lost
 
 
@@ -462,10 +485,15 @@ def frame_of(source: Sequence[int], empty: Sequence[int]) -> int:
     return lo
 
 
-def _head_text(pos: list[int], seg_runs: list[Run], head: int) -> int:
+def _head_text(seg: _Segment, head: int) -> int:
     """`head` clipped to the text before the segment's first run (a frame holds no media; the caller
     keeps no frame for a segment without runs: there the trainer's own cut decides)."""
-    return bisect.bisect_left(pos, min(r.start for r in seg_runs), 0, min(head, len(pos)))  # `pos` ascends
+    before = 0
+    for a, b, run in seg.pieces:
+        if run is not None:
+            break
+        before += b - a
+    return min(head, before)
 
 
 def seqlen_split(source_len: int, target_len: int, cutoff_len: int) -> tuple:
@@ -498,7 +526,7 @@ def media_split(split: SplitFn, s_len: int, t_len: int, remaining: int, s_media:
 def plan_layout(layout: Layout, removed: set = frozenset()) -> Plan:
     runs = sorted({r.start: r for r in layout.runs}.values(), key=lambda r: r.start)
     starts = [r.start for r in runs]
-    kept = layout.fixed_positions()
+    kept = layout.fixed_spans()
     lost: set = set()
     left: set = set()
     total = layout.reserved
@@ -506,34 +534,39 @@ def plan_layout(layout: Layout, removed: set = frozenset()) -> Plan:
         # the media of the turn the trainer budgets first must stay (else the policy decides); those of a
         # later turn leave with the part of it the trainer's own budget cuts off
         gone = left if index else lost
+        source, target = _segment(src, runs, starts, removed), _segment(tgt, runs, starts, removed)
         if total >= layout.budget:  # LLaMA-Factory stops adding turns here
-            for run in _segment(src, runs, starts, removed, False)[1] + _segment(tgt, runs, starts, removed, False)[1]:
+            for run in source.runs + target.runs:
                 gone.update(run.keys())
             continue
-        s_pos, s_runs = _segment(src, runs, starts, removed)
-        t_pos, t_runs = _segment(tgt, runs, starts, removed)
         remaining = layout.budget - total
-        s_media = sum(r.length for r in s_runs)
-        t_media = sum(r.length for r in t_runs)
-        head = _head_text(s_pos, s_runs, layout.head(index)) if s_runs else 0  # text alone: the trainer's cut
-        floor = min(len(t_pos) - t_media, layout.tail(index) + ANSWER_FLOOR) if head else 0
-        s, t = media_split(layout.split, len(s_pos), len(t_pos), remaining, s_media + head, t_media + floor)
-        if not index and head and s_media + head + t_media + floor > remaining:
+        head = _head_text(source, layout.head(index)) if source.runs else 0  # text alone: the trainer's cut
+        floor = min(target.text, layout.tail(index) + ANSWER_FLOOR) if head else 0
+        s, t = media_split(layout.split, source.length, target.length, remaining, source.media + head, target.media + floor)
+        if not index and head and source.media + head + target.media + floor > remaining:
             # the frame, the media and the answer's floor do not fit together: the media that do not fit
             # beside the frame within what the answer leaves are lost (the policy decides)
-            s = min(s, remaining - t_media - floor)
-        s_keep, s_lost = keep_head(s_pos, s_runs, s, head)
-        t_keep, t_lost = keep_head(t_pos, t_runs, t)
+            s = min(s, remaining - target.media - floor)
+        s_keep, s_lost = keep_head(source, s, head)
+        t_keep, t_lost = keep_head(target, t)
         for run in s_lost + t_lost:
             gone.update(run.keys())
         kept.extend(s_keep)
         kept.extend(t_keep)
         total += s + t
     kept.sort()
-    return Plan(kept, lost, left)
+    return Plan(list(chain.from_iterable(starmap(range, kept))), lost, left)
 
 
 # --------------------------------------------------------------------------- policies
+
+
+# Reason codes the core decides (a sample's `Decision.code`, the run summary's counts; the integrations add
+# theirs for input they refuse: bad_input, uncovered_media, ...): docs/report.md lists them all
+TEXT_OVER_BUDGET = "text_over_budget"  # text cut, every media item kept whole
+MEDIA_LEFT_WITH_TURN = "media_left_with_turn"  # a later turn's media left with the part of it the budget cuts off
+REASON_CODES = (TEXT_OVER_BUDGET, MEDIA_LEFT_WITH_TURN, "media_exceed_budget", "media_shrunk", "shrink_failed",
+                "shrink_unavailable", "bad_input", "uncovered_media", "truncation_strategy_delete", "media_not_removable")
 
 
 @dataclass
@@ -543,8 +576,16 @@ class Decision:
     action: str  # "kept" | "truncated" | "dropped" | "media_dropped" | "shrunk"
     kept: list | None
     removed: list = field(default_factory=list)  # item keys removed (drop_media)
-    reason: str = ""
+    reason: str = ""  # for the report: starts with `code`, then the detail (and any later notes, "; "-joined)
     resized: "Resized | None" = None  # shrink: the re-encoded sample that `kept` indexes
+    code: str = TEXT_OVER_BUDGET  # what the run summary counts the sample under
+
+
+def because(code: str, detail: str) -> dict:
+    """A decision's `code` (one of `REASON_CODES`) and its `reason` (the code, then the detail):
+    `Decision(..., **because(...))`."""
+    assert code in REASON_CODES, code
+    return {"code": code, "reason": f"{code}: {detail}"}
 
 
 @dataclass
@@ -601,7 +642,7 @@ class DropPolicy(Policy):
     name = "drop"
 
     def resolve(self, case: Overflow) -> Decision:
-        return Decision("dropped", None, reason="media_exceed_budget: " + case.describe())
+        return Decision("dropped", None, **because("media_exceed_budget", case.describe()))
 
 
 class ErrorPolicy(Policy):
@@ -631,7 +672,7 @@ class DropMediaPolicy(Policy):
             "media_dropped",
             [p.kept for p in plans],
             removed=sorted(removed),
-            reason="media_exceed_budget: " + case.describe(),
+            **because("media_exceed_budget", case.describe()),
         )
 
 
@@ -756,7 +797,7 @@ class ShrinkPolicy(Policy):
 
     def resolve(self, case: Overflow) -> Decision:
         if case.reencode is None or case.settle is None:
-            return self._fall(case, "shrink_unavailable: this trainer cannot re-encode the sample")
+            return self._fall(case, "shrink_unavailable", "this trainer cannot re-encode the sample")
         keys = set(case.must_stay())
         layout = case.layouts[0]
         avail = max(1, layout.budget - layout.reserved)
@@ -768,7 +809,7 @@ class ShrinkPolicy(Policy):
             try:
                 resized = case.reencode(scale)
             except ShrinkUnavailable as exc:
-                return self._fall(case, f"shrink_unavailable: {exc}")
+                return self._fall(case, "shrink_unavailable", str(exc))
             if resized is None:
                 break
             plans = case.settle(resized.layouts)
@@ -798,7 +839,7 @@ class ShrinkPolicy(Policy):
             last = now
         if lo is None:
             why = "it does not fit even with its media at the floor (VLPATCH_SHRINK_MIN_PIXELS, VLPATCH_SHRINK_MIN_FRAMES)" if floor_hit is not None else f"no fitting size in {SHRINK_STEPS} tries"
-            return self._fall(case, f"shrink_failed: {why}")
+            return self._fall(case, "shrink_failed", why)
         scale, resized, plans = lo
         # an item whose tokens did not change (the processor's rounding) stays as it came
         resized.sizes = [
@@ -811,13 +852,17 @@ class ShrinkPolicy(Policy):
             "shrunk",
             [p.kept for p in plans],
             removed=sorted(set().union(*(p.left for p in plans))),
-            reason=f"media_shrunk: {case.describe()}; shrunk: {changes} ({before} -> {after} tokens)",
+            **because("media_shrunk", f"{case.describe()}; shrunk: {changes} ({before} -> {after} tokens)"),
             resized=resized,
         )
 
-    def _fall(self, case: Overflow, why: str) -> Decision:
+    def _fall(self, case: Overflow, code: str, detail: str) -> Decision:
         decision = self.fallback.resolve(case)
-        decision.reason = f"{decision.reason}; {why}" if decision.reason else why
+        why = because(code, detail)
+        if decision.reason:  # the fallback's decision, counted under its own code; why shrink did not help
+            decision.reason += "; " + why["reason"]
+        else:
+            decision.code, decision.reason = why["code"], why["reason"]
         return decision
 
 
@@ -908,24 +953,18 @@ def resolve(layouts: list[Layout], policy: Policy, sample: str, reencode: Callab
     if not any(p.lost for p in plans):
         cut = any(len(p.kept) < lay.length for p, lay in zip(plans, layouts))
         if left:
-            return Decision("truncated", [p.kept for p in plans], removed=sorted(left), reason=_left_reason(layouts, left))
+            return Decision("truncated", [p.kept for p in plans], removed=sorted(left), **because(MEDIA_LEFT_WITH_TURN, _left_detail(layouts, left)))
         return Decision("truncated" if cut else "kept", [p.kept for p in plans])
     case = Overflow(sample, layouts, plans, lambda removed: [plan_layout(lay, set(removed) | left) for lay in layouts], reencode, fits)
     decision = policy.resolve(case)
     if decision.resized is not None:
         if decision.removed:
-            decision.reason += "; " + _left_reason(decision.resized.layouts, set(decision.removed))
+            decision.reason += f"; {MEDIA_LEFT_WITH_TURN}: " + _left_detail(decision.resized.layouts, set(decision.removed))
         return decision
     if left and decision.kept is not None:
         decision.removed = sorted(set(decision.removed) | left)
-        decision.reason += "; " + _left_reason(layouts, left)
+        decision.reason += f"; {MEDIA_LEFT_WITH_TURN}: " + _left_detail(layouts, left)
     return decision
-
-
-def reason_code(reason: str | None) -> str:
-    """The code a decision's reason starts with (`media_exceed_budget: ...` -> `media_exceed_budget`):
-    what the summary counts; a cut without a reason is `text_over_budget`."""
-    return (reason or "text_over_budget").split(":")[0]
 
 
 def too_much_bad(bad: int, total: int, share: float) -> bool:
@@ -934,9 +973,9 @@ def too_much_bad(bad: int, total: int, share: float) -> bool:
     return bool(total) and bad > share * total
 
 
-def _left_reason(layouts, left) -> str:
+def _left_detail(layouts, left) -> str:
     names = ", ".join(f"{k}#{i}" for k, i in sorted(left))
-    return f"media_left_with_turn: {names} left with the part of a later turn that the budget cuts off"
+    return f"{names} left with the part of a later turn that the budget cuts off"
 
 
 def single_layout(length: int, runs: list[Run], budget: int, first: int | None = None, head: int = 0) -> Layout:

@@ -222,36 +222,36 @@ def apply(
         _publish_config()
         _configure_logging(_config.log_level)
         for spec in _entries():  # id, distribution, hook: the whole matrix is read when a hook fires
-            st = _states.get(spec.id)
-            why_not = new.why_not(spec.id)
-            if spec.id in _applied:
-                forced = st is not None and st.reason.startswith("forced")
-                if why_not is None and not (forced and not new.force):
-                    continue  # applied and still wanted
-                _unwrap(_applied.pop(spec.id))
-            elif (
-                was_enabled
-                and why_not is None
-                and old.force == new.force
-                and st is not None
-                and st.state in ("pending", "skipped", "native", "refused")
-            ):
-                continue  # decided under the same settings: not again (no second warning)
-            if why_not is not None:
-                _states[spec.id] = PatchState(spec.id, "excluded", why_not)
-                continue
-            if not _hooks.installed(spec.distribution):
-                _states[spec.id] = PatchState(spec.id, "skipped", f"{spec.distribution} is not installed")
-            else:
-                _states[spec.id] = PatchState(spec.id, "pending", f"waits for `import {spec.hook}`")
-            if spec.hook in sys.modules:
-                _attach(_matrix.load().by_id(spec.id))
-            elif spec.hook not in _hooked:
-                _hooked.add(spec.hook)
-                _hooks.when_imported(spec.hook, _hook_for(spec.hook))
+            _settle(spec, new, old, was_enabled)
         for hook in sorted({e.hook for e in _entries() if e.hook in sys.modules}):
             _stop_if_refused(hook)  # the trainer was imported before apply(): stop here, not at its import
         return status()
+
+
+def _settle(spec, new: Config, old: Config, was_enabled: bool) -> None:
+    """Patch `spec` under the settings `new` (`old` before this apply()): kept where applied and still
+    wanted, reverted where not; excluded; or attached now, or at its hook's import."""
+    st = _states.get(spec.id)
+    why_not = new.why_not(spec.id)
+    if spec.id in _applied:
+        forced = st is not None and st.reason.startswith("forced")
+        if why_not is None and not (forced and not new.force):
+            return  # applied and still wanted
+        _unwrap(_applied.pop(spec.id))
+    elif was_enabled and why_not is None and old.force == new.force and st is not None and st.state in ("pending", "skipped", "native", "refused"):
+        return  # decided under the same settings: not again (no second warning)
+    if why_not is not None:
+        _states[spec.id] = PatchState(spec.id, "excluded", why_not)
+        return
+    if not _hooks.installed(spec.distribution):
+        _states[spec.id] = PatchState(spec.id, "skipped", f"{spec.distribution} is not installed")
+    else:
+        _states[spec.id] = PatchState(spec.id, "pending", f"waits for `import {spec.hook}`")
+    if spec.hook in sys.modules:
+        _attach(_matrix.load().by_id(spec.id))
+    elif spec.hook not in _hooked:
+        _hooked.add(spec.hook)
+        _hooks.when_imported(spec.hook, _hook_for(spec.hook))
 
 
 _refusal: Exception | None = None  # set by refuse(): invalid settings under VLPATCH=1

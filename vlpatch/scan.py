@@ -87,7 +87,7 @@ def scan(config: dict, policy: str = "drop", limit: int | None = None, progress=
     from llamafactory.data import loader
     from llamafactory.model import load_tokenizer
 
-    from .integrations import llamafactory as lfint
+    from .integrations import llamafactory as lf_integration
 
     step = "reading the config"
     try:
@@ -180,7 +180,7 @@ class _Ticker:
 
 
 # the samples go through the passes this many at a time, each block through all of them (the policy passes
-# share each sample's uncut encode, lfint.sharing; every pass reuses the first's tokenized texts): memory
+# share each sample's uncut encode, lf_integration.sharing; every pass reuses the first's tokenized texts): memory
 # stays bounded however large the dataset
 SHARED_BLOCK = 64
 
@@ -253,18 +253,18 @@ def _scan_chunk(state: _State, indices, ticker: _Ticker) -> list:
     """The passes over some samples, in this process, a block at a time: the whole sample, vanilla at
     cutoff_len, vlpatch at cutoff_len under the policy (and under the others, for the per-policy table).
     Returns their `Sample`s."""
-    from .integrations import llamafactory as lfint
+    from .integrations import llamafactory as lf_integration
 
     encode = _Encoder(state, ticker)
     samples: list = []
     indices = list(indices)
     with _TextMemo(state.tokenizer):
         for start in range(0, len(indices), SHARED_BLOCK):
-            samples.extend(_scan_block(state, indices[start : start + SHARED_BLOCK], encode, ticker, lfint))
+            samples.extend(_scan_block(state, indices[start : start + SHARED_BLOCK], encode, ticker, lf_integration))
     return samples
 
 
-def _scan_block(state: _State, indices, encode: _Encoder, ticker: _Ticker, lfint) -> list:
+def _scan_block(state: _State, indices, encode: _Encoder, ticker: _Ticker, lf_integration) -> list:
     import vlpatch
 
     from . import report as vreport
@@ -272,14 +272,15 @@ def _scan_block(state: _State, indices, encode: _Encoder, ticker: _Ticker, lfint
     samples = []
     for i in indices:
         row = state.dataset[i]
-        samples.append(Sample(i, row.get(lfint.SOURCE_COLUMN), row.get(lfint.ROW_COLUMN), images=list(row.get("_images") or [])))
+        source, source_row = row.get(lf_integration.SOURCE_COLUMN), row.get(lf_integration.ROW_COLUMN)
+        samples.append(Sample(i, source, source_row, images=list(row.get("_images") or [])))
     outcomes: dict = {}
-    with lfint.sharing():  # the passes share each over-long sample's uncut encode and spans (the whole pass's)
+    with lf_integration.sharing():  # the passes share each over-long sample's uncut encode and spans (the whole pass's)
         vlpatch.revert()  # apply() publishes each pass's settings; revert() puts the environment back
         vlpatch.apply(patches=["llamafactory.header_tokens"])
         import llamafactory.data.mm_plugin  # noqa: F401  (attach now)
 
-        long, bad, marks = _whole_pass(state, samples, encode, lfint)
+        long, bad, marks = _whole_pass(state, samples, encode, lf_integration)
         ticker.more(2 * len(long) + len(bad))  # over-long samples: two more passes; bad ones: one
         _vanilla_pass(state, long, marks, encode)
         vlpatch.revert()
@@ -288,7 +289,7 @@ def _scan_block(state: _State, indices, encode: _Encoder, ticker: _Ticker, lfint
         policies = list(dict.fromkeys([state.policy, *(p for p in POLICIES if not core.get_policy(p).stops)]))
         ticker.more((len(policies) - 1) * (len(long) + len(bad)))
         for policy in policies:
-            outcomes[policy] = _policy_pass(state, long + bad, policy, encode, lfint, vreport)
+            outcomes[policy] = _policy_pass(state, long + bad, policy, encode, lf_integration, vreport)
     for s in samples:
         if s.index not in outcomes[state.policy]:
             s.policies = {p: "fits" for p in POLICIES}
@@ -302,13 +303,13 @@ def _scan_block(state: _State, indices, encode: _Encoder, ticker: _Ticker, lfint
     return samples
 
 
-def _whole_pass(state: _State, samples: list, encode: _Encoder, lfint) -> tuple:
+def _whole_pass(state: _State, samples: list, encode: _Encoder, lf_integration) -> tuple:
     """Pass 1: each sample whole, its media spans learned from the plugin. Returns (the over-long
     samples, those that failed, {index: (media tokens the plugin wrote, how many of each)})."""
     long, bad, marks = [], [], {}
     for s in samples:
         try:
-            with lfint.tracing(state.processor) as (recording, trace):
+            with lf_integration.tracing(state.processor) as (recording, trace):
                 ids = encode(s.index, core.UNBOUNDED, recording)
         except Exception as exc:  # vanilla training dies on it; pass 3 asks vlpatch what it does
             s.vanilla = f"error: {type(exc).__name__}: {exc}"[:300]
@@ -316,8 +317,8 @@ def _whole_pass(state: _State, samples: list, encode: _Encoder, lfint) -> tuple:
             continue
         s.tokens = len(ids)
         try:
-            runs, found = lfint.media_runs(state.processor, trace, ids)
-        except (lfint.Unreadable, ValueError) as exc:
+            runs, found = lf_integration.media_runs(state.processor, trace, ids)
+        except (lf_integration.Unreadable, ValueError) as exc:
             runs, found = [], None
             s.detail = f"media spans not readable: {exc}"
         s.media_tokens = _media_counts(runs)
@@ -328,7 +329,7 @@ def _whole_pass(state: _State, samples: list, encode: _Encoder, lfint) -> tuple:
             long.append(s)
             if found is not None:
                 marks[s.index] = (found, _counts(ids, found))
-                lfint.share(state.processor, trace)  # the policy passes start from this encode
+                lf_integration.share(state.processor, trace)  # the policy passes start from this encode
     return long, bad, marks
 
 
@@ -351,7 +352,7 @@ def _vanilla_pass(state: _State, long: list, marks: dict, encode: _Encoder) -> N
             s.vanilla = f"error: {type(exc).__name__}: {exc}"[:300]
 
 
-def _policy_pass(state, todo, policy, encode, lfint, vreport) -> dict:
+def _policy_pass(state, todo, policy, encode, lf_integration, vreport) -> dict:
     """index -> (vlpatch's outcome at cutoff_len under `policy`, its reason) for the samples `todo`."""
     import logging
 
@@ -380,7 +381,7 @@ def _policy_pass(state, todo, policy, encode, lfint, vreport) -> dict:
     out = {}
     try:
         for s in todo:  # vlpatch at cutoff_len (bad input: what training does with it)
-            run = vreport.start_run(lfint.TRAINER, "scan", path, tallies=False)  # the sample's rows say it all
+            run = vreport.start_run(lf_integration.TRAINER, "scan", path, tallies=False)  # the sample's rows say it all
             try:
                 got: list = []
                 encode(s.index, state.cutoff, rows=got)
@@ -582,12 +583,23 @@ def _max_pixels_for(samples, cutoff: int, mm_processor, model_args) -> dict:
 
 
 def summary(result: dict) -> str:
-    samples = result["samples"]
-    cfg = result["config"]
+    """The scan's report for a person: outcomes with and without vlpatch, per policy, token lengths, the
+    recommended settings, a cut row's start and the bad input."""
+    samples, cfg = result["samples"], result["config"]
     workers = result.get("workers", 1)
     lines = [f"vlpatch scan: {len(samples)} samples of {cfg['dataset']} (template {cfg['template']}, cutoff_len {cfg['cutoff_len']}, "
              f"policy {cfg['policy']}{f', {workers} workers' if workers > 1 else ''})", ""]
-    lines.append("outcome                          without vlpatch   with vlpatch")
+    lines += _outcome_lines(samples)
+    lines += _length_lines(samples, cfg["cutoff_len"])
+    lines += _recommend_lines(result["recommend"], cfg["cutoff_len"])
+    lines += _preview_lines(samples)
+    lines += _bad_input_lines(samples, cfg["policy"], result.get("bad_input") or {})
+    return "\n".join(lines)
+
+
+def _outcome_lines(samples: list) -> list:
+    """Each outcome's count without and with vlpatch, then under each policy."""
+    lines = ["outcome                          without vlpatch   with vlpatch"]
     van = Counter(_bucket(s["vanilla"]) for s in samples)
     pat = Counter(_bucket(s["vlpatch"]) for s in samples)
     for key in sorted(set(van) | set(pat), key=lambda k: -(van[k] + pat[k])):
@@ -598,16 +610,26 @@ def summary(result: dict) -> str:
         lines += ["", "with vlpatch, per policy             drop   drop_media   shrink   error"]
         for key in keys:
             lines.append(f"  {key:31} {per['drop'][key]:>6}   {per['drop_media'][key]:>10}   {per['shrink'][key]:>6}   {per['error'][key]:>5}")
+    return lines
+
+
+def _length_lines(samples: list, cutoff_len: int) -> list:
+    """Token lengths of the whole samples: percentiles, a histogram, the media items' token counts."""
     lengths = sorted(s["tokens"] for s in samples if s["tokens"] is not None)
-    if lengths:
-        p = {q: _percentile(lengths, q) for q in (0.5, 0.9, 0.99)}
-        lines += ["", f"tokens per sample (whole): p50 {p[0.5]}, p90 {p[0.9]}, p99 {p[0.99]}, max {lengths[-1]}"]
-        lines += _histogram(lengths, cfg["cutoff_len"])
-        media = [n for s in samples for v in (s["media_tokens"] or {}).values() for n in v]
-        if media:
-            lines.append(f"media tokens per item: min {min(media)}, max {max(media)}, items {len(media)}")
-    rec = result["recommend"]
-    lines.append("")
+    if not lengths:
+        return []
+    p = {q: _percentile(lengths, q) for q in (0.5, 0.9, 0.99)}
+    lines = ["", f"tokens per sample (whole): p50 {p[0.5]}, p90 {p[0.9]}, p99 {p[0.99]}, max {lengths[-1]}"]
+    lines += _histogram(lengths, cutoff_len)
+    media = [n for s in samples for v in (s["media_tokens"] or {}).values() for n in v]
+    if media:
+        lines.append(f"media tokens per item: min {min(media)}, max {max(media)}, items {len(media)}")
+    return lines
+
+
+def _recommend_lines(rec: dict, cutoff_len: int) -> list:
+    """The recommended cutoff_len per share kept whole, image_max_pixels, and what shrinks other media."""
+    lines = [""]
     readable = "samples"
     if rec.get("left_out"):
         readable = "readable samples"
@@ -619,10 +641,10 @@ def summary(result: dict) -> str:
     alone = len(mp.get("text_alone_too_long") or [])
     if mp.get("value"):  # what it covers: every sample that some image size can make fit
         but = f", except the {alone} over it without their images" if alone else ""
-        lines.append(f"image_max_pixels at which every {readable[:-1]} fits cutoff_len {cfg['cutoff_len']}{but}: "
+        lines.append(f"image_max_pixels at which every {readable[:-1]} fits cutoff_len {cutoff_len}{but}: "
                      f"{mp['value']} ({mp['side']}x{mp['side']})")
     elif mp.get("why") != "no images in these samples":
-        lines.append(f"image_max_pixels for cutoff_len {cfg['cutoff_len']}: none ({mp.get('why')})")
+        lines.append(f"image_max_pixels for cutoff_len {cutoff_len}: none ({mp.get('why')})")
     for kind, info in (rec.get("media") or {}).items():
         levers = ", ".join(f"{k} (now {v})" for k, v in info["levers"].items())
         lines.append(f"{kind}s: {info['items']} items, up to {info['max_tokens']} tokens each, counted {info['counted']}; "
@@ -631,26 +653,37 @@ def summary(result: dict) -> str:
     if alone:
         lines.append(f"  ({alone} samples exceed cutoff_len with their text, videos and audio alone: "
                      "no image size helps them)")
+    return lines
+
+
+def _preview_lines(samples: list) -> list:
+    """How the first row vlpatch cuts starts, and what comes before its answer, as training gets it."""
     cut = next((s for s in samples if s.get("preview")), None)
-    if cut is not None:
-        lines += ["", f"a row vlpatch cuts, as training gets it (sample {_name(cut)}, {cut['vlpatch']}):",
-                  f"  starts:             {cut['preview']['row_start']!r}"]
-        if "before_answer" in cut["preview"]:
-            lines.append(f"  before its answer:  {cut['preview']['before_answer']!r}")
+    if cut is None:
+        return []
+    lines = ["", f"a row vlpatch cuts, as training gets it (sample {_name(cut)}, {cut['vlpatch']}):",
+             f"  starts:             {cut['preview']['row_start']!r}"]
+    if "before_answer" in cut["preview"]:
+        lines.append(f"  before its answer:  {cut['preview']['before_answer']!r}")
+    return lines
+
+
+def _bad_input_lines(samples: list, policy: str, info: dict) -> list:
+    """The samples with bad input (the first ten), and whether training with vlpatch would stop on them."""
+    lines = []
     bad = [s for s in samples if s["vanilla"].startswith("error")]
     if bad:
-        lines.append(f"bad input (training without vlpatch dies on it; with vlpatch under policy {cfg['policy']}: "
+        lines.append(f"bad input (training without vlpatch dies on it; with vlpatch under policy {policy}: "
                      f"{', '.join(f'{n} {k}' for k, n in Counter(_bucket(s['vlpatch']) for s in bad).items())}):")
     for s in bad[:10]:
         lines.append(f"  sample {_name(s)}: {s['vanilla']} -> vlpatch: {_bucket(s['vlpatch'])}")
     if len(bad) > 10:
         lines.append(f"  ... {len(bad) - 10} more errors (see --json / --csv)")
-    info = result.get("bad_input") or {}
     if info.get("training_stops"):
         lines.append(f"training with vlpatch stops before it starts: {info['samples']} of {info['of']} samples "
                      f"({info['samples'] / info['of']:.0%}) have bad input, more than VLPATCH_MAX_BAD ({info['max_bad']:.0%}); "
                      "fix the data (media_dir? dataset paths?) or raise VLPATCH_MAX_BAD")
-    return "\n".join(lines)
+    return lines
 
 
 def _name(s: dict) -> str:

@@ -72,10 +72,12 @@ def downsize(source, size):
     """`source` (an entry or an image) decoded and resized to exactly `size`, as a PIL image."""
     from PIL import Image
 
-    with contextlib.nullcontext(source) if isinstance(source, Image.Image) else open_image(source) as im:
-        if getattr(im, "format", None) == "JPEG":
+    given = isinstance(source, Image.Image)
+    with contextlib.nullcontext(source) if given else open_image(source) as im:
+        if getattr(im, "format", None) == "JPEG" and not given:
             # libjpeg decodes at 1/2..1/8 scale by its inverse DCT (a proper low-pass, as libvips'
-            # shrink-on-load): to the largest scale that is still at least `size`, then bicubic
+            # shrink-on-load): to the largest scale that is still at least `size`, then bicubic (not on
+            # an image the caller passed in: draft() would shrink the caller's own image in place)
             im.draft(im.mode, tuple(size))
         im.load()
         if im.mode not in ("RGB", "RGBA", "L", "LA", "P", "I", "I;16", "1"):

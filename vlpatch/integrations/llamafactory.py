@@ -25,6 +25,7 @@ import hashlib
 import inspect
 import io
 import itertools
+import operator
 import os
 import re
 import shutil
@@ -91,7 +92,10 @@ class _Handler:
         raise NotImplementedError
 
 
-def _pick(seq, kept):
+def _pick(seq, kept) -> list:
+    """`seq` at the positions `kept`."""
+    if len(kept) > 1:
+        return list(operator.itemgetter(*kept)(seq))
     return [seq[p] for p in kept]
 
 
@@ -126,8 +130,8 @@ class _Supervised(_Handler):
 
     def answers(self, full, kept):
         labels = full[1]
-        return {"answer_tokens_before": sum(1 for x in labels if x != IGNORE_INDEX),
-                "answer_tokens_after": sum(1 for p in kept[0] if labels[p] != IGNORE_INDEX)}
+        return {"answer_tokens_before": len(labels) - labels.count(IGNORE_INDEX),
+                "answer_tokens_after": len(kept[0]) - _pick(labels, kept[0]).count(IGNORE_INDEX)}
 
     def dropped(self, instance, overlong):
         if overlong:
@@ -770,7 +774,7 @@ def _placeholders() -> dict:
     def make():
         return {kind: getattr(constants, f"{kind.upper()}_PLACEHOLDER", core.PLACEHOLDERS[kind]) for kind in core.MEDIA_KINDS}
 
-    return dict(_cached(_placeholder_strings, id(constants), (constants,), make))
+    return _cached(_placeholder_strings, id(constants), (constants,), make)  # shared: callers only read it
 
 
 _placeholder_strings: dict = {}
@@ -780,10 +784,10 @@ def _placeholder_mismatch(bound: dict, counts: dict) -> str:
     """'' when the prompt and the (first non-empty) response hold one placeholder per media item."""
     responses = [m for m in bound.get("response") or [] if isinstance(m, dict) and m.get("content")]
     messages = list(bound.get("prompt") or []) + responses[:1]
-    texts = [m["content"] for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str)]
+    text = "\0".join(m["content"] for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str))
     wrong = []
     for kind, placeholder in _placeholders().items():
-        found = sum(text.count(placeholder) for text in texts)
+        found = text.count(placeholder)
         if found != counts.get(kind, 0):
             wrong.append(f"{found} {placeholder} placeholder(s) but {counts.get(kind, 0)} {kind}(s)")
     return "; ".join(wrong)
@@ -902,23 +906,30 @@ class _Encode:
         self.has_media = any(counts.values())
         self.budget = instance.data_args.cutoff_len
         index, position, source, source_row = where  # _identify's
-        self.sample = _describe(index, position, source, source_row)
+        self.where = where
         self.key = _share_key(instance, bound)
         self.counts = counts
         self.row = {"stage": stage, "index": index, "source_dataset": source, "source_row": source_row,
                     "batch_position": position, "budget": self.budget, "media": {kind: n for kind, n in counts.items() if n}}
 
-    def reject(self, reason, exc=None, decided=False):
-        return _reject(self.handler, self.instance, self.batch, self.cfg, self.sample, self.row, reason, exc, decided)
+    @functools.cached_property
+    def sample(self) -> str:
+        """How errors and the policy name the sample (built where one needs it: most samples fit)."""
+        index, position, source, source_row = self.where
+        return _describe(index, position, source, source_row)
+
+    def reject(self, code, detail, exc=None):
+        """The sample refused for `code` (bad input, uncovered media): dropped, or an error under `error`."""
+        return _reject(self.handler, self.instance, self.batch, self.cfg, self.sample, self.row, core.because(code, detail), exc)
 
     def run(self):
         mismatch = _placeholder_mismatch(self.bound, self.counts)
         if mismatch:
-            return self.reject(f"bad_input: {mismatch}")
+            return self.reject("bad_input", mismatch)
         try:
             full, trace, shared = self.uncut()
         except _BadInput as bad:
-            return self.reject(f"bad_input: {bad.exc}", bad.exc)
+            return self.reject("bad_input", str(bad.exc), bad.exc)
         lengths = self.handler.lengths(full)
         if max(lengths) <= self.budget:  # upstream would not cut anything: its output as is
             _count(self.batch, "kept")
@@ -932,7 +943,7 @@ class _Encode:
                 shared[2] = self.learned
         except (Unreadable, ValueError) as exc:  # never cut what is not understood: refused, reported
             plugin = type(self.instance.template.mm_plugin).__name__
-            return self.reject(f"uncovered_media: {plugin}: {exc}", exc)
+            return self.reject("uncovered_media", f"{plugin}: {exc}", exc)
         self.row.update(tokens_before=max(lengths), media_tokens=sum(r.length for r in layouts[0].runs))
         return self.decide(full, layouts)
 
@@ -1003,7 +1014,8 @@ class _Encode:
             if made:
                 made[0].close()
         if decision.action == "dropped":
-            return self.reject(decision.reason, decided=True)
+            return _reject(self.handler, self.instance, self.batch, self.cfg, self.sample, self.row,
+                           {"code": decision.code, "reason": decision.reason}, decided=True)
         if decision.resized is not None:
             self.row["media_resized"] = made[0].resized_rows(decision.resized)
         return self.finish(full, layouts, decision)
@@ -1016,7 +1028,7 @@ class _Encode:
         out = self.handler.build(full, decision.kept)
         after = max(len(k) for k in decision.kept)
         kept_media = sum(r.length for r in layouts[0].runs if not set(r.keys()) & set(decision.removed))
-        _count(self.batch, decision.action, core.reason_code(decision.reason))
+        _count(self.batch, decision.action, decision.code)
         _emit(self.batch, {
             **self.row,
             "action": decision.action,
@@ -1300,13 +1312,13 @@ def _count(batch: _Batch | None, action: str, reason: str | None = None) -> None
         batch.reasons[reason] += 1
 
 
-def _reject(handler, instance, batch, cfg, sample, row, reason, exc=None, decided=False):
-    """Drop the sample (reported), or raise naming it under policy `error`."""
+def _reject(handler, instance, batch, cfg, sample, row, why: dict, exc=None, decided=False):
+    """Drop the sample (reported), or raise naming it under policy `error`. `why`: `core.because`'s."""
     if not decided and core.get_policy(cfg.policy).stops:
-        _emit(batch, {**row, "action": "error", "reason": reason})
-        raise core.SampleError(sample, reason) from exc
-    _emit(batch, {**row, "action": "dropped", "reason": reason})
-    _count(batch, "dropped", core.reason_code(reason))
+        _emit(batch, {**row, "action": "error", "reason": why["reason"]})
+        raise core.SampleError(sample, why["reason"]) from exc
+    _emit(batch, {**row, "action": "dropped", "reason": why["reason"]})
+    _count(batch, "dropped", why["code"])
     if batch is not None and not batch.overlong_drop:
         batch.drop_rows.append(batch.calls - 1)
     return handler.dropped(instance, batch is not None and batch.overlong_drop)

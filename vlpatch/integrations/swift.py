@@ -44,8 +44,8 @@ MODES = ("train", "rlhf", "kto")  # vllm / lmdeploy / sglang encode without expa
 SITES: dict = {}
 
 
-def _site() -> _collator.Site:
-    return _collator.Site(TRAINER, "max_length", "a larger --max_length or --truncation_strategy delete")
+def _site() -> _collator.CollatorPatch:
+    return _collator.CollatorPatch(TRAINER, "max_length", "a larger --max_length or --truncation_strategy delete")
 
 
 class _Fetch:
@@ -58,15 +58,6 @@ class _Fetch:
         self.tries = 0  # `Template.encode` calls: the first encodes the row asked for, later ones a replacement
         self.deleted: list = []
         self.error: BaseException | None = None
-        self.told: set = set()  # rows reported by this `encode` call (upstream retries it 3 times on any error)
-
-    def tell(self, ids) -> bool:
-        """Whether the row with these token ids is reported now (not yet in this `encode` call)."""
-        key = hash(tuple(ids))
-        if key in self.told:
-            return False
-        self.told.add(key)
-        return True
 
     def row(self):
         """The dataset index of the row being encoded (None: not known)."""
@@ -80,6 +71,18 @@ class _Fetch:
 
 
 _FETCH: contextvars.ContextVar = contextvars.ContextVar("vlpatch_swift_fetch", default=None)
+# rows this process has reported, by their uncut token ids: a row is reported once however often upstream
+# encodes it (its 3 retries of any error, the example it prints before training, each epoch when lazy)
+_TOLD: set = set()
+
+
+def _first_time(ids) -> bool:
+    """Whether the row with these (uncut) token ids is reported now: not yet reported by this process."""
+    key = hash(tuple(ids))
+    if key in _TOLD:
+        return False
+    _TOLD.add(key)
+    return True
 
 
 def _sample(fetch, inputs) -> tuple:
@@ -106,7 +109,6 @@ def _encode_row(site, wrapped, template, args, kwargs):
         fetch = _Fetch()
         token = _FETCH.set(fetch)
     fetch.tries += 1
-    fetch.told = set()
     try:
         return wrapped(*args, **kwargs)
     finally:
@@ -125,12 +127,12 @@ def _encode(site, wrapped, template, args, kwargs):
     encoded = _uncut(wrapped, template, args, kwargs)
     budget = template.max_length
     if len(encoded["input_ids"]) <= budget:
-        if fetch is None or fetch.tell(encoded["input_ids"]):
+        if _first_time(encoded["input_ids"]):
             report.tally(Counter({"kept": 1}), Counter())
         return encoded
     row = _Row(site, template, inputs, encoded, budget, fetch)
     if template.truncation_strategy == "raise":
-        return row.delete(f"truncation_strategy_delete: {row.length} tokens over max_length {budget}")
+        return row.delete(**core.because("truncation_strategy_delete", f"{row.length} tokens over max_length {budget}"))
     policy = core.get_policy(cfg.policy, cfg.shrink_fallback)
     return row.cut(policy, pristine, functools.partial(_uncut, wrapped, template))
 
@@ -163,20 +165,25 @@ class _Row:
         self.finder = site.finder(template.processor)
         self.items = Counter({"image": len(inputs.images or ()), "video": len(inputs.videos or ())})
         self.fields, self.name = _sample(fetch, inputs)
-        self.fresh = fetch is None or fetch.tell(self.ids)  # False: upstream's retry of a row already reported
+        self.fresh = _first_time(self.ids)  # False: a row already reported (an upstream retry, a later epoch)
         self._empty = None
         self.entry = {"trainer": TRAINER, **self.fields, "budget": budget, "tokens_before": self.length,
                       "media": {k: n for k, n in sorted(self.items.items()) if n or k == "image"}}
 
-    def runs(self, ids):
+    def runs(self, encoded):
+        """The media runs of an encoded row, each given its item (a Qwen3-VL video's frame groups as one run)."""
+        ids, processor = encoded["input_ids"], self.template.processor
         runs = self.finder.find(ids)
+        groups = self.site.frame_groups(encoded, processor)
+        if groups is not None:
+            runs, _ = self.site.merge_frame_groups(ids, runs, groups, 0, self.finder, processor)
         return self.finder.assign_items(ids, runs, self.items)
 
-    def delete(self, reason: str):
+    def delete(self, code: str, reason: str):
         """Delete the row as upstream deletes an over-long one (`MaxLengthError`), reported."""
         row = {**self.entry, "action": "dropped", "reason": reason}
         if self.fresh:
-            report.tally(Counter({"dropped": 1}), Counter({core.reason_code(reason): 1}))
+            report.tally(Counter({"dropped": 1}), Counter({code: 1}))
             if self.fetch is not None and self.fetch.dataset is not None:
                 self.fetch.deleted.append(row)  # written when the fetch ends, with the row served instead
             else:
@@ -227,7 +234,7 @@ class _Row:
         return self._empty
 
     def cut(self, policy, pristine, uncut):
-        runs = self.runs(self.ids)
+        runs = self.runs(self.encoded)
         again = _shrinker(self, pristine, uncut) if pristine is not None else None
         try:
             decision = core.resolve(self.layouts(self.encoded, runs), policy, self.name, again)
@@ -238,9 +245,9 @@ class _Row:
                 self.fetch.error = exc
             raise
         if decision.action == "dropped":
-            return self.delete(decision.reason)
+            return self.delete(decision.code, decision.reason)
         if decision.removed and self.template.mode != "train":  # chosen and rejected are encoded apart
-            return self.delete(f"{decision.reason}; a preference pair keeps its media together: row deleted")
+            return self.delete(decision.code, f"{decision.reason}; a preference pair keeps its media together: row deleted")
         encoded, runs_now = self.encoded, runs
         extra = {}
         if decision.resized is not None:
@@ -258,7 +265,7 @@ class _Row:
                "media_removed": gone, **_answer_tokens(encoded.get("labels"), kept), **extra}
         if self.fresh:
             report.write_rows([row], self.site.report)
-            report.tally(Counter({decision.action: 1}), Counter({core.reason_code(decision.reason): 1}))
+            report.tally(Counter({decision.action: 1}), Counter({decision.code: 1}))
         return out
 
 
@@ -308,7 +315,7 @@ def _rebuild(encoded: dict, kept: list, removed) -> dict:
     for kind, (pixels, grid, companions) in _GRIDS.items():
         gone = sorted(k for knd, k in removed if knd == kind)
         if gone and out.get(grid) is not None:
-            _collator._drop_grid(out, gone, pixels, grid, companions)
+            _collator.drop_grid(out, gone, pixels, grid, companions)
     out["length"] = len(kept)
     return out
 
@@ -338,7 +345,7 @@ def _shrinker(row: _Row, pristine, uncut):
             images[k] = images[k].resize(after)
         inputs.images = images
         encoded = uncut((inputs,))
-        runs = row.runs(encoded["input_ids"])
+        runs = row.runs(encoded)
         return core.Resized(scale, row.layouts(encoded, runs), changed, floor, encoded)
 
     return reencode
@@ -393,4 +400,5 @@ WRAPPERS = {"encode_row": _encode_row, "encode": _encode, "lazy_row": _lazy_row,
 def wrappers(spec, version=None) -> dict:
     site = SITES.setdefault(spec.id, _site())
     site.attach(spec)
+    _TOLD.clear()  # a new apply() (its own report) reports every row again
     return {name: functools.partial(wrapper, site) for name, wrapper in WRAPPERS.items()}

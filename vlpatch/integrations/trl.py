@@ -35,40 +35,40 @@ TRAINER = "trl"
 EmptyBatchError = _collator.EmptyBatchError  # every example of a batch was dropped
 
 
-def _site() -> _collator.Site:
-    return _collator.Site(TRAINER, "max_length", "vlpatch.integrations.trl.filter_dataset(dataset, collator)")
+def _site() -> _collator.CollatorPatch:
+    return _collator.CollatorPatch(TRAINER, "max_length", "vlpatch.integrations.trl.filter_dataset(dataset, collator)")
 
 
-# one Site per patch (`trl.sft_collator`, `trl.dpo_collator`): each holds its own matrix options
+# one CollatorPatch per patch (`trl.sft_collator`, `trl.dpo_collator`): each holds its own matrix options
 SITES: dict = {}
 
 
-def _uncovered(site: _collator.Site, instance) -> bool:
+def _uncovered(site: _collator.CollatorPatch, instance) -> bool:
     """No budget, or a processor the matrix has no token table for (left to upstream, warned once)."""
     return not getattr(instance, "max_length", None) or not site.covers(instance.processor, "TRL")
 
 
 def _uncut(wrapped, instance, args, kwargs):
-    """(upstream's batch with nothing cut, the budget, the pristine examples or None, `recollate`)."""
+    """(upstream's batch with nothing cut, the budget, the examples' copies for policy shrink or None, `recollate`)."""
     examples = args[0] if args else kwargs["examples"]
-    pristine = _collator.pristine(examples)  # policy shrink collates some examples again
+    copies = _collator.copies_for_shrink(examples)  # policy shrink collates some examples again
     budget = instance.max_length
 
     def recollate(batch_examples):
         instance.max_length = None
         try:
-            return wrapped(_collator.pristine(batch_examples, always=True))
+            return wrapped(_collator.copies_for_shrink(batch_examples, always=True))
         finally:
             instance.max_length = budget
 
     instance.max_length = None
     try:
-        return wrapped(*args, **kwargs), budget, pristine, recollate
+        return wrapped(*args, **kwargs), budget, copies, recollate
     finally:
         instance.max_length = budget
 
 
-def _collate_sft(site: _collator.Site, wrapped, instance, args, kwargs):
+def _collate_sft(site: _collator.CollatorPatch, wrapped, instance, args, kwargs):
     """`DataCollatorForVisionLanguageModeling.torch_call`."""
     examples = args[0] if args else kwargs["examples"]
     if _uncovered(site, instance) or not examples:
@@ -78,24 +78,24 @@ def _collate_sft(site: _collator.Site, wrapped, instance, args, kwargs):
     # later turns' media leave with the cut (read before upstream, which changes its examples in place)
     firsts = [_collator.first_turn_items(e) for e in examples] if language_modeling else None
     frames = _collator.chat_frames(examples) if language_modeling else None
-    batch, budget, pristine, recollate = _uncut(wrapped, instance, args, kwargs)
+    batch, budget, copies, recollate = _uncut(wrapped, instance, args, kwargs)
     keep = "head"
     if language_modeling:  # the processor cut on the tokenizer's truncation side; prompt/completion: the head
         tokenizer = getattr(instance.processor, "tokenizer", instance.processor)
         keep = "tail" if getattr(tokenizer, "truncation_side", "right") == "left" else "head"
-    return _collator.fit(site, instance, batch, budget, keep=keep, pad_side="right", examples=pristine, recollate=recollate,
-                         firsts=firsts, frames=frames)
+    return site.fit(instance, batch, budget, keep=keep, pad_side="right", examples=copies, recollate=recollate,
+                    firsts=firsts, frames=frames)
 
 
-def _collate_dpo(site: _collator.Site, wrapped, instance, args, kwargs):
+def _collate_dpo(site: _collator.CollatorPatch, wrapped, instance, args, kwargs):
     """`DataCollatorForVisionPreference.torch_call`: rows [chosen..., rejected...], one pair per example."""
     examples = args[0] if args else kwargs["examples"]
     if _uncovered(site, instance) or not examples:
         return wrapped(*args, **kwargs)
     frames = _collator.chat_frames(examples, key="prompt")  # both rows of a pair start with the prompt's frame
-    batch, budget, pristine, recollate = _uncut(wrapped, instance, args, kwargs)
-    return _collator.fit(site, instance, batch, budget, keep="head", pairs=True, pad_side="right", examples=pristine, recollate=recollate,
-                         frames=frames)
+    batch, budget, copies, recollate = _uncut(wrapped, instance, args, kwargs)
+    return site.fit(instance, batch, budget, keep="head", pairs=True, pad_side="right", examples=copies, recollate=recollate,
+                    frames=frames)
 
 
 def _copy(example):
@@ -109,11 +109,11 @@ def filter_dataset(dataset, collator):
     time), so that no batch ends up empty; each removed example gets a report row naming its dataset
     index (`"stage": "filter_dataset"`). Works on a `datasets.Dataset` or a list. Bad input (an
     unreadable image) is removed and reported too, up to VLPATCH_MAX_BAD of the examples."""
-    return _collator.filter_dataset(_site_of(collator), dataset, collator, unreadable_media, prepare=_copy)
+    return _site_of(collator).filter_dataset(dataset, collator, unreadable_media, prepare=_copy)
 
 
-def _site_of(collator) -> _collator.Site:
-    """The Site of the patch that wraps this collator's class (a subclass's too); the SFT one by default."""
+def _site_of(collator) -> _collator.CollatorPatch:
+    """The CollatorPatch of the patch that wraps this collator's class (a subclass's too); the SFT one by default."""
     names = {cls.__name__ for cls in type(collator).__mro__}
     for site in SITES.values():
         if site.spec is not None and any(t.symbol.split(".")[0] in names for t in site.spec.targets if t.wrapper):
@@ -129,7 +129,7 @@ WRAPPERS = {"collate_sft": _collate_sft, "collate_dpo": _collate_dpo}
 
 
 def wrappers(spec, version=None) -> dict:
-    """The wrappers of patch `spec`, on its own Site (its matrix options)."""
+    """The wrappers of patch `spec`, on its own CollatorPatch (its matrix options)."""
     site = SITES.setdefault(spec.id, _site())
     site.attach(spec)
     return {name: functools.partial(wrapper, site) for name, wrapper in WRAPPERS.items()}

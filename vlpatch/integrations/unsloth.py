@@ -42,7 +42,7 @@ _batches: list = []  # stack of the example lists being collated
 EmptyBatchError = _collator.EmptyBatchError  # every example of a batch was dropped
 
 # the media-run arithmetic and tensor rebuild shared with the TRL integration (vlpatch/integrations/_collator.py)
-SITE = _collator.Site(TRAINER, "max_seq_length", "vlpatch.integrations.unsloth.filter_dataset(dataset, collator)")
+SITE = _collator.CollatorPatch(TRAINER, "max_seq_length", "vlpatch.integrations.unsloth.filter_dataset(dataset, collator)")
 
 
 # --------------------------------------------------------------------------- multi_image
@@ -223,13 +223,13 @@ def _collate(wrapped, instance, args, kwargs):
         if "truncation" not in _active or not budget or not SITE.covers(instance.processor, "Unsloth"):
             # an uncovered processor is left to upstream entirely (listed by status(); warned once)
             return wrapped(*args, **kwargs)
-        pristine = _collator.pristine(examples)  # policy shrink collates some examples again
+        copies = _collator.copies_for_shrink(examples)  # policy shrink collates some examples again
 
         def uncut(batch_examples=None):
             saved = instance.max_seq_length, instance.truncation
             instance.max_seq_length, instance.truncation = None, False
             try:
-                return wrapped(*args, **kwargs) if batch_examples is None else wrapped(_collator.pristine(batch_examples, always=True))
+                return wrapped(*args, **kwargs) if batch_examples is None else wrapped(_collator.copies_for_shrink(batch_examples, always=True))
             finally:
                 instance.max_seq_length, instance.truncation = saved
 
@@ -242,7 +242,7 @@ def _collate(wrapped, instance, args, kwargs):
         # media of a later turn leave with the part the cut removes (where the messages tell the turns)
         firsts = [_collator.first_turn_items(e) for e in examples] if formatting is None else None
         frames = _collator.chat_frames(examples) if formatting is None else None
-        return _fit(instance, batch, budget, side, pristine, uncut, firsts, frames)
+        return _fit(instance, batch, budget, side, copies, uncut, firsts, frames)
     finally:
         _batches.pop()
 
@@ -250,8 +250,7 @@ def _collate(wrapped, instance, args, kwargs):
 def _fit(collator, batch, budget: int, side: str = "truncation_side", examples=None, recollate=None, firsts=None, frames=None):
     tokenizer = getattr(collator.processor, "tokenizer", collator.processor)
     keep = "tail" if getattr(tokenizer, side, "right") == "left" else "head"
-    return _collator.fit(SITE, collator, batch, budget, keep=keep, examples=examples, recollate=recollate, firsts=firsts,
-                         frames=frames)
+    return SITE.fit(collator, batch, budget, keep=keep, examples=examples, recollate=recollate, firsts=firsts, frames=frames)
 
 
 # --------------------------------------------------------------------------- pre-filter
@@ -267,7 +266,7 @@ def filter_dataset(dataset, collator):
     unreadable image) is removed and reported too (`bad_input`), unless the policy is `error` (raises)
     or it exceeds VLPATCH_MAX_BAD of the examples: then it raises, naming the count and the first ones.
     """
-    return _collator.filter_dataset(SITE, dataset, collator, _is_bad_input)
+    return SITE.filter_dataset(dataset, collator, _is_bad_input)
 
 
 def _is_bad_input(exc: BaseException) -> bool:
