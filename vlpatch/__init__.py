@@ -1,4 +1,4 @@
-"""vlpatch: keep vision tokens whole when LLaMA-Factory and Unsloth cut multimodal samples.
+"""vlpatch: keep vision tokens whole when LLaMA-Factory, Unsloth, TRL and ms-swift cut multimodal samples.
 
     import vlpatch
     vlpatch.apply()          # or VLPATCH=1 in the environment, no code change
