@@ -82,8 +82,7 @@ def test_readme_coverage_table_is_the_matrix(capsys):
 # Code shapes the lock knows that no session tests yet: a release with one of them stops a protected
 # process at its trainer's import (it is refused, never patched blindly). Adding a session for one takes it
 # off this list (the test below fails until then); a new shape in the lock fails it too.
-# ms-swift 3.7.0 - 3.12.1: eight shapes of the 3.x line before the tested 3.12.2 - 3.12.6 (refused; issue 31)
-SHAPES_NOT_YET_TESTED: set = {("swift.truncation_3x", name) for name in ("3.7.0", "3.7.2", "3.8.0", "3.9.0", "3.11.0", "3.11.1", "3.11.2", "3.12.0")}
+SHAPES_NOT_YET_TESTED: set = set()
 
 
 def lock():

@@ -175,6 +175,39 @@ def test_preference_rows_keep_their_media_together(swift_env, patched, tmp_path)
     assert isinstance(deleted, _max_length_error()) and "keeps its media together" in str(deleted)
 
 
+def test_lazy_dataset_names_the_row_served_in_place_of_each_deleted_row(swift_env, patched, tmp_path):
+    """`delete` (the template's `raise`) under lazy tokenization, in process: ms-swift's real
+    `LazyLLMDataset` over its real template, as `swift sft` builds it. Each over-long row (0, 1, 2, 4) is
+    deleted as upstream deletes it and reported once, naming the row upstream served in its place: the
+    row whose encoding that fetch returned (one of the short rows)."""
+    model, _, _, data = swift_env
+    from datasets import Dataset
+
+    try:
+        from swift.dataset.utils import LazyLLMDataset
+    except ImportError:  # 3.x
+        from swift.llm.dataset.utils import LazyLLMDataset
+
+    rows = [json.loads(line) for line in open(data)]
+    patched(policy="drop", report=str(tmp_path / "r.jsonl"))
+    template = _template(model, "raise")
+    lazy = LazyLLMDataset(Dataset.from_list([{**row, "images": row.get("images", [])} for row in rows]), template.encode,
+                          random_state=0)
+    fits = {i: template.encode(json.loads(json.dumps(rows[i])))["input_ids"] for i in range(len(rows)) if i not in (0, 1, 2, 4)}
+    told = []
+    for i in range(len(rows)):
+        served = lazy[i]["input_ids"]
+        path = tmp_path / "r.jsonl"
+        new = [json.loads(line) for line in open(path)][len(told):] if path.exists() else []
+        told += new
+        if i in fits:
+            assert served == fits[i]  # a row that fits is served as it is
+        for r in new:  # rows deleted by this fetch: the one asked for, and replacements upstream tried first
+            assert r["action"] == "dropped" and r["reason"].startswith("truncation_strategy_delete"), r
+            assert r["replaced_by"] in fits and fits[r["replaced_by"]] == served, (i, r)
+    assert sorted(r["index"] for r in told) == [0, 1, 2, 4]  # each once, however often upstream tried it
+
+
 @pytest.mark.heavy  # first in its process: after another test's encodes, ms-swift 4.2 - 4.6's map hangs here
 def test_without_lazy_tokenization_each_row_is_reported_and_error_stops(swift_env, patched, tmp_path):
     """`--lazy_tokenize false`: upstream's batched preprocessing deletes a row on any error; vlpatch reports
