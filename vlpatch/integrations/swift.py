@@ -18,7 +18,8 @@ The wrapper encodes the row with `max_length` unset, then:
   Media that do not fit go to the policy: `drop` (the row is deleted as upstream deletes it),
   `drop_media`, `shrink` (images downsized and the row encoded again), `error`. Every per-token list
   and tensor (labels, loss_scale, mm_token_type_ids) follows the kept positions; the pixel tensors
-  and grids of media that leave are taken out.
+  and grids of media that leave are taken out. Under Megatron context parallelism the cut row is padded
+  to upstream's multiple again (3.8 - 3.10 pad each row in `_encode_truncated`, which runs uncut here).
 - `raise` (delete): the row is deleted as upstream deletes it, and reported.
 Every row that is cut, loses media or is deleted gets a report row; under lazy tokenization a deleted
 row names the row upstream served instead (`replaced_by`: upstream's own resampling is kept, so an
@@ -130,7 +131,8 @@ def _encode(site, wrapped, template, args, kwargs):
         if _first_time(encoded["input_ids"]):
             report.tally(Counter({"kept": 1}), Counter())
         return encoded
-    row = _Row(site, template, inputs, encoded, budget, fetch)
+    align = _alignment(template)
+    row = _Row(site, template, inputs, _unpad(encoded, align, template), budget - budget % align, fetch)
     if template.truncation_strategy == "raise":
         return row.delete(**core.because("truncation_strategy_delete", f"{row.length} tokens over max_length {budget}"))
     policy = core.get_policy(cfg.policy, cfg.shrink_fallback)
@@ -256,6 +258,7 @@ class _Row:
             extra = {"media_resized": [report.resized_row(key, b, a, runs, runs_now) for key, b, a in decision.resized.sizes]}
         kept = decision.kept[0]
         out = _rebuild(encoded, kept, decision.removed)
+        _align(out, _alignment(self.template), self.template.tokenizer.pad_token_id)
         gone: dict = {}
         for kind, n in sorted(decision.removed):
             gone.setdefault(kind, []).append(n)
@@ -320,6 +323,47 @@ def _rebuild(encoded: dict, kept: list, removed) -> dict:
     return out
 
 
+def _alignment(template) -> int:
+    """The multiple a row's length must be: 2 x `sequence_parallel_size` under Megatron context parallelism
+    (`use_megatron`), else 1. ms-swift pads every row to it: 3.8 - 3.10 in `_encode_truncated`, which
+    vlpatch calls uncut (so the cut row would lose it), later releases in the collator."""
+    cp = getattr(template, "sequence_parallel_size", 1) or 1
+    return 2 * cp if getattr(template, "use_megatron", False) and cp > 1 else 1
+
+
+def _unpad(encoded: dict, multiple: int, template) -> dict:
+    """The row without the padding upstream gave it (`_alignment`: fewer than `multiple` pad tokens at its
+    end, without labels), so that the cut spends no budget on it; `_align` pads the cut row again."""
+    ids, labels = encoded["input_ids"], encoded.get("labels")
+    pad, n, k = template.tokenizer.pad_token_id, len(encoded["input_ids"]), 0
+    if multiple <= 1 or labels is None or pad is None or n % multiple:
+        return encoded
+    while k < min(multiple - 1, n - 1) and ids[n - 1 - k] == pad and labels[n - 1 - k] == -100:
+        k += 1
+    return _rebuild(encoded, list(range(n - k)), ()) if k else encoded
+
+
+def _align(out: dict, multiple: int, pad_id) -> None:
+    """Pad a cut row at its end to a multiple of `multiple`, as upstream pads it (pad tokens, no label, no
+    loss); the budget was rounded down to a multiple, so the row stays within `max_length`."""
+    n = len(out["input_ids"])
+    extra = -n % multiple
+    if not extra:
+        return
+    out["input_ids"] = out["input_ids"] + [pad_id] * extra
+    for key, fill in (("labels", -100), ("loss_scale", 0)) + tuple((k, 0) for k in _PER_TOKEN[2:]):
+        value = out.get(key)
+        if value is None or len(value) != n:
+            continue
+        if hasattr(value, "new_full"):  # a tensor (mm_token_type_ids): text positions
+            import torch
+
+            out[key] = torch.cat([value, value.new_full((extra,), fill)])
+        else:
+            out[key] = list(value) + [fill] * extra
+    out["length"] = n + extra
+
+
 def _shrinker(row: _Row, pristine, uncut):
     """`reencode(scale)` for policy shrink: the row's images downsized (`core.ShrinkItem`), encoded again
     uncut (videos are not downsized: a sample whose images cannot make it fit goes to the fallback)."""
@@ -344,7 +388,7 @@ def _shrinker(row: _Row, pristine, uncut):
         for (kind, k), _before, after in changed:
             images[k] = images[k].resize(after)
         inputs.images = images
-        encoded = uncut((inputs,))
+        encoded = _unpad(uncut((inputs,)), _alignment(row.template), row.template)
         runs = row.runs(encoded)
         return core.Resized(scale, row.layouts(encoded, runs), changed, floor, encoded)
 
