@@ -10,14 +10,20 @@ chat frame and the assistant header, and answer tokens; media that do not fit go
 from __future__ import annotations
 
 import json
-import os
-import sys
 
 import pytest
 
 from tests.conftest import require
-from tests.fixtures import console
-from tests.fixtures.swift_rows import BIG, IMAGE_PAD, VIDEO_PAD, build_rows, build_tiny_qwen2_5vl, spans, video_frames
+from tests.fixtures.swift_rows import (
+    BIG,
+    IMAGE_PAD,
+    VIDEO_PAD,
+    build_rows,
+    build_tiny_qwen2_5vl,
+    spans,
+    video_frames,
+)
+from tests.fixtures.swift_run import four, max_length_error, sft, template
 
 BUDGET = 256
 
@@ -41,36 +47,11 @@ def swift_env(tmp_path_factory):
 
 
 def _template(model, strategy, family="qwen2_vl", budget=BUDGET):
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:  # 4.x
-        from swift.model import get_processor
-        from swift.template import get_template
-
-        import swift.dataset.utils  # noqa: F401 - the patch's hook module, as training imports it
-
-        template = get_template(get_processor(model, model_type=family), template_type=family, max_length=budget,
-                                truncation_strategy=strategy)
-    except ImportError:  # 3.x: under swift.llm, the template type first
-        from swift.llm import get_model_tokenizer, get_template
-
-        import swift.llm.dataset.utils  # noqa: F401
-
-        processor = get_model_tokenizer(model, model_type=family, load_model=False)[1]
-        template = get_template(family, processor, max_length=budget, truncation_strategy=strategy)
-    template.set_mode("train")
-    return template
-
-
-def _max_length_error():
-    try:
-        from swift.template import MaxLengthError
-    except ImportError:  # 3.x
-        from swift.llm.template import MaxLengthError
-    return MaxLengthError
+    return template(model, family, strategy, budget)
 
 
 def _encode(template, row):
-    MaxLengthError = _max_length_error()
+    MaxLengthError = max_length_error()
 
     try:
         return template.encode(json.loads(json.dumps(row)))
@@ -101,7 +82,7 @@ def test_patched_rows_fit_with_whole_spans_frame_and_answer(swift_env, patched, 
     model, _, rows, _ = swift_env
     patched(policy="drop", report=str(tmp_path / "report.jsonl"))
     template = _template(model, strategy)
-    MaxLengthError = _max_length_error()
+    MaxLengthError = max_length_error()
 
     whole = {}
     for i, row in enumerate(rows):
@@ -172,7 +153,7 @@ def test_preference_rows_keep_their_media_together(swift_env, patched, tmp_path)
             assert len(ids) <= BUDGET and spans(ids) == [("image", n) for n in _grid_tokens({"image_grid_thw": out[f"{side}_image_grid_thw"]})]
             assert any(label != -100 for label in out[f"{side}_labels"])
     deleted = _encode(template, {**rows[2], "rejected_response": "no " * 40})
-    assert isinstance(deleted, _max_length_error()) and "keeps its media together" in str(deleted)
+    assert isinstance(deleted, max_length_error()) and "keeps its media together" in str(deleted)
 
 
 def test_lazy_dataset_names_the_row_served_in_place_of_each_deleted_row(swift_env, patched, tmp_path):
@@ -356,27 +337,8 @@ def test_qwen3_vl_video_frame_groups_and_image_stay_whole(qwen3_vl_model, tmp_pa
         assert report[0]["media_removed"] == {"image": [0], **({} if left else {"video": [0]})}
 
 
-def _four() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("swift.model") is not None  # 3.x: everything under swift.llm
-
-
 def _sft(model, data, out, strategy, env_extra, script=None, family="qwen2_vl", budget=BUDGET):
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "VLPATCH": "", **env_extra}
-    # 4.x: --tuner_type, and --check_model false (else it asks the hub); 3.x: --train_type
-    tuner = ["--tuner_type", "full", "--check_model", "false"] if _four() else ["--train_type", "full"]
-    args = ["--model", model, "--model_type", family, "--template", family, "--dataset", data, *tuner,
-            "--torch_dtype", "float32", "--max_length", str(budget),
-            "--truncation_strategy", strategy, "--num_train_epochs", "1", "--per_device_train_batch_size", "1",
-            "--gradient_accumulation_steps", "1", "--output_dir", str(out), "--save_strategy", "no", "--report_to", "none",
-            "--dataloader_num_workers", "0", "--dataloader_persistent_workers", "false", "--logging_steps", "1", "--dataset_shuffle", "false", "--split_dataset_ratio", "0"]
-    if script:
-        argv = [sys.executable, script, *args]
-    else:
-        argv = [os.path.join(os.path.dirname(sys.executable), "swift"), "sft", *args]
-    return console.run(argv, env=env, cwd=str(out), timeout=900, fresh=True)
+    return sft(model, data, out, strategy, env_extra, budget, family, script)
 
 
 @pytest.mark.slow
@@ -402,7 +364,7 @@ def test_swift_sft_trains_cut_rows_with_apply(swift_env, tmp_path, strategy):
     one trains (it is deleted and replaced by upstream, reported), and no step is at loss 0."""
     model, data, _, _ = swift_env
     script = tmp_path / "train.py"
-    main = "swift.pipelines" if _four() else "swift.llm"
+    main = "swift.pipelines" if four() else "swift.llm"
     script.write_text(f"import vlpatch\nvlpatch.apply(policy='drop')\nfrom {main} import sft_main\nsft_main()\n")
     report = tmp_path / "report.jsonl"
     proc = _sft(model, data, tmp_path, strategy, {"VLPATCH_REPORT": str(report)}, script=str(script))

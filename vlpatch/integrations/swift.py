@@ -257,7 +257,8 @@ class _Row:
             runs_now = decision.resized.layouts[0].runs
             extra = {"media_resized": [report.resized_row(key, b, a, runs, runs_now) for key, b, a in decision.resized.sizes]}
         kept = decision.kept[0]
-        out = _rebuild(encoded, kept, decision.removed)
+        layout = self.site.pixel_layout(self.template.processor)
+        out = _rebuild(encoded, kept, decision.removed, layout, self.items["image"])
         _align(out, _alignment(self.template), self.template.tokenizer.pad_token_id)
         gone: dict = {}
         for kind, n in sorted(decision.removed):
@@ -301,12 +302,15 @@ def _answers(labels) -> list:
     return spans
 
 
-_PER_TOKEN = ("labels", "loss_scale", "mm_token_type_ids", "image_token_types")
-_GRIDS = {"image": ("pixel_values", "image_grid_thw", ()), "video": ("pixel_values_videos", "video_grid_thw", ("second_per_grid_ts",))}
+_PER_TOKEN = ("labels", "loss_scale", "mm_token_type_ids", "image_token_types", "token_type_ids")
+_VIDEO_GRID = ("pixel_values_videos", "video_grid_thw", ("second_per_grid_ts",))
 
 
-def _rebuild(encoded: dict, kept: list, removed) -> dict:
-    """`encoded` at the kept positions, without the pixel rows and grids of the media that leave."""
+def _rebuild(encoded: dict, kept: list, removed, layout: str = "grid", n_images: int = 0) -> dict:
+    """`encoded` at the kept positions, without the pixel rows (and grids) of the media that leave; `layout`:
+    how the processor's pixel_values hold the row's `n_images` images (`grid`: Qwen-VL, `per_image`: Gemma 3)."""
+    import torch
+
     out = dict(encoded)
     n = len(encoded["input_ids"])
     out["input_ids"] = [encoded["input_ids"][p] for p in kept]
@@ -315,10 +319,12 @@ def _rebuild(encoded: dict, kept: list, removed) -> dict:
         if value is None or len(value) != n:
             continue
         out[key] = value[kept] if hasattr(value, "index_select") else [value[p] for p in kept]
-    for kind, (pixels, grid, companions) in _GRIDS.items():
-        gone = sorted(k for knd, k in removed if knd == kind)
-        if gone and out.get(grid) is not None:
-            _collator.drop_grid(out, gone, pixels, grid, companions)
+    images = sorted(k for kind, k in removed if kind == "image")
+    if images and out.get("pixel_values") is not None:
+        _collator.drop_images(out, images, n_images, layout, set(_PER_TOKEN), torch)
+    videos = sorted(k for kind, k in removed if kind == "video")
+    if videos and out.get(_VIDEO_GRID[1]) is not None:
+        _collator.drop_grid(out, videos, *_VIDEO_GRID)
     out["length"] = len(kept)
     return out
 
