@@ -72,8 +72,9 @@ class _Fetch:
 
 
 _FETCH: contextvars.ContextVar = contextvars.ContextVar("vlpatch_swift_fetch", default=None)
-# rows this process has reported, by their uncut token ids: a row is reported once however often upstream
-# encodes it (its 3 retries of any error, the example it prints before training, each epoch when lazy)
+# rows this process has reported, by a hash of their uncut token ids: a row is reported once however often
+# upstream encodes it (its 3 retries of any error, the example it prints before training, each epoch when
+# lazy). Only over-long rows enter it, so it grows as the report does: one int per report row.
 _TOLD: set = set()
 
 
