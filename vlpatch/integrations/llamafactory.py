@@ -112,7 +112,7 @@ class _Supervised(_Handler):
     def layouts(self, instance, full, splits, spans, budget, split, empty=None):
         ids = full[0]
         eos = 1 if instance.template.efficient_eos else 0
-        prefix = len(ids) - sum(s + t for s, t in splits) - eos
+        prefix = len(ids) - sum(map(sum, splits)) - eos
         reverse = bool(instance.data_args.mask_history)
         natural = list(reversed(splits)) if reverse else list(splits)
         pos = 0 if reverse else prefix
@@ -1181,22 +1181,30 @@ def _empty_sources(instance, bound) -> list | None:
     frame is then kept beyond what the cut keeps anyway."""
     prompt = list(bound.get("prompt") or [])
     response = list(bound.get("response") or [])[:1] or [{"role": "assistant", "content": ""}]
-    messages = core.emptied(prompt + response)
+    messages = prompt + response
     system, tools = bound.get("system"), bound.get("tools")
 
     def make():
         try:
-            pairs = instance.template.encode_multiturn(instance.tokenizer, messages, system, tools)
+            pairs = instance.template.encode_multiturn(instance.tokenizer, core.emptied(messages), system, tools)
         except Exception:  # noqa: BLE001 - a template that needs content: no frame known
             return None
         return [list(source) for source, _ in pairs]
 
     try:  # samples share frames: the same template, system prompt, tools and turns (remembered, as _tokens)
-        key = (id(instance.template), id(instance.tokenizer), system, tools, tuple((m.get("role"), m.get("content")) for m in messages))
+        key = (id(instance.template), id(instance.tokenizer), system, tools, tuple(map(_emptied_key, messages)))
         hash(key)
     except TypeError:
         return make()
     return _cached(_frames, key, (instance.template, instance.tokenizer), make)
+
+
+def _emptied_key(message: dict) -> tuple:
+    """(role, content) of `message` as `core.emptied` leaves it (a list for emptied parts: unhashable, as
+    the emptied message's own)."""
+    if (message.get("role") or message.get("from")) in core.CONTENT_ROLES:
+        return message.get("role"), [] if isinstance(message.get("content"), (list, tuple)) else ""
+    return message.get("role"), message.get("content")
 
 
 _frames: dict = {}  # _empty_sources's, by template, tokenizer, system, tools and emptied turns
