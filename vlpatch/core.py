@@ -16,7 +16,8 @@ from __future__ import annotations
 import bisect
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from itertools import chain, starmap
+from functools import cached_property
+from itertools import chain, repeat, starmap
 from typing import Callable, Iterable, Mapping, Sequence
 
 from .errors import POLICY_NAMES, SampleError, VLPatchError  # noqa: F401  (re-exported)
@@ -209,19 +210,25 @@ class Expansion:
     tokens: tuple
     marks: frozenset
 
+    @cached_property
+    def _span(self) -> tuple:
+        """(a, b, the core's tokens, {token: its count in the core}, the tokens before the core, those
+        after it; lists); computed once per expansion (an integration that keeps its expansions pays it
+        once per media size)."""
+        marked = [i for i, t in enumerate(self.tokens) if t in self.marks]
+        if not marked:
+            return 0, 0, [], {}, [], []
+        a, b = marked[0], marked[-1] + 1
+        return a, b, list(self.tokens[a:b]), Counter(self.tokens[a:b]), list(self.tokens[:a]), list(self.tokens[b:])
+
     def core(self) -> tuple[int, int]:
         """[a, b) of `tokens`: first to last marked token; (0, 0) when nothing is marked."""
-        key = (self.tokens, self.marks)
-        hit = _cores.get(key)
-        if hit is None:
-            marked = [i for i, t in enumerate(self.tokens) if t in self.marks]
-            if len(_cores) >= 4096:
-                _cores.clear()
-            hit = _cores[key] = (marked[0], marked[-1] + 1) if marked else (0, 0)
-        return hit
+        return self._span[:2]
 
-
-_cores: dict = {}  # (tokens, marks) -> core: the same expansion recurs in every sample with that media size
+    def core_count(self, tokens: Iterable[int]) -> int:
+        """How many of the core's tokens are among `tokens` (a subset of `marks`: each lies in the core,
+        so this is their count in any run `locate` finds for the expansion)."""
+        return sum(map(self._span[3].get, tokens, repeat(0)))
 
 
 def _find(ids: Sequence[int], needle: Sequence[int], start: int) -> int:
@@ -248,21 +255,28 @@ def locate(ids: Sequence[int], expansions: Sequence[Expansion], start: int = 0) 
     runs: list[Run] = []
     pos = start
     for exp in expansions:
-        a, b = exp.core()
+        a, b, core, _, before, after = exp._span
         if a == b:
             continue
-        core = list(exp.tokens[a:b])
         at = _find(ids, core, pos)
         if at < 0:
             kind, k = exp.keys[0]
             raise ValueError(f"the tokens written for {kind} #{k} are not in the sequence")
         lo, hi = at, at + len(core)
-        i = a - 1
-        while i >= 0 and lo - 1 >= pos and ids[lo - 1] == exp.tokens[i]:
-            lo, i = lo - 1, i - 1
-        j = b
-        while j < len(exp.tokens) and hi < len(ids) and ids[hi] == exp.tokens[j]:
-            hi, j = hi + 1, j + 1
+        if before:  # widened token by token, or in one compare where all of it matches
+            if at - a >= pos and ids[at - a : at] == before:
+                lo = at - a
+            else:
+                i = a - 1
+                while i >= 0 and lo - 1 >= pos and ids[lo - 1] == exp.tokens[i]:
+                    lo, i = lo - 1, i - 1
+        if after:
+            if ids[hi : hi + len(after)] == after:
+                hi += len(after)
+            else:
+                j = b
+                while j < len(exp.tokens) and hi < len(ids) and ids[hi] == exp.tokens[j]:
+                    hi, j = hi + 1, j + 1
         kind, first = exp.keys[0]
         runs.append(Run(kind, lo, hi, first, 1, tuple(exp.keys) if len(exp.keys) > 1 else ()))
         pos = hi
@@ -330,10 +344,13 @@ class Layout:
         """The positions outside every turn, as [start, stop) spans in order."""
         out: list[tuple[int, int]] = []
         p = 0
-        for a, b in sorted((r.start, r.stop) for turn in self.turns for r in turn if len(r)):
+        spans = [(r.start, r.stop) for turn in self.turns for r in turn if r.stop > r.start]
+        spans.sort()
+        for a, b in spans:
             if a > p:
                 out.append((p, a))
-            p = max(p, b)
+            if b > p:
+                p = b
         if self.length > p:
             out.append((p, self.length))
         return out
@@ -371,32 +388,30 @@ class Plan:
     left: set = field(default_factory=set)  # item keys of later turns that leave with the part cut off
 
 
-@dataclass
 class _Segment:
     """One side of a turn with removed runs taken out: `pieces` in order, each a [start, stop) span of
     text (`run` None) or a whole run; `runs` the runs among them; `text` and `media` their positions."""
 
-    pieces: list
-    runs: list
-    text: int
-    media: int
+    __slots__ = ("pieces", "runs", "text", "media", "length")
 
-    @property
-    def length(self) -> int:
-        return self.text + self.media
+    def __init__(self, pieces: list, runs: list, text: int, media: int):
+        self.pieces, self.runs, self.text, self.media = pieces, runs, text, media
+        self.length = text + media
 
 
 def _segment(positions: range, runs: list, starts: list, removed: set) -> _Segment:
     """The segment `positions` with removed runs taken out, and the runs (whole) that lie in it (a run
     that starts in the segment but ends after it counts as text). `runs` in order of `starts`, their
     starts. Spans, not positions: a plan costs per run, not per token."""
+    p, stop = positions.start, positions.stop
+    first, last = bisect.bisect_left(starts, p), bisect.bisect_left(starts, stop)
+    if first == last:  # text alone
+        return _Segment([(p, stop, None)] if stop > p else [], [], max(0, stop - p), 0)
     pieces: list = []
     seg_runs: list[Run] = []
     text = media = 0
-    p = positions.start
-    for i in range(bisect.bisect_left(starts, positions.start), bisect.bisect_left(starts, positions.stop)):
-        run = runs[i]
-        if run.start < p or run.stop > positions.stop:
+    for run in runs[first:last]:
+        if run.start < p or run.stop > stop:
             continue
         if run.start > p:
             pieces.append((p, run.start, None))
@@ -406,9 +421,9 @@ def _segment(positions: range, runs: list, starts: list, removed: set) -> _Segme
             pieces.append((run.start, run.stop, run))
             media += run.stop - run.start
         p = run.stop
-    if positions.stop > p:
-        pieces.append((p, positions.stop, None))
-        text += positions.stop - p
+    if stop > p:
+        pieces.append((p, stop, None))
+        text += stop - p
     return _Segment(pieces, seg_runs, text, media)
 
 
@@ -423,14 +438,18 @@ def keep_head(seg: _Segment, keep: int, head: int = 0):
     """
     if keep >= seg.length:
         return [(a, b) for a, b, _ in seg.pieces], []
+    if not seg.runs and len(seg.pieces) == 1:  # one stretch of text: its first `keep` positions
+        start = seg.pieces[0][0]
+        return ([(start, start + keep)] if keep > 0 else []), []
     media_budget = keep - head
     keeping, lost = set(), []
     text_left = keep
     for run in seg.runs:
-        if run.length <= media_budget:
+        size = run.stop - run.start
+        if size <= media_budget:
             keeping.add(run.start)
-            media_budget -= run.length
-            text_left -= run.length
+            media_budget -= size
+            text_left -= size
         else:
             lost.append(run)
             media_budget = -1  # later runs are lost too: media stay in order, trailing ones go
@@ -472,9 +491,14 @@ def frame_of(source: Sequence[int], empty: Sequence[int]) -> int:
     encoded with the user's content left out (system block and role header; a token that the content
     merges into at the boundary is the content's). Never longer than `empty`."""
     n = min(len(source), len(empty))
-    a, b = list(source[:n]), list(empty[:n])
+    a, b = source[:n], empty[:n]
+    if type(a) is not list or type(b) is not list:  # noqa: E721 - a list's slice is already a copy
+        a, b = list(a), list(b)
     if a == b:
         return n
+    guess = _frames.get(len(empty), 0)  # the frame found last for a turn like it: checked, as any answer
+    if 0 < guess < n and a[guess] != b[guess] and a[:guess] == b[:guess]:
+        return guess
     lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]: halve the difference with slice compares
     while hi - lo > 1:
         mid = (lo + hi) // 2
@@ -482,7 +506,13 @@ def frame_of(source: Sequence[int], empty: Sequence[int]) -> int:
             lo = mid
         else:
             hi = mid
+    if len(_frames) >= 4096:
+        _frames.clear()
+    _frames[len(empty)] = lo
     return lo
+
+
+_frames: dict = {}  # len(empty) -> the frame_of found last: samples of one template share their frames
 
 
 def _head_text(seg: _Segment, head: int) -> int:
@@ -524,8 +554,11 @@ def media_split(split: SplitFn, s_len: int, t_len: int, remaining: int, s_media:
 
 
 def plan_layout(layout: Layout, removed: set = frozenset()) -> Plan:
-    runs = sorted({r.start: r for r in layout.runs}.values(), key=lambda r: r.start)
+    runs = layout.runs
     starts = [r.start for r in runs]
+    if starts != sorted(set(starts)):  # in order, one run per start
+        runs = sorted({r.start: r for r in runs}.values(), key=lambda r: r.start)
+        starts = [r.start for r in runs]
     kept = layout.fixed_spans()
     lost: set = set()
     left: set = set()

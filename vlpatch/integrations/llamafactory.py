@@ -30,6 +30,7 @@ import os
 import re
 import shutil
 import sys
+from _thread import get_ident
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,9 +84,9 @@ class _Handler:
     def build(self, full, kept) -> Any:
         raise NotImplementedError
 
-    def answers(self, full, kept) -> dict:
-        """Report fields: the answer tokens (supervised labels) before and after the cut, where the
-        handler's output has one label sequence (else none)."""
+    def answers(self, full, kept, out) -> dict:
+        """Report fields: the answer tokens (supervised labels) before and after the cut (`out`: `build`'s),
+        where the handler's output has one label sequence (else none)."""
         return {}
 
     def dropped(self, instance, overlong: bool) -> Any:
@@ -111,7 +112,7 @@ class _Supervised(_Handler):
     def layouts(self, instance, full, splits, spans, budget, split, empty=None):
         ids = full[0]
         eos = 1 if instance.template.efficient_eos else 0
-        prefix = len(ids) - sum(s + t for s, t in splits) - eos
+        prefix = len(ids) - sum(map(sum, splits)) - eos
         reverse = bool(instance.data_args.mask_history)
         natural = list(reversed(splits)) if reverse else list(splits)
         pos = 0 if reverse else prefix
@@ -128,10 +129,10 @@ class _Supervised(_Handler):
     def build(self, full, kept):
         return _pick(full[0], kept[0]), _pick(full[1], kept[0])
 
-    def answers(self, full, kept):
+    def answers(self, full, kept, out):
         labels = full[1]
         return {"answer_tokens_before": len(labels) - labels.count(IGNORE_INDEX),
-                "answer_tokens_after": len(kept[0]) - _pick(labels, kept[0]).count(IGNORE_INDEX)}
+                "answer_tokens_after": len(kept[0]) - out[1].count(IGNORE_INDEX)}
 
     def dropped(self, instance, overlong):
         if overlong:
@@ -279,16 +280,42 @@ def _memoized(plugin, memo: dict):
     copy: a plugin may pop from what it gets), else runs the plugin's own and remembers it. Every method
     the copy runs (`process_messages`, Qwen-VL's `_get_mm_token_metadata`) reaches the memo through
     `self`; the plugin's own `_get_mm_inputs` runs on the plugin. No plugin of a tested release writes
-    to itself while it processes messages. A plugin without `_get_mm_inputs` is returned as it is."""
+    to itself while it processes messages. A plugin without `_get_mm_inputs` is returned as it is.
+    The copy is made once per plugin (and thread); each call gives it the plugin's attributes afresh, as
+    a new shallow copy has them (where copying an object of its class is copying its `__dict__`), and
+    this call's memo."""
     method = getattr(plugin, "_get_mm_inputs", None)
     if method is None or not hasattr(plugin, "__dict__"):
         return plugin
-    clone = memo.get(("clone", id(plugin)))
-    if clone is None or clone[0] is not plugin:
+    key = (id(plugin), get_ident())
+    hit = _twins.get(key)
+    if hit is not None and hit[0] is plugin and _copies_dict(type(plugin)):
+        twin = hit[1]
+        state = twin.__dict__
+        state.clear()
+        state.update(plugin.__dict__)
+    else:
+        if len(_twins) >= 64:
+            _twins.clear()
         twin = copy.copy(plugin)
-        twin._get_mm_inputs = functools.partial(_memo_call, method, memo)
-        clone = memo[("clone", id(plugin))] = (plugin, twin)
-    return clone[1]
+        _twins[key] = (plugin, twin)
+    twin._get_mm_inputs = functools.partial(_memo_call, method, memo)
+    return twin
+
+
+_twins: dict = {}  # (plugin id, thread) -> (plugin, its memoizing copy)
+_plain_copies: dict = {}
+
+
+def _copies_dict(cls) -> bool:
+    """Whether `copy.copy` of a `cls` object is a new object with a copy of its `__dict__` (dataclasses,
+    plain classes: no `__copy__`, `__reduce__`, `__getstate__`, `__setstate__` or slots of its own)."""
+    hit = _plain_copies.get(cls)
+    if hit is None:
+        own = [getattr(cls, name, None) is not getattr(object, name, None)
+               for name in ("__copy__", "__reduce__", "__reduce_ex__", "__getstate__", "__setstate__")]
+        hit = _plain_copies[cls] = not any(own) and not any("__slots__" in vars(k) for k in cls.__mro__)
+    return hit
 
 
 def _recorder(plugin):
@@ -314,28 +341,34 @@ def _recorder(plugin):
     return Recorder(plugin)
 
 
-def _order(messages, placeholders: dict) -> list:
-    """[(kind, index, message number)] of every placeholder in the messages' text, in text order."""
-    pattern, kind_of = _placeholder_pattern(placeholders)
-    order, seen = [], {kind: 0 for kind in placeholders}
+def _scan(messages, placeholders: dict) -> tuple:
+    """([(message number, the text between its placeholders, its placeholders)] of each message whose
+    content is text, in order (one regex split each); [(kind, index, message number)] of every
+    placeholder, in text order)."""
+    pattern, kind_of, split = _placeholder_pattern(placeholders)
+    scanned, order, seen = [], [], dict.fromkeys(placeholders, 0)
     for m, msg in enumerate(messages):
         content = msg.get("content") if isinstance(msg, dict) else None
         if isinstance(content, str):
-            for found in pattern.findall(content):
-                kind = kind_of[found]
+            parts = split.split(content)
+            found = parts[1::2]
+            scanned.append((m, parts[0::2], found))
+            for ph in found:
+                kind = kind_of[ph]
                 order.append((kind, seen[kind], m))
                 seen[kind] += 1
-    return order
+    return scanned, order
 
 
 def _placeholder_pattern(placeholders: dict) -> tuple:
-    """(a regex of the placeholders, {placeholder: kind}); where one placeholder starts another, at one
-    place the kind first by name wins."""
+    """(a regex of the placeholders, {placeholder: kind}, the regex as one group: `split` keeps what it
+    matched); where one placeholder starts another, at one place the kind first by name wins."""
     key = tuple(sorted(placeholders.items()))
     hit = _patterns.get(key)
     if hit is None:
         kinds = {ph: kind for kind, ph in reversed(key)}
-        hit = _patterns[key] = (re.compile("|".join(re.escape(ph) for _, ph in key)), kinds)
+        alternatives = "|".join(re.escape(ph) for _, ph in key)
+        hit = _patterns[key] = (re.compile(alternatives), kinds, re.compile(f"({alternatives})"))
     return hit
 
 
@@ -344,7 +377,7 @@ _patterns: dict = {}
 
 def _mark(messages, placeholders: dict):
     """Messages with every placeholder between markers (numbered as `_order` lists them)."""
-    pattern, _ = _placeholder_pattern(placeholders)
+    pattern = _placeholder_pattern(placeholders)[0]
     counter = itertools.count()
     out = []
     for msg in messages:
@@ -382,13 +415,15 @@ def _unmark(messages, n: int):
 
 def _cached(cache: dict, key, owners: tuple, make, limit: int = 4096):
     """`make()`, remembered in `cache` under `key` while `owners` (the objects the key names by id: a
-    tokenizer, a template) are the same objects; at `limit` entries the cache starts afresh."""
+    tokenizer, a template) are the same objects; at `limit` entries the cache starts afresh. (An entry
+    keeps its owners alive, so the same ids are the same objects.)"""
     hit = cache.get(key)
-    if hit is None or any(a is not b for a, b in zip(hit[0], owners)):
+    ids = tuple(map(id, owners))
+    if hit is None or hit[0] != ids:
         if len(cache) >= limit:
             cache.clear()
-        hit = cache[key] = (owners, make())
-    return hit[1]
+        hit = cache[key] = (ids, owners, make())
+    return hit[2]
 
 
 _atomic: dict = {}
@@ -419,7 +454,9 @@ class _Learned:
         if self.prefix and self.prefix_keys:
             kind, k = self.prefix_keys[0]
             runs.insert(0, core.Run(kind, 0, self.prefix, k, 1, self.prefix_keys if len(self.prefix_keys) > 1 else ()))
-        stray = core.stray_marks(ids, runs, self.marks, skip=self.prefix)
+        # the marks inside the runs: each lies in its expansion's core (marks are atomic tokens, which is what
+        # a core is cut by), so the runs hold `core_count` of them and only the sequence's are counted
+        stray = core.stray_marks(ids, (), self.marks, skip=self.prefix) - sum(e.core_count(self.marks) for e in self.expansions)
         if stray:
             raise Unreadable(f"{stray} media token(s) lie outside the spans the plugin wrote")
         return runs
@@ -442,11 +479,11 @@ def learn(instance, trace: _Trace) -> list:
     for args, kwargs, result in trace.calls:
         bound = _arguments(func, (plugin, *args), kwargs)
         bound.pop(first)
-        order = _order(bound["messages"], placeholders)
+        scanned, order = _scan(bound["messages"], placeholders)
         if not order:
             out.append(_Learned([], prefix, (), frozenset()))
             continue
-        texts = _predicted(plugin, bound["messages"], order, result, placeholders)
+        texts = _predicted(plugin, bound["messages"], scanned, order, result, placeholders)
         predicted = texts is not None
         if texts is None:
             marked = _mark(bound["messages"], placeholders)
@@ -458,31 +495,47 @@ def learn(instance, trace: _Trace) -> list:
             if unmarked != list(result):
                 raise Unreadable(f"{name}.process_messages writes differently when its placeholders are marked")
             _remember(plugin, order, texts)
-        expansions, keys_of, prefix_keys, marks = [], [], [], set()
-        last = None  # (message, index into expansions) of the last non-empty expansion
-        for n, (kind, k, m) in enumerate(order):
-            text = texts[n]
-            if text is None:
-                raise Unreadable(f"{name}.process_messages moved or dropped the placeholder of {kind} #{k}")
-            if not text:  # written elsewhere: inside the item just before it (Qwen2.5-Omni audio in video) or the prefix
-                if last is not None and last[0] == m:
-                    keys_of[last[1]].append((kind, k))
-                else:
-                    prefix_keys.append((kind, k))
-                continue
-            tokens = _tokens(tokenizer, text)
-            marks.update(atomic.intersection(tokens))
-            expansions.append(tokens)
-            keys_of.append([(kind, k)])
-            last = (m, len(expansions) - 1)
+        exps, prefix_keys, marks, joins = _expansions(tokenizer, atomic, name, order, texts)
         # what the model counts: every special token the plugin put into the text, wherever it put it (where
         # the output is the input with each placeholder replaced by its expansion, those are the expansions'
         # own, unless an expansion's edge could join the text beside it into another special token)
-        if not predicted or any(_may_join(tokenizer, atomic, text) for text in set(texts)):
+        if not predicted or joins or ("" in texts and _may_join(tokenizer, atomic, "")):
             marks.update(_introduced(tokenizer, atomic, bound["messages"], result))
-        exps = [core.Expansion(tuple(keys), tokens, atomic) for keys, tokens in zip(keys_of, expansions)]
         out.append(_Learned(exps, prefix, tuple(prefix_keys), frozenset(marks)))
     return out
+
+
+def _expansions(tokenizer, atomic, name: str, order: list, texts: list) -> tuple:
+    """(the `core.Expansion` of each item's text, in order; the items written into the prefix; the
+    atomic tokens of the expansions; whether any expansion's edge may join the text beside it into a
+    special token, `_may_join`). An empty text is written elsewhere: inside the item just before it
+    (Qwen2.5-Omni audio in video) or the prefix."""
+    tokens_of, keys_of, prefix_keys, marks = [], [], [], set()  # tokens_of: each expansion's _text_info
+    last = None  # (message, index into tokens_of) of the last non-empty expansion
+    for n, (kind, k, m) in enumerate(order):
+        text = texts[n]
+        if text is None:
+            raise Unreadable(f"{name}.process_messages moved or dropped the placeholder of {kind} #{k}")
+        if not text:
+            if last is not None and last[0] == m:
+                keys_of[last[1]].append((kind, k))
+            else:
+                prefix_keys.append((kind, k))
+            continue
+        info = _text_info(tokenizer, atomic, text)
+        marks.update(info[1])
+        tokens_of.append(info)
+        keys_of.append([(kind, k)])
+        last = (m, len(tokens_of) - 1)
+    exps, joins = [], False
+    for keys, (tokens, _, known, edge) in zip(keys_of, tokens_of):
+        keys = tuple(keys)
+        exp = known.get(keys)
+        if exp is None:
+            exp = known[keys] = core.Expansion(keys, tokens, atomic)
+        exps.append(exp)
+        joins = joins or edge
+    return exps, prefix_keys, marks, joins
 
 
 _known: dict = {}  # plugin id -> (plugin, {kind: its items' expansion shape}), from marked runs
@@ -535,45 +588,60 @@ def _remember(plugin, order, texts) -> None:
     _known[id(plugin)] = (plugin, known)
 
 
-def _predicted(plugin, messages, order, result, placeholders) -> list | None:
+def _predicted(plugin, messages, scanned, order, result, placeholders) -> list | None:
     """The expansions of `order`'s items without a marked run, where the plugin's output (`result`) is
     exactly its input with every placeholder replaced by an expansion of its kind's remembered shape
     (`_remember`): the text between placeholders and the shape's fixed text pin each item's span as the
     markers would (a unit run is read whole: the text after it holds no unit). None otherwise: the
-    marked run decides."""
+    marked run decides. `scanned`: the messages' `_scan`."""
     hit = _known.get(id(plugin))
     if hit is None or hit[0] is not plugin or len(messages) != len(result):
         return None
     known = hit[1]
     if not {kind for kind, _, _ in order} <= known.keys():
         return None
-    pattern, kind_of = _placeholder_pattern(placeholders)
+    kind_of = _placeholder_pattern(placeholders)[1]
+    split = {m: (pieces, found) for m, pieces, found in scanned}
     texts: list = []
-    for msg, out in zip(messages, result):
-        content = msg.get("content") if isinstance(msg, dict) else None
-        if not isinstance(content, str):
+    for m, (msg, out) in enumerate(zip(messages, result)):
+        if m not in split:  # no text content: left as it was
             if msg != out:
                 return None
             continue
         written = out.get("content") if isinstance(out, dict) else None
         if not isinstance(written, str) or {**msg, "content": written} != out:
             return None
-        pieces, found = pattern.split(content), pattern.findall(content)
+        pieces, found = split[m]
         if not written.startswith(pieces[0]):
             return None
         pos = len(pieces[0])
+        if found and found.count(found[0]) == len(found):  # one placeholder: every item as the first, in one compare
+            first = _item_text(written, pos, known[kind_of[found[0]]], pieces[1])
+            if first is not None and written == first.join(pieces):
+                texts.extend([first] * len(found))
+                continue
         for ph, piece in zip(found, pieces[1:]):
-            before, unit, after = known[kind_of[ph]]
-            if not written.startswith(before, pos):
+            text = _item_text(written, pos, known[kind_of[ph]], piece)
+            if text is None:
                 return None
-            stop = _unit_run(unit).match(written, pos + len(before)).end() if unit else pos + len(before)
-            if not written.startswith(after + piece, stop):
-                return None
-            texts.append(written[pos : stop + len(after)])
-            pos = stop + len(after) + len(piece)
+            texts.append(text)
+            pos += len(text) + len(piece)
         if pos != len(written):
             return None
     return texts if len(texts) == len(order) else None
+
+
+def _item_text(written: str, pos: int, shape: tuple, piece: str) -> str | None:
+    """The expansion of the item at `pos` of `written`, read by its kind's shape (`_remember`), where the
+    input's text `piece` follows it; None where the output does not read so. A fixed run is the shape's
+    own text (the same object each time: its lookups are quick)."""
+    before, unit, after = shape
+    if not written.startswith(before, pos):
+        return None
+    stop = _unit_run(unit).match(written, pos + len(before)).end() if unit else pos + len(before)
+    if not (written.startswith(after, stop) and written.startswith(piece, stop + len(after))):
+        return None
+    return before if not unit and not after else written[pos : stop + len(after)]
 
 
 _texts: dict = {}  # (tokenizer id, text) -> (tokenizer, ids): expansions repeat (one per image size and plugin)
@@ -582,6 +650,21 @@ _texts: dict = {}  # (tokenizer id, text) -> (tokenizer, ids): expansions repeat
 def _tokens(tokenizer, text: str) -> tuple:
     """`text` tokenized on its own, remembered per tokenizer (at most 4,096 texts, then started afresh)."""
     return _cached(_texts, (id(tokenizer), text), (tokenizer,), lambda: tuple(tokenizer.encode(text, add_special_tokens=False)))
+
+
+_infos: dict = {}  # (tokenizer id, text) -> ((tokenizer, atomic ids), (ids, the atomic ones, expansions by keys))
+
+
+def _text_info(tokenizer, atomic: frozenset, text: str) -> tuple:
+    """(`_tokens(tokenizer, text)`, the `atomic` ids among them, {keys: `core.Expansion(keys, ids, atomic)`}
+    for `_expansions` to fill (the same expansion object each time, which keeps its core), `_may_join`'s
+    answer), remembered as `_tokens` is."""
+
+    def make():
+        tokens = _tokens(tokenizer, text)
+        return tokens, atomic.intersection(tokens), {}, _may_join(tokenizer, atomic, text)
+
+    return _cached(_infos, (id(tokenizer), text), (tokenizer, atomic), make)
 
 
 _atomic_text: dict = {}
@@ -718,17 +801,15 @@ def _arguments(func, args: tuple, kwargs: dict) -> dict:
     plain = _plain.get(func)
     if plain is None:
         params = _signature(func).parameters.values()
+        names = tuple(p.name for p in params)
         plain = _plain[func] = (
-            (tuple(p.name for p in params), frozenset(p.name for p in params if p.default is p.empty))
+            (names, frozenset(p.name for p in params if p.default is p.empty), frozenset(names))
             if all(p.kind is p.POSITIONAL_OR_KEYWORD for p in params) else ()
         )
     if plain and len(args) <= len(plain[0]):
-        names = plain[0]
-        out = dict(zip(names, args))
-        for name in names[len(args):]:
-            if name in kwargs:
-                out[name] = kwargs[name]
-        if len(out) == len(args) + len(kwargs) and plain[1] <= out.keys():
+        out = dict(zip(plain[0], args))
+        out.update(kwargs)  # (in the call's order: no caller reads the order)
+        if len(out) == len(args) + len(kwargs) and plain[1] <= out.keys() <= plain[2]:
             return out
     return dict(_signature(func).bind(*args, **kwargs).arguments)
 
@@ -738,13 +819,13 @@ def _identify(batch: _Batch | None, prompt) -> tuple:
     being encoded; None where unknown."""
     if batch is None:
         return None, None, None, None
-    prompts = batch.examples.get("_prompt") or []
+    examples = batch.examples
+    prompts = examples.get("_prompt") or []
     for j in range(batch.cursor, len(prompts)):
         if prompts[j] is prompt:
             batch.cursor = j + 1
-            index, source, row = (batch.examples.get(c) for c in (INDEX_COLUMN, SOURCE_COLUMN, ROW_COLUMN))
-            pick = lambda column: column[j] if column is not None else None  # noqa: E731
-            return pick(index), j, pick(source), pick(row)
+            index, source, row = examples.get(INDEX_COLUMN), examples.get(SOURCE_COLUMN), examples.get(ROW_COLUMN)
+            return (None if index is None else index[j]), j, (None if source is None else source[j]), (None if row is None else row[j])
     return None, None, None, None
 
 
@@ -778,13 +859,24 @@ def _placeholders() -> dict:
 
 
 _placeholder_strings: dict = {}
+_DICT, _CONTENT = {dict}, operator.itemgetter("content")
 
 
 def _placeholder_mismatch(bound: dict, counts: dict) -> str:
     """'' when the prompt and the (first non-empty) response hold one placeholder per media item."""
-    responses = [m for m in bound.get("response") or [] if isinstance(m, dict) and m.get("content")]
-    messages = list(bound.get("prompt") or []) + responses[:1]
-    text = "\0".join(m["content"] for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str))
+    messages = list(bound.get("prompt") or [])
+    for m in bound.get("response") or []:
+        if isinstance(m, dict) and m.get("content"):
+            messages.append(m)
+            break
+    text = None
+    if set(map(type, messages)) <= _DICT:  # plain dicts with text (the usual case): joined in one step
+        try:
+            text = "\0".join(map(_CONTENT, messages))
+        except (KeyError, TypeError):
+            pass
+    if text is None:
+        text = "\0".join(m["content"] for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str))
     wrong = []
     for kind, placeholder in _placeholders().items():
         found = text.count(placeholder)
@@ -895,14 +987,17 @@ def _encode_wrapper(stage: str):
     return wrapper
 
 
+_MEDIA_ARGS = tuple((kind, kind + "s") for kind in core.MEDIA_KINDS)  # each kind's encode argument
+
+
 class _Encode:
     """One sample through a patched `_encode_data_example`: upstream's encode uncut, its media spans,
     the layouts, the policy's decision, and the output with the report row."""
 
     def __init__(self, stage, handler, func, instance, bound, batch, cfg, where):
         self.handler, self.func, self.instance, self.bound, self.batch, self.cfg = handler, func, instance, bound, batch, cfg
-        self.media = {kind: bound.get(kind + "s") or [] for kind in core.MEDIA_KINDS}
-        counts = {kind: len(items) for kind, items in self.media.items()}
+        media = self.media = {kind: bound.get(arg) or [] for kind, arg in _MEDIA_ARGS}
+        counts = dict(zip(core.MEDIA_KINDS, map(len, media.values())))
         self.has_media = any(counts.values())
         self.budget = instance.data_args.cutoff_len
         index, position, source, source_row = where  # _identify's
@@ -910,7 +1005,8 @@ class _Encode:
         self.key = _share_key(instance, bound)
         self.counts = counts
         self.row = {"stage": stage, "index": index, "source_dataset": source, "source_row": source_row,
-                    "batch_position": position, "budget": self.budget, "media": {kind: n for kind, n in counts.items() if n}}
+                    "batch_position": position, "budget": self.budget,
+                    "media": {kind: n for kind, n in counts.items() if n} if self.has_media else {}}
 
     @functools.cached_property
     def sample(self) -> str:
@@ -1027,7 +1123,8 @@ class _Encode:
                 del self.media[kind][k]
         out = self.handler.build(full, decision.kept)
         after = max(len(k) for k in decision.kept)
-        kept_media = sum(r.length for r in layouts[0].runs if not set(r.keys()) & set(decision.removed))
+        removed = set(decision.removed)
+        kept_media = sum(r.length for r in layouts[0].runs if not (removed and removed.intersection(r.keys())))
         _count(self.batch, decision.action, decision.code)
         _emit(self.batch, {
             **self.row,
@@ -1038,7 +1135,7 @@ class _Encode:
             "text_tokens_after": after - kept_media,
             "media_tokens_after": kept_media,
             "media_removed": _removed(decision.removed),
-            **self.handler.answers(full, decision.kept),
+            **self.handler.answers(full, decision.kept, out),
         })
         return out
 
@@ -1084,22 +1181,30 @@ def _empty_sources(instance, bound) -> list | None:
     frame is then kept beyond what the cut keeps anyway."""
     prompt = list(bound.get("prompt") or [])
     response = list(bound.get("response") or [])[:1] or [{"role": "assistant", "content": ""}]
-    messages = core.emptied(prompt + response)
+    messages = prompt + response
     system, tools = bound.get("system"), bound.get("tools")
 
     def make():
         try:
-            pairs = instance.template.encode_multiturn(instance.tokenizer, messages, system, tools)
+            pairs = instance.template.encode_multiturn(instance.tokenizer, core.emptied(messages), system, tools)
         except Exception:  # noqa: BLE001 - a template that needs content: no frame known
             return None
         return [list(source) for source, _ in pairs]
 
     try:  # samples share frames: the same template, system prompt, tools and turns (remembered, as _tokens)
-        key = (id(instance.template), id(instance.tokenizer), system, tools, tuple((m.get("role"), m.get("content")) for m in messages))
+        key = (id(instance.template), id(instance.tokenizer), system, tools, tuple(map(_emptied_key, messages)))
         hash(key)
     except TypeError:
         return make()
     return _cached(_frames, key, (instance.template, instance.tokenizer), make)
+
+
+def _emptied_key(message: dict) -> tuple:
+    """(role, content) of `message` as `core.emptied` leaves it (a list for emptied parts: unhashable, as
+    the emptied message's own)."""
+    if (message.get("role") or message.get("from")) in core.CONTENT_ROLES:
+        return message.get("role"), [] if isinstance(message.get("content"), (list, tuple)) else ""
+    return message.get("role"), message.get("content")
 
 
 _frames: dict = {}  # _empty_sources's, by template, tokenizer, system, tools and emptied turns
