@@ -529,10 +529,17 @@ def _unknown_code(spec, version: str, found: dict) -> str:
     return f"{spec.distribution} {version}: {known}; {where}"
 
 
+# distribution -> its version, read at the first attach: its module is imported, so the code a later attach
+# (`vlpatch scan` applies its passes' patches again and again) sees stays what it is
+_attach_versions: dict = {}
+
+
 def _attach(spec) -> None:
     from packaging.version import InvalidVersion, Version
 
-    version = installed_version(spec.distribution)
+    version = _attach_versions.get(spec.distribution)
+    if version is None:
+        version = _attach_versions[spec.distribution] = installed_version(spec.distribution)
     if version is None:
         _states[spec.id] = PatchState(spec.id, "skipped", f"{spec.distribution} is not installed")
         return

@@ -196,11 +196,19 @@ class _Encoder:
 
     def __init__(self, state: _State, ticker: _Ticker):
         self.state, self.ticker = state, ticker
+        self.block: dict = {}  # index -> its dataset row, for the block in the passes: read once (a read costs
+        # about as much as vlpatch's own work on a sample), handed to each pass as a copy (a pass may edit its lists)
+
+    def read(self, i) -> dict:
+        row = self.block.get(i)
+        if row is None:
+            return self.state.dataset[i]
+        return {k: [dict(m) if isinstance(m, dict) else m for m in v] if isinstance(v, list) else v for k, v in row.items()}
 
     def __call__(self, i, length, processor=None, rows=None):
         """The sample's first sequence (input_ids, or a pair's chosen), or None; `rows` gets upstream's output."""
         state = self.state
-        row = state.dataset[i]
+        row = self.read(i)
         state.data_args.cutoff_len = length
         try:
             out = (processor or state.processor).preprocess_dataset({c: [row.get(c)] for c in state.columns})
@@ -270,8 +278,9 @@ def _scan_block(state: _State, indices, encode: _Encoder, ticker: _Ticker, lf_in
     from . import report as vreport
 
     samples = []
+    encode.block = {}
     for i in indices:
-        row = state.dataset[i]
+        row = encode.block[i] = state.dataset[i]
         source, source_row = row.get(lf_integration.SOURCE_COLUMN), row.get(lf_integration.ROW_COLUMN)
         samples.append(Sample(i, source, source_row, images=list(row.get("_images") or [])))
     outcomes: dict = {}
