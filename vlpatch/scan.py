@@ -114,13 +114,13 @@ def scan(config: dict, policy: str = "drop", limit: int | None = None, progress=
     n = len(dataset) if limit is None else min(limit, len(dataset))
     workers = max(1, min(workers or getattr(data_args, "preprocessing_num_workers", None) or 1, n or 1))
     state = _State(dataset, list(dataset.column_names), processor, data_args, template, tokenizer, cutoff, policy)
-    chunks = [range(k * n // workers, (k + 1) * n // workers) for k in range(workers)]
     bar = _progress(n, progress)
     try:
         if workers == 1:
-            samples = _scan_chunk(state, chunks[0], _Ticker(bar))
-        else:
-            samples = _in_workers(state, chunks, bar)
+            samples = _scan_chunk(state, range(n), _Ticker(bar))
+        else:  # chunks of a few blocks, handed out as workers free up: a worker whose samples are longer takes fewer
+            step = WORKER_CHUNK if n > 2 * workers * WORKER_CHUNK else max(1, -(-n // workers))
+            samples = _in_workers(state, [range(k, min(n, k + step)) for k in range(0, n, step)], workers, bar)
     finally:
         vlpatch.revert()
         if bar:
@@ -183,6 +183,7 @@ class _Ticker:
 # share each sample's uncut encode, lf_integration.sharing; every pass reuses the first's tokenized texts): memory
 # stays bounded however large the dataset
 SHARED_BLOCK = 64
+WORKER_CHUNK = 4 * SHARED_BLOCK  # samples a worker process takes at a time (`--workers` 2 or more)
 
 
 def _counts(ids, tokens) -> Counter:
@@ -454,9 +455,9 @@ def _worker(indices) -> list:
     return [asdict(s) for s in _scan_chunk(_worker_state, indices, _worker_ticker)]
 
 
-def _in_workers(state: _State, chunks: list, bar) -> list:
-    """One forked process per chunk (they inherit the loaded tokenizer, processor and dataset, as
-    datasets' own `num_proc` workers do); the parent draws one progress bar over all of them."""
+def _in_workers(state: _State, chunks: list, workers: int, bar) -> list:
+    """`workers` forked processes take the chunks in turn (they inherit the loaded tokenizer, processor and
+    dataset, as datasets' own `num_proc` workers do); the parent draws one progress bar over all of them."""
     import multiprocessing
     import time
 
@@ -466,8 +467,8 @@ def _in_workers(state: _State, chunks: list, bar) -> list:
     _worker_state, _worker_ticker = state, _Ticker(None, done, total)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the tokenizer was used before the fork
     try:
-        with ctx.Pool(len(chunks)) as pool:
-            result = pool.map_async(_worker, chunks)
+        with ctx.Pool(workers) as pool:
+            result = pool.map_async(_worker, chunks, chunksize=1)
             while not result.ready():
                 result.wait(0.2)
                 if bar is not None:
