@@ -303,7 +303,9 @@ def _answers(labels) -> list:
     return spans
 
 
-_PER_TOKEN = ("labels", "loss_scale", "mm_token_type_ids", "image_token_types", "token_type_ids")
+# the per-token lists of an encoded row beside input_ids, each with what a pad position holds (no label, no loss)
+_PAD_FILL = {"labels": -100, "loss_scale": 0, "mm_token_type_ids": 0, "image_token_types": 0, "token_type_ids": 0}
+_PER_TOKEN = tuple(_PAD_FILL)
 _VIDEO_GRID = ("pixel_values_videos", "video_grid_thw", ("second_per_grid_ts",))
 
 
@@ -358,7 +360,7 @@ def _align(out: dict, multiple: int, pad_id) -> None:
     if not extra:
         return
     out["input_ids"] = out["input_ids"] + [pad_id] * extra
-    for key, fill in (("labels", -100), ("loss_scale", 0)) + tuple((k, 0) for k in _PER_TOKEN[2:]):
+    for key, fill in _PAD_FILL.items():
         value = out.get(key)
         if value is None or len(value) != n:
             continue
