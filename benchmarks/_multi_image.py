@@ -4,8 +4,11 @@ user texts of 0-300 words, answers of 1-120."""
 
 import os
 import random
+import tempfile
 
 from tests.fixtures.tiny_models import long_text
+
+HEADER = "llamafactory.header_tokens"  # the patch of header-only token counts (Qwen-VL): excluded, they are off
 
 SIZES = [(48, 48), (224, 224), (336, 252), (640, 480), (800, 800), (1024, 768), (1600, 1200)]
 
@@ -35,3 +38,32 @@ def multi_image_rows(directory: str, n: int, seed: int = 28) -> list:
             messages.append({"role": "assistant", "content": long_text(rng.randint(1, 120), seed=rng.randrange(1 << 30))})
         rows.append((messages[:-1], messages[-1:], images))
     return rows
+
+
+def columns(rows) -> dict:
+    """The rows as the columns LLaMA-Factory's converter gives `SupervisedDatasetProcessor`."""
+    return {
+        "_prompt": [p for p, _, _ in rows],
+        "_response": [r for _, r, _ in rows],
+        "_system": ["" for _ in rows],
+        "_tools": ["" for _ in rows],
+        "_images": [i or None for _, _, i in rows],
+        "_videos": [None for _ in rows],
+        "_audios": [None for _ in rows],
+    }
+
+
+def lf_setup(samples: int, prefix: str) -> tuple:
+    """What the LLaMA-Factory benchmarks share: offline, one torch thread, vlpatch's log quiet, the corpus
+    written into a new directory and vlpatch's report beside it. Returns (directory, rows, columns)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import logging
+
+    import torch
+
+    torch.set_num_threads(1)
+    logging.getLogger("vlpatch").setLevel(logging.ERROR)
+    tmp = tempfile.mkdtemp(prefix=prefix)
+    rows = multi_image_rows(tmp, samples)
+    os.environ["VLPATCH_REPORT"] = os.path.join(tmp, "report.jsonl")
+    return tmp, rows, columns(rows)

@@ -16,28 +16,13 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks._multi_image import multi_image_rows  # noqa: E402
+from benchmarks._multi_image import HEADER, lf_setup  # noqa: E402
 from tests.fixtures.lf_families import lf_family  # noqa: E402
-
-HEADER = "llamafactory.header_tokens"
-
-
-def columns(rows) -> dict:
-    return {
-        "_prompt": [p for p, _, _ in rows],
-        "_response": [r for _, r, _ in rows],
-        "_system": ["" for _ in rows],
-        "_tools": ["" for _ in rows],
-        "_images": [i or None for _, _, i in rows],
-        "_videos": [None for _ in rows],
-        "_audios": [None for _ in rows],
-    }
 
 
 def main():
@@ -47,21 +32,11 @@ def main():
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--families", default="qwen2_vl,llava,gemma3")
     args = ap.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import logging
-
-    import torch
-
-    torch.set_num_threads(1)
-    logging.getLogger("vlpatch").setLevel(logging.ERROR)
+    tmp, rows, data = lf_setup(args.samples, "vlpatch-multi-")
     import vlpatch
     from llamafactory.data.processor import SupervisedDatasetProcessor
     from llamafactory.hparams import DataArguments
 
-    tmp = tempfile.mkdtemp(prefix="vlpatch-multi-")
-    rows = multi_image_rows(tmp, args.samples)
-    data = columns(rows)
-    os.environ["VLPATCH_REPORT"] = os.path.join(tmp, "report.jsonl")
     print(f"{args.samples} samples, {sum(len(i) for _, _, i in rows)} images (48-1600 px), 1-3 turn pairs; "
           f"{args.rounds} alternating rounds, one torch thread; ratio = patched / vanilla, medians")
     for family in args.families.split(","):

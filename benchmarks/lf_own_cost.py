@@ -17,14 +17,12 @@ import argparse
 import collections
 import os
 import sys
-import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks._multi_image import multi_image_rows  # noqa: E402
-from benchmarks.lf_multi_image_cost import HEADER, columns  # noqa: E402
+from benchmarks._multi_image import HEADER, lf_setup  # noqa: E402
 from tests.fixtures.lf_families import lf_family  # noqa: E402
 
 
@@ -64,22 +62,12 @@ def main():
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--top", type=int, default=12)
     args = ap.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import logging
-
-    import torch
-
-    torch.set_num_threads(1)
-    logging.getLogger("vlpatch").setLevel(logging.ERROR)
+    tmp, _, data = lf_setup(args.samples, "vlpatch-own-")
     import vlpatch
     from llamafactory.data.processor import SupervisedDatasetProcessor, supervised
     from llamafactory.hparams import DataArguments
     from vlpatch.integrations import llamafactory as lf
 
-    tmp = tempfile.mkdtemp(prefix="vlpatch-own-")
-    rows = multi_image_rows(tmp, args.samples)
-    data = columns(rows)
-    os.environ["VLPATCH_REPORT"] = os.path.join(tmp, "report.jsonl")
     fam, template, _ = lf_family(args.family, os.path.join(tmp, args.family), image_max_pixels=448 * 448)
     vanilla = supervised.SupervisedDatasetProcessor._encode_data_example
 
