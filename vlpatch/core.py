@@ -286,6 +286,23 @@ def locate(ids: Sequence[int], expansions: Sequence[Expansion], start: int = 0) 
     return runs
 
 
+def marks_outside(ids: list, runs: Iterable[Run], marks: frozenset, skip: int = 0) -> bool:
+    """Whether some media mark of `ids` (after the first `skip` positions) may lie outside every run: False
+    where the text between the runs holds none (a set test per gap, far quicker than `stray_marks`'
+    counts); True where it holds one, or where runs overlap (then count)."""
+    p = last = skip
+    for run in sorted(runs, key=_start):
+        if run.start < last:
+            return True
+        if run.start > p and not marks.isdisjoint(ids[p : run.start]):
+            return True
+        p = last = max(p, run.stop)
+    return not marks.isdisjoint(ids[p:])
+
+
+_start = attrgetter("start")
+
+
 def stray_marks(ids: Sequence[int], runs: Iterable[Run], marks: frozenset, skip: int = 0) -> int:
     """How many media marks of `ids` (after the first `skip` positions) lie outside every run: tokens
     the model counts that no learned span accounts for. Non-zero means the layout is not understood."""

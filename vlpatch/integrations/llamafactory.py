@@ -460,15 +460,19 @@ class _Learned:
     marks: frozenset  # the marked tokens of every expansion: what the model counts
 
     def runs(self, ids) -> list:
+        if not isinstance(ids, list):
+            ids = list(ids)
         runs = core.locate(ids, self.expansions, start=self.prefix)
+        # the marks inside the runs: each lies in its expansion's core (marks are atomic tokens, which is what
+        # a core is cut by), so the runs hold `core_count` of them and only the sequence's are counted, where
+        # the text between the runs holds any (else none is stray)
+        if core.marks_outside(ids, runs, self.marks, skip=self.prefix):
+            stray = core.stray_marks(ids, (), self.marks, skip=self.prefix) - sum(e.core_count(self.marks) for e in self.expansions)
+            if stray:
+                raise Unreadable(f"{stray} media token(s) lie outside the spans the plugin wrote")
         if self.prefix and self.prefix_keys:
             kind, k = self.prefix_keys[0]
             runs.insert(0, core.Run(kind, 0, self.prefix, k, 1, self.prefix_keys if len(self.prefix_keys) > 1 else ()))
-        # the marks inside the runs: each lies in its expansion's core (marks are atomic tokens, which is what
-        # a core is cut by), so the runs hold `core_count` of them and only the sequence's are counted
-        stray = core.stray_marks(ids, (), self.marks, skip=self.prefix) - sum(e.core_count(self.marks) for e in self.expansions)
-        if stray:
-            raise Unreadable(f"{stray} media token(s) lie outside the spans the plugin wrote")
         return runs
 
 
