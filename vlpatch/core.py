@@ -1029,8 +1029,9 @@ def fits(layouts: list[Layout]):
     return plans
 
 
-def resolve(layouts: list[Layout], policy: Policy, sample: str, reencode: Callable | None = None) -> Decision:
+def resolve(layouts: list[Layout], policy: Policy, sample: str | Callable[[], str], reencode: Callable | None = None) -> Decision:
     """Decide one sample: keep it whole, cut its text, or hand a media overflow to the policy.
+    `sample`: how the policy names it, or a function that gives the name (called only for the policy).
     `reencode(scale)`: the sample encoded again with smaller media (see `Resized`), for `shrink`."""
     plans, left = settle(layouts)
     if not any(p.lost for p in plans):
@@ -1038,7 +1039,7 @@ def resolve(layouts: list[Layout], policy: Policy, sample: str, reencode: Callab
         if left:
             return Decision("truncated", [p.kept for p in plans], removed=sorted(left), **because(MEDIA_LEFT_WITH_TURN, _left_detail(layouts, left)))
         return Decision("truncated" if cut else "kept", [p.kept for p in plans])
-    case = Overflow(sample, layouts, plans, lambda removed: [plan_layout(lay, set(removed) | left) for lay in layouts], reencode, fits)
+    case = Overflow(sample() if callable(sample) else sample, layouts, plans, lambda removed: [plan_layout(lay, set(removed) | left) for lay in layouts], reencode, fits)
     decision = policy.resolve(case)
     if decision.resized is not None:
         if decision.removed:

@@ -1038,6 +1038,9 @@ class _Encode:
     @property
     def sample(self) -> str:
         """How errors and the policy name the sample (built where one needs it: most samples fit)."""
+        return self._name()
+
+    def _name(self) -> str:
         if self._sample is None:
             self._sample = _describe(*self.where)
         return self._sample
@@ -1128,7 +1131,7 @@ class _Encode:
             return made[0].reencode(scale)
 
         try:
-            decision = core.resolve(layouts, policy, self.sample, reencode if policy.reencodes else None)
+            decision = core.resolve(layouts, policy, self._name, reencode if policy.reencodes else None)
             if decision.resized is not None:
                 decision, full, layouts = made[0].commit(decision, self.sample)
         except core.SampleError:
