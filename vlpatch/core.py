@@ -18,6 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from itertools import chain, repeat, starmap
+from operator import attrgetter, itemgetter
 from typing import Callable, Iterable, Mapping, Sequence
 
 from .errors import POLICY_NAMES, SampleError, VLPatchError  # noqa: F401  (re-exported)
@@ -67,6 +68,8 @@ class Run:
     def keys(self) -> list:
         if self.members:
             return list(self.members)
+        if self.items == 1:
+            return [(self.kind, self.first)]
         return [(self.kind, self.first + k) for k in range(self.items)]
 
 
@@ -283,6 +286,23 @@ def locate(ids: Sequence[int], expansions: Sequence[Expansion], start: int = 0) 
     return runs
 
 
+def marks_outside(ids: list, runs: Iterable[Run], marks: frozenset, skip: int = 0) -> bool:
+    """Whether some media mark of `ids` (after the first `skip` positions) may lie outside every run: False
+    where the text between the runs holds none (a set test per gap, far quicker than `stray_marks`'
+    counts); True where it holds one, or where runs overlap (then count)."""
+    p = last = skip
+    for run in sorted(runs, key=_start):
+        if run.start < last:
+            return True
+        if run.start > p and not marks.isdisjoint(ids[p : run.start]):
+            return True
+        p = last = max(p, run.stop)
+    return not marks.isdisjoint(ids[p:])
+
+
+_start = attrgetter("start")
+
+
 def stray_marks(ids: Sequence[int], runs: Iterable[Run], marks: frozenset, skip: int = 0) -> int:
     """How many media marks of `ids` (after the first `skip` positions) lie outside every run: tokens
     the model counts that no learned span accounts for. Non-zero means the layout is not understood."""
@@ -344,16 +364,17 @@ class Layout:
         """The positions outside every turn, as [start, stop) spans in order."""
         out: list[tuple[int, int]] = []
         p = 0
-        spans = [(r.start, r.stop) for turn in self.turns for r in turn if r.stop > r.start]
-        spans.sort()
-        for a, b in spans:
-            if a > p:
-                out.append((p, a))
-            if b > p:
-                p = b
+        for r in sorted(filter(None, chain.from_iterable(self.turns)), key=_bounds):  # the turns' non-empty ranges
+            if r.start > p:
+                out.append((p, r.start))
+            if r.stop > p:
+                p = r.stop
         if self.length > p:
             out.append((p, self.length))
         return out
+
+
+_bounds = attrgetter("start", "stop")
 
 
 def relength(layout: Layout, deltas: Mapping) -> Layout | None:
@@ -386,6 +407,7 @@ class Plan:
     kept: list[int]
     lost: set = field(default_factory=set)  # item keys of the first budgeted turn whose runs did not fit
     left: set = field(default_factory=set)  # item keys of later turns that leave with the part cut off
+    partly: bool = False  # some of `left` left a later turn that is partly kept (else only whole turns)
 
 
 class _Segment:
@@ -411,20 +433,38 @@ def _segment(positions: range, runs: list, starts: list, removed: set) -> _Segme
     seg_runs: list[Run] = []
     text = media = 0
     for run in runs[first:last]:
-        if run.start < p or run.stop > stop:
+        a, b = run.start, run.stop
+        if a < p or b > stop:
             continue
-        if run.start > p:
-            pieces.append((p, run.start, None))
-            text += run.start - p
-        if not (removed and any(k in removed for k in run.keys())):
+        if a > p:
+            pieces.append((p, a, None))
+            text += a - p
+        if not (removed and _is_removed(run, removed)):
             seg_runs.append(run)
-            pieces.append((run.start, run.stop, run))
-            media += run.stop - run.start
-        p = run.stop
+            pieces.append((a, b, run))
+            media += b - a
+        p = b
     if stop > p:
         pieces.append((p, stop, None))
         text += stop - p
     return _Segment(pieces, seg_runs, text, media)
+
+
+def _is_removed(run: Run, removed: set) -> bool:
+    return any(k in removed for k in run.keys())
+
+
+def _inside(positions: range, runs: list, starts: list, removed: set) -> list:
+    """The runs `_segment(positions, ...)` keeps (whole inside, not removed), without its pieces."""
+    p, stop = positions.start, positions.stop
+    out = []
+    for run in runs[bisect.bisect_left(starts, p) : bisect.bisect_left(starts, stop)]:
+        if run.start < p or run.stop > stop:
+            continue
+        if not (removed and _is_removed(run, removed)):
+            out.append(run)
+        p = run.stop
+    return out
 
 
 def keep_head(seg: _Segment, keep: int, head: int = 0):
@@ -437,7 +477,7 @@ def keep_head(seg: _Segment, keep: int, head: int = 0):
     Returns (kept [start, stop) spans in order, lost runs).
     """
     if keep >= seg.length:
-        return [(a, b) for a, b, _ in seg.pieces], []
+        return list(map(_span, seg.pieces)), []
     if not seg.runs and len(seg.pieces) == 1:  # one stretch of text: its first `keep` positions
         start = seg.pieces[0][0]
         return ([(start, start + keep)] if keep > 0 else []), []
@@ -464,6 +504,9 @@ def keep_head(seg: _Segment, keep: int, head: int = 0):
         elif run.start in keeping:
             kept.append((a, b))
     return kept, lost
+
+
+_span = itemgetter(0, 1)  # a piece's [start, stop)
 
 
 # Where a turn's chat frame is known, the answer of a row vlpatch cuts keeps at least this many of its
@@ -562,16 +605,17 @@ def plan_layout(layout: Layout, removed: set = frozenset()) -> Plan:
     kept = layout.fixed_spans()
     lost: set = set()
     left: set = set()
+    partly = False
     total = layout.reserved
     for index, (src, tgt) in enumerate(layout.turns):
         # the media of the turn the trainer budgets first must stay (else the policy decides); those of a
         # later turn leave with the part of it the trainer's own budget cuts off
         gone = left if index else lost
-        source, target = _segment(src, runs, starts, removed), _segment(tgt, runs, starts, removed)
-        if total >= layout.budget:  # LLaMA-Factory stops adding turns here
-            for run in source.runs + target.runs:
+        if total >= layout.budget:  # LLaMA-Factory stops adding turns here: their media leave with them
+            for run in _inside(src, runs, starts, removed) + _inside(tgt, runs, starts, removed):
                 gone.update(run.keys())
             continue
+        source, target = _segment(src, runs, starts, removed), _segment(tgt, runs, starts, removed)
         remaining = layout.budget - total
         head = _head_text(source, layout.head(index)) if source.runs else 0  # text alone: the trainer's cut
         floor = min(target.text, layout.tail(index) + ANSWER_FLOOR) if head else 0
@@ -584,11 +628,12 @@ def plan_layout(layout: Layout, removed: set = frozenset()) -> Plan:
         t_keep, t_lost = keep_head(target, t)
         for run in s_lost + t_lost:
             gone.update(run.keys())
+            partly = partly or bool(index)
         kept.extend(s_keep)
         kept.extend(t_keep)
         total += s + t
     kept.sort()
-    return Plan(list(chain.from_iterable(starmap(range, kept))), lost, left)
+    return Plan(list(chain.from_iterable(starmap(range, kept))), lost, left, partly)
 
 
 # --------------------------------------------------------------------------- policies
@@ -966,6 +1011,11 @@ def settle(layouts: list[Layout]) -> tuple:
         if not more:
             return plans, left
         left |= more
+        if len(plans) == 1 and not plans[0].partly:
+            # one layout whose media left only with later turns dropped whole: planned without them, the
+            # turns before come out the same (no run lies in two turns), so the plan is this one
+            plans[0].left -= left
+            return plans, left
         plans = [plan_layout(lay, left) for lay in layouts]
 
 
@@ -979,8 +1029,9 @@ def fits(layouts: list[Layout]):
     return plans
 
 
-def resolve(layouts: list[Layout], policy: Policy, sample: str, reencode: Callable | None = None) -> Decision:
+def resolve(layouts: list[Layout], policy: Policy, sample: str | Callable[[], str], reencode: Callable | None = None) -> Decision:
     """Decide one sample: keep it whole, cut its text, or hand a media overflow to the policy.
+    `sample`: how the policy names it, or a function that gives the name (called only for the policy).
     `reencode(scale)`: the sample encoded again with smaller media (see `Resized`), for `shrink`."""
     plans, left = settle(layouts)
     if not any(p.lost for p in plans):
@@ -988,7 +1039,7 @@ def resolve(layouts: list[Layout], policy: Policy, sample: str, reencode: Callab
         if left:
             return Decision("truncated", [p.kept for p in plans], removed=sorted(left), **because(MEDIA_LEFT_WITH_TURN, _left_detail(layouts, left)))
         return Decision("truncated" if cut else "kept", [p.kept for p in plans])
-    case = Overflow(sample, layouts, plans, lambda removed: [plan_layout(lay, set(removed) | left) for lay in layouts], reencode, fits)
+    case = Overflow(sample() if callable(sample) else sample, layouts, plans, lambda removed: [plan_layout(lay, set(removed) | left) for lay in layouts], reencode, fits)
     decision = policy.resolve(case)
     if decision.resized is not None:
         if decision.removed:

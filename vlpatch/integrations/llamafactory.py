@@ -130,15 +130,22 @@ class _Supervised(_Handler):
         return _pick(full[0], kept[0]), _pick(full[1], kept[0])
 
     def answers(self, full, kept, out):
-        labels = full[1]
-        return {"answer_tokens_before": len(labels) - labels.count(IGNORE_INDEX),
-                "answer_tokens_after": len(kept[0]) - out[1].count(IGNORE_INDEX)}
+        labels, ignore = full[1], _ignore_index()
+        return {"answer_tokens_before": len(labels) - labels.count(ignore),
+                "answer_tokens_after": len(kept[0]) - out[1].count(ignore)}
 
     def dropped(self, instance, overlong):
         if overlong:
             n = instance.data_args.cutoff_len + 1
             return [instance.tokenizer.pad_token_id or 0] * n, [IGNORE_INDEX] * n
         return [], []
+
+
+def _ignore_index() -> int:
+    """IGNORE_INDEX as LLaMA-Factory's constants module holds it: the very object its labels hold, which
+    `list.count` matches by identity (three times quicker than an equal int)."""
+    value = getattr(sys.modules.get("llamafactory.extras.constants"), "IGNORE_INDEX", IGNORE_INDEX)
+    return value if value == IGNORE_INDEX else IGNORE_INDEX
 
 
 class _TwoSequences(_Handler):
@@ -349,14 +356,17 @@ def _scan(messages, placeholders: dict) -> tuple:
     scanned, order, seen = [], [], dict.fromkeys(placeholders, 0)
     for m, msg in enumerate(messages):
         content = msg.get("content") if isinstance(msg, dict) else None
-        if isinstance(content, str):
-            parts = split.split(content)
-            found = parts[1::2]
-            scanned.append((m, parts[0::2], found))
-            for ph in found:
-                kind = kind_of[ph]
-                order.append((kind, seen[kind], m))
-                seen[kind] += 1
+        if not isinstance(content, str):
+            continue
+        parts = split.split(content)
+        if len(parts) == 1:  # no placeholder
+            scanned.append((m, parts, []))
+            continue
+        found = parts[1::2]
+        scanned.append((m, parts[0::2], found))
+        for kind in map(kind_of.__getitem__, found):
+            order.append((kind, seen[kind], m))
+            seen[kind] += 1
     return scanned, order
 
 
@@ -450,15 +460,19 @@ class _Learned:
     marks: frozenset  # the marked tokens of every expansion: what the model counts
 
     def runs(self, ids) -> list:
+        if not isinstance(ids, list):
+            ids = list(ids)
         runs = core.locate(ids, self.expansions, start=self.prefix)
+        # the marks inside the runs: each lies in its expansion's core (marks are atomic tokens, which is what
+        # a core is cut by), so the runs hold `core_count` of them and only the sequence's are counted, where
+        # the text between the runs holds any (else none is stray)
+        if core.marks_outside(ids, runs, self.marks, skip=self.prefix):
+            stray = core.stray_marks(ids, (), self.marks, skip=self.prefix) - sum(e.core_count(self.marks) for e in self.expansions)
+            if stray:
+                raise Unreadable(f"{stray} media token(s) lie outside the spans the plugin wrote")
         if self.prefix and self.prefix_keys:
             kind, k = self.prefix_keys[0]
             runs.insert(0, core.Run(kind, 0, self.prefix, k, 1, self.prefix_keys if len(self.prefix_keys) > 1 else ()))
-        # the marks inside the runs: each lies in its expansion's core (marks are atomic tokens, which is what
-        # a core is cut by), so the runs hold `core_count` of them and only the sequence's are counted
-        stray = core.stray_marks(ids, (), self.marks, skip=self.prefix) - sum(e.core_count(self.marks) for e in self.expansions)
-        if stray:
-            raise Unreadable(f"{stray} media token(s) lie outside the spans the plugin wrote")
         return runs
 
 
@@ -512,6 +526,7 @@ def _expansions(tokenizer, atomic, name: str, order: list, texts: list) -> tuple
     (Qwen2.5-Omni audio in video) or the prefix."""
     tokens_of, keys_of, prefix_keys, marks = [], [], [], set()  # tokens_of: each expansion's _text_info
     last = None  # (message, index into tokens_of) of the last non-empty expansion
+    infos: dict = {}  # {text: its _text_info} of this call (the items of one size write one text)
     for n, (kind, k, m) in enumerate(order):
         text = texts[n]
         if text is None:
@@ -522,8 +537,10 @@ def _expansions(tokenizer, atomic, name: str, order: list, texts: list) -> tuple
             else:
                 prefix_keys.append((kind, k))
             continue
-        info = _text_info(tokenizer, atomic, text)
-        marks.update(info[1])
+        info = infos.get(text)
+        if info is None:
+            info = infos[text] = _text_info(tokenizer, atomic, text)
+            marks.update(info[1])
         tokens_of.append(info)
         keys_of.append([(kind, k)])
         last = (m, len(tokens_of) - 1)
@@ -600,22 +617,23 @@ def _predicted(plugin, messages, scanned, order, result, placeholders) -> list |
     known = hit[1]
     if not {kind for kind, _, _ in order} <= known.keys():
         return None
+    if len(scanned) < len(messages) and not _untouched(messages, result, scanned):
+        return None
     kind_of = _placeholder_pattern(placeholders)[1]
-    split = {m: (pieces, found) for m, pieces, found in scanned}
     texts: list = []
-    for m, (msg, out) in enumerate(zip(messages, result)):
-        if m not in split:  # no text content: left as it was
-            if msg != out:
+    for m, pieces, found in scanned:
+        msg, out = messages[m], result[m]
+        if not found:  # no placeholder: left as it was
+            if not isinstance(out, dict) or msg != out:
                 return None
             continue
         written = out.get("content") if isinstance(out, dict) else None
         if not isinstance(written, str) or {**msg, "content": written} != out:
             return None
-        pieces, found = split[m]
         if not written.startswith(pieces[0]):
             return None
         pos = len(pieces[0])
-        if found and found.count(found[0]) == len(found):  # one placeholder: every item as the first, in one compare
+        if found.count(found[0]) == len(found):  # one placeholder: every item as the first, in one compare
             first = _item_text(written, pos, known[kind_of[found[0]]], pieces[1])
             if first is not None and written == first.join(pieces):
                 texts.extend([first] * len(found))
@@ -629,6 +647,12 @@ def _predicted(plugin, messages, scanned, order, result, placeholders) -> list |
         if pos != len(written):
             return None
     return texts if len(texts) == len(order) else None
+
+
+def _untouched(messages, result, scanned) -> bool:
+    """Whether every message without text content (not in `scanned`) came out of the plugin as it was."""
+    text = {m for m, _, _ in scanned}
+    return all(msg == out for m, (msg, out) in enumerate(zip(messages, result)) if m not in text)
 
 
 def _item_text(written: str, pos: int, shape: tuple, piece: str) -> str | None:
@@ -877,8 +901,11 @@ def _placeholder_mismatch(bound: dict, counts: dict) -> str:
             pass
     if text is None:
         text = "\0".join(m["content"] for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str))
+    placeholders = _placeholders()
+    if list(map(text.count, placeholders.values())) == list(map(counts.get, placeholders, itertools.repeat(0))):
+        return ""  # (the usual case: every count in one step)
     wrong = []
-    for kind, placeholder in _placeholders().items():
+    for kind, placeholder in placeholders.items():
         found = text.count(placeholder)
         if found != counts.get(kind, 0):
             wrong.append(f"{found} {placeholder} placeholder(s) but {counts.get(kind, 0)} {kind}(s)")
@@ -1001,18 +1028,22 @@ class _Encode:
         self.has_media = any(counts.values())
         self.budget = instance.data_args.cutoff_len
         index, position, source, source_row = where  # _identify's
-        self.where = where
+        self.where, self._sample = where, None
         self.key = _share_key(instance, bound)
         self.counts = counts
         self.row = {"stage": stage, "index": index, "source_dataset": source, "source_row": source_row,
                     "batch_position": position, "budget": self.budget,
                     "media": {kind: n for kind, n in counts.items() if n} if self.has_media else {}}
 
-    @functools.cached_property
+    @property
     def sample(self) -> str:
         """How errors and the policy name the sample (built where one needs it: most samples fit)."""
-        index, position, source, source_row = self.where
-        return _describe(index, position, source, source_row)
+        return self._name()
+
+    def _name(self) -> str:
+        if self._sample is None:
+            self._sample = _describe(*self.where)
+        return self._sample
 
     def reject(self, code, detail, exc=None):
         """The sample refused for `code` (bad input, uncovered media): dropped, or an error under `error`."""
@@ -1040,7 +1071,7 @@ class _Encode:
         except (Unreadable, ValueError) as exc:  # never cut what is not understood: refused, reported
             plugin = type(self.instance.template.mm_plugin).__name__
             return self.reject("uncovered_media", f"{plugin}: {exc}", exc)
-        self.row.update(tokens_before=max(lengths), media_tokens=sum(r.length for r in layouts[0].runs))
+        self.row.update(tokens_before=max(lengths), media_tokens=_run_tokens(layouts[0].runs))
         return self.decide(full, layouts)
 
     def uncut(self) -> tuple:
@@ -1100,7 +1131,7 @@ class _Encode:
             return made[0].reencode(scale)
 
         try:
-            decision = core.resolve(layouts, policy, self.sample, reencode if policy.reencodes else None)
+            decision = core.resolve(layouts, policy, self._name, reencode if policy.reencodes else None)
             if decision.resized is not None:
                 decision, full, layouts = made[0].commit(decision, self.sample)
         except core.SampleError:
@@ -1122,9 +1153,12 @@ class _Encode:
             for kind, k in sorted(decision.removed, reverse=True):
                 del self.media[kind][k]
         out = self.handler.build(full, decision.kept)
-        after = max(len(k) for k in decision.kept)
-        removed = set(decision.removed)
-        kept_media = sum(r.length for r in layouts[0].runs if not (removed and removed.intersection(r.keys())))
+        after = max(map(len, decision.kept))
+        runs = layouts[0].runs
+        if decision.removed:
+            removed = set(decision.removed)
+            runs = [r for r in runs if not removed.intersection(r.keys())]
+        kept_media = _run_tokens(runs)
         _count(self.batch, decision.action, decision.code)
         _emit(self.batch, {
             **self.row,
@@ -1138,6 +1172,14 @@ class _Encode:
             **self.handler.answers(full, decision.kept, out),
         })
         return out
+
+
+_STARTS, _STOPS = operator.attrgetter("start"), operator.attrgetter("stop")
+
+
+def _run_tokens(runs) -> int:
+    """The tokens of `runs` (sum of their lengths)."""
+    return sum(map(_STOPS, runs)) - sum(map(_STARTS, runs))
 
 
 class _BadInput(Exception):
@@ -1202,9 +1244,10 @@ def _empty_sources(instance, bound) -> list | None:
 def _emptied_key(message: dict) -> tuple:
     """(role, content) of `message` as `core.emptied` leaves it (a list for emptied parts: unhashable, as
     the emptied message's own)."""
-    if (message.get("role") or message.get("from")) in core.CONTENT_ROLES:
-        return message.get("role"), [] if isinstance(message.get("content"), (list, tuple)) else ""
-    return message.get("role"), message.get("content")
+    role = message.get("role")
+    if (role or message.get("from")) in core.CONTENT_ROLES:
+        return role, [] if isinstance(message.get("content"), (list, tuple)) else ""
+    return role, message.get("content")
 
 
 _frames: dict = {}  # _empty_sources's, by template, tokenizer, system, tools and emptied turns
