@@ -300,7 +300,13 @@ def marks_outside(ids: list, runs: Iterable[Run], marks: frozenset, skip: int = 
     return not marks.isdisjoint(ids[p:])
 
 
-_start = attrgetter("start")
+_start, _stop = attrgetter("start"), attrgetter("stop")
+
+
+def run_tokens(runs: Iterable[Run]) -> int:
+    """The tokens `runs` hold: the sum of their lengths, in C (a cut sample's report row counts them)."""
+    runs = list(runs)
+    return sum(map(_stop, runs)) - sum(map(_start, runs))
 
 
 def stray_marks(ids: Sequence[int], runs: Iterable[Run], marks: frozenset, skip: int = 0) -> int:

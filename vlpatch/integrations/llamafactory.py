@@ -1071,7 +1071,7 @@ class _Encode:
         except (Unreadable, ValueError) as exc:  # never cut what is not understood: refused, reported
             plugin = type(self.instance.template.mm_plugin).__name__
             return self.reject("uncovered_media", f"{plugin}: {exc}", exc)
-        self.row.update(tokens_before=max(lengths), media_tokens=_run_tokens(layouts[0].runs))
+        self.row.update(tokens_before=max(lengths), media_tokens=core.run_tokens(layouts[0].runs))
         return self.decide(full, layouts)
 
     def uncut(self) -> tuple:
@@ -1158,7 +1158,7 @@ class _Encode:
         if decision.removed:
             removed = set(decision.removed)
             runs = [r for r in runs if not removed.intersection(r.keys())]
-        kept_media = _run_tokens(runs)
+        kept_media = core.run_tokens(runs)
         _count(self.batch, decision.action, decision.code)
         _emit(self.batch, {
             **self.row,
@@ -1172,14 +1172,6 @@ class _Encode:
             **self.handler.answers(full, decision.kept, out),
         })
         return out
-
-
-_STARTS, _STOPS = operator.attrgetter("start"), operator.attrgetter("stop")
-
-
-def _run_tokens(runs) -> int:
-    """The tokens of `runs` (sum of their lengths)."""
-    return sum(map(_STOPS, runs)) - sum(map(_STARTS, runs))
 
 
 class _BadInput(Exception):
