@@ -224,6 +224,14 @@ class Expansion:
         a, b = marked[0], marked[-1] + 1
         return a, b, list(self.tokens[a:b]), Counter(self.tokens[a:b]), list(self.tokens[:a]), list(self.tokens[b:])
 
+    @cached_property
+    def _found(self) -> tuple:
+        """What `locate` reads for each expansion it finds: (`_span`'s a, b, core, before and after; the
+        core's length and first token; the kind, first item and members of the expansion's run)."""
+        a, b, core, _, before, after = self._span
+        kind, first = self.keys[0]
+        return a, b, core, before, after, len(core), core[0] if core else None, kind, first, tuple(self.keys) if len(self.keys) > 1 else ()
+
     def core(self) -> tuple[int, int]:
         """[a, b) of `tokens`: first to last marked token; (0, 0) when nothing is marked."""
         return self._span[:2]
@@ -258,14 +266,18 @@ def locate(ids: Sequence[int], expansions: Sequence[Expansion], start: int = 0) 
     runs: list[Run] = []
     pos = start
     for exp in expansions:
-        a, b, core, _, before, after = exp._span
+        a, b, core, before, after, size, head, kind, first, members = exp._found
         if a == b:
             continue
-        at = _find(ids, core, pos)
+        try:  # the usual case: the core at the first place its first token stands
+            at = ids.index(head, pos)
+        except ValueError:
+            at = -1
+        if at >= 0 and ids[at : at + size] != core:
+            at = _find(ids, core, at + 1)
         if at < 0:
-            kind, k = exp.keys[0]
-            raise ValueError(f"the tokens written for {kind} #{k} are not in the sequence")
-        lo, hi = at, at + len(core)
+            raise ValueError(f"the tokens written for {kind} #{first} are not in the sequence")
+        lo, hi = at, at + size
         if before:  # widened token by token, or in one compare where all of it matches
             if at - a >= pos and ids[at - a : at] == before:
                 lo = at - a
@@ -280,8 +292,7 @@ def locate(ids: Sequence[int], expansions: Sequence[Expansion], start: int = 0) 
                 j = b
                 while j < len(exp.tokens) and hi < len(ids) and ids[hi] == exp.tokens[j]:
                     hi, j = hi + 1, j + 1
-        kind, first = exp.keys[0]
-        runs.append(Run(kind, lo, hi, first, 1, tuple(exp.keys) if len(exp.keys) > 1 else ()))
+        runs.append(Run(kind, lo, hi, first, 1, members))
         pos = hi
     return runs
 
@@ -592,7 +603,11 @@ def seqlen_split(source_len: int, target_len: int, cutoff_len: int) -> tuple:
 def media_split(split: SplitFn, s_len: int, t_len: int, remaining: int, s_media: int, t_media: int):
     """The trainer's own split, widened so each side can hold its media (and the source its frame, the
     target its floor: both counted in `s_media` / `t_media` by the caller) where both fit."""
-    s, t = split(s_len, t_len, remaining)
+    return _widened(*split(s_len, t_len, remaining), remaining, s_media, t_media)
+
+
+def _widened(s: int, t: int, remaining: int, s_media: int, t_media: int) -> tuple:
+    """`media_split` on the trainer's split (s, t)."""
     if s_media + t_media > remaining:
         return s, t  # media do not fit: keep_head reports the runs that are lost
     s = max(s, s_media)
@@ -621,11 +636,22 @@ def plan_layout(layout: Layout, removed: set = frozenset()) -> Plan:
             for run in _inside(src, runs, starts, removed) + _inside(tgt, runs, starts, removed):
                 gone.update(run.keys())
             continue
-        source, target = _segment(src, runs, starts, removed), _segment(tgt, runs, starts, removed)
         remaining = layout.budget - total
+        if not removed:  # each segment is as long as its range
+            s, t = layout.split(len(src), len(tgt), remaining)
+            if len(src) <= s and len(tgt) <= t and s + t <= remaining:
+                # the trainer keeps the whole turn: so does the plan below (widening changes nothing, no
+                # frame, media or floor is left out), without its segments
+                kept.append((src.start, src.stop))
+                kept.append((tgt.start, tgt.stop))
+                total += s + t
+                continue
+        source, target = _segment(src, runs, starts, removed), _segment(tgt, runs, starts, removed)
+        if removed:
+            s, t = layout.split(source.length, target.length, remaining)
         head = _head_text(source, layout.head(index)) if source.runs else 0  # text alone: the trainer's cut
         floor = min(target.text, layout.tail(index) + ANSWER_FLOOR) if head else 0
-        s, t = media_split(layout.split, source.length, target.length, remaining, source.media + head, target.media + floor)
+        s, t = _widened(s, t, remaining, source.media + head, target.media + floor)
         if not index and head and source.media + head + target.media + floor > remaining:
             # the frame, the media and the answer's floor do not fit together: the media that do not fit
             # beside the frame within what the answer leaves are lost (the policy decides)
@@ -639,7 +665,32 @@ def plan_layout(layout: Layout, removed: set = frozenset()) -> Plan:
         kept.extend(t_keep)
         total += s + t
     kept.sort()
-    return Plan(list(chain.from_iterable(starmap(range, kept))), lost, left, partly)
+    return Plan(Kept(kept), lost, left, partly)
+
+
+class Kept(list):
+    """A plan's kept positions (a list of them, increasing), with the [start, stop) `spans` they come
+    from, in order: an integration may take a sequence's kept tokens by slices (`take`)."""
+
+    __slots__ = ("spans",)
+
+    def __init__(self, spans: list):
+        super().__init__(chain.from_iterable(starmap(range, spans)))
+        self.spans = spans
+
+
+def take(seq: Sequence, kept: Sequence[int]) -> list:
+    """`seq` at the positions `kept`: by its spans where `kept` is a `Kept` (slices, in C), else one
+    position at a time."""
+    spans = getattr(kept, "spans", None)
+    if spans is not None:
+        out: list = []
+        for a, b in spans:
+            out += seq[a:b]
+        return out
+    if len(kept) > 1:
+        return list(itemgetter(*kept)(seq))
+    return [seq[p] for p in kept]
 
 
 # --------------------------------------------------------------------------- policies
