@@ -36,6 +36,11 @@ TEST_ENV = {
     "CUDA_VISIBLE_DEVICES": "",
     "TOKENIZERS_PARALLELISM": "false",
     "VLPATCH": "",  # a suite decides for itself where vlpatch is on
+    # one torch (OpenMP) thread per test process: the sessions share the cores, one process per core (or one
+    # xdist worker per core), and torch's default pool (a thread per core in each process) spins waiting for
+    # its threads on a shared 2-core machine; no token or result depends on it (tests/test_llamafactory_corpus.py
+    # and benchmarks/ set it in process for the same reason). llamafactory-0.9.4's tests: 150 s -> 106 s
+    "OMP_NUM_THREADS": "1",
 }
 # uv: never download a Python, install from its cache by hard links (the torch stack is 4.7 GB). Bytecode is
 # compiled at install (noxfile.py: scripts/bytecode.py, which links the .pyc of files other environments
