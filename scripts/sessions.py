@@ -36,6 +36,11 @@ TEST_ENV = {
     "CUDA_VISIBLE_DEVICES": "",
     "TOKENIZERS_PARALLELISM": "false",
     "VLPATCH": "",  # a suite decides for itself where vlpatch is on
+    # one torch (OpenMP) thread per test process: the sessions share the cores, one process per core (or one
+    # xdist worker per core), and torch's default pool (a thread per core in each process) spins waiting for
+    # its threads on a shared 2-core machine; no token or result depends on it (tests/test_llamafactory_corpus.py
+    # and benchmarks/ set it in process for the same reason). llamafactory-0.9.4's tests: 150 s -> 106 s
+    "OMP_NUM_THREADS": "1",
 }
 # uv: never download a Python, install from its cache by hard links (the torch stack is 4.7 GB). Bytecode is
 # compiled at install (noxfile.py: scripts/bytecode.py, which links the .pyc of files other environments
@@ -170,11 +175,19 @@ def cores_of(smoke: dict, s: dict, total: int) -> int:
     return max(1, min(total, int(smoke["suites"][s["suite"]].get("cores") or total)))
 
 
-def run_order(sessions: list) -> list:
+def seconds_of(smoke: dict, s: dict) -> float:
+    """A session's rough test time (its own `seconds:`, else its suite's; 0 where neither says): the order
+    only, never a limit."""
+    return float(s.get("seconds") or smoke["suites"][s["suite"]].get("seconds") or 0)
+
+
+def run_order(smoke: dict, sessions: list) -> list:
     """The demo's session first (its environment is what the demo's run just put into uv's cache, made in
-    seconds, and its tests are the longest: the other environments are made meanwhile), then the
-    matrix's order."""
-    return sorted(sessions, key=lambda s: not s.get("demo"))
+    seconds, and its tests are the longest: the other environments are made meanwhile), then the longest
+    first (`seconds_of`; the matrix's order among equals): the run no longer ends on one long session while
+    the other cores idle (the ms-swift 4.6.0 session, last in the matrix, ran its 166 s alone at the end),
+    and the background pass makes the short sessions' environments while the long sessions' tests run."""
+    return sorted(sessions, key=lambda s: (not s.get("demo"), -seconds_of(smoke, s)))
 
 
 def cmd_test(smoke, names, pytest_args) -> int:
@@ -192,7 +205,7 @@ def cmd_test(smoke, names, pytest_args) -> int:
     listed = select(smoke, names)
     total = test_cores()
     need = {name_of(s): cores_of(smoke, s, total) for s in listed}
-    chosen = [name_of(s) for s in run_order(listed)]
+    chosen = [name_of(s) for s in run_order(smoke, listed)]
     os.makedirs(os.path.dirname(INSTALL_LOG), exist_ok=True)
     with open(INSTALL_LOG, "w") as log:
         # niced: the tests are the critical path (bytecode compiling beside the older releases' tests slowed
