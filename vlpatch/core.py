@@ -314,9 +314,14 @@ def marks_outside(ids: list, runs: Iterable[Run], marks: frozenset, skip: int = 
 _start, _stop = attrgetter("start"), attrgetter("stop")
 
 
-def run_tokens(runs: Iterable[Run]) -> int:
-    """The tokens `runs` hold: the sum of their lengths, in C (a cut sample's report row counts them)."""
-    runs = list(runs)
+def run_tokens(runs: Iterable[Run], removed: Iterable = ()) -> int:
+    """The tokens `runs` hold: the sum of their lengths, in C (a cut sample's report row counts them); with
+    `removed` (item keys), those of the runs that keep all their items."""
+    if removed:
+        removed = set(removed)
+        runs = [r for r in runs if removed.isdisjoint(r.keys())]
+    else:
+        runs = list(runs)
     return sum(map(_stop, runs)) - sum(map(_start, runs))
 
 
@@ -760,7 +765,7 @@ class Overflow:
             f"the media that must stay (the first budgeted turn's) need {need}"
             + (f" beside its chat frame of {frame}" if frame else "") + f" of {self.layouts[0].budget} tokens; "
             f"{len(lost)} item(s) would be cut: " + ", ".join(f"{k}#{i}" for k, i in lost)
-            + (f" ({sum(r.length for r in runs)} tokens)" if runs else "")
+            + (f" ({run_tokens(runs)} tokens)" if runs else "")
         )
 
 

@@ -332,7 +332,7 @@ def _whole_pass(state: _State, samples: list, encode: _Encoder, lf_integration) 
             runs, found = [], None
             s.detail = f"media spans not readable: {exc}"
         s.media_tokens = _media_counts(runs)
-        s.text_tokens = s.tokens - sum(r.length for r in runs)
+        s.text_tokens = s.tokens - core.run_tokens(runs)
         if s.tokens <= state.cutoff:
             s.vanilla = s.vlpatch = "fits"
         else:

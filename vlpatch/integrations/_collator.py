@@ -631,8 +631,8 @@ class _Cut:
             "action": decision.action,
             "reason": decision.reason or "text_over_budget",
             "tokens_after": len(kept),
-            "media_tokens": sum(r.length for r in runs),
-            "media_tokens_after": sum(r.length for r in runs if not set(r.keys()) & set(decision.removed)),
+            "media_tokens": core.run_tokens(runs),
+            "media_tokens_after": core.run_tokens(runs, decision.removed),
             "media_removed": gone,
             **extra,
         })
@@ -755,7 +755,7 @@ def _shrink_info(decision, rows_before) -> dict:
         "sizes": decision.resized.sizes,
         "reason": decision.reason,
         "tokens_before": [n for n, _ in rows_before],
-        "media_tokens": [sum(r.length for r in runs) for _, runs in rows_before],
+        "media_tokens": [core.run_tokens(runs) for _, runs in rows_before],
         "resized": resized,
     }
 

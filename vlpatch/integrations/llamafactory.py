@@ -1259,11 +1259,7 @@ class _Encode:
                 del self.media[kind][k]
         out = self.handler.build(full, decision.kept)
         after = max(map(len, decision.kept))
-        runs = layouts[0].runs
-        if decision.removed:
-            removed = set(decision.removed)
-            runs = [r for r in runs if not removed.intersection(r.keys())]
-        kept_media = core.run_tokens(runs)
+        kept_media = core.run_tokens(layouts[0].runs, decision.removed)
         _count(self.batch, decision.action, decision.code)
         _emit(self.batch, {
             **self.row,

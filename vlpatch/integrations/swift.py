@@ -265,8 +265,8 @@ class _Row:
         for kind, n in sorted(decision.removed):
             gone.setdefault(kind, []).append(n)
         row = {**self.entry, "action": decision.action, "reason": decision.reason or "text_over_budget",
-               "tokens_after": len(kept), "media_tokens": sum(r.length for r in runs_now),
-               "media_tokens_after": sum(r.length for r in runs_now if not set(r.keys()) & set(decision.removed)),
+               "tokens_after": len(kept), "media_tokens": core.run_tokens(runs_now),
+               "media_tokens_after": core.run_tokens(runs_now, decision.removed),
                "media_removed": gone, **_answer_tokens(encoded.get("labels"), kept), **extra}
         if self.fresh:
             report.write_rows([row], self.site.report)
