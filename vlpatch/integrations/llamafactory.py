@@ -489,15 +489,11 @@ def learn(instance, trace: _Trace) -> list:
     for args, kwargs, result in trace.calls:
         bound = _arguments(func, (plugin, *args), kwargs)
         bound.pop(first)
-        fixed = _fixed(plugin, bound["messages"], result, placeholders)
-        if fixed is not None:  # each item its kind's text of the last call, read without the split, as _predicted reads it
-            order, texts = fixed
-        else:
-            scanned, order = _scan(bound["messages"], placeholders)
-            texts = _predicted(plugin, bound["messages"], scanned, order, result, placeholders) if order else None
+        scanned, order = _scan(bound["messages"], placeholders)
         if not order:
             out.append(_Learned([], prefix, (), frozenset()))
             continue
+        texts = _predicted(plugin, bound["messages"], scanned, order, result, placeholders)
         predicted = texts is not None
         if texts is None:
             marked = _mark(bound["messages"], placeholders)
@@ -509,8 +505,6 @@ def learn(instance, trace: _Trace) -> list:
             if unmarked != list(result):
                 raise Unreadable(f"{name}.process_messages writes differently when its placeholders are marked")
             _remember(plugin, order, texts)
-        if fixed is None:
-            _note(plugin, order, texts)
         exps, prefix_keys, marks, joins = _expansions_of(tokenizer, atomic, name, order, texts)
         # what the model counts: every special token the plugin put into the text, wherever it put it (where
         # the output is the input with each placeholder replaced by its expansion, those are the expansions'
@@ -519,81 +513,6 @@ def learn(instance, trace: _Trace) -> list:
             marks = marks | _introduced(tokenizer, atomic, bound["messages"], result)
         out.append(_Learned(exps, prefix, prefix_keys, marks))
     return out
-
-
-def _fixed(plugin, messages, result, placeholders: dict) -> tuple | None:
-    """(order as `_scan` gives it, the item texts as `_predicted` reads them) without either, where the
-    messages are plain {role, content} dicts with text, their placeholders are of one kind, and the
-    plugin's output is the input with each placeholder replaced by the one text every item of that kind
-    had when `_predicted` or a marked run last read this plugin (`_note`), under the shape `_predicted`
-    still knows: one `str.replace` compare of the joined texts. None otherwise: `_scan` and
-    `_predicted` read it. Where this finds the text, `_predicted` reads the same (its shape's unit run is
-    read whole, and the input around it is the input's); with one kind's placeholder, the regex split
-    `_scan` makes finds what `str.count` and `str.replace` find: non-overlapping, from the left."""
-    hit, shapes = _recent.get(id(plugin)), _known.get(id(plugin))
-    if hit is None or hit[0] is not plugin or shapes is None or shapes[0] is not plugin or len(messages) != len(result):
-        return None
-    if not (set(map(type, messages)) == set(map(type, result)) == _DICT and set(map(len, messages)) == set(map(len, result)) == _TWO):
-        return None
-    try:  # {role, content} each (two keys, both there), the roles as they were
-        if list(map(_ROLE, messages)) != list(map(_ROLE, result)):
-            return None
-        contents, written = list(map(_CONTENT, messages)), list(map(_CONTENT, result))
-    except KeyError:
-        return None
-    if not set(map(type, contents)) == set(map(type, written)) == _STR:
-        return None
-    text = "\0".join(contents)
-    if text.count("\0") != len(contents) - 1:  # the joined texts split back into the messages
-        return None
-    present = [kind for kind, ph in placeholders.items() if ph in text]
-    if not present:  # no item: nothing to read (learn reads no call without one)
-        return [], []
-    if len(present) > 1:
-        return None
-    kind = present[0]
-    entry = _recent_text(hit[1], shapes[1], kind)
-    if entry is None or "\0" in entry:
-        return None
-    placeholder = placeholders[kind]
-    if "\0".join(written) != text.replace(placeholder, entry):
-        return None
-    counts = list(map(operator.methodcaller("count", placeholder), contents))
-    n = sum(counts)
-    owners = itertools.chain.from_iterable(map(itertools.repeat, range(len(contents)), counts))
-    return list(zip(itertools.repeat(kind, n), range(n), owners)), [entry] * n
-
-
-def _recent_text(recent: dict, known: dict, kind: str) -> str | None:
-    entry = recent.get(kind)
-    return entry[1] if entry is not None and known.get(kind) == entry[0] else None
-
-
-_ROLE = operator.itemgetter("role")
-_TWO, _STR = {2}, {str}
-
-
-def _note(plugin, order: list, texts: list) -> None:
-    """After `_predicted` or a marked run read a call: per kind whose items all had one text, that text
-    and the shape it was read under, for `_fixed` (the kinds the call did not hold keep theirs)."""
-    shapes = _known.get(id(plugin))
-    if shapes is None or shapes[0] is not plugin or None in texts:
-        return
-    seen: dict = {}
-    for (kind, _, _), text in zip(order, texts):
-        seen.setdefault(kind, set()).add(text)
-    hit = _recent.get(id(plugin))
-    recent = dict(hit[1]) if hit is not None and hit[0] is plugin else {}
-    for kind, found in seen.items():
-        text = next(iter(found))
-        if len(found) == 1 and text and kind in shapes[1]:
-            recent[kind] = (shapes[1][kind], text)
-        else:
-            recent.pop(kind, None)
-    _recent[id(plugin)] = (plugin, recent)
-
-
-_recent: dict = {}  # plugin id -> (plugin, {kind: (shape, the text each of its items had)}), `_note`'s
 
 
 _kind_of = operator.itemgetter(0)
@@ -1327,25 +1246,11 @@ def _empty_sources(instance, bound) -> list | None:
         return [list(source) for source, _ in pairs]
 
     try:  # samples share frames: the same template, system prompt, tools and turns (remembered, as _tokens)
-        key = (id(instance.template), id(instance.tokenizer), system, tools, _emptied_keys(messages))
+        key = (id(instance.template), id(instance.tokenizer), system, tools, tuple(map(_emptied_key, messages)))
         hash(key)
     except TypeError:
         return make()
     return _cached(_frames, key, (instance.template, instance.tokenizer), make)
-
-
-def _emptied_keys(messages: list) -> tuple:
-    """The messages as `core.emptied` leaves them, for a key: their roles alone where each is a plain
-    {role, content} dict with text under a `core.CONTENT_ROLES` role (all emptied alike: the usual case,
-    read in C), else each one's `_emptied_key`."""
-    try:
-        if set(map(type, messages)) <= _DICT and set(map(len, messages)) <= _TWO:
-            roles = tuple(map(_ROLE, messages))
-            if set(map(type, map(_CONTENT, messages))) <= _STR and core.CONTENT_ROLES.issuperset(roles):
-                return roles
-    except KeyError:
-        pass
-    return tuple(map(_emptied_key, messages))
 
 
 def _emptied_key(message: dict) -> tuple:
