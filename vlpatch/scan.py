@@ -456,9 +456,9 @@ def _worker(indices) -> list:
 
 
 def _one_thread_each(workers: int) -> None:
-    """A worker's torch (the image processors' ops) runs on its share of the cores, at least one thread: a
-    thread per core in every worker spun on the cores the others use (two workers on two cores: 1.49x one
-    worker after start-up with torch's default threads, 1.64x with one thread each)."""
+    """A worker's torch (the image processors' ops) runs on its share of the cores, at least one thread: with
+    torch's default, a thread per core in every worker would spin on the cores the others use (as the test
+    sessions' torch did before OMP_NUM_THREADS=1; docs/performance.md has the scan's figures)."""
     torch = sys.modules.get("torch")
     if torch is not None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
