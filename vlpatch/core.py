@@ -227,10 +227,10 @@ class Expansion:
     @cached_property
     def _found(self) -> tuple:
         """What `locate` reads for each expansion it finds: (`_span`'s a, b, core, before and after; the
-        core's length and first token; the kind, first item and members of the expansion's run)."""
+        core's length; the kind, first item and members of the expansion's run)."""
         a, b, core, _, before, after = self._span
         kind, first = self.keys[0]
-        return a, b, core, before, after, len(core), core[0] if core else None, kind, first, tuple(self.keys) if len(self.keys) > 1 else ()
+        return a, b, core, before, after, len(core), kind, first, tuple(self.keys) if len(self.keys) > 1 else ()
 
     def core(self) -> tuple[int, int]:
         """[a, b) of `tokens`: first to last marked token; (0, 0) when nothing is marked."""
@@ -266,15 +266,10 @@ def locate(ids: Sequence[int], expansions: Sequence[Expansion], start: int = 0) 
     runs: list[Run] = []
     pos = start
     for exp in expansions:
-        a, b, core, before, after, size, head, kind, first, members = exp._found
+        a, b, core, before, after, size, kind, first, members = exp._found
         if a == b:
             continue
-        try:  # the usual case: the core at the first place its first token stands
-            at = ids.index(head, pos)
-        except ValueError:
-            at = -1
-        if at >= 0 and ids[at : at + size] != core:
-            at = _find(ids, core, at + 1)
+        at = _find(ids, core, pos)
         if at < 0:
             raise ValueError(f"the tokens written for {kind} #{first} are not in the sequence")
         lo, hi = at, at + size
@@ -605,14 +600,10 @@ def seqlen_split(source_len: int, target_len: int, cutoff_len: int) -> tuple:
     return min(max(cutoff_len - target, 0), source_len), target
 
 
-def media_split(split: SplitFn, s_len: int, t_len: int, remaining: int, s_media: int, t_media: int):
-    """The trainer's own split, widened so each side can hold its media (and the source its frame, the
-    target its floor: both counted in `s_media` / `t_media` by the caller) where both fit."""
-    return _widened(*split(s_len, t_len, remaining), remaining, s_media, t_media)
-
-
 def _widened(s: int, t: int, remaining: int, s_media: int, t_media: int) -> tuple:
-    """`media_split` on the trainer's split (s, t)."""
+    """The trainer's own split (s, t) of `remaining`, widened so each side can hold its media (and the
+    source its frame, the target its floor: both counted in `s_media` / `t_media` by the caller) where
+    both fit."""
     if s_media + t_media > remaining:
         return s, t  # media do not fit: keep_head reports the runs that are lost
     s = max(s, s_media)

@@ -519,18 +519,13 @@ _kind_of = operator.itemgetter(0)
 
 
 def _expansions_of(tokenizer, atomic, name: str, order: list, texts: list) -> tuple:
-    """`_expansions`, as (expansions, prefix keys as a tuple, marks as a frozenset, joins), remembered per
-    tokenizer, kinds and texts where no text is empty (samples repeat them: Gemma 3's one text per image,
-    Qwen-VL's one per image size): each item's keys are then its kind and its number in text order."""
+    """`_expansions`, remembered per tokenizer, kinds and texts where no text is empty (samples repeat them:
+    Gemma 3's one text per image, Qwen-VL's one per image size): each item's keys are then its kind and its
+    number in text order."""
     if None in texts or "" in texts:
-        exps, prefix_keys, marks, joins = _expansions(tokenizer, atomic, name, order, texts)
-        return exps, tuple(prefix_keys), frozenset(marks), joins
-
-    def make():
-        exps, prefix_keys, marks, joins = _expansions(tokenizer, atomic, name, order, texts)
-        return tuple(exps), tuple(prefix_keys), frozenset(marks), joins
-
-    return _cached(_expanded, (id(tokenizer), tuple(map(_kind_of, order)), tuple(texts)), (tokenizer, atomic), make)
+        return _expansions(tokenizer, atomic, name, order, texts)
+    return _cached(_expanded, (id(tokenizer), tuple(map(_kind_of, order)), tuple(texts)), (tokenizer, atomic),
+                   lambda: _expansions(tokenizer, atomic, name, order, texts))
 
 
 _expanded: dict = {}
@@ -569,7 +564,7 @@ def _expansions(tokenizer, atomic, name: str, order: list, texts: list) -> tuple
             exp = known[keys] = core.Expansion(keys, tokens, atomic)
         exps.append(exp)
         joins = joins or edge
-    return exps, prefix_keys, marks, joins
+    return tuple(exps), tuple(prefix_keys), frozenset(marks), joins
 
 
 _known: dict = {}  # plugin id -> (plugin, {kind: its items' expansion shape}), from marked runs
