@@ -187,10 +187,13 @@ def write_rows(rows: list, default_path: str | None = None) -> None:
         global _last_path
         _last_path = path
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        _append(path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
+        _append(path, "".join(_ROW_JSON.encode(r) + "\n" for r in rows))
     else:
         for row in rows:
             logger.warning("vlpatch: %s (set VLPATCH_REPORT to keep a report file)", row)
+
+
+_ROW_JSON = json.JSONEncoder(ensure_ascii=False, default=str)  # json.dumps(row, ensure_ascii=False, default=str), made once
 
 
 def _append(path: str, text: str) -> None:
