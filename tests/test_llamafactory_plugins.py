@@ -224,7 +224,9 @@ def test_spans_read_without_a_marked_run_equal_the_marked_runs(family, tmp_path)
     spans off the plugin's own output (`_predicted`: Qwen-VL's pads between their markers, Gemma 3's and
     LLaVA's fixed runs). On samples made to confuse that reading (items side by side, at the start and
     the end of a message, in several turns, of several sizes) it equals what a marked run says, item by
-    item; for the families where the shape is known it does read them without a marked run."""
+    item; for the families where the shape is known it does read them without a marked run. A sample
+    after one whose items were all one text is first assumed alike (`_assumed`): the runs it gives are
+    the ones read (items of several sizes fall back to reading)."""
     from llamafactory.data.processor import SupervisedDatasetProcessor
     from llamafactory.hparams import DataArguments
 
@@ -242,12 +244,13 @@ def test_spans_read_without_a_marked_run_equal_the_marked_runs(family, tmp_path)
 
     def learned(row):
         with lf_integration.tracing(processor) as (recording, trace):
-            recording.preprocess_dataset({
+            out = recording.preprocess_dataset({
                 "_prompt": [row[0]], "_response": [row[1]], "_system": [""], "_tools": [""],
                 **{f"_{kind}s": [row[2].get(kind)] for kind in ("image", "video", "audio")},
             })
-        return [(tuple((e.keys, e.tokens) for e in got.expansions), got.prefix, got.prefix_keys, got.marks)
-                for got in lf_integration.learn(processor, trace)]
+        got = lf_integration.learn(processor, trace)
+        runs = got[0].runs(out["input_ids"][0])  # where assumed: borne out by the ids, else read
+        return [(tuple((e.keys, e.tokens) for e in g.expansions), g.prefix, g.prefix_keys, g.marks) for g in got], runs
 
     answer = [{"role": "assistant", "content": "fine answer"}]
     for kind in fam.kinds:
@@ -272,5 +275,53 @@ def test_spans_read_without_a_marked_run_equal_the_marked_runs(family, tmp_path)
             finally:
                 lf_integration._mark = real_mark
             assert read == by_markers, f"{fam.template} {kind}: the spans read off the output differ from the marked run's"
+            assert learned(row) == by_markers, f"{fam.template} {kind}: the spans assumed alike differ from the marked run's"
             if family in ("qwen2_vl", "gemma3", "llava") and kind == "image":
                 assert not marked_runs, f"{fam.template}: the spans were not read off the plugin's output"
+
+
+def test_a_sample_assumed_alike_that_is_not_is_read(tmp_path, patched):
+    """Gemma 3 writes every image as one run: after a sample read so, the next is assumed alike (its spans
+    found in the ids, no text read). When the plugin writes another run (here: a processor with a shorter
+    image sequence), the ids do not bear the assumption out: the sample is read, and every item of the
+    new run is kept whole."""
+    from vlpatch.integrations import llamafactory as lf_integration
+
+    fam, template, media = build("gemma3", tmp_path)
+    items = make_media(fam, "image", 2, str(tmp_path))
+    prompt = [{"role": "user", "content": long_text(200, 1) + " <image> middle words " + long_text(8, 2) + " <image> end"}]
+    rows = [(prompt, [{"role": "assistant", "content": "fine answer"}], items)]
+    reads = []
+    real_read = lf_integration._read
+
+    def counting_read(*args, **kwargs):
+        reads.append(1)
+        return real_read(*args, **kwargs)
+
+    def check():
+        full = encode(fam, template, rows, 10**6)["input_ids"][0]
+        wanted = spans(full, media)
+        assert len(wanted) == 2
+        patched()
+        lf_integration._read, reads[:] = counting_read, []
+        try:
+            out = encode(fam, template, rows, len(full) - 20)["input_ids"]
+        finally:
+            lf_integration._read = real_read
+        import vlpatch
+
+        vlpatch.revert()
+        assert len(out) == 1 and holds(out[0], wanted) and len(out[0]) <= len(full) - 20
+        return len(reads)
+
+    check()  # the plugin's kinds learned (a marked run)
+    check()  # read off the output: every image one text
+    assert check() == 0, "assumed alike, borne out by the ids"
+    sequence = fam.proc.full_image_sequence
+    boi, image_token = fam.proc.boi_token, fam.proc.image_token
+    fam.proc.full_image_sequence = sequence.replace(boi + image_token * 4, boi, 1)  # four tokens fewer an image
+    assert fam.proc.full_image_sequence.count(image_token) == sequence.count(image_token) - 4
+    try:
+        assert check() == 1, "the ids did not bear it out: read"
+    finally:
+        fam.proc.full_image_sequence = sequence

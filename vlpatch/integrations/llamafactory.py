@@ -33,7 +33,7 @@ import sys
 from _thread import get_ident
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from .. import __version__, core, engine, report
 from ..errors import unreadable_media
@@ -448,16 +448,29 @@ def _atomic_ids(tokenizer) -> frozenset:
 
 @dataclass
 class _Learned:
-    """Per process_messages call: the expansions in text order; the items written into the token prefix."""
+    """Per process_messages call: the expansions in text order; the items written into the token prefix.
+    `read`: where the expansions were assumed (`_assumed`), the call's reading by its text, which `runs`
+    takes instead when the token ids do not bear the assumption out."""
 
     expansions: tuple
     prefix: int  # tokens process_token_ids put before the text
     prefix_keys: tuple
     marks: frozenset  # the marked tokens of every expansion: what the model counts
+    read: Callable | None = None
 
     def runs(self, ids) -> list:
         if not isinstance(ids, list):
             ids = list(ids)
+        if self.read is not None:
+            read, self.read = self.read, None
+            try:
+                return self._runs(ids)
+            except (ValueError, Unreadable):
+                full = read()
+                self.expansions, self.prefix_keys, self.marks = full.expansions, full.prefix_keys, full.marks
+        return self._runs(ids)
+
+    def _runs(self, ids: list) -> list:
         runs = core.locate(ids, self.expansions, start=self.prefix)
         # the marks inside the runs: each lies in its expansion's core (marks are atomic tokens, which is what
         # a core is cut by), so the runs hold `core_count` of them and only the sequence's are counted, where
@@ -489,30 +502,74 @@ def learn(instance, trace: _Trace) -> list:
     for args, kwargs, result in trace.calls:
         bound = _arguments(func, (plugin, *args), kwargs)
         bound.pop(first)
-        scanned, order = _scan(bound["messages"], placeholders)
-        if not order:
-            out.append(_Learned([], prefix, (), frozenset()))
+        assumed = _assumed(plugin, tokenizer, atomic, name, bound["messages"], placeholders, prefix)
+        if assumed is not None:
+            assumed.read = functools.partial(_read, plugin, tokenizer, atomic, name, bound, result, placeholders, prefix, trace)
+            out.append(assumed)
             continue
-        texts = _predicted(plugin, bound["messages"], scanned, order, result, placeholders)
-        predicted = texts is not None
-        if texts is None:
-            marked = _mark(bound["messages"], placeholders)
-            try:
-                got = _memoized(plugin, trace.media).process_messages(**{**bound, "messages": marked})
-            except Exception as exc:
-                raise Unreadable(f"{name}.process_messages failed on the marked placeholders: {type(exc).__name__}: {exc}") from exc
-            texts, unmarked = _unmark(got, len(order))
-            if unmarked != list(result):
-                raise Unreadable(f"{name}.process_messages writes differently when its placeholders are marked")
-            _remember(plugin, order, texts)
-        exps, prefix_keys, marks, joins = _expansions_of(tokenizer, atomic, name, order, texts)
-        # what the model counts: every special token the plugin put into the text, wherever it put it (where
-        # the output is the input with each placeholder replaced by its expansion, those are the expansions'
-        # own, unless an expansion's edge could join the text beside it into another special token)
-        if not predicted or joins or ("" in texts and _may_join(tokenizer, atomic, "")):
-            marks = marks | _introduced(tokenizer, atomic, bound["messages"], result)
-        out.append(_Learned(exps, prefix, prefix_keys, marks))
+        out.append(_read(plugin, tokenizer, atomic, name, bound, result, placeholders, prefix, trace))
     return out
+
+
+def _read(plugin, tokenizer, atomic, name: str, bound: dict, result, placeholders: dict, prefix: int, trace) -> _Learned:
+    """One process_messages call's expansions read off its output (`_predicted`), else off a marked run."""
+    scanned, order = _scan(bound["messages"], placeholders)
+    if not order:
+        return _Learned([], prefix, (), frozenset())
+    texts = _predicted(plugin, bound["messages"], scanned, order, result, placeholders)
+    predicted = texts is not None
+    if texts is None:
+        marked = _mark(bound["messages"], placeholders)
+        try:
+            got = _memoized(plugin, trace.media).process_messages(**{**bound, "messages": marked})
+        except Exception as exc:
+            raise Unreadable(f"{name}.process_messages failed on the marked placeholders: {type(exc).__name__}: {exc}") from exc
+        texts, unmarked = _unmark(got, len(order))
+        if unmarked != list(result):
+            raise Unreadable(f"{name}.process_messages writes differently when its placeholders are marked")
+        _remember(plugin, order, texts)
+    exps, prefix_keys, marks, joins = _expansions_of(tokenizer, atomic, name, order, texts)
+    # what the model counts: every special token the plugin put into the text, wherever it put it (where
+    # the output is the input with each placeholder replaced by its expansion, those are the expansions'
+    # own, unless an expansion's edge could join the text beside it into another special token)
+    if not predicted or joins or ("" in texts and _may_join(tokenizer, atomic, "")):
+        marks = marks | _introduced(tokenizer, atomic, bound["messages"], result)
+    kind = order[0][0]
+    if predicted and not joins and texts.count(texts[0]) == len(texts) and all(k == kind for k, _, _ in order):
+        _alike[id(plugin)] = (plugin, kind, texts[0])  # one kind, one text: the next call may be assumed alike
+    else:
+        _alike.pop(id(plugin), None)
+    return _Learned(exps, prefix, prefix_keys, marks)
+
+
+_alike: dict = {}  # plugin id -> (plugin, kind, text): the last call read wrote every item of that kind so
+
+
+def _assumed(plugin, tokenizer, atomic, name: str, messages, placeholders: dict, prefix: int) -> _Learned | None:
+    """A call's expansions assumed without reading its output, where the last call read (`_read`) wrote
+    every item as one text and this call's placeholders are all of that kind (Gemma 3's and LLaVA's fixed
+    run; Qwen-VL's while images keep one size): each item that text, in order. The token ids bear it out
+    or not: `_Learned.runs` finds each item's marked core, whole, in order, and no mark outside them (a
+    plugin that wrote any item otherwise, with more or fewer media tokens, fails one of these), else reads
+    the call by its text. None where no such text is known."""
+    hit = _alike.get(id(plugin))
+    if hit is None or hit[0] is not plugin:
+        return None
+    try:
+        text = "\0".join(m["content"] for m in messages)
+    except (KeyError, TypeError):
+        return None
+    if not isinstance(text, str):
+        return None
+    counts = [(kind, text.count(ph)) for kind, ph in placeholders.items()]
+    present = [(kind, n) for kind, n in counts if n]
+    if len(present) != 1:
+        return None
+    kind, n = present[0]
+    if kind != hit[1]:
+        return None
+    exps, prefix_keys, marks, _ = _expansions_of(tokenizer, atomic, name, [(kind, k, None) for k in range(n)], [hit[2]] * n)
+    return _Learned(exps, prefix, prefix_keys, marks)
 
 
 _kind_of = operator.itemgetter(0)
