@@ -535,19 +535,20 @@ def _read(plugin, tokenizer, atomic, name: str, bound: dict, result, placeholder
     if not predicted or joins or ("" in texts and _may_join(tokenizer, atomic, "")):
         marks = marks | _introduced(tokenizer, atomic, bound["messages"], result)
     kind = order[0][0]
-    if predicted and not joins and texts.count(texts[0]) == len(texts) and all(k == kind for k, _, _ in order):
+    if predicted and not joins and texts[0] and texts.count(texts[0]) == len(texts) and all(k == kind for k, _, _ in order):
         _alike[id(plugin)] = (plugin, kind, texts[0])  # one kind, one text: the next call may be assumed alike
     else:
         _alike.pop(id(plugin), None)
     return _Learned(exps, prefix, prefix_keys, marks)
 
 
-_alike: dict = {}  # plugin id -> (plugin, kind, text): the last call read wrote every item of that kind so
+_alike: dict = {}  # plugin id -> (plugin, kind, text): the last call read wrote each item, all of that kind, as that text
 
 
 def _assumed(plugin, tokenizer, atomic, name: str, messages, placeholders: dict, prefix: int) -> _Learned | None:
     """A call's expansions assumed without reading its output, where the last call read (`_read`) wrote
-    every item as one text and this call's placeholders are all of that kind (Gemma 3's and LLaVA's fixed
+    every item as one text (not an empty one: PaliGemma's items go into the token prefix) and this call's
+    placeholders are all of that kind (Gemma 3's and LLaVA's fixed
     run; Qwen-VL's while images keep one size): each item that text, in order. The token ids bear it out
     or not: `_Learned.runs` finds each item's marked core, whole, in order, and no mark outside them (a
     plugin that wrote any item otherwise, with more or fewer media tokens, fails one of these), else reads
