@@ -455,7 +455,7 @@ def _worker(indices) -> list:
     return [asdict(s) for s in _scan_chunk(_worker_state, indices, _worker_ticker)]
 
 
-def _one_thread_each(workers: int) -> None:
+def _share_of_cores(workers: int) -> None:
     """A worker's torch (the image processors' ops) runs on its share of the cores, at least one thread: with
     torch's default, a thread per core in every worker would spin on the cores the others use (as the test
     sessions' torch did before OMP_NUM_THREADS=1; docs/performance.md has the scan's figures)."""
@@ -476,7 +476,7 @@ def _in_workers(state: _State, chunks: list, workers: int, bar) -> list:
     _worker_state, _worker_ticker = state, _Ticker(None, done, total)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the tokenizer was used before the fork
     try:
-        with ctx.Pool(workers, initializer=_one_thread_each, initargs=(workers,)) as pool:
+        with ctx.Pool(workers, initializer=_share_of_cores, initargs=(workers,)) as pool:
             result = pool.map_async(_worker, chunks, chunksize=1)
             while not result.ready():
                 result.wait(0.2)

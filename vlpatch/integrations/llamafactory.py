@@ -548,19 +548,16 @@ _alike: dict = {}  # plugin id -> (plugin, kind, text): the last call read wrote
 def _assumed(plugin, tokenizer, atomic, name: str, messages, placeholders: dict, prefix: int) -> _Learned | None:
     """A call's expansions assumed without reading its output, where the last call read (`_read`) wrote
     every item as one text (not an empty one: PaliGemma's items go into the token prefix) and this call's
-    placeholders are all of that kind (Gemma 3's and LLaVA's fixed
-    run; Qwen-VL's while images keep one size): each item that text, in order. The token ids bear it out
-    or not: `_Learned.runs` finds each item's marked core, whole, in order, and no mark outside them (a
-    plugin that wrote any item otherwise, with more or fewer media tokens, fails one of these), else reads
-    the call by its text. None where no such text is known."""
+    placeholders are all of that kind (Gemma 3's and LLaVA's fixed run; Qwen-VL's while images keep one
+    size): each item that text, in order. The token ids bear it out or not: `_Learned.runs` finds each
+    item's marked core, whole, in order, and no mark outside them (a plugin that wrote any item otherwise,
+    with more or fewer media tokens, fails one of these), else reads the call by its text. None where no
+    such text is known."""
     hit = _alike.get(id(plugin))
     if hit is None or hit[0] is not plugin:
         return None
-    try:
-        text = "\0".join(m["content"] for m in messages)
-    except (KeyError, TypeError):
-        return None
-    if not isinstance(text, str):
+    text = _joined(messages)
+    if text is None:
         return None
     counts = [(kind, text.count(ph)) for kind, ph in placeholders.items()]
     present = [(kind, n) for kind, n in counts if n]
@@ -957,6 +954,17 @@ _placeholder_strings: list = []  # [the constants module, its placeholders]
 _DICT, _CONTENT = {dict}, operator.itemgetter("content")
 
 
+def _joined(messages) -> str | None:
+    """The messages' contents joined by NUL in one step, where every message is a plain dict with text
+    content (the usual case); else None."""
+    if set(map(type, messages)) <= _DICT:
+        try:
+            return "\0".join(map(_CONTENT, messages))
+        except (KeyError, TypeError):
+            pass
+    return None
+
+
 def _placeholder_mismatch(bound: dict, counts: dict) -> str:
     """'' when the prompt and the (first non-empty) response hold one placeholder per media item."""
     messages = list(bound.get("prompt") or [])
@@ -964,12 +972,7 @@ def _placeholder_mismatch(bound: dict, counts: dict) -> str:
         if isinstance(m, dict) and m.get("content"):
             messages.append(m)
             break
-    text = None
-    if set(map(type, messages)) <= _DICT:  # plain dicts with text (the usual case): joined in one step
-        try:
-            text = "\0".join(map(_CONTENT, messages))
-        except (KeyError, TypeError):
-            pass
+    text = _joined(messages)
     if text is None:
         text = "\0".join(m["content"] for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str))
     placeholders = _placeholders()
