@@ -6,15 +6,17 @@ px, in any user turn), user texts of 0-300 words, answers of 1-120. Per family (
 `tests/fixtures/tiny_processors.py` set up as LLaMA-Factory sets up a model's, the real plugin and
 `SupervisedDatasetProcessor`): Qwen2-VL (its plugin processes every image at preprocessing; vlpatch's
 header-only token counts off and on), LLaVA (processes images too) and Gemma 3 (writes a fixed run per
-image: its vanilla does no image work, so what is measured is vlpatch's own). Two cutoff_len per family,
-from the uncut lengths: one that cuts most samples (their 20th percentile) and one that cuts few (90th).
+image: its vanilla does no image work, so what is measured is vlpatch's own; `gemma3` writes the tests'
+16 soft tokens an image, `gemma3_256` Gemma 3's own 256, whose tokenizing is then vanilla's main work).
+Two cutoff_len per family, from the uncut lengths: one that cuts most samples (their 20th percentile)
+and one that cuts few (90th).
 
 Two measures (`--measure`): `preprocess` times `preprocess_dataset` alone on the columns, batches of
 `--batch` (the strict one: nothing of upstream's loading dilutes vlpatch's cost); `get_dataset` times
 LLaMA-Factory's whole `get_dataset` as training calls it (the corpus as a sharegpt JSON file: loading,
 conversion, datasets' `map` with its Arrow writes, `overwrite_cache`), the measure the issue was filed with.
 
-    .venv/bin/python benchmarks/lf_multi_image_cost.py [--samples 300] [--rounds 3] [--families qwen2_vl,llava,gemma3]
+    .venv/bin/python benchmarks/lf_multi_image_cost.py [--samples 300] [--rounds 3] [--families qwen2_vl,llava,gemma3,gemma3_256]
         [--measure preprocess,get_dataset]
 """
 
@@ -38,7 +40,7 @@ def main():
     ap.add_argument("--samples", type=int, default=300)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch", type=int, default=100)
-    ap.add_argument("--families", default="qwen2_vl,llava,gemma3")
+    ap.add_argument("--families", default="qwen2_vl,llava,gemma3,gemma3_256")
     ap.add_argument("--measure", default="preprocess", help="preprocess, get_dataset, or both (comma-separated)")
     args = ap.parse_args()
     measures = args.measure.split(",")
@@ -87,7 +89,7 @@ def main():
                         times["patched"].append(run_once(cutoff)[0])
                     vlpatch.revert()
                     v, p = statistics.median(times["vanilla"]), statistics.median(times["patched"])
-                    print(f"{family:9s} cutoff_len {cutoff:5d} ({label}: {share:4.0%} of samples cut) {mode:17s} {measure:11s} "
+                    print(f"{family:10s} cutoff_len {cutoff:5d} ({label}: {share:4.0%} of samples cut) {mode:17s} {measure:11s} "
                           f"vanilla {v * 1000 / args.samples:6.2f} ms/sample  patched {p * 1000 / args.samples:6.2f} ms/sample  "
                           f"ratio {p / v:.3f}", flush=True)
 
