@@ -17,7 +17,7 @@ import bisect
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from itertools import chain, repeat, starmap
+from itertools import chain, repeat
 from operator import attrgetter, itemgetter
 from typing import Callable, Iterable, Mapping, Sequence
 
